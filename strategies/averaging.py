@@ -1,0 +1,43 @@
+"""Pure tensor math shared by the aggregation rules (numpy in, numpy out)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+State = Mapping[str, np.ndarray]
+
+
+def normalize_weights(weights: Sequence[float]) -> np.ndarray:
+    """Non-negative weights scaled to sum to one."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1 or len(w) == 0:
+        raise ValueError("need a non-empty 1-D sequence of weights")
+    if (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
+        raise ValueError(f"weights must be finite, non-negative and not all zero: {w.tolist()}")
+    return w / w.sum()
+
+
+def weighted_mean(states: Sequence[State], weights: Sequence[float]) -> dict[str, np.ndarray]:
+    """Key-wise ``sum_k p_k x_k`` with ``p = weights / sum(weights)``, accumulated in float64.
+
+    Every state must hold the same keys with the same shapes; the result keeps the dtype of
+    the first state (float32 for model weights).
+    """
+    if len(states) != len(weights):
+        raise ValueError(f"{len(states)} states but {len(weights)} weights")
+    p = normalize_weights(weights)
+    keys = list(states[0])
+    for state in states[1:]:
+        if set(state) != set(keys):
+            raise ValueError("states hold different keys")
+    mean: dict[str, np.ndarray] = {}
+    for key in keys:
+        acc = np.zeros(states[0][key].shape, dtype=np.float64)
+        for pk, state in zip(p, states, strict=True):
+            if state[key].shape != acc.shape:
+                raise ValueError(f"{key}: shape {state[key].shape} != {acc.shape}")
+            acc += pk * state[key].astype(np.float64)
+        mean[key] = acc.astype(states[0][key].dtype)
+    return mean

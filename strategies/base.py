@@ -1,0 +1,235 @@
+"""Message plumbing shared by every aggregation rule.
+
+:class:`FederatedStrategy` samples live nodes (without Flower's wait-forever loop), builds one
+message per node, rejects and logs bad replies, enforces a quorum and counts the bytes that
+actually travel. A rule subclasses it and implements :meth:`FederatedStrategy.aggregate`, a
+call into the rule's pure tensor function.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from finetune.records import from_record, to_record
+from strategies.validation import reply_problem
+
+log = logging.getLogger(__name__)
+
+ARRAYS_KEY = "arrays"
+CONFIG_KEY = "config"
+METRICS_KEY = "metrics"
+NUM_EXAMPLES_KEY = "num-examples"
+# Reply metrics combined by sum or max instead of the weighted mean.
+SUM_METRICS = frozenset({NUM_EXAMPLES_KEY, "examples-seen"})
+MAX_METRICS = frozenset({"train-seconds", "peak-memory-mb"})
+
+
+@dataclass
+class RoundStats:
+    """What one training round moved and who was left out."""
+
+    sampled: list[int] = field(default_factory=list)
+    bytes_down: dict[int, int] = field(default_factory=dict)
+    bytes_up: dict[int, int] = field(default_factory=dict)
+    aggregated: list[int] = field(default_factory=list)
+    rejected: dict[int, str] = field(default_factory=dict)
+    kept_previous: bool = False
+
+
+class FederatedStrategy(Strategy):
+    """Sampling, per-node messages, reply validation, quorum and byte accounting."""
+
+    name = "base"
+
+    def __init__(
+        self,
+        *,
+        fraction_train: float = 1.0,
+        min_train_nodes: int = 2,
+        min_replies: int = 1,
+        weighting: str = "examples",
+        wire_dtype: str = "float32",
+        seed: int = 0,
+        connect_timeout_s: float = 300.0,
+    ) -> None:
+        self.fraction_train = fraction_train
+        self.min_train_nodes = min_train_nodes
+        self.min_replies = min_replies
+        self.weighting = weighting
+        self.wire_dtype = wire_dtype
+        self.seed = seed
+        self.connect_timeout_s = connect_timeout_s
+        self.rounds: dict[int, RoundStats] = {}
+        self._outbox: list[Message] = []
+        self._expected: dict[int, dict[str, tuple[int, ...]]] = {}
+        self._global: dict[str, np.ndarray] = {}
+
+    # --- hooks for the rules -------------------------------------------------------------
+    def payload(self, node_id: int, global_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """What ``node_id`` receives this round; by default the whole global state."""
+        return global_state
+
+    def expected_reply_shapes(
+        self, node_id: int, payload: dict[str, np.ndarray]
+    ) -> dict[str, tuple[int, ...]]:
+        """Keys and shapes a valid reply from ``node_id`` holds; by default those it was sent."""
+        return {key: value.shape for key, value in payload.items()}
+
+    @abstractmethod
+    def aggregate(
+        self,
+        server_round: int,
+        global_state: dict[str, np.ndarray],
+        client_states: Sequence[dict[str, np.ndarray]],
+        weights: np.ndarray,
+        node_ids: Sequence[int],
+    ) -> dict[str, np.ndarray]:
+        """The new global state from the valid client states (weights sum to one)."""
+
+    # --- sampling ------------------------------------------------------------------------
+    def sample_nodes(self, grid: Grid, server_round: int) -> list[int]:
+        """Sample among the nodes connected now; wait (bounded) for ``min_train_nodes``."""
+        deadline = time.monotonic() + self.connect_timeout_s
+        nodes = sorted(grid.get_node_ids())
+        while len(nodes) < self.min_train_nodes and time.monotonic() < deadline:
+            time.sleep(1.0)
+            nodes = sorted(grid.get_node_ids())
+        if not nodes:
+            raise RuntimeError(f"no client node connected within {self.connect_timeout_s:.0f} s")
+        if len(nodes) < self.min_train_nodes:
+            log.warning(
+                "round %d: only %d node(s) connected (min_train_nodes=%d); training with them",
+                server_round,
+                len(nodes),
+                self.min_train_nodes,
+            )
+        count = min(len(nodes), max(int(len(nodes) * self.fraction_train), self.min_train_nodes))
+        rng = np.random.default_rng([self.seed, server_round])
+        return sorted(int(n) for n in rng.choice(nodes, size=count, replace=False))
+
+    # --- Strategy API --------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._global = from_record(arrays)
+        stats = self.rounds[server_round] = RoundStats(sampled=self.sample_nodes(grid, server_round))
+        self._outbox, self._expected = [], {}
+        for node_id in stats.sampled:
+            payload = self.payload(node_id, self._global)
+            record = to_record(payload, self.wire_dtype)
+            node_config = ConfigRecord(dict(config))  # one record per node: never shared
+            node_config["server-round"] = server_round
+            content = RecordDict({ARRAYS_KEY: record, CONFIG_KEY: node_config})
+            self._outbox.append(
+                Message(
+                    content, dst_node_id=node_id, message_type=MessageType.TRAIN, group_id=str(server_round)
+                )
+            )
+            self._expected[node_id] = self.expected_reply_shapes(node_id, payload)
+            stats.bytes_down[node_id] = record.count_bytes()
+        return self._outbox
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        stats = self.rounds.setdefault(server_round, RoundStats())
+        node_of_message = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outbox}
+        states, weights, node_ids, metrics = [], [], [], []
+        for reply in replies:
+            node_id = node_of_message.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            parsed = self._parse_reply(server_round, node_id, reply, stats)
+            if parsed is None:
+                continue
+            state, reply_metrics = parsed
+            states.append(state)
+            metrics.append(reply_metrics)
+            node_ids.append(node_id)
+            weights.append(reply_metrics[NUM_EXAMPLES_KEY] if self.weighting == "examples" else 1.0)
+        for node_id in stats.sampled:
+            if node_id not in node_ids and node_id not in stats.rejected:
+                stats.rejected[node_id] = "no reply before the round timeout"
+                log.warning("round %d: node %d rejected: %s", server_round, node_id, stats.rejected[node_id])
+        self._outbox = []
+        stats.aggregated = node_ids
+        if len(states) < self.min_replies:
+            stats.kept_previous = True
+            log.warning(
+                "round %d: %d valid repl%s < min_replies=%d; keeping the previous global state",
+                server_round,
+                len(states),
+                "y" if len(states) == 1 else "ies",
+                self.min_replies,
+            )
+            return None, None
+        new_state = self.aggregate(
+            server_round, self._global, states, np.asarray(weights, dtype=np.float64), node_ids
+        )
+        return to_record(new_state), aggregate_metrics(metrics, weights)
+
+    def _parse_reply(
+        self, server_round: int, node_id: int, reply: Message, stats: RoundStats
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]] | None:
+        """The reply's state and metrics, or None after logging why it was rejected."""
+        problem: str | None
+        if node_id not in self._expected:
+            problem = "reply from a node that was not sampled this round"
+        elif reply.has_error():
+            problem = f"client error: {reply.error.reason}"
+        elif ARRAYS_KEY not in reply.content.array_records or METRICS_KEY not in reply.content.metric_records:
+            problem = f"reply lacks an '{ARRAYS_KEY}' ArrayRecord or a '{METRICS_KEY}' MetricRecord"
+        else:
+            record = reply.content.array_records[ARRAYS_KEY]
+            stats.bytes_up[node_id] = record.count_bytes()
+            state = from_record(record)
+            metrics = dict(reply.content.metric_records[METRICS_KEY])
+            problem = reply_problem(state, self._expected[node_id], metrics.get(NUM_EXAMPLES_KEY))
+            if problem is None:
+                return state, {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        stats.rejected[node_id] = problem
+        log.warning("round %d: node %d rejected: %s", server_round, node_id, problem)
+        return None
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return []  # evaluation is server-side (ServerApp evaluate_fn)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        log.info(
+            "%s: fraction_train=%s min_train_nodes=%d min_replies=%d weighting=%s wire=%s",
+            type(self).__name__,
+            self.fraction_train,
+            self.min_train_nodes,
+            self.min_replies,
+            self.weighting,
+            self.wire_dtype,
+        )
+
+
+def aggregate_metrics(metrics: Sequence[dict[str, float]], weights: Sequence[float]) -> MetricRecord:
+    """Weighted mean of each reply metric; sums for counts, maxima for times and memory."""
+    p = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+    keys = set().union(*metrics)
+    out: dict[str, float | int] = {}
+    for key in sorted(keys):
+        values = [(pk, m[key]) for pk, m in zip(p, metrics, strict=True) if key in m]
+        if key in SUM_METRICS:
+            out[key] = int(sum(v for _, v in values))
+        elif key in MAX_METRICS:
+            out[key] = float(max(v for _, v in values))
+        else:
+            total = sum(pk for pk, _ in values)
+            out[key] = float(sum(pk * v for pk, v in values) / total) if total > 0 else 0.0
+    return MetricRecord(out)

@@ -1,0 +1,36 @@
+"""FedIT (Zhang et al., 2305.05644): FedAvg of the LoRA factors and the trained head.
+
+The global effective update ``s B̄ Ā`` differs from the mean of the client updates
+``s Σ p_k B_k A_k`` (cross terms ``p_i p_j B_i A_j``): FedIT is inexact unless all clients hold
+the same A. It is the baseline every other LoRA rule is compared against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from strategies.averaging import State, weighted_mean
+from strategies.base import FederatedStrategy
+
+
+def fedit_aggregate(states: Sequence[State], weights: Sequence[float]) -> dict[str, np.ndarray]:
+    """``Ā = Σ p_k A_k``, ``B̄ = Σ p_k B_k`` and the same for every other trained array."""
+    return weighted_mean(states, weights)
+
+
+class FedIT(FederatedStrategy):
+    """Weighted mean of every trainable array (LoRA A, B, classifier head)."""
+
+    name = "fedit"
+
+    def aggregate(
+        self,
+        server_round: int,
+        global_state: dict[str, np.ndarray],
+        client_states: Sequence[dict[str, np.ndarray]],
+        weights: np.ndarray,
+        node_ids: Sequence[int],
+    ) -> dict[str, np.ndarray]:
+        return fedit_aggregate(client_states, weights)
