@@ -113,8 +113,9 @@ class FederatedStrategy(Strategy):
                 self.min_train_nodes,
             )
         count = min(len(nodes), max(int(len(nodes) * self.fraction_train), self.min_train_nodes))
+        # Sample positions, not ids: node ids are unsigned 64-bit and would not survive numpy.
         rng = np.random.default_rng([self.seed, server_round])
-        return sorted(int(n) for n in rng.choice(nodes, size=count, replace=False))
+        return [nodes[i] for i in sorted(rng.choice(len(nodes), size=count, replace=False))]
 
     # --- Strategy API --------------------------------------------------------------------
     def configure_train(
@@ -156,7 +157,7 @@ class FederatedStrategy(Strategy):
             weights.append(reply_metrics[NUM_EXAMPLES_KEY] if self.weighting == "examples" else 1.0)
         for node_id in stats.sampled:
             if node_id not in node_ids and node_id not in stats.rejected:
-                stats.rejected[node_id] = "no reply before the round timeout"
+                stats.rejected[node_id] = "no reply (not delivered, or none before the round timeout)"
                 log.warning("round %d: node %d rejected: %s", server_round, node_id, stats.rejected[node_id])
         self._outbox = []
         stats.aggregated = node_ids

@@ -1,0 +1,281 @@
+"""Run an experiment on Flower's simulation runtime and report its real outcome.
+
+Starts a private ``flower-superlink --simulation`` (own FLWR_HOME, a free port, runtime
+dependency installation off), submits the app with ``flwr run``, streams its log, reads the
+run's recorded status (``flwr run`` exits 0 even when the ServerApp fails) and stops every
+process it started, by process group.
+
+    python -m launch.simulation --num-supernodes 10 \
+        --run-config "method='fedit' dataset='sst2' overrides='federation.num_rounds=5'"
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+
+log = logging.getLogger(__name__)
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+CONNECTION = "fedsubspace-sim"
+COMPLETED = "finished:completed"
+
+
+@dataclass
+class RunOutcome:
+    run_id: int
+    status: str
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.status == COMPLETED
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _bin(name: str) -> str:
+    """A console script of the running interpreter's environment."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+class LocalSuperLink:
+    """A simulation SuperLink owned by this process; stopped (with its children) on exit."""
+
+    def __init__(self, flwr_home: Path, port: int | None = None) -> None:
+        self.flwr_home = flwr_home.resolve()
+        self.port = port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        env = os.environ.copy()
+        env["FLWR_HOME"] = str(self.flwr_home)
+        env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+        env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+        env.setdefault("RAY_DEDUP_LOGS", "0")
+        return env
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+            f'[superlink.{CONNECTION}]\naddress = "{self.address}"\ninsecure = true\n'
+        )
+        log_file = self.flwr_home / "superlink.log"
+        command = [
+            _bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--disable-runtime-dependency-installation", "--log-file", str(log_file),
+        ]  # fmt: skip
+        self.process = subprocess.Popen(
+            command,
+            env=self.env(),
+            cwd=self.flwr_home,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: stop() ends its children too
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited with {self.process.returncode}; see {log_file}")
+            try:
+                if httpx.get(f"http://{self.address}/health", timeout=1.0).is_success:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"flower-superlink did not become healthy in {timeout:.0f} s; see {log_file}")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        pgid = self.process.pid
+        try:  # Ray workers may leave the process group: remember every descendant
+            descendants = psutil.Process(pgid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            descendants = []
+        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.process.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                continue
+            if not _group_alive(pgid):
+                break
+            time.sleep(0.5)
+        else:
+            log.warning("processes of group %d survived SIGKILL", pgid)
+        _, alive = psutil.wait_procs(descendants, timeout=15.0)
+        for process in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        self.process = None
+
+    def __enter__(self) -> LocalSuperLink:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [_bin("flwr"), *args],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def run_status(self, run_id: int) -> str:
+        result = self.flwr("list", CONNECTION, "--run-id", str(run_id), "--format", "json")
+        try:
+            runs = json.loads(result.stdout)["runs"]
+            return str(runs[0]["status"])
+        except (json.JSONDecodeError, KeyError, IndexError):
+            return f"unknown ({result.stdout.strip()[:200]} {result.stderr.strip()[:200]})"
+
+    def submit(self, app: Path, run_config: list[str], federation_config: str) -> int:
+        args = ["run", str(app), CONNECTION, "--format", "json", "--federation-config", federation_config]
+        for item in run_config:
+            args += ["--run-config", item]
+        result = self.flwr(*args, timeout=300.0)
+        try:
+            return int(json.loads(result.stdout)["run-id"])
+        except (json.JSONDecodeError, KeyError, ValueError) as error:
+            raise RuntimeError(f"flwr run failed:\n{result.stdout}\n{result.stderr}") from error
+
+    def follow(self, run_id: int, timeout: float, stream: bool = True) -> RunOutcome:
+        """Stream the run's log until it finishes (or ``timeout``), then return its status."""
+        start = time.monotonic()
+        logger = None
+        if stream:
+            logger = subprocess.Popen(
+                [_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"],
+                env=self.env(),
+                stdout=sys.stdout,
+                stderr=subprocess.STDOUT,
+            )
+        status = self.run_status(run_id)
+        while not status.startswith("finished") and time.monotonic() - start < timeout:
+            time.sleep(2.0)
+            status = self.run_status(run_id)
+        if not status.startswith("finished"):
+            self.flwr("stop", str(run_id), CONNECTION)
+            status = f"timed out after {timeout:.0f} s ({status})"
+        if logger is not None:
+            _finish(logger, grace=5.0)
+        return RunOutcome(run_id, status, time.monotonic() - start)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _finish(process: subprocess.Popen[bytes], grace: float) -> None:
+    timer = threading.Timer(grace, process.terminate)
+    timer.start()
+    process.wait()
+    timer.cancel()
+
+
+def run_simulation(
+    run_config: list[str],
+    *,
+    num_supernodes: int,
+    cpus_per_client: int = 1,
+    gpus_per_client: float = 0.0,
+    flwr_home: Path = PROJECT_DIR / ".flwr",
+    app: Path = PROJECT_DIR,
+    timeout: float = 3600.0,
+    stream: bool = True,
+) -> RunOutcome:
+    federation_config = (
+        f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client} "
+        f"client-resources-num-gpus={gpus_per_client}"
+    )
+    with LocalSuperLink(flwr_home) as superlink:
+        run_id = superlink.submit(app, run_config, federation_config)
+        log.info("run %d submitted to %s (FLWR_HOME=%s)", run_id, superlink.address, superlink.flwr_home)
+        return superlink.follow(run_id, timeout, stream=stream)
+
+
+def default_hub_mirror() -> str:
+    """$FEDSUBSPACE_HUB_MIRROR, else the shared offline mirror beside the checkout, else none."""
+    configured = os.environ.get("FEDSUBSPACE_HUB_MIRROR", "")
+    if configured:
+        return str(Path(configured).expanduser().resolve())
+    beside = PROJECT_DIR.parent / "shared" / "data" / "hub"
+    return str(beside.resolve()) if beside.is_dir() else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--num-supernodes", type=int, default=10)
+    parser.add_argument("--cpus-per-client", type=int, default=1)
+    parser.add_argument("--gpus-per-client", type=float, default=0.0)
+    parser.add_argument("--run-config", action="append", default=[], help="as for flwr run (repeatable)")
+    parser.add_argument("--output-dir", default=str(PROJECT_DIR / "runs"))
+    parser.add_argument(
+        "--hub-mirror", default=None, help="default: $FEDSUBSPACE_HUB_MIRROR or ../shared/data/hub"
+    )
+    parser.add_argument("--flwr-home", type=Path, default=PROJECT_DIR / ".flwr")
+    parser.add_argument("--timeout", type=float, default=3600.0)
+    args = parser.parse_args(argv)
+    # SIGTERM (kill, CI timeouts) must still stop the SuperLink we started.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    logging.basicConfig(level=logging.INFO, format="%(levelname)-7s %(name)s: %(message)s")
+
+    mirror = default_hub_mirror() if args.hub_mirror is None else args.hub_mirror
+    paths = f"output-dir='{Path(args.output_dir).resolve()}'"
+    if mirror:
+        paths += f" hub-mirror='{mirror}'"
+    outcome = run_simulation(
+        [paths, *args.run_config],
+        num_supernodes=args.num_supernodes,
+        cpus_per_client=args.cpus_per_client,
+        gpus_per_client=args.gpus_per_client,
+        flwr_home=args.flwr_home,
+        timeout=args.timeout,
+    )
+    print(f"run {outcome.run_id}: {outcome.status} in {outcome.seconds:.0f} s", flush=True)
+    return 0 if outcome.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

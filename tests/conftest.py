@@ -1,0 +1,41 @@
+"""Shared fixtures: offline Hub settings, the data mirror, tiny experiment configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Tests never reach the Hub: fail fast instead of waiting on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+from finetune.config import ExperimentConfig, compose_config
+from launch.simulation import default_hub_mirror
+
+TINY_OVERRIDES = [
+    "partition.num_clients=2",
+    "dataset.max_train_examples=200",
+    "dataset.max_eval_examples=64",
+    "federation.num_rounds=2",
+    "federation.fraction_train=1.0",
+    "train.local_steps=2",
+    "train.batch_size=8",
+]
+
+
+@pytest.fixture(scope="session")
+def hub_mirror() -> Path:
+    mirror = default_hub_mirror()
+    if not mirror:
+        pytest.fail("no data mirror: set FEDSUBSPACE_HUB_MIRROR or place the mirror at ../shared/data/hub")
+    return Path(mirror)
+
+
+@pytest.fixture
+def tiny_cfg(hub_mirror: Path) -> ExperimentConfig:
+    cfg = compose_config({"model": "tiny_bert"}, TINY_OVERRIDES)
+    cfg.hub_mirror = str(hub_mirror)
+    return cfg

@@ -1,0 +1,114 @@
+"""Data from the mirror, partition sizes and skew, metrics, and missing-data errors."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score, matthews_corrcoef
+
+from finetune.config import ConfigError, compose_config
+from finetune.data import (
+    DataNotFoundError,
+    PartitionedDataset,
+    label_histogram,
+    load_eval_split,
+    load_split,
+    load_train_split,
+)
+from finetune.metrics import accuracy, f1, matthews
+
+
+def _partitions(hub_mirror, partition, overrides=""):
+    cfg = compose_config({"partition": partition}, f"dataset.max_train_examples=2000 {overrides}")
+    train = load_train_split(cfg.dataset, hub_mirror, seed=0)
+    return cfg, train, PartitionedDataset(train, cfg.partition, "label")
+
+
+def _label_skew(parts, train):
+    """Mean total-variation distance between client and global label distributions."""
+    global_hist = np.asarray(label_histogram(train, "label", 2), float)
+    global_p = global_hist / global_hist.sum()
+    dists = []
+    for i in range(parts.cfg.num_clients):
+        hist = np.asarray(label_histogram(parts.partition(i), "label", 2), float)
+        dists.append(0.5 * np.abs(hist / hist.sum() - global_p).sum())
+    return float(np.mean(dists))
+
+
+def test_mirror_provides_glue_splits(hub_mirror):
+    cfg = compose_config({"dataset": "mrpc"})
+    data = load_split(cfg.dataset, "validation", hub_mirror)
+    assert len(data) == 408
+    assert {"sentence1", "sentence2", "label"} <= set(data.column_names)
+
+
+def test_iid_partitions_cover_the_data_evenly(hub_mirror):
+    _, train, parts = _partitions(hub_mirror, "iid")
+    sizes = parts.sizes()
+    assert sum(sizes) == len(train) == 2000
+    assert max(sizes) - min(sizes) <= 1
+    ids = set()
+    for i in range(10):
+        idx = parts.partition(i)["idx"]
+        assert ids.isdisjoint(idx)
+        ids.update(idx)
+
+
+def test_dirichlet_is_skewed_and_complete(hub_mirror):
+    _, train, iid = _partitions(hub_mirror, "iid")
+    _, _, skewed = _partitions(hub_mirror, "dirichlet", "partition.alpha=0.3 partition.min_partition_size=2")
+    assert sum(skewed.sizes()) == len(train)
+    assert min(skewed.sizes()) >= 2
+    assert _label_skew(skewed, train) > 3 * _label_skew(iid, train)
+
+
+def test_pathological_gives_each_client_k_classes(hub_mirror):
+    _, _, parts = _partitions(
+        hub_mirror, "pathological", "partition.classes_per_client=1 partition.num_clients=4"
+    )
+    for i in range(4):
+        assert sum(1 for count in label_histogram(parts.partition(i), "label", 2) if count) == 1
+
+
+def test_more_clients_than_examples_is_refused(hub_mirror):
+    cfg = compose_config({"partition": "iid"}, "dataset.max_train_examples=20 partition.num_clients=20")
+    train = load_train_split(cfg.dataset, hub_mirror, seed=0).select(range(5))
+    with pytest.raises(ConfigError, match="exceeds the 5 training examples"):
+        PartitionedDataset(train, cfg.partition, "label")
+
+
+def test_impossible_dirichlet_is_a_config_error(hub_mirror):
+    _, _, parts = _partitions(
+        hub_mirror, "dirichlet", "partition.alpha=0.01 partition.min_partition_size=150"
+    )
+    with pytest.raises(ConfigError, match="cannot partition"):
+        parts.sizes()
+
+
+def test_missing_data_names_mirror_and_hub(tmp_path):
+    cfg = compose_config({"dataset": "cola"})
+    with pytest.raises(DataNotFoundError, match="nyu-mll/glue/cola") as error:
+        load_split(cfg.dataset, "train", tmp_path)
+    assert str(tmp_path) in str(error.value)
+
+
+def test_missing_split_lists_what_the_mirror_has(hub_mirror):
+    cfg = compose_config({}, "dataset.eval_split=dev")
+    with pytest.raises(DataNotFoundError, match=r"it has \['test', 'train', 'validation'\]"):
+        load_eval_split(cfg.dataset, hub_mirror, seed=0)
+
+
+def test_unlabelled_eval_split_is_refused(hub_mirror):
+    cfg = compose_config({"dataset": "rte"}, "dataset.eval_split=test")
+    with pytest.raises(ConfigError, match="no labels"):
+        load_eval_split(cfg.dataset, hub_mirror, seed=0)
+
+
+def test_metrics_match_sklearn():
+    rng = np.random.default_rng(0)
+    true = rng.integers(0, 2, 200)
+    pred = np.where(rng.random(200) < 0.7, true, 1 - true)
+    assert accuracy(pred, true) == pytest.approx((pred == true).mean())
+    assert f1(pred, true) == pytest.approx(f1_score(true, pred))
+    assert matthews(pred, true) == pytest.approx(matthews_corrcoef(true, pred))
+    three = rng.integers(0, 3, 300)
+    noisy = np.where(rng.random(300) < 0.6, three, rng.integers(0, 3, 300))
+    assert matthews(noisy, three) == pytest.approx(matthews_corrcoef(three, noisy))

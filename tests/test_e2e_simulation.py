@@ -1,0 +1,76 @@
+"""`flwr run` on the simulation runtime with a tiny BERT: 2 clients, 2 rounds, real processes.
+
+The run's outcome is read from its recorded status (``flwr run`` exits 0 even on failure).
+"""
+
+import json
+
+import numpy as np
+import psutil
+import pytest
+from conftest import TINY_OVERRIDES
+from peft import PeftModel
+from safetensors.numpy import load_file
+
+from finetune.config import compose_config
+from finetune.models import build_base_model
+from launch.simulation import COMPLETED, LocalSuperLink
+
+pytestmark = pytest.mark.e2e
+FEDERATION = "num-supernodes=2 client-resources-num-cpus=1 client-resources-num-gpus=0.0"
+
+
+@pytest.fixture(scope="module")
+def superlink(tmp_path_factory):
+    link = LocalSuperLink(tmp_path_factory.mktemp("flwr-home"))
+    link.start()
+    pid = link.process.pid
+    yield link
+    link.stop()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def _run(superlink, hub_mirror, output, overrides):
+    run_config = [
+        f"model='tiny_bert' output-dir='{output}' hub-mirror='{hub_mirror}' overrides='{overrides}'"
+    ]
+    run_id = superlink.submit(superlink_app(), run_config, FEDERATION)
+    return superlink.follow(run_id, timeout=420, stream=False)
+
+
+def superlink_app():
+    from launch.simulation import PROJECT_DIR
+
+    return PROJECT_DIR
+
+
+def test_fedit_run_completes_and_records_everything(superlink, hub_mirror, tmp_path):
+    outcome = _run(superlink, hub_mirror, tmp_path, " ".join(TINY_OVERRIDES))
+    assert outcome.status == COMPLETED, outcome
+
+    (run_dir,) = tmp_path.iterdir()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert row["clients_aggregated"] == 2 and row["clients_rejected"] == {}
+        assert row["bytes_down"] > 0 and row["bytes_up"] == row["bytes_down"]
+        assert row["train_loss"] > 0 and 0 <= row["eval_accuracy"] <= 1
+        assert row["peak_client_memory_mb"] > 0 and row["slowest_client_seconds"] > 0
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds"] == 2
+    assert summary["total_bytes_up"] == sum(row["bytes_up"] for row in rows)
+    assert "method:" in (run_dir / "config.yaml").read_text()
+
+    # The final adapter is what the server aggregated, and peft loads it.
+    adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and np.abs(v).sum() > 0 for k, v in adapter.items())
+    cfg = compose_config({"model": "tiny_bert"}, TINY_OVERRIDES)
+    model = PeftModel.from_pretrained(build_base_model(cfg, hub_mirror), run_dir / "adapter")
+    assert model.peft_config["default"].r == cfg.method.rank
+
+
+def test_bad_config_fails_the_run_before_training(superlink, hub_mirror, tmp_path):
+    outcome = _run(superlink, hub_mirror, tmp_path, "method.rank=0")
+    assert outcome.status == "finished:failed"
+    assert list(tmp_path.iterdir()) == []  # failed before any run folder or training

@@ -1,0 +1,125 @@
+"""LoRA state round-trips, seeded init, the saved adapter, and the real local training step."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+
+from finetune.config import TrainConfig
+from finetune.data import PartitionedDataset, load_eval_split, load_train_split, tokenize
+from finetune.models import build_base_model, build_model, load_tokenizer
+from finetune.schedule import round_lr
+from finetune.state import load_trainable_state, trainable_state
+from finetune.training import evaluate, local_step_count, train_local
+
+
+@pytest.fixture
+def model(tiny_cfg, hub_mirror):
+    return build_model(tiny_cfg, hub_mirror)
+
+
+@pytest.fixture
+def client_data(tiny_cfg, hub_mirror):
+    tokenizer = load_tokenizer(tiny_cfg, hub_mirror)
+    train = load_train_split(tiny_cfg.dataset, hub_mirror, tiny_cfg.seed)
+    part = PartitionedDataset(train, tiny_cfg.partition, "label").partition(1)
+    return tokenize(part, tiny_cfg.dataset, tokenizer, tiny_cfg.model.max_length), tokenizer
+
+
+def test_trainable_state_holds_lora_factors_and_head(model, tiny_cfg):
+    state = trainable_state(model)
+    a_keys = [k for k in state if k.endswith("lora_A.weight")]
+    b_keys = [k for k in state if k.endswith("lora_B.weight")]
+    assert len(a_keys) == len(b_keys) == 2 * 2  # 2 layers x (query, value)
+    assert any("classifier" in k for k in state)
+    assert all(state[k].shape[0] == tiny_cfg.method.rank for k in a_keys)
+    assert all(not state[k].any() for k in b_keys)  # B starts at zero: BA = 0
+    assert all(v.dtype == np.float32 for v in state.values())
+
+
+def test_state_round_trip_changes_the_model(model):
+    inputs = {"input_ids": torch.tensor([[101, 2023, 2003, 102]])}
+    model.eval()
+    before = model(**inputs).logits
+    state = {k: v + 0.5 for k, v in trainable_state(model).items()}
+    load_trainable_state(model, state)
+    after = trainable_state(model)
+    for key, value in state.items():
+        np.testing.assert_array_equal(after[key], value)
+    assert not torch.allclose(before, model(**inputs).logits)
+
+
+def test_lora_init_is_identical_across_processes(tiny_cfg, hub_mirror):
+    a = trainable_state(build_model(tiny_cfg, hub_mirror))
+    torch.manual_seed(12345)  # whatever the global RNG did before
+    b = trainable_state(build_model(tiny_cfg, hub_mirror))
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_mismatched_state_is_refused(model):
+    state = trainable_state(model)
+    with pytest.raises(KeyError, match="missing"):
+        load_trainable_state(model, dict(list(state.items())[1:]))
+    key = next(iter(state))
+    with pytest.raises(ValueError, match="shape"):
+        load_trainable_state(model, {**state, key: np.zeros((1, 1), np.float32)})
+
+
+def test_saved_adapter_reloads_with_peft(model, tiny_cfg, hub_mirror, tmp_path):
+    load_trainable_state(model, {k: v + 0.1 for k, v in trainable_state(model).items()})
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(build_base_model(tiny_cfg, hub_mirror), tmp_path / "adapter")
+    inputs = {"input_ids": torch.tensor([[101, 2023, 2003, 102]])}
+    model.eval()
+    reloaded.eval()
+    torch.testing.assert_close(model(**inputs).logits, reloaded(**inputs).logits)
+
+
+def test_local_training_updates_only_trainable_weights(model, client_data):
+    data, tokenizer = client_data
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    before = trainable_state(model)
+    cfg = TrainConfig(local_steps=3, batch_size=8, lr=1e-2)
+    result = train_local(model, data, tokenizer, cfg, lr=1e-2, seed=0)
+    assert result.steps == 3 and result.examples_seen == 24
+    assert math.isfinite(result.loss) and result.peak_memory_mb > 0
+    after = trainable_state(model)
+    assert all(not np.array_equal(before[k], after[k]) for k in before if "lora_B" in k)
+    for name, param in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(param, frozen[name]), name
+
+
+def test_training_lowers_the_loss_on_its_data(model, client_data):
+    data, tokenizer = client_data
+    start = evaluate(model, data, tokenizer, 64, ["accuracy"])["loss"]
+    train_local(model, data, tokenizer, TrainConfig(local_steps=30, batch_size=16), lr=3e-2, seed=0)
+    assert evaluate(model, data, tokenizer, 64, ["accuracy"])["loss"] < start - 0.01
+
+
+def test_evaluate_reports_loss_and_metrics(model, tiny_cfg, hub_mirror):
+    tokenizer = load_tokenizer(tiny_cfg, hub_mirror)
+    raw = load_eval_split(tiny_cfg.dataset, hub_mirror, 0)
+    metrics = evaluate(
+        model, tokenize(raw, tiny_cfg.dataset, tokenizer, 32), tokenizer, 16, ["accuracy", "f1"]
+    )
+    assert set(metrics) == {"loss", "accuracy", "f1"} and 0 <= metrics["accuracy"] <= 1
+
+
+def test_local_steps_or_epochs():
+    assert local_step_count(TrainConfig(local_steps=7), 1000) == 7
+    assert local_step_count(TrainConfig(local_steps=0, local_epochs=2, batch_size=32), 100) == 8
+
+
+def test_round_lr_schedules():
+    cosine = TrainConfig(lr=1.0, lr_schedule="cosine", min_lr_ratio=0.1)
+    assert round_lr(cosine, 1, 5) == pytest.approx(1.0)
+    assert round_lr(cosine, 3, 5) == pytest.approx(0.55)
+    assert round_lr(cosine, 5, 5) == pytest.approx(0.1)
+    linear = TrainConfig(lr=1.0, lr_schedule="linear", min_lr_ratio=0.0)
+    assert [round_lr(linear, r, 3) for r in (1, 2, 3)] == pytest.approx([1.0, 0.5, 0.0])
+    warm = TrainConfig(lr=1.0, lr_schedule="constant", warmup_rounds=3)
+    assert [round_lr(warm, r, 10) for r in (1, 2, 3, 4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])

@@ -1,0 +1,168 @@
+"""Message plumbing of every strategy: per-node messages, bytes, rejection of bad replies, quorum."""
+
+import numpy as np
+import pytest
+from fakes import FakeGrid
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from finetune.records import from_record, to_record
+from server_app.loop import exchange
+from strategies.base import aggregate_metrics
+from strategies.fedit import FedIT
+
+GLOBAL = {"lora_A": np.ones((2, 3), np.float32), "lora_B": np.zeros((4, 2), np.float32)}
+
+
+def reply(arrays: dict, num_examples=10, **metrics) -> RecordDict:
+    return RecordDict(
+        {
+            "arrays": to_record(arrays),
+            "metrics": MetricRecord({"num-examples": num_examples, "train-loss": 1.0, **metrics}),
+        }
+    )
+
+
+def scaled(factor: float) -> dict:
+    return {k: v + factor for k, v in GLOBAL.items()}
+
+
+def run_round(strategy, grid, server_round=1):
+    messages = list(
+        strategy.configure_train(server_round, to_record(GLOBAL), ConfigRecord({"lr": 0.1}), grid)
+    )
+    replies = exchange(grid, messages, timeout=1.0)
+    return strategy.aggregate_train(server_round, replies)
+
+
+def test_one_message_per_sampled_node_with_its_own_config():
+    grid = FakeGrid([11, 22, 33, 44], lambda m: reply(scaled(1.0)))
+    strategy = FedIT(fraction_train=0.5, min_train_nodes=2, seed=3)
+    messages = list(strategy.configure_train(4, to_record(GLOBAL), ConfigRecord({"lr": 0.1}), grid))
+    assert len(messages) == 2
+    assert len({m.metadata.dst_node_id for m in messages}) == 2
+    configs = [m.content.config_records["config"] for m in messages]
+    assert configs[0] is not configs[1]
+    assert all(c["server-round"] == 4 and c["lr"] == 0.1 for c in configs)
+    stats = strategy.rounds[4]
+    assert stats.bytes_down == {n: to_record(GLOBAL).count_bytes() for n in stats.sampled}
+
+
+def test_sampling_keeps_64_bit_node_ids_exact():
+    # Flower node ids are unsigned 64-bit integers; floats or int64 would corrupt them.
+    ids = [17934763832037251072, 4884012393179950080, 2**64 - 1, 12587801198025101313]
+    grid = FakeGrid(ids, lambda m: None)
+    for server_round in range(1, 5):
+        sampled = FedIT(fraction_train=0.5, min_train_nodes=1).sample_nodes(grid, server_round)
+        assert set(sampled) <= set(ids) and len(sampled) == 2
+
+
+def test_sampling_is_seeded_per_round():
+    grid = FakeGrid(range(1, 11), lambda m: None)
+    a = FedIT(fraction_train=0.3, min_train_nodes=1, seed=0)
+    b = FedIT(fraction_train=0.3, min_train_nodes=1, seed=0)
+    assert a.sample_nodes(grid, 1) == b.sample_nodes(grid, 1)
+    rounds = {tuple(a.sample_nodes(grid, r)) for r in range(1, 6)}
+    assert len(rounds) > 1 and all(len(s) == 3 for s in rounds)
+
+
+def test_weighted_fedit_round_and_bytes_up():
+    sizes = {1: 10, 2: 30}
+    grid = FakeGrid(
+        [1, 2], lambda m: reply(scaled(float(m.metadata.dst_node_id)), sizes[m.metadata.dst_node_id])
+    )
+    strategy = FedIT(fraction_train=1.0, min_train_nodes=2)
+    arrays, metrics = run_round(strategy, grid)
+    # p = (0.25, 0.75): 0.25 * (x + 1) + 0.75 * (x + 2) = x + 1.75
+    for key, value in from_record(arrays).items():
+        np.testing.assert_allclose(value, GLOBAL[key] + 1.75)
+    assert metrics["num-examples"] == 40
+    assert strategy.rounds[1].bytes_up == {
+        1: to_record(GLOBAL).count_bytes(),
+        2: to_record(GLOBAL).count_bytes(),
+    }
+    assert strategy.rounds[1].aggregated == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("bad_reply", "reason"),
+    [
+        (lambda: reply({**scaled(9), "lora_A": np.full((2, 3), np.nan, np.float32)}), "NaN or Inf"),
+        (lambda: reply({**scaled(9), "lora_B": np.full((4, 2), np.inf, np.float32)}), "NaN or Inf"),
+        (lambda: reply({"lora_A": GLOBAL["lora_A"]}), "missing arrays"),
+        (lambda: reply({**scaled(9), "extra": np.zeros(1, np.float32)}), "unexpected arrays"),
+        (lambda: reply({**scaled(9), "lora_B": np.zeros((4, 3), np.float32)}), "shape"),
+        (lambda: reply(scaled(9), num_examples=0), "num-examples"),
+        (lambda: reply(scaled(9), num_examples=-5), "num-examples"),
+        (lambda: RecordDict({"metrics": MetricRecord({"num-examples": 3})}), "lacks"),
+        (lambda: Error(code=0, reason="boom"), "client error: boom"),
+    ],
+)
+def test_bad_reply_is_rejected_logged_and_left_out(bad_reply, reason, caplog):
+    grid = FakeGrid([1, 2], lambda m: reply(scaled(1.0)) if m.metadata.dst_node_id == 1 else bad_reply())
+    strategy = FedIT(fraction_train=1.0, min_train_nodes=2)
+    with caplog.at_level("WARNING"):
+        arrays, _ = run_round(strategy, grid)
+    for key, value in from_record(arrays).items():  # only node 1 counted
+        np.testing.assert_allclose(value, GLOBAL[key] + 1.0)
+    assert reason in strategy.rounds[1].rejected[2]
+    assert "node 2 rejected" in caplog.text and reason in caplog.text
+
+
+def test_missing_reply_is_recorded():
+    grid = FakeGrid([1, 2], lambda m: reply(scaled(1.0)) if m.metadata.dst_node_id == 1 else None)
+    strategy = FedIT(fraction_train=1.0, min_train_nodes=2)
+    arrays, _ = run_round(strategy, grid)
+    assert arrays is not None
+    assert "no reply" in strategy.rounds[1].rejected[2]
+
+
+def test_below_quorum_keeps_previous_state():
+    grid = FakeGrid([1, 2, 3], lambda m: reply(scaled(1.0)) if m.metadata.dst_node_id == 1 else Error(0, "x"))
+    strategy = FedIT(fraction_train=1.0, min_train_nodes=3, min_replies=2)
+    arrays, metrics = run_round(strategy, grid)
+    assert arrays is None and metrics is None
+    assert strategy.rounds[1].kept_previous
+
+
+def test_error_reply_from_superlink_is_attributed_to_the_dead_node():
+    grid = FakeGrid([5, 6], lambda m: reply(scaled(1.0)))
+    strategy = FedIT(fraction_train=1.0, min_train_nodes=2)
+    messages = list(strategy.configure_train(1, to_record(GLOBAL), ConfigRecord(), grid))
+    grid.push_messages(messages)
+    good = grid.pull_messages(["msg-0"])
+    # A "node unavailable" reply comes from the SuperLink (node 1), not from node 6.
+    dead = Message(Error(code=0, reason="Node Unavailable"), reply_to=messages[1])
+    dead.metadata.__dict__["_src_node_id"] = 1
+    strategy.aggregate_train(1, [*good, dead])
+    assert "Node Unavailable" in strategy.rounds[1].rejected[6]
+
+
+def test_metrics_aggregation_sums_counts_and_takes_maxima():
+    metrics = [
+        {"num-examples": 10, "train-loss": 1.0, "train-seconds": 3.0, "peak-memory-mb": 100.0},
+        {"num-examples": 30, "train-loss": 2.0, "train-seconds": 5.0, "peak-memory-mb": 50.0},
+    ]
+    out = aggregate_metrics(metrics, [10, 30])
+    assert out["num-examples"] == 40
+    assert out["train-loss"] == pytest.approx(1.75)
+    assert out["train-seconds"] == 5.0 and out["peak-memory-mb"] == 100.0
+
+
+def test_wire_dtype_float16_halves_bytes_down():
+    grid = FakeGrid([1, 2], lambda m: None)
+    fp32 = FedIT(fraction_train=1.0, wire_dtype="float32")
+    fp16 = FedIT(fraction_train=1.0, wire_dtype="float16")
+    fp32.configure_train(1, to_record(GLOBAL), ConfigRecord(), grid)
+    fp16.configure_train(1, to_record(GLOBAL), ConfigRecord(), grid)
+    payload = sum(v.size for v in GLOBAL.values())
+    assert (
+        sum(fp32.rounds[1].bytes_down.values()) - sum(fp16.rounds[1].bytes_down.values()) == 2 * 2 * payload
+    )
+
+
+def test_records_round_trip():
+    record = to_record(GLOBAL)
+    assert isinstance(record, ArrayRecord)
+    back = from_record(record)
+    for key in GLOBAL:
+        np.testing.assert_array_equal(back[key], GLOBAL[key])
