@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import resource
 from pathlib import Path
 
@@ -15,10 +16,9 @@ def reset_peak_memory() -> None:
     """Start a new measurement window (GPU allocator peak, or the Linux RSS high-water mark)."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    try:
-        _CLEAR_REFS.write_text("5")  # resets VmHWM to the current RSS
-    except OSError:
-        pass  # not Linux / not permitted: the peak then covers the process lifetime
+    # Resets VmHWM to the current RSS; elsewhere the peak covers the process lifetime.
+    with contextlib.suppress(OSError):
+        _CLEAR_REFS.write_text("5")
 
 
 def peak_memory_mb() -> float:

@@ -9,9 +9,9 @@ from strategies.fedit import fedit_aggregate
 
 def _product_gap(As, Bs, p):
     """Relative distance between the product of means and the mean of products."""
-    A_bar = sum(pk * A for pk, A in zip(p, As))
-    B_bar = sum(pk * B for pk, B in zip(p, Bs))
-    ideal = sum(pk * B @ A for pk, A, B in zip(p, As, Bs))
+    A_bar = sum(pk * A for pk, A in zip(p, As, strict=True))
+    B_bar = sum(pk * B for pk, B in zip(p, Bs, strict=True))
+    ideal = sum(pk * B @ A for pk, A, B in zip(p, As, Bs, strict=True))
     return np.linalg.norm(B_bar @ A_bar - ideal) / np.linalg.norm(ideal)
 
 
@@ -49,7 +49,7 @@ def test_fedit_is_exact_when_all_clients_share_A():
     states = [{"A": A, "B": B} for B in Bs]
     p = normalize_weights([5, 1, 4])
     out = fedit_aggregate(states, [5, 1, 4])
-    ideal = sum(pk * B @ A for pk, B in zip(p, Bs))
+    ideal = sum(pk * B @ A for pk, B in zip(p, Bs, strict=True))
     np.testing.assert_allclose(out["B"] @ out["A"], ideal, rtol=1e-12, atol=1e-12)
 
 
