@@ -139,10 +139,10 @@ class PartitionConfig:
 class TrainConfig:
     """Local training on each client (and the learning-rate schedule across rounds)."""
 
-    local_steps: int = 10  # > 0: this many optimizer steps per round; 0: use local_epochs
+    local_steps: int = 20  # > 0: this many optimizer steps per round; 0: use local_epochs
     local_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 1e-3
+    batch_size: int = 16
+    lr: float = 5e-3
     lr_schedule: str = "cosine"  # across rounds: constant | cosine | linear
     min_lr_ratio: float = 0.1
     warmup_rounds: int = 0

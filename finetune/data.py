@@ -174,11 +174,13 @@ def iterate_batches(
     shuffle: bool,
     seed: int = 0,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """One pass over ``dataset`` in dynamically padded batches (seeded shuffle)."""
+    """One pass over ``dataset`` in dynamically padded batches: shuffled (seeded) for training,
+    else sorted by length, which pads least and leaves order-free metrics unchanged."""
     collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
-    order = np.arange(len(dataset))
     if shuffle:
-        np.random.default_rng(seed).shuffle(order)
+        order = np.random.default_rng(seed).permutation(len(dataset))
+    else:
+        order = np.argsort([len(ids) for ids in dataset["input_ids"]], kind="stable")
     for start in range(0, len(order), batch_size):
         rows = dataset[order[start : start + batch_size]]
         features = [{k: rows[k][i] for k in rows} for i in range(len(rows["input_ids"]))]

@@ -6,6 +6,7 @@ import logging
 import time
 import traceback
 
+import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -76,11 +77,12 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder) -> 
     eval_data = tokenize(eval_raw, cfg.dataset, tokenizer, cfg.model.max_length)
     trainable, total = trainable_parameter_count(model)
     log.info(
-        "%s: %d trainable of %d parameters (%.2f%%)",
+        "%s: %d trainable of %d parameters (%.2f%%); server evaluates with %d torch threads",
         cfg.model.source,
         trainable,
         total,
         100 * trainable / total,
+        torch.get_num_threads(),
     )
 
     def evaluate_global(arrays: ArrayRecord) -> dict[str, float]:
