@@ -139,7 +139,7 @@ class PartitionConfig:
 class TrainConfig:
     """Local training on each client (and the learning-rate schedule across rounds)."""
 
-    local_steps: int = 20  # > 0: this many optimizer steps per round; 0: use local_epochs
+    local_steps: int = 10  # > 0: this many optimizer steps per round; 0: use local_epochs
     local_epochs: int = 1
     batch_size: int = 16
     lr: float = 5e-3
@@ -173,7 +173,7 @@ class FederationConfig:
     """Rounds, client sampling and failure handling on the server."""
 
     num_rounds: int = 10
-    fraction_train: float = 0.5
+    fraction_train: float = 1.0
     min_train_clients: int = 2
     # Fewer valid replies than this keeps the previous global state for the round.
     min_replies: int = 1
