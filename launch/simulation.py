@@ -72,6 +72,8 @@ class LocalSuperLink:
 
     def env(self) -> dict[str, str]:
         env = os.environ.copy()
+        # The SuperLink spawns flower-superexec / flwr-simulation by name: use this environment's.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env["FLWR_HOME"] = str(self.flwr_home)
         env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
         env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
