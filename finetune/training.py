@@ -59,6 +59,7 @@ def train_local(
     if len(dataset) == 0:
         raise ValueError("cannot train on an empty dataset")
     reset_peak_memory()
+    torch.manual_seed(seed)  # dropout draws: the same whichever process trains this client
     start = time.perf_counter()
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]

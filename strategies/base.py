@@ -171,6 +171,10 @@ class FederatedStrategy(Strategy):
                 self.min_replies,
             )
             return None, None
+        # Arrival order must not change the float sums: aggregate in node-id order.
+        order = sorted(range(len(node_ids)), key=node_ids.__getitem__)
+        states, weights, node_ids = ([xs[i] for i in order] for xs in (states, weights, node_ids))
+        stats.aggregated = node_ids
         new_state = self.aggregate(
             server_round, self._global, states, np.asarray(weights, dtype=np.float64), node_ids
         )
