@@ -1,0 +1,34 @@
+"""HLoRA (Liu et al., 2503.00813): FlexLoRA's rule computed without the dense d_out × d_in SVD.
+
+``Σ p_k s_k B_k A_k = L R`` with ``L = [p_1 s_1 B_1 … p_K s_K B_K]``, ``R = [A_1; …; A_K]``; QR of
+both sides leaves a Σr × Σr core to decompose (the NVFlare re-implementation's trick, with the
+α/r scales it omits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from strategies.averaging import normalize_weights
+from strategies.lowrank import compact_svd, factors_from_svd
+
+
+def hlora_svd(
+    As: Sequence[np.ndarray],
+    Bs: Sequence[np.ndarray],
+    weights: Sequence[float],
+    scales: Sequence[float],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Thin SVD ``(U, S, Vt)`` of ``Σ p_k s_k B_k A_k``, of size Σ r_k."""
+    p = normalize_weights(weights)
+    lefts = [pk * sk * B for pk, sk, B in zip(p, scales, Bs, strict=True)]
+    return compact_svd(lefts, As)
+
+
+def hlora_client_factors(
+    svd: tuple[np.ndarray, np.ndarray, np.ndarray], rank: int, scale: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Client factors at ``rank``, identical to FlexLoRA's dense truncation."""
+    return factors_from_svd(*svd, rank, scale)

@@ -1,0 +1,83 @@
+"""LoRA-FAIR (Bian et al., ICCV 2025, 2411.14961): FedIT's means plus a server-side correction
+ΔB minimising ``(1 − cos(ΔW, (B̄ + ΔB) Ā)) + λ ‖ΔB‖_F`` where ``ΔW = Σ p_k B_k A_k`` is the ideal
+update; clients restart from ``(Ā, B̄ + ΔB)``. Cosine is scale-free, so λ keeps ΔB small."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from strategies.averaging import normalize_weights
+from strategies.lowrank import weighted_product
+
+
+def cosine(x: np.ndarray, y: np.ndarray) -> float:
+    denom = float(np.linalg.norm(x) * np.linalg.norm(y))
+    return float((x * y).sum() / denom) if denom > 0 else 0.0
+
+
+def lora_fair_correction(
+    A_bar: np.ndarray,
+    B_bar: np.ndarray,
+    ideal: np.ndarray,
+    lam: float = 0.01,
+    steps: int = 100,
+    lr: float = 0.01,
+) -> np.ndarray:
+    """ΔB by projected gradient descent with backtracking, so the objective never increases.
+
+    Gradient of ``f(ΔB) = 1 − ⟨D, M⟩/(‖D‖‖M‖) + λ‖ΔB‖`` with ``M = (B̄ + ΔB) Ā``:
+    ``∂f/∂M = −(D/(‖D‖‖M‖) − ⟨D,M⟩ M/(‖D‖‖M‖³))`` and ``∂f/∂ΔB = (∂f/∂M) Āᵀ + λ ΔB/‖ΔB‖``.
+    """
+    A = A_bar.astype(np.float64)
+    B = B_bar.astype(np.float64)
+    D = ideal.astype(np.float64)
+    d_norm = np.linalg.norm(D)
+    delta = np.zeros_like(B)
+    if d_norm == 0 or np.linalg.norm(A) == 0:
+        return delta
+
+    def objective(dB: np.ndarray) -> float:
+        return 1.0 - cosine(D, (B + dB) @ A) + lam * float(np.linalg.norm(dB))
+
+    current = objective(delta)
+    step = lr
+    for _ in range(steps):
+        M = (B + delta) @ A
+        m_norm = np.linalg.norm(M)
+        if m_norm == 0:
+            break
+        inner = float((D * M).sum())
+        grad_m = -(D / (d_norm * m_norm) - inner * M / (d_norm * m_norm**3))
+        grad = grad_m @ A.T
+        dn = np.linalg.norm(delta)
+        if dn > 0:
+            grad += lam * delta / dn
+        while step > 1e-12:
+            candidate = delta - step * grad
+            value = objective(candidate)
+            if value <= current:
+                delta, current = candidate, value
+                step *= 1.5
+                break
+            step *= 0.5
+        else:
+            break
+    return delta
+
+
+def lora_fair_aggregate(
+    As: Sequence[np.ndarray],
+    Bs: Sequence[np.ndarray],
+    weights: Sequence[float],
+    lam: float = 0.01,
+    steps: int = 100,
+    lr: float = 0.01,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(Ā, B̄ + ΔB)`` for one layer."""
+    p = normalize_weights(weights)
+    A_bar = sum(pk * A.astype(np.float64) for pk, A in zip(p, As, strict=True))
+    B_bar = sum(pk * B.astype(np.float64) for pk, B in zip(p, Bs, strict=True))
+    ideal = weighted_product(As, Bs, p)
+    return A_bar, B_bar + lora_fair_correction(A_bar, B_bar, ideal, lam, steps, lr)
