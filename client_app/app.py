@@ -15,10 +15,12 @@ from finetune.logs import setup_logging
 from finetune.records import from_record, to_record
 from finetune.state import load_trainable_state, trainable_state
 from finetune.training import train_local
+from strategies import STRATEGIES
 from strategies.base import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
 
 log = logging.getLogger(__name__)
 app = ClientApp()
+LOCAL_KEY = "local-arrays"  # context.state record of what the rule keeps on the client
 
 
 @app.train()
@@ -32,7 +34,15 @@ def train(msg: Message, context: Context) -> Message:
     session = get_session(cfg, node_hub_mirror(context.node_config, cfg.hub_mirror))
     data = session.partition(partition_id)
 
-    load_trainable_state(session.model, from_record(msg.content.array_records[ARRAYS_KEY]))
+    rule = STRATEGIES[cfg.method.name]
+    # Every trainable array is overwritten: the model object serves many clients in turn.
+    kept = (
+        from_record(context.state.array_records[LOCAL_KEY])
+        if LOCAL_KEY in context.state.array_records
+        else {}
+    )
+    received = from_record(msg.content.array_records[ARRAYS_KEY])
+    load_trainable_state(session.model, {**session.initial_state, **kept, **received})
     server_round = int(config["server-round"])
     result = train_local(
         session.model,
@@ -53,5 +63,10 @@ def train(msg: Message, context: Context) -> Message:
             "partition-id": partition_id,
         }
     )
-    arrays = to_record(trainable_state(session.model), cfg.method.wire_dtype)
+    trained = trainable_state(session.model)
+    upload = {k: v for k, v in trained.items() if rule.client_uploads(k)}
+    local = {k: v for k, v in trained.items() if rule.client_keeps(k)}
+    if local:
+        context.state[LOCAL_KEY] = to_record(local)
+    arrays = to_record(upload, cfg.method.wire_dtype)
     return Message(RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics}), reply_to=msg)

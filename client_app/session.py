@@ -10,12 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import numpy as np
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from finetune.config import ExperimentConfig
 from finetune.data import PartitionedDataset, load_train_split, tokenize
 from finetune.models import build_model, device, load_tokenizer
+from finetune.state import trainable_state
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,7 @@ class ClientSession:
     model: PeftModel
     tokenizer: PreTrainedTokenizerBase
     partitions: PartitionedDataset
+    initial_state: dict[str, np.ndarray]  # the seeded init: what a client starts from
     _tokenized: dict[int, datasets.Dataset] = field(default_factory=dict)
 
     def partition(self, partition_id: int) -> datasets.Dataset:
@@ -60,7 +63,7 @@ def get_session(cfg: ExperimentConfig, mirror: Path | None) -> ClientSession:
         tokenizer = load_tokenizer(cfg, mirror)
         train = load_train_split(cfg.dataset, mirror, cfg.seed)
         partitions = PartitionedDataset(train, cfg.partition, cfg.dataset.label_field)
-        _SESSION = (key, ClientSession(cfg, mirror, model, tokenizer, partitions))
+        _SESSION = (key, ClientSession(cfg, mirror, model, tokenizer, partitions, trainable_state(model)))
     session = _SESSION[1]
     session.cfg = cfg  # train / federation settings may change between runs
     return session

@@ -50,6 +50,10 @@ class MethodConfig:
     dropout: float = 0.05
     weighting: str = "examples"  # examples | uniform
     wire_dtype: str = "float32"  # dtype of arrays on the wire
+    # lora_fair: server-side correction of B̄ (weight of ‖ΔB‖, descent steps, initial step)
+    fair_lambda: float = 0.01
+    fair_steps: int = 100
+    fair_lr: float = 0.01
 
     def validate(self) -> None:
         from strategies import STRATEGIES
@@ -60,6 +64,9 @@ class MethodConfig:
         _require(0 <= self.dropout < 1, f"method.dropout must be in [0, 1), got {self.dropout}")
         _choice(self.weighting, WEIGHTINGS, "method.weighting")
         _choice(self.wire_dtype, WIRE_DTYPES, "method.wire_dtype")
+        _require(self.fair_lambda >= 0, f"method.fair_lambda must be >= 0, got {self.fair_lambda}")
+        _require(self.fair_steps >= 0, f"method.fair_steps must be >= 0, got {self.fair_steps}")
+        _require(self.fair_lr > 0, f"method.fair_lr must be > 0, got {self.fair_lr}")
 
 
 @dataclass

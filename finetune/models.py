@@ -17,6 +17,7 @@ from transformers.utils import logging as hf_logging
 
 from finetune.config import ConfigError, ExperimentConfig
 from finetune.hub import resolve_model_source
+from strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,10 @@ def build_model(cfg: ExperimentConfig, mirror: Path | None) -> PeftModel:
         model = get_peft_model(base, lora_config(cfg))
     except ValueError as error:  # e.g. target modules not found
         raise ConfigError(f"cannot apply LoRA to {cfg.model.source!r}: {error}") from error
+    if STRATEGIES[cfg.method.name].freeze_lora_a:
+        for name, param in model.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
     return model
 
 

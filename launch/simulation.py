@@ -187,9 +187,11 @@ class LocalSuperLink:
                 stdout=sys.stdout,
                 stderr=subprocess.STDOUT,
             )
+        # Each `flwr list` costs about a CPU-second: poll sparingly, the log shows progress.
+        interval = 10.0 if stream else 5.0
         status = self.run_status(run_id)
         while not status.startswith("finished") and time.monotonic() - start < timeout:
-            time.sleep(2.0)
+            time.sleep(min(interval, max(timeout - (time.monotonic() - start), 0.1)))
             status = self.run_status(run_id)
         if not status.startswith("finished"):
             self.flwr("stop", str(run_id), CONNECTION)

@@ -34,7 +34,9 @@ app = ServerApp()
 
 
 def build_strategy(cfg: ExperimentConfig) -> FederatedStrategy:
-    return STRATEGIES[cfg.method.name](
+    rule = STRATEGIES[cfg.method.name]
+    return rule(
+        **rule.options(cfg.method),
         fraction_train=cfg.federation.fraction_train,
         min_train_nodes=cfg.federation.min_train_clients,
         min_replies=cfg.federation.min_replies,
@@ -85,15 +87,18 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder) -> 
         torch.get_num_threads(),
     )
 
+    init_state = trainable_state(model)
+
     def evaluate_global(arrays: ArrayRecord) -> dict[str, float]:
-        load_trainable_state(model, from_record(arrays))
+        load_trainable_state(model, {**init_state, **from_record(arrays)})
         return evaluate(model, eval_data, tokenizer, cfg.train.eval_batch_size, cfg.dataset.metrics)
 
     strategy = build_strategy(cfg)
     strategy.summary()
-    final = run_federation(grid, strategy, cfg, to_record(trainable_state(model)), evaluate_global, recorder)
+    initial = {k: v for k, v in trainable_state(model).items() if strategy.client_uploads(k)}
+    final = run_federation(grid, strategy, cfg, to_record(initial), evaluate_global, recorder)
 
-    load_trainable_state(model, from_record(final))
+    load_trainable_state(model, {**init_state, **from_record(final)})
     if cfg.save_adapter:
         model.save_pretrained(recorder.adapter_dir)
         tokenizer.save_pretrained(recorder.adapter_dir)

@@ -2,7 +2,9 @@
 
 from strategies.base import FederatedStrategy
 from strategies.fedit import FedIT
+from strategies.ffa_lora import FFALoRA
+from strategies.lora_fair import LoRAFAIR
 
-STRATEGIES: dict[str, type[FederatedStrategy]] = {cls.name: cls for cls in (FedIT,)}
+STRATEGIES: dict[str, type[FederatedStrategy]] = {cls.name: cls for cls in (FedIT, FFALoRA, LoRAFAIR)}
 
-__all__ = ["STRATEGIES", "FedIT", "FederatedStrategy"]
+__all__ = ["STRATEGIES", "FFALoRA", "FedIT", "FederatedStrategy", "LoRAFAIR"]

@@ -13,12 +13,14 @@ import time
 from abc import abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from finetune.config import MethodConfig
 from finetune.records import from_record, to_record
 from strategies.validation import reply_problem
 
@@ -50,6 +52,20 @@ class FederatedStrategy(Strategy):
 
     name = "base"
 
+    # --- the client side of the rule; the ClientApp reads it from this same class ----------
+    #: Clients keep LoRA's A at its shared seeded init (FFA-LoRA).
+    freeze_lora_a: ClassVar[bool] = False
+
+    @staticmethod
+    def client_uploads(key: str) -> bool:
+        """Whether clients send this trained array; these keys make up the global state."""
+        return True
+
+    @staticmethod
+    def client_keeps(key: str) -> bool:
+        """Whether a client keeps this array between rounds instead of taking the server's."""
+        return False
+
     def __init__(
         self,
         *,
@@ -72,6 +88,11 @@ class FederatedStrategy(Strategy):
         self._outbox: list[Message] = []
         self._expected: dict[int, dict[str, tuple[int, ...]]] = {}
         self._global: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def options(cls, method: MethodConfig) -> dict[str, Any]:
+        """Rule-specific constructor arguments taken from the method config."""
+        return {}
 
     # --- hooks for the rules -------------------------------------------------------------
     def payload(self, node_id: int, global_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

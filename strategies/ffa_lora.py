@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from strategies.averaging import State, weighted_mean
+from strategies.base import FederatedStrategy
 from strategies.lowrank import is_lora_a
 
 
@@ -19,3 +20,24 @@ def ffa_aggregate(states: Sequence[State], weights: Sequence[float]) -> dict[str
         if carried:
             raise ValueError(f"FFA-LoRA uploads carry no lora_A, got {carried[:2]}")
     return weighted_mean(states, weights)
+
+
+class FFALoRA(FederatedStrategy):
+    """Clients freeze A (seeded, identical everywhere) and upload B and the head only."""
+
+    name = "ffa_lora"
+    freeze_lora_a = True
+
+    @staticmethod
+    def client_uploads(key: str) -> bool:
+        return not is_lora_a(key)
+
+    def aggregate(
+        self,
+        server_round: int,
+        global_state: dict[str, np.ndarray],
+        client_states: Sequence[dict[str, np.ndarray]],
+        weights: np.ndarray,
+        node_ids: Sequence[int],
+    ) -> dict[str, np.ndarray]:
+        return ffa_aggregate(client_states, weights)

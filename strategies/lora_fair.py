@@ -5,11 +5,14 @@ update; clients restart from ``(Ā, B̄ + ΔB)``. Cosine is scale-free, so λ ke
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from strategies.averaging import normalize_weights
-from strategies.lowrank import weighted_product
+from finetune.config import MethodConfig
+from strategies.averaging import normalize_weights, weighted_mean
+from strategies.base import FederatedStrategy
+from strategies.lowrank import lora_layers, split_state, weighted_product
 
 
 def cosine(x: np.ndarray, y: np.ndarray) -> float:
@@ -81,3 +84,38 @@ def lora_fair_aggregate(
     B_bar = sum(pk * B.astype(np.float64) for pk, B in zip(p, Bs, strict=True))
     ideal = weighted_product(As, Bs, p)
     return A_bar, B_bar + lora_fair_correction(A_bar, B_bar, ideal, lam, steps, lr)
+
+
+class LoRAFAIR(FederatedStrategy):
+    """FedIT's means with the server-side correction of B̄ on every LoRA layer."""
+
+    name = "lora_fair"
+
+    def __init__(
+        self, *, fair_lambda: float = 0.01, fair_steps: int = 100, fair_lr: float = 0.01, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self.fair_lambda, self.fair_steps, self.fair_lr = fair_lambda, fair_steps, fair_lr
+
+    @classmethod
+    def options(cls, method: MethodConfig) -> dict[str, Any]:
+        return {"fair_lambda": method.fair_lambda, "fair_steps": method.fair_steps, "fair_lr": method.fair_lr}
+
+    def aggregate(
+        self,
+        server_round: int,
+        global_state: dict[str, np.ndarray],
+        client_states: Sequence[dict[str, np.ndarray]],
+        weights: np.ndarray,
+        node_ids: Sequence[int],
+    ) -> dict[str, np.ndarray]:
+        lora, _ = split_state(client_states[0])
+        others = [split_state(state)[1] for state in client_states]
+        out = weighted_mean(others, weights) if others[0] else {}
+        for a_key, b_key in lora_layers(lora).values():
+            A, B = lora_fair_aggregate(
+                [s[a_key] for s in client_states], [s[b_key] for s in client_states], weights,
+                self.fair_lambda, self.fair_steps, self.fair_lr,
+            )  # fmt: skip
+            out[a_key], out[b_key] = A.astype(np.float32), B.astype(np.float32)
+        return out

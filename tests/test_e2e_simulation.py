@@ -13,8 +13,10 @@ from peft import PeftModel
 from safetensors.numpy import load_file
 
 from finetune.config import compose_config
-from finetune.models import build_base_model
-from launch.simulation import COMPLETED, LocalSuperLink
+from finetune.models import build_base_model, build_model
+from finetune.state import trainable_state
+from launch.simulation import COMPLETED, PROJECT_DIR, LocalSuperLink
+from strategies import STRATEGIES
 
 pytestmark = pytest.mark.e2e
 FEDERATION = "num-supernodes=2 client-resources-num-cpus=1 client-resources-num-gpus=0.0"
@@ -30,18 +32,13 @@ def superlink(tmp_path_factory):
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
-def _run(superlink, hub_mirror, output, overrides):
+def _run(superlink, hub_mirror, output, overrides, method="fedit"):
     run_config = [
-        f"model='tiny_bert' output-dir='{output}' hub-mirror='{hub_mirror}' overrides='{overrides}'"
+        f"method='{method}' model='tiny_bert' output-dir='{output}' hub-mirror='{hub_mirror}' "
+        f"overrides='{overrides}'"
     ]
-    run_id = superlink.submit(superlink_app(), run_config, FEDERATION)
+    run_id = superlink.submit(PROJECT_DIR, run_config, FEDERATION)
     return superlink.follow(run_id, timeout=420, stream=False)
-
-
-def superlink_app():
-    from launch.simulation import PROJECT_DIR
-
-    return PROJECT_DIR
 
 
 def test_fedit_run_completes_and_records_everything(superlink, hub_mirror, tmp_path):
@@ -74,3 +71,23 @@ def test_bad_config_fails_the_run_before_training(superlink, hub_mirror, tmp_pat
     outcome = _run(superlink, hub_mirror, tmp_path, "method.rank=0")
     assert outcome.status == "finished:failed"
     assert list(tmp_path.iterdir()) == []  # failed before any run folder or training
+
+
+@pytest.mark.parametrize("method", sorted(set(STRATEGIES) - {"fedit"}))
+def test_every_method_runs_two_rounds(superlink, hub_mirror, tmp_path, method):
+    outcome = _run(superlink, hub_mirror, tmp_path, " ".join(TINY_OVERRIDES), method=method)
+    assert outcome.status == COMPLETED, outcome
+    (run_dir,) = tmp_path.iterdir()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == [0, 1, 2]
+    assert all(row["clients_aggregated"] == 2 for row in rows[1:])
+    cfg = compose_config({"model": "tiny_bert", "method": method}, TINY_OVERRIDES)
+    adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    init = trainable_state(build_model(cfg, hub_mirror))
+    a_keys = [k for k in init if k.endswith("lora_A.weight")]
+    assert set(a_keys) <= set(adapter)  # peft saves the keys of get_peft_model_state_dict
+    if STRATEGIES[method].freeze_lora_a:  # A never moved, on any client, in any round
+        assert all(np.array_equal(adapter[k], init[k]) for k in a_keys)
+        assert all(row["bytes_up"] < row["bytes_down"] * 1.01 for row in rows[1:])
+    else:
+        assert any(not np.array_equal(adapter[k], init[k]) for k in a_keys)

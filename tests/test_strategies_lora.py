@@ -1,0 +1,95 @@
+"""FFA-LoRA and LoRA-FAIR as Strategies: what travels, what is averaged."""
+
+import numpy as np
+from fakes import FakeGrid
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from finetune.records import from_record, to_record
+from server_app.loop import exchange
+from strategies import STRATEGIES
+from strategies.ffa_lora import FFALoRA
+from strategies.lora_fair import LoRAFAIR, cosine
+from strategies.lowrank import is_lora_a
+
+rng = np.random.default_rng(0)
+A0 = rng.normal(size=(4, 6)).astype(np.float32)
+FULL = {
+    "m.q.lora_A.weight": A0,
+    "m.q.lora_B.weight": np.zeros((5, 4), np.float32),
+    "m.classifier.weight": np.zeros((2, 5), np.float32),
+}
+
+
+def reply_with(state, n=10):
+    return RecordDict({"arrays": to_record(state), "metrics": MetricRecord({"num-examples": n})})
+
+
+def one_round(strategy, global_state, respond, nodes=(1, 2, 3)):
+    grid = FakeGrid(nodes, respond)
+    messages = list(strategy.configure_train(1, to_record(global_state), ConfigRecord(), grid))
+    arrays, _ = strategy.aggregate_train(1, exchange(grid, messages, timeout=1.0))
+    return messages, from_record(arrays)
+
+
+def test_upload_keys_per_method():
+    keys = list(FULL)
+    uploads = {name: sorted(k for k in keys if rule.client_uploads(k)) for name, rule in STRATEGIES.items()}
+    assert uploads["fedit"] == sorted(keys)
+    assert uploads["lora_fair"] == sorted(keys)
+    assert uploads["ffa_lora"] == ["m.classifier.weight", "m.q.lora_B.weight"]
+    assert STRATEGIES["ffa_lora"].freeze_lora_a and not STRATEGIES["fedit"].freeze_lora_a
+
+
+def test_ffa_round_moves_no_A_and_is_exact():
+    global_state = {k: v for k, v in FULL.items() if FFALoRA.client_uploads(k)}
+    Bs = {n: rng.normal(size=(5, 4)).astype(np.float32) for n in (1, 2, 3)}
+    sizes = {1: 10, 2: 20, 3: 70}
+
+    def respond(message):
+        node = message.metadata.dst_node_id
+        return reply_with({**global_state, "m.q.lora_B.weight": Bs[node]}, sizes[node])
+
+    messages, new = one_round(FFALoRA(fraction_train=1.0, min_train_nodes=3), global_state, respond)
+    assert not any(is_lora_a(k) for m in messages for k in m.content.array_records["arrays"])
+    ideal = sum(sizes[n] / 100 * Bs[n].astype(np.float64) @ A0 for n in Bs)
+    np.testing.assert_allclose(new["m.q.lora_B.weight"] @ A0, ideal, rtol=1e-5, atol=1e-5)
+
+
+def test_ffa_upload_is_about_half_of_fedit():
+    fedit = STRATEGIES["fedit"](fraction_train=1.0, min_train_nodes=1)
+    ffa = FFALoRA(fraction_train=1.0, min_train_nodes=1)
+    big = {
+        "l.lora_A.weight": np.zeros((8, 768), np.float32),
+        "l.lora_B.weight": np.zeros((768, 8), np.float32),
+    }
+    grid = FakeGrid([1], lambda m: None)
+    fedit.configure_train(1, to_record(big), ConfigRecord(), grid)
+    ffa.configure_train(
+        1, to_record({k: v for k, v in big.items() if ffa.client_uploads(k)}), ConfigRecord(), grid
+    )
+    ratio = sum(ffa.rounds[1].bytes_down.values()) / sum(fedit.rounds[1].bytes_down.values())
+    assert 0.49 < ratio < 0.51
+
+
+def test_lora_fair_round_improves_on_fedit_and_averages_the_head():
+    states = {
+        n: {
+            "m.q.lora_A.weight": rng.normal(size=(4, 6)).astype(np.float32),
+            "m.q.lora_B.weight": rng.normal(size=(5, 4)).astype(np.float32),
+            "m.classifier.weight": np.full((2, 5), float(n), np.float32),
+        }
+        for n in (1, 2, 3)
+    }
+    _, new = one_round(
+        LoRAFAIR(fraction_train=1.0, min_train_nodes=3),
+        FULL,
+        lambda m: reply_with(states[m.metadata.dst_node_id]),
+    )
+    np.testing.assert_allclose(new["m.classifier.weight"], 2.0)
+    A_bar = np.mean([s["m.q.lora_A.weight"] for s in states.values()], axis=0)
+    B_bar = np.mean([s["m.q.lora_B.weight"] for s in states.values()], axis=0)
+    np.testing.assert_allclose(new["m.q.lora_A.weight"], A_bar, rtol=1e-6)
+    ideal = np.mean(
+        [s["m.q.lora_B.weight"].astype(np.float64) @ s["m.q.lora_A.weight"] for s in states.values()], axis=0
+    )
+    assert cosine(ideal, new["m.q.lora_B.weight"] @ A_bar) > cosine(ideal, B_bar @ A_bar) + 1e-3
