@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # Passed to `python -m launch.simulation`, e.g. make run ARGS="--run-config \"method='fedit' dataset='mrpc'\""
 ARGS ?=
 
-.PHONY: run test lint data clean venv
+.PHONY: run test lint data clean venv bench
 
 venv: $(STAMP)
 
@@ -26,6 +26,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Figures, not pass/fail: aggregation cost (QR-compact vs dense SVD) and bytes per rule.
+bench: $(STAMP)
+	$(PY) -m benchmarks.aggregation
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
