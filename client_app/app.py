@@ -1,21 +1,24 @@
-"""ClientApp: load the global trainable arrays, train locally, reply with arrays and metrics."""
+"""ClientApp: load the global arrays (plus what the rule keeps locally), train or evaluate on
+this node's data, reply with arrays and metrics."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.node import node_hub_mirror, node_partition
-from client_app.session import get_session
+from client_app.session import ClientSession, get_session
 from finetune.config import ExperimentConfig
 from finetune.logs import setup_logging
 from finetune.records import from_record, to_record
 from finetune.state import load_trainable_state, trainable_state
+from finetune.training import evaluate as evaluate_model
 from finetune.training import train_local
-from strategies import STRATEGIES
+from strategies import STRATEGIES, FederatedStrategy
 from strategies.base import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
 
 log = logging.getLogger(__name__)
@@ -23,8 +26,17 @@ app = ClientApp()
 LOCAL_KEY = "local-arrays"  # context.state record of what the rule keeps on the client
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+@dataclass
+class Prepared:
+    cfg: ExperimentConfig
+    config: ConfigRecord
+    session: ClientSession
+    partition_id: int
+    rule: type[FederatedStrategy]
+
+
+def prepare(msg: Message, context: Context) -> Prepared:
+    """Resolve the experiment and this node's partition, and load the model state to use."""
     setup_logging()
     config: ConfigRecord = msg.content.config_records[CONFIG_KEY]
     cfg = ExperimentConfig.from_json(str(config["experiment"]))
@@ -32,25 +44,26 @@ def train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(cfg.train.num_threads)
     partition_id = node_partition(context.node_config, cfg.partition.num_clients)
     session = get_session(cfg, node_hub_mirror(context.node_config, cfg.hub_mirror))
-    data = session.partition(partition_id)
-
-    rule = STRATEGIES[cfg.method.name]
-    # Every trainable array is overwritten: the model object serves many clients in turn.
-    kept = (
-        from_record(context.state.array_records[LOCAL_KEY])
-        if LOCAL_KEY in context.state.array_records
-        else {}
-    )
+    records = context.state.array_records
+    kept = from_record(records[LOCAL_KEY]) if LOCAL_KEY in records else {}
     received = from_record(msg.content.array_records[ARRAYS_KEY])
+    # Every trainable array is overwritten: the model object serves many clients in turn.
     load_trainable_state(session.model, {**session.initial_state, **kept, **received})
-    server_round = int(config["server-round"])
+    return Prepared(cfg, config, session, partition_id, STRATEGIES[cfg.method.name])
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    job = prepare(msg, context)
+    data = job.session.partition(job.partition_id)
+    server_round = int(job.config["server-round"])
     result = train_local(
-        session.model,
+        job.session.model,
         data,
-        session.tokenizer,
-        cfg.train,
-        lr=float(config["lr"]),
-        seed=cfg.seed * 1_000_003 + server_round * 1009 + partition_id,
+        job.session.tokenizer,
+        job.cfg.train,
+        lr=float(job.config["lr"]),
+        seed=job.cfg.seed * 1_000_003 + server_round * 1009 + job.partition_id,
     )
     metrics = MetricRecord(
         {
@@ -60,13 +73,25 @@ def train(msg: Message, context: Context) -> Message:
             "train-seconds": result.seconds,
             "samples-per-second": result.samples_per_second,
             "peak-memory-mb": result.peak_memory_mb,
-            "partition-id": partition_id,
+            "partition-id": job.partition_id,
         }
     )
-    trained = trainable_state(session.model)
-    upload = {k: v for k, v in trained.items() if rule.client_uploads(k)}
-    local = {k: v for k, v in trained.items() if rule.client_keeps(k)}
+    trained = trainable_state(job.session.model)
+    local = {k: v for k, v in trained.items() if job.rule.client_keeps(k)}
     if local:
         context.state[LOCAL_KEY] = to_record(local)
-    arrays = to_record(upload, cfg.method.wire_dtype)
+    upload = {k: v for k, v in trained.items() if job.rule.client_uploads(k)}
+    arrays = to_record(upload, job.cfg.method.wire_dtype)
     return Message(RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Personalised evaluation: this client's model on its own share of the validation split."""
+    job = prepare(msg, context)
+    data = job.session.eval_partition(job.partition_id)
+    result = evaluate_model(
+        job.session.model, data, job.session.tokenizer, job.cfg.train.eval_batch_size, job.cfg.dataset.metrics
+    )
+    metrics = MetricRecord({NUM_EXAMPLES_KEY: len(data), **result})
+    return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)

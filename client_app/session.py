@@ -15,7 +15,7 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from finetune.config import ExperimentConfig
-from finetune.data import PartitionedDataset, load_train_split, tokenize
+from finetune.data import PartitionedDataset, load_eval_split, load_train_split, tokenize
 from finetune.models import build_model, device, load_tokenizer
 from finetune.state import trainable_state
 
@@ -31,6 +31,20 @@ class ClientSession:
     partitions: PartitionedDataset
     initial_state: dict[str, np.ndarray]  # the seeded init: what a client starts from
     _tokenized: dict[int, datasets.Dataset] = field(default_factory=dict)
+    _eval_partitions: PartitionedDataset | None = None
+    _eval_tokenized: dict[int, datasets.Dataset] = field(default_factory=dict)
+
+    def eval_partition(self, partition_id: int) -> datasets.Dataset:
+        """This client's share of the validation split, split like the training data."""
+        if self._eval_partitions is None:
+            raw = load_eval_split(self.cfg.dataset, self.mirror, self.cfg.seed)
+            self._eval_partitions = PartitionedDataset(raw, self.cfg.partition, self.cfg.dataset.label_field)
+        if partition_id not in self._eval_tokenized:
+            raw = self._eval_partitions.partition(partition_id)
+            self._eval_tokenized[partition_id] = tokenize(
+                raw, self.cfg.dataset, self.tokenizer, self.cfg.model.max_length
+            )
+        return self._eval_tokenized[partition_id]
 
     def partition(self, partition_id: int) -> datasets.Dataset:
         if partition_id not in self._tokenized:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from functools import partial
 
 import torch
 from flwr.app import ArrayRecord, Context
@@ -24,7 +25,7 @@ from finetune.models import build_model, load_tokenizer, trainable_parameter_cou
 from finetune.records import from_record, to_record
 from finetune.state import load_trainable_state, trainable_state
 from finetune.training import evaluate
-from server_app.loop import run_federation
+from server_app.loop import evaluate_on_clients, run_federation
 from server_app.results import RunRecorder
 from server_app.run_config import experiment_from_run_config
 from strategies import STRATEGIES, FederatedStrategy
@@ -89,24 +90,39 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder) -> 
 
     init_state = trainable_state(model)
 
-    def evaluate_global(arrays: ArrayRecord) -> dict[str, float]:
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         load_trainable_state(model, {**init_state, **from_record(arrays)})
         return evaluate(model, eval_data, tokenizer, cfg.train.eval_batch_size, cfg.dataset.metrics)
 
     strategy = build_strategy(cfg)
     strategy.summary()
+    evaluate_fn = evaluate_global
+    if strategy.evaluate_on_clients:  # personalised: part of every model never leaves its client
+        eval_sizes = PartitionedDataset(eval_raw, cfg.partition, cfg.dataset.label_field).sizes()
+        log.info("personalised evaluation on the clients' validation shares %s", eval_sizes)
+        evaluate_fn = partial(evaluate_on_clients, grid, strategy, cfg)
     initial = {k: v for k, v in trainable_state(model).items() if strategy.client_uploads(k)}
-    final = run_federation(grid, strategy, cfg, to_record(initial), evaluate_global, recorder)
+    final = run_federation(grid, strategy, cfg, to_record(initial), evaluate_fn, recorder)
 
     load_trainable_state(model, {**init_state, **from_record(final)})
-    if cfg.save_adapter:
+    save_adapter = cfg.save_adapter and not strategy.evaluate_on_clients
+    if save_adapter:
         model.save_pretrained(recorder.adapter_dir)
         tokenizer.save_pretrained(recorder.adapter_dir)
-    recorder.write_summary(summarize(cfg, recorder, sizes, trainable, time.perf_counter() - start))
+    elif strategy.evaluate_on_clients:
+        log.info("no global adapter saved: %s keeps part of each model on its client", cfg.method.name)
+    recorder.write_summary(
+        summarize(cfg, recorder, sizes, trainable, time.perf_counter() - start, save_adapter)
+    )
 
 
 def summarize(
-    cfg: ExperimentConfig, recorder: RunRecorder, sizes: list[int], trainable: int, seconds: float
+    cfg: ExperimentConfig,
+    recorder: RunRecorder,
+    sizes: list[int],
+    trainable: int,
+    seconds: float,
+    saved_adapter: bool,
 ) -> dict[str, object]:
     key = f"eval_{cfg.dataset.main_metric}"
     rows = recorder.rows
@@ -128,5 +144,5 @@ def summarize(
         "trainable_parameters": trainable,
         "partition_sizes": sizes,
         "wall_seconds": seconds,
-        "adapter_dir": str(recorder.adapter_dir) if cfg.save_adapter else None,
+        "adapter_dir": str(recorder.adapter_dir) if saved_adapter else None,
     }

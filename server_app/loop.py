@@ -13,7 +13,7 @@ from finetune.schedule import round_lr
 from server_app.results import RunRecorder
 from strategies.base import FederatedStrategy
 
-Evaluate = Callable[[ArrayRecord], dict[str, float]]
+Evaluate = Callable[[int, ArrayRecord], dict[str, float]]  # (server round, global arrays)
 POLL_SECONDS = 0.2  # Grid.send_and_receive polls every 3 s, which would idle whole rounds
 
 
@@ -47,7 +47,7 @@ def run_federation(
     recorder.log_round(
         {
             "round": 0,
-            **_prefixed(evaluate(arrays)),
+            **_prefixed(evaluate(0, arrays)),
             "train_loss": None,
             "bytes_down": 0,
             "bytes_up": 0,
@@ -69,7 +69,7 @@ def run_federation(
         if new_arrays is not None:
             arrays = new_arrays
         train_end = time.perf_counter()
-        eval_metrics = evaluate(arrays)
+        eval_metrics = evaluate(server_round, arrays)
         stats = strategy.rounds[server_round]
         train = dict(train_metrics or {})
         recorder.log_round(
@@ -95,6 +95,20 @@ def run_federation(
             }
         )
     return arrays
+
+
+def evaluate_on_clients(
+    grid: Grid, strategy: FederatedStrategy, cfg: ExperimentConfig, server_round: int, arrays: ArrayRecord
+) -> dict[str, float]:
+    """Personalised evaluation: every client evaluates its own model on its own data."""
+    config = ConfigRecord({"experiment": cfg.to_json()})
+    messages = list(strategy.configure_evaluate(server_round, arrays, config, grid))
+    metrics = strategy.aggregate_evaluate(
+        server_round, exchange(grid, messages, cfg.federation.round_timeout_s)
+    )
+    if metrics is None:
+        raise RuntimeError(f"round {server_round}: no client returned evaluation metrics")
+    return {k: float(v) for k, v in metrics.items() if k != "num-examples"}
 
 
 def _prefixed(metrics: dict[str, float]) -> dict[str, float]:

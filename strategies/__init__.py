@@ -2,9 +2,12 @@
 
 from strategies.base import FederatedStrategy
 from strategies.fedit import FedIT
+from strategies.fedsa_lora import FedSALoRA
 from strategies.ffa_lora import FFALoRA
 from strategies.lora_fair import LoRAFAIR
 
-STRATEGIES: dict[str, type[FederatedStrategy]] = {cls.name: cls for cls in (FedIT, FFALoRA, LoRAFAIR)}
+STRATEGIES: dict[str, type[FederatedStrategy]] = {
+    cls.name: cls for cls in (FedIT, FFALoRA, FedSALoRA, LoRAFAIR)
+}
 
-__all__ = ["STRATEGIES", "FFALoRA", "FedIT", "FederatedStrategy", "LoRAFAIR"]
+__all__ = ["STRATEGIES", "FFALoRA", "FedIT", "FedSALoRA", "FederatedStrategy", "LoRAFAIR"]

@@ -55,6 +55,8 @@ class FederatedStrategy(Strategy):
     # --- the client side of the rule; the ClientApp reads it from this same class ----------
     #: Clients keep LoRA's A at its shared seeded init (FFA-LoRA).
     freeze_lora_a: ClassVar[bool] = False
+    #: The model is personal (part of it never leaves the client): evaluate on the clients.
+    evaluate_on_clients: ClassVar[bool] = False
 
     @staticmethod
     def client_uploads(key: str) -> bool:
@@ -227,10 +229,43 @@ class FederatedStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return []  # evaluation is server-side (ServerApp evaluate_fn)
+        """Personalised rules evaluate every connected client on its own data; others use the
+        server-side evaluation of the global model and send nothing."""
+        if not self.evaluate_on_clients:
+            return []
+        state = from_record(arrays)
+        messages = []
+        for node_id in sorted(grid.get_node_ids()):
+            content = RecordDict(
+                {
+                    ARRAYS_KEY: to_record(self.payload(node_id, state), self.wire_dtype),
+                    CONFIG_KEY: ConfigRecord({**dict(config), "server-round": server_round}),
+                }
+            )
+            messages.append(
+                Message(
+                    content,
+                    dst_node_id=node_id,
+                    message_type=MessageType.EVALUATE,
+                    group_id=str(server_round),
+                )
+            )
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None
+        """Example-weighted mean of the clients' metrics (FedSA-LoRA's personalised average)."""
+        metrics, weights = [], []
+        for reply in replies:
+            record = None if reply.has_error() else reply.content.metric_records.get(METRICS_KEY)
+            count = None if record is None else record.get(NUM_EXAMPLES_KEY)
+            if record is None or not isinstance(count, int | float) or count <= 0:
+                reason = reply.error.reason if reply.has_error() else "no metrics or num-examples"
+                log.warning("round %d: evaluation reply of node %d ignored: %s", server_round,
+                            reply.metadata.src_node_id, reason)  # fmt: skip
+                continue
+            metrics.append({k: v for k, v in record.items() if isinstance(v, int | float)})
+            weights.append(float(count))
+        return aggregate_metrics(metrics, weights) if metrics else None
 
     def summary(self) -> None:
         log.info(

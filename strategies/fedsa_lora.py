@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from strategies.averaging import State, weighted_mean
+from strategies.base import FederatedStrategy
 from strategies.lowrank import is_lora_a
 
 
@@ -18,3 +19,29 @@ def fedsa_aggregate(states: Sequence[State], weights: Sequence[float]) -> dict[s
         if extra:
             raise ValueError(f"FedSA-LoRA uploads carry only lora_A, got {extra[:2]}")
     return weighted_mean(states, weights)
+
+
+class FedSALoRA(FederatedStrategy):
+    """Clients share A; B and the classifier head stay on each client (context state).
+    Evaluation is personalised: each client's (Ā, B_k, head_k) on its own validation data."""
+
+    name = "fedsa_lora"
+    evaluate_on_clients = True
+
+    @staticmethod
+    def client_uploads(key: str) -> bool:
+        return is_lora_a(key)
+
+    @staticmethod
+    def client_keeps(key: str) -> bool:
+        return not is_lora_a(key)
+
+    def aggregate(
+        self,
+        server_round: int,
+        global_state: dict[str, np.ndarray],
+        client_states: Sequence[dict[str, np.ndarray]],
+        weights: np.ndarray,
+        node_ids: Sequence[int],
+    ) -> dict[str, np.ndarray]:
+        return fedsa_aggregate(client_states, weights)

@@ -81,6 +81,10 @@ def test_every_method_runs_two_rounds(superlink, hub_mirror, tmp_path, method):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["round"] for row in rows] == [0, 1, 2]
     assert all(row["clients_aggregated"] == 2 for row in rows[1:])
+    if STRATEGIES[method].evaluate_on_clients:  # personalised: metrics come from the clients
+        assert all(0 <= row["eval_accuracy"] <= 1 for row in rows)
+        assert json.loads((run_dir / "summary.json").read_text())["adapter_dir"] is None
+        return
     cfg = compose_config({"model": "tiny_bert", "method": method}, TINY_OVERRIDES)
     adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     init = trainable_state(build_model(cfg, hub_mirror))

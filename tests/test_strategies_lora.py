@@ -1,6 +1,7 @@
 """FFA-LoRA and LoRA-FAIR as Strategies: what travels, what is averaged."""
 
 import numpy as np
+import pytest
 from fakes import FakeGrid
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
@@ -37,6 +38,11 @@ def test_upload_keys_per_method():
     assert uploads["fedit"] == sorted(keys)
     assert uploads["lora_fair"] == sorted(keys)
     assert uploads["ffa_lora"] == ["m.classifier.weight", "m.q.lora_B.weight"]
+    assert uploads["fedsa_lora"] == ["m.q.lora_A.weight"]
+    assert [k for k in keys if STRATEGIES["fedsa_lora"].client_keeps(k)] == [
+        "m.q.lora_B.weight",
+        "m.classifier.weight",
+    ]
     assert STRATEGIES["ffa_lora"].freeze_lora_a and not STRATEGIES["fedit"].freeze_lora_a
 
 
@@ -93,3 +99,43 @@ def test_lora_fair_round_improves_on_fedit_and_averages_the_head():
         [s["m.q.lora_B.weight"].astype(np.float64) @ s["m.q.lora_A.weight"] for s in states.values()], axis=0
     )
     assert cosine(ideal, new["m.q.lora_B.weight"] @ A_bar) > cosine(ideal, B_bar @ A_bar) + 1e-3
+
+
+def test_personalised_rules_evaluate_on_every_client():
+    from strategies.fedsa_lora import FedSALoRA
+
+    grid = FakeGrid([1, 2, 3], lambda m: None)
+    state = {"m.q.lora_A.weight": A0}
+    assert (
+        list(
+            STRATEGIES["fedit"](fraction_train=1.0).configure_evaluate(
+                1, to_record(state), ConfigRecord(), grid
+            )
+        )
+        == []
+    )
+    messages = list(
+        FedSALoRA(fraction_train=0.3).configure_evaluate(1, to_record(state), ConfigRecord(), grid)
+    )
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2, 3]
+    assert all(m.metadata.message_type == "evaluate" for m in messages)
+
+
+def test_personalised_metrics_are_example_weighted():
+    from strategies.fedsa_lora import FedSALoRA
+
+    answers = {1: (10, 0.9), 2: (30, 0.5), 3: None}
+
+    def respond(message):
+        answer = answers[message.metadata.dst_node_id]
+        if answer is None:
+            return RecordDict({"metrics": MetricRecord({"accuracy": 1.0})})  # no num-examples: ignored
+        return RecordDict({"metrics": MetricRecord({"num-examples": answer[0], "accuracy": answer[1]})})
+
+    grid = FakeGrid([1, 2, 3], respond)
+    strategy = FedSALoRA()
+    messages = list(
+        strategy.configure_evaluate(1, to_record({"m.q.lora_A.weight": A0}), ConfigRecord(), grid)
+    )
+    metrics = strategy.aggregate_evaluate(1, exchange(grid, messages, timeout=1.0))
+    assert metrics["accuracy"] == pytest.approx(0.6) and metrics["num-examples"] == 40

@@ -1,0 +1,106 @@
+"""The real ClientApp functions, called in-process: what each rule trains, uploads and keeps.
+
+Two clients share one process (as in a Ray actor), so state leaking between them would show.
+"""
+
+import numpy as np
+import pytest
+from fakes import TaskIdentity  # noqa: F401  (sets the task identity Message() needs)
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+from client_app.app import LOCAL_KEY, evaluate, train
+from finetune.config import compose_config
+from finetune.models import build_model
+from finetune.records import from_record, to_record
+from finetune.state import trainable_state
+from strategies import STRATEGIES
+from strategies.lowrank import is_lora_a, is_lora_b
+
+
+def _cfg(method, hub_mirror):
+    from conftest import TINY_OVERRIDES
+
+    cfg = compose_config({"model": "tiny_bert", "method": method}, TINY_OVERRIDES)
+    cfg.hub_mirror = str(hub_mirror)
+    return cfg
+
+
+def _context(partition_id):
+    return Context(
+        run_id=1, node_id=100 + partition_id,
+        node_config={"partition-id": partition_id, "num-partitions": 2},
+        state=RecordDict(), run_config={},
+    )  # fmt: skip
+
+
+def _message(cfg, state, kind=MessageType.TRAIN, server_round=1):
+    config = ConfigRecord({"experiment": cfg.to_json(), "lr": 5e-2, "server-round": server_round})
+    message = Message(
+        RecordDict({"arrays": to_record(state), "config": config}), dst_node_id=1, message_type=kind
+    )
+    message.metadata.__dict__["_message_id"] = f"m-{kind}-{server_round}"
+    return message
+
+
+def _global(cfg, hub_mirror):
+    init = trainable_state(build_model(cfg, hub_mirror))
+    return init, {k: v for k, v in init.items() if STRATEGIES[cfg.method.name].client_uploads(k)}
+
+
+def test_fedit_uploads_everything_it_trained(hub_mirror):
+    cfg = _cfg("fedit", hub_mirror)
+    init, global_state = _global(cfg, hub_mirror)
+    reply = train(_message(cfg, global_state), _context(0))
+    upload = from_record(reply.content.array_records["arrays"])
+    assert set(upload) == set(init)
+    assert reply.content.metric_records["metrics"]["num-examples"] > 0
+
+
+def test_ffa_keeps_A_bit_identical_and_uploads_no_A(hub_mirror):
+    cfg = _cfg("ffa_lora", hub_mirror)
+    init, global_state = _global(cfg, hub_mirror)
+    assert not any(is_lora_a(k) for k in global_state)
+    for partition_id in (0, 1):
+        context = _context(partition_id)
+        for server_round in (1, 2):
+            reply = train(_message(cfg, global_state, server_round=server_round), context)
+            assert set(from_record(reply.content.array_records["arrays"])) == set(global_state)
+    from client_app.session import _SESSION
+
+    after = trainable_state(_SESSION[1].model)
+    for key in init:
+        if is_lora_a(key):
+            np.testing.assert_array_equal(after[key], init[key])
+
+
+def test_fedsa_keeps_B_and_head_local_and_uploads_A_only(hub_mirror):
+    cfg = _cfg("fedsa_lora", hub_mirror)
+    init, global_state = _global(cfg, hub_mirror)
+    contexts = {p: _context(p) for p in (0, 1)}
+    uploads = {
+        p: from_record(train(_message(cfg, global_state), contexts[p]).content.array_records["arrays"])
+        for p in (0, 1)
+    }
+    for p, ctx in contexts.items():
+        assert set(uploads[p]) == {k for k in init if is_lora_a(k)}
+        kept = from_record(ctx.state.array_records[LOCAL_KEY])
+        assert set(kept) == {k for k in init if not is_lora_a(k)}
+        assert any(is_lora_b(k) and np.abs(v).sum() > 0 for k, v in kept.items())  # B trained, kept here
+    b_key = next(k for k in init if is_lora_b(k))
+    kept0 = from_record(contexts[0].state.array_records[LOCAL_KEY])
+    kept1 = from_record(contexts[1].state.array_records[LOCAL_KEY])
+    assert not np.array_equal(kept0[b_key], kept1[b_key])  # personal, no leakage through the shared model
+
+    # Personalised evaluation uses this client's own B: different clients, different models.
+    results = [evaluate(_message(cfg, global_state, MessageType.EVALUATE), contexts[p]) for p in (0, 1)]
+    metrics = [r.content.metric_records["metrics"] for r in results]
+    assert all(m["num-examples"] > 0 and 0 <= m["accuracy"] <= 1 for m in metrics)
+
+
+def test_client_refuses_a_federation_of_the_wrong_size(hub_mirror):
+    cfg = _cfg("fedit", hub_mirror)
+    _, global_state = _global(cfg, hub_mirror)
+    context = _context(0)
+    context.node_config["num-partitions"] = 5
+    with pytest.raises(ValueError, match=r"partition\.num_clients=2"):
+        train(_message(cfg, global_state), context)
