@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from abc import abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -22,6 +21,7 @@ from flwr.serverapp.strategy import Strategy
 
 from finetune.config import MethodConfig
 from finetune.records import from_record, to_record
+from strategies.averaging import State
 from strategies.validation import reply_problem
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,9 @@ class FederatedStrategy(Strategy):
         """Keys and shapes a valid reply from ``node_id`` holds; by default those it was sent."""
         return {key: value.shape for key, value in payload.items()}
 
-    @abstractmethod
+    #: The rule's pure function of (client states, weights), for rules that need nothing more.
+    rule: ClassVar[Callable[[Sequence[State], Sequence[float]], dict[str, np.ndarray]] | None] = None
+
     def aggregate(
         self,
         server_round: int,
@@ -117,6 +119,9 @@ class FederatedStrategy(Strategy):
         node_ids: Sequence[int],
     ) -> dict[str, np.ndarray]:
         """The new global state from the valid client states (weights sum to one)."""
+        if self.rule is None:
+            raise NotImplementedError(f"{type(self).__name__} defines neither `rule` nor `aggregate`")
+        return self.rule(client_states, weights)
 
     # --- sampling ------------------------------------------------------------------------
     def sample_nodes(self, grid: Grid, server_round: int) -> list[int]:

@@ -25,12 +25,4 @@ class FedIT(FederatedStrategy):
 
     name = "fedit"
 
-    def aggregate(
-        self,
-        server_round: int,
-        global_state: dict[str, np.ndarray],
-        client_states: Sequence[dict[str, np.ndarray]],
-        weights: np.ndarray,
-        node_ids: Sequence[int],
-    ) -> dict[str, np.ndarray]:
-        return fedit_aggregate(client_states, weights)
+    rule = staticmethod(fedit_aggregate)

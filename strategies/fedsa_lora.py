@@ -36,12 +36,4 @@ class FedSALoRA(FederatedStrategy):
     def client_keeps(key: str) -> bool:
         return not is_lora_a(key)
 
-    def aggregate(
-        self,
-        server_round: int,
-        global_state: dict[str, np.ndarray],
-        client_states: Sequence[dict[str, np.ndarray]],
-        weights: np.ndarray,
-        node_ids: Sequence[int],
-    ) -> dict[str, np.ndarray]:
-        return fedsa_aggregate(client_states, weights)
+    rule = staticmethod(fedsa_aggregate)

@@ -32,12 +32,4 @@ class FFALoRA(FederatedStrategy):
     def client_uploads(key: str) -> bool:
         return not is_lora_a(key)
 
-    def aggregate(
-        self,
-        server_round: int,
-        global_state: dict[str, np.ndarray],
-        client_states: Sequence[dict[str, np.ndarray]],
-        weights: np.ndarray,
-        node_ids: Sequence[int],
-    ) -> dict[str, np.ndarray]:
-        return ffa_aggregate(client_states, weights)
+    rule = staticmethod(ffa_aggregate)
