@@ -10,7 +10,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client_app.node import node_hub_mirror, node_partition
+from client_app.node import node_hub_mirror, node_partition, node_rank
 from client_app.session import ClientSession, get_session
 from finetune.config import ExperimentConfig
 from finetune.logs import setup_logging
@@ -43,13 +43,16 @@ def prepare(msg: Message, context: Context) -> Prepared:
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     partition_id = node_partition(context.node_config, cfg.partition.num_clients)
+    rule = STRATEGIES[cfg.method.name]
+    if rule.heterogeneous_ranks:
+        cfg = cfg.with_rank(node_rank(context.node_config, cfg, partition_id))
     session = get_session(cfg, node_hub_mirror(context.node_config, cfg.hub_mirror))
     records = context.state.array_records
     kept = from_record(records[LOCAL_KEY]) if LOCAL_KEY in records else {}
     received = from_record(msg.content.array_records[ARRAYS_KEY])
     # Every trainable array is overwritten: the model object serves many clients in turn.
     load_trainable_state(session.model, {**session.initial_state, **kept, **received})
-    return Prepared(cfg, config, session, partition_id, STRATEGIES[cfg.method.name])
+    return Prepared(cfg, config, session, partition_id, rule)
 
 
 @app.train()
@@ -94,4 +97,16 @@ def evaluate(msg: Message, context: Context) -> Message:
         job.session.model, data, job.session.tokenizer, job.cfg.train.eval_batch_size, job.cfg.dataset.metrics
     )
     metrics = MetricRecord({NUM_EXAMPLES_KEY: len(data), **result})
+    return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Capabilities the server asks for before training: this node's LoRA rank and partition."""
+    config: ConfigRecord = msg.content.config_records[CONFIG_KEY]
+    cfg = ExperimentConfig.from_json(str(config["experiment"]))
+    partition_id = node_partition(context.node_config, cfg.partition.num_clients)
+    metrics = MetricRecord(
+        {"lora-rank": node_rank(context.node_config, cfg, partition_id), "partition-id": partition_id}
+    )
     return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from flwr.app import UserConfig
 
+from finetune.config import ExperimentConfig
 from finetune.hub import HUB_MIRROR_ENV, hub_mirror
 
 
@@ -32,3 +33,13 @@ def node_hub_mirror(node_config: UserConfig, experiment_mirror: str) -> Path | N
     wins over the experiment's setting, which names a folder on the server's machine."""
     own = str(node_config.get("hub-mirror", "")) or os.environ.get(HUB_MIRROR_ENV, "")
     return hub_mirror(own or experiment_mirror)
+
+
+def node_rank(node_config: UserConfig, cfg: ExperimentConfig, partition_id: int) -> int:
+    """This node's LoRA rank: its own ``lora-rank`` node config, else the experiment's rule."""
+    if "lora-rank" in node_config:
+        rank = int(node_config["lora-rank"])
+        if rank < 1:
+            raise ValueError(f"node config lora-rank must be >= 1, got {rank}")
+        return rank
+    return cfg.client_rank(partition_id)

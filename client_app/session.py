@@ -63,21 +63,26 @@ def session_key(cfg: ExperimentConfig, mirror: Path | None) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
 
-_SESSION: tuple[str, ClientSession] | None = None
+MAX_SESSIONS = 4  # a process serving clients of several LoRA ranks keeps one model per rank
+_SESSIONS: dict[str, ClientSession] = {}
 
 
 def get_session(cfg: ExperimentConfig, mirror: Path | None) -> ClientSession:
-    """The process-wide session for ``cfg``; built on first use, replaced when cfg changes."""
-    global _SESSION
+    """The process-wide session for ``cfg``: built on first use, least recently used dropped."""
     key = session_key(cfg, mirror)
-    if _SESSION is None or _SESSION[0] != key:
-        _SESSION = None  # free the previous model before building the next
-        log.info("loading %s and %s/%s", cfg.model.source, cfg.dataset.repo_id, cfg.dataset.subset)
+    session = _SESSIONS.pop(key, None)
+    if session is None:
+        while len(_SESSIONS) >= MAX_SESSIONS:
+            _SESSIONS.pop(next(iter(_SESSIONS)))  # free a model before building the next
+        log.info(
+            "loading %s (LoRA rank %d) and %s/%s",
+            cfg.model.source, cfg.method.rank, cfg.dataset.repo_id, cfg.dataset.subset,
+        )  # fmt: skip
         model = build_model(cfg, mirror).to(device())
         tokenizer = load_tokenizer(cfg, mirror)
         train = load_train_split(cfg.dataset, mirror, cfg.seed)
         partitions = PartitionedDataset(train, cfg.partition, cfg.dataset.label_field)
-        _SESSION = (key, ClientSession(cfg, mirror, model, tokenizer, partitions, trainable_state(model)))
-    session = _SESSION[1]
+        session = ClientSession(cfg, mirror, model, tokenizer, partitions, trainable_state(model))
+    _SESSIONS[key] = session  # most recently used last
     session.cfg = cfg  # train / federation settings may change between runs
     return session

@@ -50,6 +50,11 @@ class MethodConfig:
     dropout: float = 0.05
     weighting: str = "examples"  # examples | uniform
     wire_dtype: str = "float32"  # dtype of arrays on the wire
+    # Heterogeneous ranks (flexlora, hlora): client with partition id p trains at
+    # client_ranks[p % len(client_ranks)] (a node's `lora-rank` node config wins); [] = `rank`.
+    client_ranks: list[int] = field(default_factory=list)
+    # Rank of the server's global factors; 0 = the sum of all clients' ranks (exact aggregation).
+    global_rank: int = 0
     # lora_fair: server-side correction of B̄ (weight of ‖ΔB‖, descent steps, initial step)
     fair_lambda: float = 0.01
     fair_steps: int = 100
@@ -64,6 +69,10 @@ class MethodConfig:
         _require(0 <= self.dropout < 1, f"method.dropout must be in [0, 1), got {self.dropout}")
         _choice(self.weighting, WEIGHTINGS, "method.weighting")
         _choice(self.wire_dtype, WIRE_DTYPES, "method.wire_dtype")
+        _require(
+            all(r >= 1 for r in self.client_ranks), f"method.client_ranks must be >= 1: {self.client_ranks}"
+        )
+        _require(self.global_rank >= 0, f"method.global_rank must be >= 0, got {self.global_rank}")
         _require(self.fair_lambda >= 0, f"method.fair_lambda must be >= 0, got {self.fair_lambda}")
         _require(self.fair_steps >= 0, f"method.fair_steps must be >= 0, got {self.fair_steps}")
         _require(self.fair_lr > 0, f"method.fair_lr must be > 0, got {self.fair_lr}")
@@ -241,6 +250,18 @@ class ExperimentConfig:
                 f"partition.num_clients={self.partition.num_clients}: some clients would get no data",
             )
         return self
+
+    def client_rank(self, partition_id: int) -> int:
+        """The LoRA rank the config gives the client of ``partition_id``."""
+        ranks = self.method.client_ranks
+        return ranks[partition_id % len(ranks)] if ranks else self.method.rank
+
+    def with_rank(self, rank: int, alpha: float | None = None) -> ExperimentConfig:
+        """A copy whose adapter has ``rank`` (and ``alpha``, if given)."""
+        method = dataclasses.replace(
+            self.method, rank=rank, alpha=self.method.alpha if alpha is None else alpha
+        )
+        return dataclasses.replace(self, method=method)
 
     @property
     def run_name(self) -> str:

@@ -37,7 +37,7 @@ app = ServerApp()
 def build_strategy(cfg: ExperimentConfig) -> FederatedStrategy:
     rule = STRATEGIES[cfg.method.name]
     return rule(
-        **rule.options(cfg.method),
+        **rule.options(cfg),
         fraction_train=cfg.federation.fraction_train,
         min_train_nodes=cfg.federation.min_train_clients,
         min_replies=cfg.federation.min_replies,
@@ -75,7 +75,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder) -> 
     ]
     log.info("partition %s: examples per client %s; labels %s", cfg.partition.name, sizes, histograms)
 
-    model = build_model(cfg, mirror)
+    model = build_model(STRATEGIES[cfg.method.name].server_model_config(cfg), mirror)
     tokenizer = load_tokenizer(cfg, mirror)
     eval_data = tokenize(eval_raw, cfg.dataset, tokenizer, cfg.model.max_length)
     trainable, total = trainable_parameter_count(model)

@@ -4,10 +4,21 @@ from strategies.base import FederatedStrategy
 from strategies.fedit import FedIT
 from strategies.fedsa_lora import FedSALoRA
 from strategies.ffa_lora import FFALoRA
+from strategies.flexlora import FlexLoRA
+from strategies.hlora import HLoRA
 from strategies.lora_fair import LoRAFAIR
 
 STRATEGIES: dict[str, type[FederatedStrategy]] = {
-    cls.name: cls for cls in (FedIT, FFALoRA, FedSALoRA, LoRAFAIR)
+    cls.name: cls for cls in (FedIT, FFALoRA, FedSALoRA, FlexLoRA, HLoRA, LoRAFAIR)
 }
 
-__all__ = ["STRATEGIES", "FFALoRA", "FedIT", "FedSALoRA", "FederatedStrategy", "LoRAFAIR"]
+__all__ = [
+    "STRATEGIES",
+    "FFALoRA",
+    "FedIT",
+    "FedSALoRA",
+    "FederatedStrategy",
+    "FlexLoRA",
+    "HLoRA",
+    "LoRAFAIR",
+]

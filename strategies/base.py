@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from finetune.config import MethodConfig
+from finetune.config import ExperimentConfig
 from finetune.records import from_record, to_record
 from strategies.averaging import State
 from strategies.validation import reply_problem
@@ -57,6 +57,8 @@ class FederatedStrategy(Strategy):
     freeze_lora_a: ClassVar[bool] = False
     #: The model is personal (part of it never leaves the client): evaluate on the clients.
     evaluate_on_clients: ClassVar[bool] = False
+    #: Each client trains at its own LoRA rank (FlexLoRA, HLoRA).
+    heterogeneous_ranks: ClassVar[bool] = False
 
     @staticmethod
     def client_uploads(key: str) -> bool:
@@ -92,9 +94,14 @@ class FederatedStrategy(Strategy):
         self._global: dict[str, np.ndarray] = {}
 
     @classmethod
-    def options(cls, method: MethodConfig) -> dict[str, Any]:
-        """Rule-specific constructor arguments taken from the method config."""
+    def options(cls, cfg: ExperimentConfig) -> dict[str, Any]:
+        """Rule-specific constructor arguments taken from the experiment config."""
         return {}
+
+    @classmethod
+    def server_model_config(cls, cfg: ExperimentConfig) -> ExperimentConfig:
+        """The config of the model whose trainable state is the global state."""
+        return cfg
 
     # --- hooks for the rules -------------------------------------------------------------
     def payload(self, node_id: int, global_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -7,12 +7,29 @@ The released code never resizes clients to their ranks and ignores α/r; both ar
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
 
-from strategies.averaging import normalize_weights
-from strategies.lowrank import truncated_factors, weighted_product
+from finetune.config import ExperimentConfig
+from finetune.records import from_record
+from strategies.averaging import normalize_weights, weighted_mean
+from strategies.base import CONFIG_KEY, METRICS_KEY, FederatedStrategy
+from strategies.lowrank import (
+    compact_svd,
+    factors_from_svd,
+    is_lora,
+    lora_layers,
+    split_state,
+    truncated_factors,
+    weighted_product,
+)
+
+log = logging.getLogger(__name__)
 
 
 def flexlora_product(
@@ -29,3 +46,104 @@ def flexlora_product(
 def flexlora_client_factors(delta: np.ndarray, rank: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
     """Client factors ``(A, B)``: ``scale · B A`` is the rank-``rank`` truncated SVD of ``delta``."""
     return truncated_factors(delta, rank, scale)
+
+
+class FlexLoRA(FederatedStrategy):
+    """Heterogeneous ranks: each node gets the rank-r_k truncation of the global update.
+
+    The global state holds, per layer, factors ``(A_g, B_g)`` at ``global_rank`` R with unit
+    scale, ``B_g A_g = ΔW`` (exact while R >= Σ r_k); heads are averaged as usual. Node ranks are
+    learnt with a QUERY to every node not seen before.
+    """
+
+    name = "flexlora"
+    heterogeneous_ranks = True
+
+    def __init__(
+        self, *, alpha: float = 16.0, global_rank: int = 64, query_timeout_s: float = 120.0, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self.alpha, self.global_rank, self.query_timeout_s = alpha, global_rank, query_timeout_s
+        self.node_ranks: dict[int, int] = {}
+        self._svd: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    @classmethod
+    def options(cls, cfg: ExperimentConfig) -> dict[str, Any]:
+        return {"alpha": cfg.method.alpha, "global_rank": global_rank(cfg)}
+
+    @classmethod
+    def server_model_config(cls, cfg: ExperimentConfig) -> ExperimentConfig:
+        rank = global_rank(cfg)
+        return cfg.with_rank(rank, alpha=float(rank))  # unit scale: B_g A_g is ΔW itself
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._learn_node_ranks(grid, config)
+        state = from_record(arrays)
+        self._svd = {
+            prefix: compact_svd([state[b_key]], [state[a_key]])
+            for prefix, (a_key, b_key) in lora_layers(state).items()
+        }
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def payload(self, node_id: int, global_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rank = self.node_ranks.get(node_id)
+        if rank is None:
+            raise RuntimeError(f"node {node_id} did not report its LoRA rank")
+        out = {k: v for k, v in global_state.items() if not is_lora(k)}
+        for prefix, (a_key, b_key) in lora_layers(global_state).items():
+            A, B = factors_from_svd(*self._svd[prefix], rank, self.alpha / rank)
+            out[a_key], out[b_key] = A.astype(np.float32), B.astype(np.float32)
+        return out
+
+    def aggregate(
+        self,
+        server_round: int,
+        global_state: dict[str, np.ndarray],
+        client_states: Sequence[dict[str, np.ndarray]],
+        weights: np.ndarray,
+        node_ids: Sequence[int],
+    ) -> dict[str, np.ndarray]:
+        heads = [split_state(state)[1] for state in client_states]
+        out = weighted_mean(heads, weights) if heads[0] else {}
+        for a_key, b_key in lora_layers(global_state).values():
+            As = [state[a_key] for state in client_states]
+            Bs = [state[b_key] for state in client_states]
+            scales = [self.alpha / A.shape[0] for A in As]
+            U, S, Vt = self.decompose(As, Bs, weights, scales)
+            A_g, B_g = factors_from_svd(U, S, Vt, self.global_rank, 1.0)
+            out[a_key], out[b_key] = A_g.astype(np.float32), B_g.astype(np.float32)
+        return out
+
+    def decompose(
+        self, As: Sequence[np.ndarray], Bs: Sequence[np.ndarray], weights: np.ndarray, scales: Sequence[float]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """SVD of the mean update ``Σ p_k s_k B_k A_k``: dense here, QR-compact in HLoRA."""
+        return np.linalg.svd(flexlora_product(As, Bs, weights, scales), full_matrices=False)
+
+    def _learn_node_ranks(self, grid: Grid, config: ConfigRecord) -> None:
+        unknown = [n for n in grid.get_node_ids() if n not in self.node_ranks]
+        if not unknown:
+            return
+        messages = [
+            Message(
+                RecordDict({CONFIG_KEY: ConfigRecord(dict(config))}),
+                dst_node_id=n,
+                message_type=MessageType.QUERY,
+            )
+            for n in unknown
+        ]
+        for reply in grid.send_and_receive(messages, timeout=self.query_timeout_s):
+            if reply.has_error() or METRICS_KEY not in reply.content.metric_records:
+                log.warning("node %d did not report its rank: %s", reply.metadata.src_node_id,
+                            reply.error.reason if reply.has_error() else "no metrics")  # fmt: skip
+                continue
+            rank = int(reply.content.metric_records[METRICS_KEY]["lora-rank"])
+            self.node_ranks[reply.metadata.src_node_id] = rank
+        log.info("LoRA rank per node: %s", {n: self.node_ranks.get(n) for n in unknown})
+
+
+def global_rank(cfg: ExperimentConfig) -> int:
+    """``method.global_rank``, or the sum of every client's configured rank."""
+    return cfg.method.global_rank or sum(cfg.client_rank(p) for p in range(cfg.partition.num_clients))

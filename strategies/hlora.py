@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from strategies.averaging import normalize_weights
+from strategies.flexlora import FlexLoRA
 from strategies.lowrank import compact_svd, factors_from_svd
 
 
@@ -32,3 +33,14 @@ def hlora_client_factors(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Client factors at ``rank``, identical to FlexLoRA's dense truncation."""
     return factors_from_svd(*svd, rank, scale)
+
+
+class HLoRA(FlexLoRA):
+    """FlexLoRA's protocol with the QR-compact SVD (no dense d_out × d_in matrix)."""
+
+    name = "hlora"
+
+    def decompose(
+        self, As: Sequence[np.ndarray], Bs: Sequence[np.ndarray], weights: np.ndarray, scales: Sequence[float]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return hlora_svd(As, Bs, weights, scales)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune.config import MethodConfig
+from finetune.config import ExperimentConfig
 from strategies.averaging import normalize_weights, weighted_mean
 from strategies.base import FederatedStrategy
 from strategies.lowrank import lora_layers, split_state, weighted_product
@@ -98,7 +98,8 @@ class LoRAFAIR(FederatedStrategy):
         self.fair_lambda, self.fair_steps, self.fair_lr = fair_lambda, fair_steps, fair_lr
 
     @classmethod
-    def options(cls, method: MethodConfig) -> dict[str, Any]:
+    def options(cls, cfg: ExperimentConfig) -> dict[str, Any]:
+        method = cfg.method
         return {"fair_lambda": method.fair_lambda, "fair_steps": method.fair_steps, "fair_lr": method.fair_lr}
 
     def aggregate(

@@ -65,9 +65,9 @@ def test_ffa_keeps_A_bit_identical_and_uploads_no_A(hub_mirror):
         for server_round in (1, 2):
             reply = train(_message(cfg, global_state, server_round=server_round), context)
             assert set(from_record(reply.content.array_records["arrays"])) == set(global_state)
-    from client_app.session import _SESSION
+    from client_app.session import _SESSIONS
 
-    after = trainable_state(_SESSION[1].model)
+    after = trainable_state(next(reversed(_SESSIONS.values())).model)
     for key in init:
         if is_lora_a(key):
             np.testing.assert_array_equal(after[key], init[key])
@@ -104,3 +104,21 @@ def test_client_refuses_a_federation_of_the_wrong_size(hub_mirror):
     context.node_config["num-partitions"] = 5
     with pytest.raises(ValueError, match=r"partition\.num_clients=2"):
         train(_message(cfg, global_state), context)
+
+
+def test_heterogeneous_rank_client_trains_at_its_own_rank(hub_mirror):
+    from flwr.app import MessageType as MT
+
+    from client_app.app import query
+
+    cfg = _cfg("flexlora", hub_mirror)  # client_ranks [4, 8, 16]
+    for partition_id, rank in ((0, 4), (1, 8)):
+        context = _context(partition_id)
+        answer = query(_message(cfg, {}, MT.QUERY), context).content.metric_records["metrics"]
+        assert answer["lora-rank"] == rank
+        state = trainable_state(build_model(cfg.with_rank(rank), hub_mirror))
+        upload = from_record(train(_message(cfg, state), context).content.array_records["arrays"])
+        assert all(v.shape[0] == rank for k, v in upload.items() if is_lora_a(k))
+    context = _context(0)
+    context.node_config["lora-rank"] = 2  # a node's own setting wins
+    assert query(_message(cfg, {}, MT.QUERY), context).content.metric_records["metrics"]["lora-rank"] == 2

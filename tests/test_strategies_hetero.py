@@ -1,0 +1,105 @@
+"""FlexLoRA and HLoRA as Strategies: node ranks by QUERY, per-node truncations, exact products."""
+
+import numpy as np
+import pytest
+from fakes import FakeGrid
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from finetune.config import compose_config
+from finetune.records import from_record, to_record
+from server_app.loop import exchange
+from strategies.flexlora import FlexLoRA, global_rank
+from strategies.hlora import HLoRA
+
+D_OUT, D_IN, ALPHA = 7, 9, 16.0
+RANKS = {11: 2, 22: 4, 33: 3}
+A_KEY, B_KEY, HEAD = "m.q.lora_A.weight", "m.q.lora_B.weight", "m.classifier.weight"
+rng = np.random.default_rng(0)
+CLIENT = {
+    n: {
+        A_KEY: rng.normal(size=(r, D_IN)),
+        B_KEY: rng.normal(size=(D_OUT, r)),
+        HEAD: np.full((2, D_OUT), float(n)),
+    }
+    for n, r in RANKS.items()
+}
+SIZES = {11: 10, 22: 30, 33: 60}
+
+
+def respond(message):
+    node = message.metadata.dst_node_id
+    if message.metadata.message_type == "query":
+        return RecordDict({"metrics": MetricRecord({"lora-rank": RANKS[node]})})
+    upload = {k: v.astype(np.float32) for k, v in CLIENT[node].items()}
+    return RecordDict({"arrays": to_record(upload), "metrics": MetricRecord({"num-examples": SIZES[node]})})
+
+
+def run_round(strategy, global_state, server_round=1):
+    grid = FakeGrid(RANKS, respond)
+    messages = list(strategy.configure_train(server_round, to_record(global_state), ConfigRecord(), grid))
+    arrays, _ = strategy.aggregate_train(server_round, exchange(grid, messages, timeout=1.0))
+    return messages, from_record(arrays)
+
+
+def initial_global(rank=9):
+    return {
+        A_KEY: rng.normal(size=(rank, D_IN)).astype(np.float32),
+        B_KEY: np.zeros((D_OUT, rank), np.float32),
+        HEAD: np.zeros((2, D_OUT), np.float32),
+    }
+
+
+@pytest.mark.parametrize("rule", [FlexLoRA, HLoRA])
+def test_each_node_gets_factors_at_its_own_rank(rule):
+    strategy = rule(alpha=ALPHA, global_rank=9, fraction_train=1.0, min_train_nodes=3)
+    messages, _ = run_round(strategy, initial_global())
+    assert strategy.node_ranks == RANKS
+    for message in messages:
+        arrays = from_record(message.content.array_records["arrays"])
+        r = RANKS[message.metadata.dst_node_id]
+        assert arrays[A_KEY].shape == (r, D_IN) and arrays[B_KEY].shape == (D_OUT, r)
+        assert strategy.rounds[1].bytes_down[message.metadata.dst_node_id] == to_record(arrays).count_bytes()
+
+
+@pytest.mark.parametrize("rule", [FlexLoRA, HLoRA])
+def test_global_product_is_exact_and_head_averaged(rule):
+    strategy = rule(alpha=ALPHA, global_rank=9, fraction_train=1.0, min_train_nodes=3)  # 9 = Σ r_k
+    _, new = run_round(strategy, initial_global())
+    p = {n: SIZES[n] / 100 for n in RANKS}
+    ideal = sum(p[n] * (ALPHA / r) * CLIENT[n][B_KEY] @ CLIENT[n][A_KEY] for n, r in RANKS.items())
+    np.testing.assert_allclose(new[B_KEY] @ new[A_KEY], ideal, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(new[HEAD], sum(p[n] * n for n in RANKS), rtol=1e-6)
+
+
+def test_next_round_hands_out_truncated_svds_and_hlora_matches_flexlora():
+    payloads = {}
+    for rule in (FlexLoRA, HLoRA):
+        strategy = rule(alpha=ALPHA, global_rank=9, fraction_train=1.0, min_train_nodes=3)
+        _, new = run_round(strategy, initial_global())
+        messages, _ = run_round(strategy, new, server_round=2)
+        payloads[rule.name] = {
+            m.metadata.dst_node_id: from_record(m.content.array_records["arrays"]) for m in messages
+        }
+    delta = new[B_KEY].astype(np.float64) @ new[A_KEY]
+    U, S, Vt = np.linalg.svd(delta)
+    for node, r in RANKS.items():
+        best = (U[:, :r] * S[:r]) @ Vt[:r]  # Eckart–Young
+        for name in ("flexlora", "hlora"):
+            got = payloads[name][node]
+            np.testing.assert_allclose((ALPHA / r) * got[B_KEY] @ got[A_KEY], best, rtol=1e-4, atol=1e-4)
+
+
+def test_global_rank_defaults_to_the_sum_of_client_ranks():
+    cfg = compose_config({"method": "flexlora"}, "partition.num_clients=4")
+    assert cfg.method.client_ranks == [4, 8, 16]
+    assert [cfg.client_rank(p) for p in range(4)] == [4, 8, 16, 4]
+    assert global_rank(cfg) == 32
+    server = FlexLoRA.server_model_config(cfg)
+    assert server.method.rank == 32 and server.method.alpha == 32.0  # unit scale
+    assert global_rank(compose_config({"method": "hlora"}, "method.global_rank=12")) == 12
+
+
+def test_node_without_a_rank_is_an_error():
+    strategy = FlexLoRA(alpha=ALPHA, global_rank=9)
+    with pytest.raises(RuntimeError, match="did not report its LoRA rank"):
+        strategy.payload(99, initial_global())
