@@ -20,10 +20,13 @@ from finetune.training import evaluate as evaluate_model
 from finetune.training import train_local
 from strategies import STRATEGIES, FederatedStrategy
 from strategies.base import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
+from strategies.hetlora import hetlora_penalty_tail, self_pruning_penalty
+from strategies.lowrank import is_lora_a
 
 log = logging.getLogger(__name__)
 app = ClientApp()
 LOCAL_KEY = "local-arrays"  # context.state record of what the rule keeps on the client
+PRUNING_KEY = "rank-pruning"  # context.state record of HetLoRA's current rank and tail norm
 
 
 @dataclass
@@ -44,12 +47,15 @@ def prepare(msg: Message, context: Context) -> Prepared:
         torch.set_num_threads(cfg.train.num_threads)
     partition_id = node_partition(context.node_config, cfg.partition.num_clients)
     rule = STRATEGIES[cfg.method.name]
+    received = from_record(msg.content.array_records[ARRAYS_KEY])
     if rule.heterogeneous_ranks:
-        cfg = cfg.with_rank(node_rank(context.node_config, cfg, partition_id))
+        # The payload's rank is this round's rank: the server decides (it may lag a pruning).
+        sent_ranks = {v.shape[0] for k, v in received.items() if is_lora_a(k)}
+        rank = sent_ranks.pop() if len(sent_ranks) == 1 else current_rank(context, cfg, partition_id)
+        cfg = cfg.with_rank(rank)
     session = get_session(cfg, node_hub_mirror(context.node_config, cfg.hub_mirror))
     records = context.state.array_records
     kept = from_record(records[LOCAL_KEY]) if LOCAL_KEY in records else {}
-    received = from_record(msg.content.array_records[ARRAYS_KEY])
     # Every trainable array is overwritten: the model object serves many clients in turn.
     load_trainable_state(session.model, {**session.initial_state, **kept, **received})
     return Prepared(cfg, config, session, partition_id, rule)
@@ -60,6 +66,7 @@ def train(msg: Message, context: Context) -> Message:
     job = prepare(msg, context)
     data = job.session.partition(job.partition_id)
     server_round = int(job.config["server-round"])
+    method = job.cfg.method
     result = train_local(
         job.session.model,
         data,
@@ -67,6 +74,11 @@ def train(msg: Message, context: Context) -> Message:
         job.cfg.train,
         lr=float(job.config["lr"]),
         seed=job.cfg.seed * 1_000_003 + server_round * 1009 + job.partition_id,
+        regularizer=(
+            (lambda model: method.prune_lambda * self_pruning_penalty(model, method.prune_gamma))
+            if job.rule.self_pruning
+            else None
+        ),
     )
     metrics = MetricRecord(
         {
@@ -79,6 +91,8 @@ def train(msg: Message, context: Context) -> Message:
             "partition-id": job.partition_id,
         }
     )
+    if job.rule.heterogeneous_ranks:
+        metrics["lora-rank"] = prune_rank(job, context) if job.rule.self_pruning else method.rank
     trained = trainable_state(job.session.model)
     local = {k: v for k, v in trained.items() if job.rule.client_keeps(k)}
     if local:
@@ -107,6 +121,24 @@ def query(msg: Message, context: Context) -> Message:
     cfg = ExperimentConfig.from_json(str(config["experiment"]))
     partition_id = node_partition(context.node_config, cfg.partition.num_clients)
     metrics = MetricRecord(
-        {"lora-rank": node_rank(context.node_config, cfg, partition_id), "partition-id": partition_id}
+        {"lora-rank": current_rank(context, cfg, partition_id), "partition-id": partition_id}
     )
     return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+
+
+def current_rank(context: Context, cfg: ExperimentConfig, partition_id: int) -> int:
+    """The rank this node trains at now: a rank it pruned itself to, else its configured rank."""
+    pruning = context.state.config_records.get(PRUNING_KEY)
+    return int(pruning["rank"]) if pruning is not None else node_rank(context.node_config, cfg, partition_id)
+
+
+def prune_rank(job: Prepared, context: Context) -> int:
+    """HetLoRA: lower the rank to ceil(γ r) once the penalised tail shrank since last round."""
+    rank, gamma = job.cfg.method.rank, job.cfg.method.prune_gamma
+    with torch.no_grad():
+        tail = float(self_pruning_penalty(job.session.model, gamma))
+    previous = context.state.config_records.get(PRUNING_KEY)
+    if previous is not None and tail < float(previous["tail-norm"]) and rank > 1:
+        rank = hetlora_penalty_tail(rank, gamma)
+    context.state[PRUNING_KEY] = ConfigRecord({"rank": rank, "tail-norm": tail})
+    return rank

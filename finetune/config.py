@@ -55,6 +55,9 @@ class MethodConfig:
     client_ranks: list[int] = field(default_factory=list)
     # Rank of the server's global factors; 0 = the sum of all clients' ranks (exact aggregation).
     global_rank: int = 0
+    # hetlora: rank self-pruning regulariser λ‖B[:, k:]‖‖A[k:, :]‖ with k = ceil(γ r)
+    prune_lambda: float = 1e-3
+    prune_gamma: float = 0.99
     # lora_fair: server-side correction of B̄ (weight of ‖ΔB‖, descent steps, initial step)
     fair_lambda: float = 0.01
     fair_steps: int = 100
@@ -73,6 +76,8 @@ class MethodConfig:
             all(r >= 1 for r in self.client_ranks), f"method.client_ranks must be >= 1: {self.client_ranks}"
         )
         _require(self.global_rank >= 0, f"method.global_rank must be >= 0, got {self.global_rank}")
+        _require(self.prune_lambda >= 0, f"method.prune_lambda must be >= 0, got {self.prune_lambda}")
+        _require(0 < self.prune_gamma < 1, f"method.prune_gamma must be in (0, 1), got {self.prune_gamma}")
         _require(self.fair_lambda >= 0, f"method.fair_lambda must be >= 0, got {self.fair_lambda}")
         _require(self.fair_steps >= 0, f"method.fair_steps must be >= 0, got {self.fair_steps}")
         _require(self.fair_lr > 0, f"method.fair_lr must be > 0, got {self.fair_lr}")

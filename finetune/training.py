@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import datasets
@@ -54,8 +54,10 @@ def train_local(
     cfg: TrainConfig,
     lr: float,
     seed: int,
+    regularizer: Callable[[torch.nn.Module], torch.Tensor] | None = None,
 ) -> TrainResult:
-    """Train the model's trainable parameters with a fresh AdamW for one round."""
+    """Train the model's trainable parameters with a fresh AdamW for one round; a rule's
+    ``regularizer`` (e.g. HetLoRA's rank self-pruning term) is added to the task loss."""
     if len(dataset) == 0:
         raise ValueError("cannot train on an empty dataset")
     reset_peak_memory()
@@ -71,6 +73,8 @@ def train_local(
     for _ in range(steps):
         batch = {k: v.to(device) for k, v in next(batches).items()}
         loss = model(**batch).loss
+        if regularizer is not None:
+            loss = loss + regularizer(model)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} (lr={lr})")
         loss.backward()

@@ -57,8 +57,10 @@ class FederatedStrategy(Strategy):
     freeze_lora_a: ClassVar[bool] = False
     #: The model is personal (part of it never leaves the client): evaluate on the clients.
     evaluate_on_clients: ClassVar[bool] = False
-    #: Each client trains at its own LoRA rank (FlexLoRA, HLoRA).
+    #: Each client trains at its own LoRA rank (FlexLoRA, HLoRA, HetLoRA).
     heterogeneous_ranks: ClassVar[bool] = False
+    #: Clients add HetLoRA's rank self-pruning term to their loss and may lower their rank.
+    self_pruning: ClassVar[bool] = False
 
     @staticmethod
     def client_uploads(key: str) -> bool:

@@ -80,12 +80,15 @@ class FlexLoRA(FederatedStrategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._learn_node_ranks(grid, config)
-        state = from_record(arrays)
-        self._svd = {
-            prefix: compact_svd([state[b_key]], [state[a_key]])
-            for prefix, (a_key, b_key) in lora_layers(state).items()
-        }
+        self.prepare_payloads(from_record(arrays))
         return super().configure_train(server_round, arrays, config, grid)
+
+    def prepare_payloads(self, global_state: dict[str, np.ndarray]) -> None:
+        """Decompose each layer's global update once per round (cheap: rank-R factors)."""
+        self._svd = {
+            prefix: compact_svd([global_state[b_key]], [global_state[a_key]])
+            for prefix, (a_key, b_key) in lora_layers(global_state).items()
+        }
 
     def payload(self, node_id: int, global_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rank = self.node_ranks.get(node_id)

@@ -5,12 +5,18 @@ example weight). Inexact, by design of the paper; clients self-prune their rank.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord
 
-from strategies.averaging import normalize_weights
-from strategies.lowrank import pad_rank
+from finetune.config import ExperimentConfig
+from strategies.averaging import normalize_weights, weighted_mean
+from strategies.base import METRICS_KEY
+from strategies.flexlora import FlexLoRA
+from strategies.lowrank import is_lora, lora_layers, pad_rank, split_state
 
 
 def hetlora_weights(
@@ -48,3 +54,92 @@ def hetlora_aggregate(
 def hetlora_penalty_tail(rank: int, gamma: float) -> int:
     """Index where the self-pruning regulariser's tail starts: ``ceil(γ r)``, at most r − 1."""
     return min(max(int(np.ceil(gamma * rank)), 1), rank - 1) if rank > 1 else rank
+
+
+def self_pruning_penalty(model: torch.nn.Module, gamma: float) -> torch.Tensor:
+    """``Σ_layers ‖B[:, k:]‖_F ‖A[k:, :]‖_F`` with ``k = ceil(γ r)``: the tail HetLoRA prunes."""
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for name, param in model.named_parameters():
+        for kind in ("lora_A", "lora_B"):
+            if f".{kind}." in name:
+                factors.setdefault(name.split(f".{kind}.")[0], {})[kind] = param
+    total = torch.zeros((), device=next(model.parameters()).device)
+    for pair in factors.values():
+        A, B = pair["lora_A"], pair["lora_B"]
+        k = hetlora_penalty_tail(A.shape[0], gamma)
+        total = total + _smooth_norm(B[:, k:]) * _smooth_norm(A[k:, :])
+    return total
+
+
+def _smooth_norm(x: torch.Tensor) -> torch.Tensor:
+    # ‖x‖'s gradient x/‖x‖ is 0/0 at x = 0, where LoRA's B starts: keep it finite.
+    return torch.sqrt((x * x).sum() + 1e-12)
+
+
+class HetLoRA(FlexLoRA):
+    """Global LoRA at r_max; node k trains the first r_k components and may prune its rank.
+
+    Global factors are kept at unit scale; a node receives ``(A[:r_k], B[:, :r_k] / s_k)`` and
+    its upload is scaled back by ``s_k`` before the zero-padded, norm-weighted mean.
+    """
+
+    name = "hetlora"
+    self_pruning = True
+
+    @classmethod
+    def options(cls, cfg: ExperimentConfig) -> dict[str, Any]:
+        return {"alpha": cfg.method.alpha, "global_rank": max_rank(cfg)}
+
+    @classmethod
+    def server_model_config(cls, cfg: ExperimentConfig) -> ExperimentConfig:
+        rank = max_rank(cfg)
+        return cfg.with_rank(rank, alpha=float(rank))
+
+    def prepare_payloads(self, global_state: dict[str, np.ndarray]) -> None:
+        pass  # truncation needs no decomposition
+
+    def payload(self, node_id: int, global_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rank = self.node_ranks.get(node_id)
+        if rank is None:
+            raise RuntimeError(f"node {node_id} did not report its LoRA rank")
+        out = {k: v for k, v in global_state.items() if not is_lora(k)}
+        for a_key, b_key in lora_layers(global_state).values():
+            out[a_key] = global_state[a_key][:rank]
+            out[b_key] = (global_state[b_key][:, :rank] / (self.alpha / rank)).astype(np.float32)
+        return out
+
+    def aggregate(
+        self,
+        server_round: int,
+        global_state: dict[str, np.ndarray],
+        client_states: Sequence[dict[str, np.ndarray]],
+        weights: np.ndarray,
+        node_ids: Sequence[int],
+    ) -> dict[str, np.ndarray]:
+        heads = [split_state(state)[1] for state in client_states]
+        out = weighted_mean(heads, weights) if heads[0] else {}
+        for a_key, b_key in lora_layers(global_state).values():
+            As = [state[a_key] for state in client_states]
+            unit_Bs = [state[b_key] * (self.alpha / state[a_key].shape[0]) for state in client_states]
+            A_g, B_g = hetlora_aggregate(As, unit_Bs, weights, [1.0] * len(As), self.global_rank)
+            out[a_key], out[b_key] = A_g.astype(np.float32), B_g.astype(np.float32)
+        return out
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        result = super().aggregate_train(server_round, replies)
+        aggregated = set(self.rounds[server_round].aggregated)
+        for reply in replies:  # a pruned rank applies from the node's next round
+            node = reply.metadata.src_node_id
+            if node in aggregated and METRICS_KEY in reply.content.metric_records:
+                rank = reply.content.metric_records[METRICS_KEY].get("lora-rank")
+                if isinstance(rank, int | float) and 1 <= rank <= self.global_rank:
+                    self.node_ranks[node] = int(rank)
+        return result
+
+
+def max_rank(cfg: ExperimentConfig) -> int:
+    """``method.global_rank``, or the largest configured client rank."""
+    return cfg.method.global_rank or max(cfg.client_rank(p) for p in range(cfg.partition.num_clients))

@@ -122,3 +122,44 @@ def test_heterogeneous_rank_client_trains_at_its_own_rank(hub_mirror):
     context = _context(0)
     context.node_config["lora-rank"] = 2  # a node's own setting wins
     assert query(_message(cfg, {}, MT.QUERY), context).content.metric_records["metrics"]["lora-rank"] == 2
+
+
+def test_hetlora_client_penalises_the_tail_and_prunes_when_it_shrinks(hub_mirror):
+    import torch
+
+    from strategies.hetlora import self_pruning_penalty
+
+    cfg = _cfg("hetlora", hub_mirror)  # client_ranks [4, 8, 16]: partition 1 trains at rank 8
+    model = build_model(cfg.with_rank(8), hub_mirror)
+    state = trainable_state(model)
+    # Penalty = Σ ‖B[:, 7:]‖‖A[7:, :]‖ (k = ceil(0.99 * 8) capped at r - 1 = 7)
+    expected = sum(
+        np.linalg.norm(state[k.replace("lora_A", "lora_B")][:, 7:]) * np.linalg.norm(state[k][7:, :])
+        for k in state if is_lora_a(k)
+    )  # fmt: skip
+    assert float(self_pruning_penalty(model, 0.99)) == pytest.approx(expected, abs=1e-5)  # smooth norm: ε
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.fill_(0.1)
+    assert float(self_pruning_penalty(model, 0.99)) > 0
+
+    context = _context(1)
+    # Round 1 from the real init (B = 0: the penalty's gradient must stay finite there).
+    init = trainable_state(build_model(cfg.with_rank(8), hub_mirror))
+    first = train(_message(cfg, init, server_round=1), context)
+    assert first.content.metric_records["metrics"]["lora-rank"] == 8  # nothing to compare with yet
+    trained = from_record(first.content.array_records["arrays"])
+    assert all(np.isfinite(v).all() for v in trained.values())
+    # Round 2 receives factors whose tail is zero: it stays zero, smaller than round 1's -> prune.
+    tail_free = {k: v.copy() for k, v in trained.items()}
+    for key in tail_free:
+        if is_lora_a(key):
+            tail_free[key][7:, :] = 0.0
+        elif is_lora_b(key):
+            tail_free[key][:, 7:] = 0.0
+    second = train(_message(cfg, tail_free, server_round=2), context)
+    upload = from_record(second.content.array_records["arrays"])
+    assert all(v.shape[0] == 8 for k, v in upload.items() if is_lora_a(k))  # this round's rank
+    assert second.content.metric_records["metrics"]["lora-rank"] == 7  # next round's
+    assert context.state.config_records["rank-pruning"]["rank"] == 7

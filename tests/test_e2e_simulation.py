@@ -17,7 +17,6 @@ from finetune.models import build_base_model, build_model
 from finetune.state import trainable_state
 from launch.simulation import COMPLETED, PROJECT_DIR, LocalSuperLink
 from strategies import STRATEGIES
-from strategies.flexlora import global_rank
 
 pytestmark = pytest.mark.e2e
 FEDERATION = "num-supernodes=2 client-resources-num-cpus=1 client-resources-num-gpus=0.0"
@@ -88,13 +87,13 @@ def test_every_method_runs_two_rounds(superlink, hub_mirror, tmp_path, method):
         return
     cfg = compose_config({"model": "tiny_bert", "method": method}, TINY_OVERRIDES)
     adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
-    if STRATEGIES[method].heterogeneous_ranks:  # global factors at Σ r_k = 4 + 8, unit scale
-        rank = global_rank(cfg)
-        assert rank == 12
+    if STRATEGIES[method].heterogeneous_ranks:  # client ranks 4 and 8; global factors, unit scale
+        rank = STRATEGIES[method].server_model_config(cfg).method.rank
+        assert rank == (8 if method == "hetlora" else 12)  # max r_k vs Σ r_k
         assert all(v.shape[0] == rank for k, v in adapter.items() if k.endswith("lora_A.weight"))
         assert any(np.abs(v).sum() > 0 for k, v in adapter.items() if k.endswith("lora_B.weight"))
         sent = {row["bytes_down_per_client"][n] for row in rows[1:] for n in row["bytes_down_per_client"]}
-        assert len(sent) == 2  # two ranks, two payload sizes
+        assert len(sent) >= 2  # two ranks, two payload sizes (HetLoRA may prune)
         return
     init = trainable_state(build_model(cfg, hub_mirror))
     a_keys = [k for k in init if k.endswith("lora_A.weight")]

@@ -103,3 +103,43 @@ def test_node_without_a_rank_is_an_error():
     strategy = FlexLoRA(alpha=ALPHA, global_rank=9)
     with pytest.raises(RuntimeError, match="did not report its LoRA rank"):
         strategy.payload(99, initial_global())
+
+
+def test_hetlora_truncates_pads_and_norm_weights():
+    from strategies.hetlora import HetLoRA, hetlora_weights
+
+    strategy = HetLoRA(alpha=ALPHA, global_rank=4, fraction_train=1.0, min_train_nodes=3)
+    global_state = initial_global(rank=4)
+    global_state[B_KEY] = rng.normal(size=(D_OUT, 4)).astype(np.float32)
+    messages, new = run_round(strategy, global_state)
+    for message in messages:  # first r_k components; B divided by the receiver's scale
+        r = RANKS[message.metadata.dst_node_id]
+        got = from_record(message.content.array_records["arrays"])
+        np.testing.assert_array_equal(got[A_KEY], global_state[A_KEY][:r])
+        np.testing.assert_allclose(got[B_KEY] * (ALPHA / r), global_state[B_KEY][:, :r], rtol=1e-6)
+    # Server: unit-scale B (s_k B_k), zero-padded to 4, weights ∝ p_k ‖s_k B_k A_k‖
+    As = [CLIENT[n][A_KEY] for n in RANKS]
+    unit_Bs = [CLIENT[n][B_KEY] * ALPHA / r for n, r in RANKS.items()]
+    w = hetlora_weights(As, unit_Bs, [SIZES[n] for n in RANKS], [1.0] * 3)
+    expect_A = sum(wk * np.pad(A, ((0, 4 - A.shape[0]), (0, 0))) for wk, A in zip(w, As, strict=True))
+    expect_B = sum(wk * np.pad(B, ((0, 0), (0, 4 - B.shape[1]))) for wk, B in zip(w, unit_Bs, strict=True))
+    np.testing.assert_allclose(new[A_KEY], expect_A, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new[B_KEY], expect_B, rtol=1e-5, atol=1e-5)
+
+
+def test_hetlora_takes_pruned_ranks_from_replies():
+    from strategies.hetlora import HetLoRA
+
+    pruned = {11: 1, 22: 3, 33: 3}
+
+    def respond_pruned(message):
+        reply = respond(message)
+        if message.metadata.message_type == "train":
+            reply.metric_records["metrics"]["lora-rank"] = pruned[message.metadata.dst_node_id]
+        return reply
+
+    strategy = HetLoRA(alpha=ALPHA, global_rank=4, fraction_train=1.0, min_train_nodes=3)
+    grid = FakeGrid(RANKS, respond_pruned)
+    messages = list(strategy.configure_train(1, to_record(initial_global(rank=4)), ConfigRecord(), grid))
+    strategy.aggregate_train(1, exchange(grid, messages, timeout=1.0))
+    assert strategy.node_ranks == pruned
