@@ -96,7 +96,7 @@ class FlexLoRA(FederatedStrategy):
             raise RuntimeError(f"node {node_id} did not report its LoRA rank")
         out = {k: v for k, v in global_state.items() if not is_lora(k)}
         for prefix, (a_key, b_key) in lora_layers(global_state).items():
-            A, B = factors_from_svd(*self._svd[prefix], rank, self.alpha / rank)
+            A, B = self.layer_payload(prefix, global_state[a_key], global_state[b_key], rank)
             out[a_key], out[b_key] = A.astype(np.float32), B.astype(np.float32)
         return out
 
@@ -113,11 +113,22 @@ class FlexLoRA(FederatedStrategy):
         for a_key, b_key in lora_layers(global_state).values():
             As = [state[a_key] for state in client_states]
             Bs = [state[b_key] for state in client_states]
-            scales = [self.alpha / A.shape[0] for A in As]
-            U, S, Vt = self.decompose(As, Bs, weights, scales)
-            A_g, B_g = factors_from_svd(U, S, Vt, self.global_rank, 1.0)
+            A_g, B_g = self.layer_aggregate(As, Bs, weights, [self.alpha / A.shape[0] for A in As])
             out[a_key], out[b_key] = A_g.astype(np.float32), B_g.astype(np.float32)
         return out
+
+    # --- per-layer math; HLoRA and HetLoRA override these ---------------------------------
+    def layer_payload(
+        self, prefix: str, A_g: np.ndarray, B_g: np.ndarray, rank: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Factors for a node of ``rank``: the rank-r truncated SVD of ``B_g A_g``, ÷ its scale."""
+        return factors_from_svd(*self._svd[prefix], rank, self.alpha / rank)
+
+    def layer_aggregate(
+        self, As: Sequence[np.ndarray], Bs: Sequence[np.ndarray], weights: np.ndarray, scales: Sequence[float]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Global unit-scale factors at ``global_rank`` of ``Σ p_k s_k B_k A_k``."""
+        return factors_from_svd(*self.decompose(As, Bs, weights, scales), self.global_rank, 1.0)
 
     def decompose(
         self, As: Sequence[np.ndarray], Bs: Sequence[np.ndarray], weights: np.ndarray, scales: Sequence[float]

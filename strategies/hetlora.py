@@ -13,10 +13,10 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from finetune.config import ExperimentConfig
-from strategies.averaging import normalize_weights, weighted_mean
+from strategies.averaging import normalize_weights
 from strategies.base import METRICS_KEY
 from strategies.flexlora import FlexLoRA
-from strategies.lowrank import is_lora, lora_layers, pad_rank, split_state
+from strategies.lowrank import pad_rank
 
 
 def hetlora_weights(
@@ -98,32 +98,16 @@ class HetLoRA(FlexLoRA):
     def prepare_payloads(self, global_state: dict[str, np.ndarray]) -> None:
         pass  # truncation needs no decomposition
 
-    def payload(self, node_id: int, global_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rank = self.node_ranks.get(node_id)
-        if rank is None:
-            raise RuntimeError(f"node {node_id} did not report its LoRA rank")
-        out = {k: v for k, v in global_state.items() if not is_lora(k)}
-        for a_key, b_key in lora_layers(global_state).values():
-            out[a_key] = global_state[a_key][:rank]
-            out[b_key] = (global_state[b_key][:, :rank] / (self.alpha / rank)).astype(np.float32)
-        return out
+    def layer_payload(
+        self, prefix: str, A_g: np.ndarray, B_g: np.ndarray, rank: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return A_g[:rank], B_g[:, :rank] / (self.alpha / rank)
 
-    def aggregate(
-        self,
-        server_round: int,
-        global_state: dict[str, np.ndarray],
-        client_states: Sequence[dict[str, np.ndarray]],
-        weights: np.ndarray,
-        node_ids: Sequence[int],
-    ) -> dict[str, np.ndarray]:
-        heads = [split_state(state)[1] for state in client_states]
-        out = weighted_mean(heads, weights) if heads[0] else {}
-        for a_key, b_key in lora_layers(global_state).values():
-            As = [state[a_key] for state in client_states]
-            unit_Bs = [state[b_key] * (self.alpha / state[a_key].shape[0]) for state in client_states]
-            A_g, B_g = hetlora_aggregate(As, unit_Bs, weights, [1.0] * len(As), self.global_rank)
-            out[a_key], out[b_key] = A_g.astype(np.float32), B_g.astype(np.float32)
-        return out
+    def layer_aggregate(
+        self, As: Sequence[np.ndarray], Bs: Sequence[np.ndarray], weights: np.ndarray, scales: Sequence[float]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        unit_Bs = [sk * B for sk, B in zip(scales, Bs, strict=True)]
+        return hetlora_aggregate(As, unit_Bs, weights, [1.0] * len(As), self.global_rank)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
