@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -14,19 +15,23 @@ from client_app.node import node_hub_mirror, node_partition, node_rank
 from client_app.session import ClientSession, get_session
 from finetune.config import ExperimentConfig
 from finetune.logs import setup_logging
+from finetune.models import reinitialize_lora
 from finetune.records import from_record, to_record
-from finetune.state import load_trainable_state, trainable_state
+from finetune.state import load_trainable_state, set_base_deltas, trainable_state
 from finetune.training import evaluate as evaluate_model
 from finetune.training import train_local
 from strategies import STRATEGIES, FederatedStrategy
 from strategies.base import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
 from strategies.hetlora import hetlora_penalty_tail, self_pruning_penalty
 from strategies.lowrank import is_lora_a
+from strategies.merging import FROM_KEY, VERSION_KEY, catch_up, is_sync_key
 
 log = logging.getLogger(__name__)
 app = ClientApp()
 LOCAL_KEY = "local-arrays"  # context.state record of what the rule keeps on the client
 PRUNING_KEY = "rank-pruning"  # context.state record of HetLoRA's current rank and tail norm
+BASE_KEY = "merged-base"  # context.state record of the base deltas (FLoRA, FedEx-LoRA) ...
+BASE_VERSION_KEY = "merged-base-version"  # ... and the server round of the last merge in them
 
 
 @dataclass
@@ -56,9 +61,29 @@ def prepare(msg: Message, context: Context) -> Prepared:
     session = get_session(cfg, node_hub_mirror(context.node_config, cfg.hub_mirror))
     records = context.state.array_records
     kept = from_record(records[LOCAL_KEY]) if LOCAL_KEY in records else {}
+    sync = {k: received.pop(k) for k in list(received) if is_sync_key(k)}
     # Every trainable array is overwritten: the model object serves many clients in turn.
     load_trainable_state(session.model, {**session.initial_state, **kept, **received})
+    if rule.merges_into_base:
+        set_base_deltas(session.model, session.base, update_merged_base(context, config, sync))
+    if rule.merges_into_base and not rule.global_lora:  # FLoRA: a fresh adapter every round
+        reinitialize_lora(session.model, seed=cfg.seed * 1_000_003 + int(config["server-round"]))
     return Prepared(cfg, config, session, partition_id, rule)
+
+
+def update_merged_base(
+    context: Context, config: ConfigRecord, sync: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """This node's base deltas brought to the server's version (kept in the node's context)."""
+    record = context.state.config_records.get(BASE_VERSION_KEY)
+    held_version = int(record["version"]) if record is not None else 0
+    arrays = context.state.array_records
+    held = from_record(arrays[BASE_KEY]) if BASE_KEY in arrays else {}
+    target = int(config[VERSION_KEY])
+    deltas = catch_up(held, held_version, sync, target, int(config[FROM_KEY]))
+    context.state[BASE_KEY] = to_record(deltas)
+    context.state[BASE_VERSION_KEY] = ConfigRecord({"version": target})
+    return deltas
 
 
 @app.train()
@@ -91,6 +116,8 @@ def train(msg: Message, context: Context) -> Message:
             "partition-id": job.partition_id,
         }
     )
+    if job.rule.merges_into_base:
+        metrics[VERSION_KEY] = int(job.config[VERSION_KEY])
     if job.rule.heterogeneous_ranks:
         metrics["lora-rank"] = prune_rank(job, context) if job.rule.self_pruning else method.rank
     trained = trainable_state(job.session.model)

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-from peft import PeftModel
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from finetune.config import ExperimentConfig
 from finetune.data import PartitionedDataset, load_eval_split, load_train_split, tokenize
 from finetune.models import build_model, device, load_tokenizer
-from finetune.state import trainable_state
+from finetune.state import base_weights, trainable_state
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +26,11 @@ log = logging.getLogger(__name__)
 class ClientSession:
     cfg: ExperimentConfig
     mirror: Path | None
-    model: PeftModel
+    model: torch.nn.Module
     tokenizer: PreTrainedTokenizerBase
     partitions: PartitionedDataset
     initial_state: dict[str, np.ndarray]  # the seeded init: what a client starts from
+    base: dict[str, torch.Tensor]  # pretrained weights under the LoRA layers (W0 of merged bases)
     _tokenized: dict[int, datasets.Dataset] = field(default_factory=dict)
     _eval_partitions: PartitionedDataset | None = None
     _eval_tokenized: dict[int, datasets.Dataset] = field(default_factory=dict)
@@ -82,7 +83,9 @@ def get_session(cfg: ExperimentConfig, mirror: Path | None) -> ClientSession:
         tokenizer = load_tokenizer(cfg, mirror)
         train = load_train_split(cfg.dataset, mirror, cfg.seed)
         partitions = PartitionedDataset(train, cfg.partition, cfg.dataset.label_field)
-        session = ClientSession(cfg, mirror, model, tokenizer, partitions, trainable_state(model))
+        session = ClientSession(
+            cfg, mirror, model, tokenizer, partitions, trainable_state(model), base_weights(model)
+        )
     _SESSIONS[key] = session  # most recently used last
     session.cfg = cfg  # train / federation settings may change between runs
     return session

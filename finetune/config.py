@@ -62,6 +62,13 @@ class MethodConfig:
     fair_lambda: float = 0.01
     fair_steps: int = 100
     fair_lr: float = 0.01
+    # flora / fedex_lora: how a client's merged base is brought up to date — `factors` sends
+    # each missed round's exact low-rank update, `dense` the whole base delta, `auto` the smaller.
+    base_sync: str = "auto"
+    # full: fine-tune the LoRA target modules and the head (`targets`) or every weight (`all`).
+    full_scope: str = "targets"
+    # The method's own peak learning rate (full fine-tuning wants far less than LoRA); 0 = train.lr.
+    lr: float = 0.0
 
     def validate(self) -> None:
         from strategies import STRATEGIES
@@ -81,6 +88,9 @@ class MethodConfig:
         _require(self.fair_lambda >= 0, f"method.fair_lambda must be >= 0, got {self.fair_lambda}")
         _require(self.fair_steps >= 0, f"method.fair_steps must be >= 0, got {self.fair_steps}")
         _require(self.fair_lr > 0, f"method.fair_lr must be > 0, got {self.fair_lr}")
+        _choice(self.base_sync, ("auto", "dense", "factors"), "method.base_sync")
+        _choice(self.full_scope, ("targets", "all"), "method.full_scope")
+        _require(self.lr >= 0, f"method.lr must be >= 0 (0 = train.lr), got {self.lr}")
 
 
 @dataclass
@@ -267,6 +277,11 @@ class ExperimentConfig:
             self.method, rank=rank, alpha=self.method.alpha if alpha is None else alpha
         )
         return dataclasses.replace(self, method=method)
+
+    @property
+    def peak_lr(self) -> float:
+        """``method.lr`` where the method sets one, else ``train.lr``."""
+        return self.method.lr or self.train.lr
 
     @property
     def run_name(self) -> str:

@@ -6,7 +6,8 @@ import logging
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import LoraConfig, TaskType, get_peft_model
+from peft.tuners.lora import LoraLayer
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -58,9 +59,15 @@ def lora_config(cfg: ExperimentConfig) -> LoraConfig:
     )
 
 
-def build_model(cfg: ExperimentConfig, mirror: Path | None) -> PeftModel:
-    """Base model + LoRA adapter; LoRA's random A is seeded identically on every process."""
+HEAD_MODULES = ("classifier", "score")  # sequence-classification heads (peft's SEQ_CLS list)
+
+
+def build_model(cfg: ExperimentConfig, mirror: Path | None) -> torch.nn.Module:
+    """The model the method trains: base + LoRA adapter (LoRA's random A seeded identically on
+    every process), or the plain model with only the weights full fine-tuning trains unfrozen."""
     base = build_base_model(cfg, mirror)
+    if STRATEGIES[cfg.method.name].full_finetune:
+        return select_full_finetune(base, cfg)
     try:
         torch.manual_seed(cfg.seed + 1)
         model = get_peft_model(base, lora_config(cfg))
@@ -71,6 +78,30 @@ def build_model(cfg: ExperimentConfig, mirror: Path | None) -> PeftModel:
             if ".lora_A." in name:
                 param.requires_grad_(False)
     return model
+
+
+def select_full_finetune(model: torch.nn.Module, cfg: ExperimentConfig) -> torch.nn.Module:
+    """Unfreeze every weight (``full_scope: all``) or those of the LoRA target modules and the
+    head (``targets``, the same modules LoRA adapts: a like-for-like comparison)."""
+    targets, every = set(cfg.model.lora_targets), cfg.method.full_scope == "all"
+    found: set[str] = set()
+    for name, param in model.named_parameters():
+        modules = set(name.split(".")[:-1])
+        found |= targets & modules
+        param.requires_grad_(every or bool(targets & modules) or bool(set(HEAD_MODULES) & modules))
+    if not every and found != targets:
+        missing = sorted(targets - found)
+        raise ConfigError(f"model.lora_targets {missing} name no module of {cfg.model.source!r}")
+    return model
+
+
+def reinitialize_lora(model: torch.nn.Module, seed: int) -> None:
+    """A fresh adapter (peft's init: Kaiming-uniform A, zero B), the same on every process."""
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.lora_A:
+                module.reset_lora_parameters(adapter, init_lora_weights=True)
 
 
 def trainable_parameter_count(model: torch.nn.Module) -> tuple[int, int]:

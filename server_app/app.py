@@ -6,10 +6,13 @@ import logging
 import time
 import traceback
 from functools import partial
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
 
 from finetune.config import ExperimentConfig
 from finetune.data import (
@@ -23,7 +26,7 @@ from finetune.hub import hub_mirror
 from finetune.logs import setup_logging
 from finetune.models import build_model, load_tokenizer, trainable_parameter_count
 from finetune.records import from_record, to_record
-from finetune.state import load_trainable_state, trainable_state
+from finetune.state import base_weights, load_global_state, trainable_state
 from finetune.training import evaluate
 from server_app.loop import evaluate_on_clients, run_federation
 from server_app.results import RunRecorder
@@ -89,31 +92,46 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder) -> 
     )
 
     init_state = trainable_state(model)
+    strategy = build_strategy(cfg)
+    base = base_weights(model) if strategy.merges_into_base else {}
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
-        load_trainable_state(model, {**init_state, **from_record(arrays)})
+        load_global_state(model, from_record(arrays), init_state, base)
         return evaluate(model, eval_data, tokenizer, cfg.train.eval_batch_size, cfg.dataset.metrics)
 
-    strategy = build_strategy(cfg)
     strategy.summary()
     evaluate_fn = evaluate_global
     if strategy.evaluate_on_clients:  # personalised: part of every model never leaves its client
         eval_sizes = PartitionedDataset(eval_raw, cfg.partition, cfg.dataset.label_field).sizes()
         log.info("personalised evaluation on the clients' validation shares %s", eval_sizes)
         evaluate_fn = partial(evaluate_on_clients, grid, strategy, cfg)
-    initial = {k: v for k, v in trainable_state(model).items() if strategy.client_uploads(k)}
+    initial = strategy.initial_state(init_state)
     final = run_federation(grid, strategy, cfg, to_record(initial), evaluate_fn, recorder)
 
-    load_trainable_state(model, {**init_state, **from_record(final)})
-    save_adapter = cfg.save_adapter and not strategy.evaluate_on_clients
-    if save_adapter:
-        model.save_pretrained(recorder.adapter_dir)
-        tokenizer.save_pretrained(recorder.adapter_dir)
-    elif strategy.evaluate_on_clients:
-        log.info("no global adapter saved: %s keeps part of each model on its client", cfg.method.name)
-    recorder.write_summary(
-        summarize(cfg, recorder, sizes, trainable, time.perf_counter() - start, save_adapter)
-    )
+    load_global_state(model, from_record(final), init_state, base)
+    saved = save_final_model(model, tokenizer, strategy, recorder) if cfg.save_adapter else None
+    recorder.write_summary(summarize(cfg, recorder, sizes, trainable, time.perf_counter() - start, saved))
+
+
+def save_final_model(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    strategy: FederatedStrategy,
+    recorder: RunRecorder,
+) -> Path | None:
+    """The adapter (peft's ``save_pretrained``), or the whole model where the result is more
+    than an adapter (full fine-tuning; LoRA merged into a base that absorbed FLoRA / FedEx updates)."""
+    if strategy.evaluate_on_clients:
+        log.info("no global model saved: %s keeps part of each model on its client", strategy.name)
+        return None
+    if strategy.full_finetune or strategy.merges_into_base:
+        folder = recorder.model_dir
+        model = model.merge_and_unload() if isinstance(model, PeftModel) else model
+    else:
+        folder = recorder.adapter_dir
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def summarize(
@@ -122,7 +140,7 @@ def summarize(
     sizes: list[int],
     trainable: int,
     seconds: float,
-    saved_adapter: bool,
+    saved: Path | None,
 ) -> dict[str, object]:
     key = f"eval_{cfg.dataset.main_metric}"
     rows = recorder.rows
@@ -144,5 +162,6 @@ def summarize(
         "trainable_parameters": trainable,
         "partition_sizes": sizes,
         "wall_seconds": seconds,
-        "adapter_dir": str(recorder.adapter_dir) if saved_adapter else None,
+        "adapter_dir": str(saved) if saved == recorder.adapter_dir else None,
+        "model_dir": str(saved) if saved == recorder.model_dir else None,
     }

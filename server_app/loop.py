@@ -61,7 +61,7 @@ def run_federation(
     num_rounds = cfg.federation.num_rounds
     for server_round in range(1, num_rounds + 1):
         round_start = time.perf_counter()
-        lr = round_lr(cfg.train, server_round, num_rounds)
+        lr = round_lr(cfg.train, server_round, num_rounds, peak=cfg.peak_lr)
         config = ConfigRecord({"experiment": experiment, "lr": lr})
         messages = list(strategy.configure_train(server_round, arrays, config, grid))
         replies = exchange(grid, messages, cfg.federation.round_timeout_s)

@@ -40,6 +40,11 @@ class RunRecorder:
     def adapter_dir(self) -> Path:
         return self.folder / "adapter"
 
+    @property
+    def model_dir(self) -> Path:
+        """The whole fine-tuned model, for rules whose result is not an adapter alone."""
+        return self.folder / "model"
+
     def log_round(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         with (self.folder / "metrics.jsonl").open("a") as handle:

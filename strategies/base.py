@@ -61,6 +61,10 @@ class FederatedStrategy(Strategy):
     heterogeneous_ranks: ClassVar[bool] = False
     #: Clients add HetLoRA's rank self-pruning term to their loss and may lower their rank.
     self_pruning: ClassVar[bool] = False
+    #: Clients train the full weights of the targeted modules (no LoRA).
+    full_finetune: ClassVar[bool] = False
+    #: Updates are folded into the frozen base, which clients keep in their context (FLoRA, FedEx).
+    merges_into_base: ClassVar[bool] = False
 
     @staticmethod
     def client_uploads(key: str) -> bool:
@@ -82,6 +86,7 @@ class FederatedStrategy(Strategy):
         wire_dtype: str = "float32",
         seed: int = 0,
         connect_timeout_s: float = 300.0,
+        query_timeout_s: float = 120.0,
     ) -> None:
         self.fraction_train = fraction_train
         self.min_train_nodes = min_train_nodes
@@ -90,6 +95,8 @@ class FederatedStrategy(Strategy):
         self.wire_dtype = wire_dtype
         self.seed = seed
         self.connect_timeout_s = connect_timeout_s
+        self.query_timeout_s = query_timeout_s
+        self.node_ranks: dict[int, int] = {}
         self.rounds: dict[int, RoundStats] = {}
         self._outbox: list[Message] = []
         self._expected: dict[int, dict[str, tuple[int, ...]]] = {}
@@ -106,6 +113,10 @@ class FederatedStrategy(Strategy):
         return cfg
 
     # --- hooks for the rules -------------------------------------------------------------
+    def initial_state(self, trainable: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The global state before round 1, from the server model's trainable state."""
+        return {key: value for key, value in trainable.items() if self.client_uploads(key)}
+
     def payload(self, node_id: int, global_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """What ``node_id`` receives this round; by default the whole global state."""
         return global_state
@@ -115,6 +126,19 @@ class FederatedStrategy(Strategy):
     ) -> dict[str, tuple[int, ...]]:
         """Keys and shapes a valid reply from ``node_id`` holds; by default those it was sent."""
         return {key: value.shape for key, value in payload.items()}
+
+    def payload_config(self, node_id: int) -> dict[str, int | float | str]:
+        """Per-node values added to the message's config record."""
+        return {}
+
+    def encode_payload(self, payload: dict[str, np.ndarray]) -> ArrayRecord:
+        return to_record(payload, self.wire_dtype)
+
+    def accept_reply(self, node_id: int, metrics: dict[str, float]) -> None:
+        """Called with the metrics of every reply that is aggregated."""
+
+    def node_failed(self, node_id: int) -> None:
+        """Called for every sampled node whose reply was rejected or did not come."""
 
     #: The rule's pure function of (client states, weights), for rules that need nothing more.
     rule: ClassVar[Callable[[Sequence[State], Sequence[float]], dict[str, np.ndarray]] | None] = None
@@ -154,18 +178,44 @@ class FederatedStrategy(Strategy):
         rng = np.random.default_rng([self.seed, server_round])
         return [nodes[i] for i in sorted(rng.choice(len(nodes), size=count, replace=False))]
 
+    def learn_node_ranks(self, grid: Grid, config: ConfigRecord) -> None:
+        """Ask every node not seen before for its LoRA rank (a QUERY message)."""
+        unknown = [n for n in grid.get_node_ids() if n not in self.node_ranks]
+        if not unknown:
+            return
+        messages = [
+            Message(
+                RecordDict({CONFIG_KEY: ConfigRecord(dict(config))}),
+                dst_node_id=n,
+                message_type=MessageType.QUERY,
+            )
+            for n in unknown
+        ]
+        for reply in grid.send_and_receive(messages, timeout=self.query_timeout_s):
+            if reply.has_error() or METRICS_KEY not in reply.content.metric_records:
+                log.warning("node %d did not report its rank: %s", reply.metadata.src_node_id,
+                            reply.error.reason if reply.has_error() else "no metrics")  # fmt: skip
+                continue
+            rank = int(reply.content.metric_records[METRICS_KEY]["lora-rank"])
+            self.node_ranks[reply.metadata.src_node_id] = rank
+        log.info("LoRA rank per node: %s", {n: self.node_ranks.get(n) for n in unknown})
+
     # --- Strategy API --------------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        if self.heterogeneous_ranks:
+            self.learn_node_ranks(grid, config)
         self._global = from_record(arrays)
         stats = self.rounds[server_round] = RoundStats(sampled=self.sample_nodes(grid, server_round))
         self._outbox, self._expected = [], {}
         for node_id in stats.sampled:
             payload = self.payload(node_id, self._global)
-            record = to_record(payload, self.wire_dtype)
+            record = self.encode_payload(payload)
             node_config = ConfigRecord(dict(config))  # one record per node: never shared
             node_config["server-round"] = server_round
+            for key, value in self.payload_config(node_id).items():
+                node_config[key] = value
             content = RecordDict({ARRAYS_KEY: record, CONFIG_KEY: node_config})
             self._outbox.append(
                 Message(
@@ -196,6 +246,10 @@ class FederatedStrategy(Strategy):
             if node_id not in node_ids and node_id not in stats.rejected:
                 stats.rejected[node_id] = "no reply (not delivered, or none before the round timeout)"
                 log.warning("round %d: node %d rejected: %s", server_round, node_id, stats.rejected[node_id])
+        for node_id in stats.rejected:
+            self.node_failed(node_id)
+        for node_id, reply_metrics in zip(node_ids, metrics, strict=True):
+            self.accept_reply(node_id, reply_metrics)
         self._outbox = []
         stats.aggregated = node_ids
         if len(states) < self.min_replies:

@@ -9,11 +9,14 @@ transposes for nn.Linear too, which silently corrupts square query/value weights
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from strategies.averaging import normalize_weights
-from strategies.lowrank import weighted_product
+from finetune.config import ExperimentConfig
+from strategies.averaging import normalize_weights, weighted_mean
+from strategies.lowrank import lora_layers, lora_scale, weighted_product
+from strategies.merging import BaseMergingStrategy, Factors
 
 
 def fedex_residual(
@@ -35,11 +38,41 @@ def fedex_residual(
 def fedex_residual_factors(
     As: Sequence[np.ndarray], Bs: Sequence[np.ndarray], weights: Sequence[float], scale: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The residual as exact low-rank factors ``(R, L)``, ``L R = s(Σ p_k B_k A_k − B̄Ā)``, of rank
-    (K+1) r: ``L = s[p_1 B_1 … p_K B_K, −B̄]``, ``R = [A_1; …; A_K; Ā]`` (nn.Linear layout)."""
+    """The residual as exact low-rank factors ``(L, R)`` in nn.Linear layout, from the identity
+    ``Σ p_k B_k A_k − B̄Ā = Σ p_k (B_k − B̄)(A_k − Ā)`` (Σ p_k = 1): ``L = s[p_1(B_1 − B̄) …]``,
+    ``R = [A_1 − Ā; …]``, rank K r — cheaper than the dense matrix whenever K r (d_in + d_out) <
+    d_in d_out, and exactly zero when the clients' A (or B) agree."""
     p = normalize_weights(weights)
     A_bar = sum(pk * A.astype(np.float64) for pk, A in zip(p, As, strict=True))
     B_bar = sum(pk * B.astype(np.float64) for pk, B in zip(p, Bs, strict=True))
-    L = scale * np.concatenate([*(pk * B for pk, B in zip(p, Bs, strict=True)), -B_bar], axis=1)
-    R = np.concatenate([*(A.astype(np.float64) for A in As), A_bar], axis=0)
-    return R, L
+    L = scale * np.concatenate([pk * (B - B_bar) for pk, B in zip(p, Bs, strict=True)], axis=1)
+    R = np.concatenate([A - A_bar for A in As], axis=0)
+    return L, R
+
+
+class FedExLoRA(BaseMergingStrategy):
+    """FedIT's means for the adapter and head; the residual merged into every client's base."""
+
+    name = "fedex_lora"
+
+    def __init__(self, *, scale: float = 2.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.scale = scale
+
+    @classmethod
+    def options(cls, cfg: ExperimentConfig) -> dict[str, Any]:
+        return {**super().options(cfg), "scale": lora_scale(cfg.method.alpha, cfg.method.rank)}
+
+    def merge(
+        self,
+        global_trainable: dict[str, np.ndarray],
+        client_states: Sequence[dict[str, np.ndarray]],
+        weights: np.ndarray,
+    ) -> tuple[dict[str, np.ndarray], Factors]:
+        new = weighted_mean(client_states, weights)  # Ā, B̄ and the head
+        increment = {}
+        for prefix, (a_key, b_key) in lora_layers(global_trainable).items():
+            As = [state[a_key] for state in client_states]
+            Bs = [state[b_key] for state in client_states]
+            increment[prefix] = fedex_residual_factors(As, Bs, weights, self.scale)
+        return new, increment

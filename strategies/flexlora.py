@@ -12,13 +12,13 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from finetune.config import ExperimentConfig
 from finetune.records import from_record
 from strategies.averaging import normalize_weights, weighted_mean
-from strategies.base import CONFIG_KEY, METRICS_KEY, FederatedStrategy
+from strategies.base import FederatedStrategy
 from strategies.lowrank import (
     compact_svd,
     factors_from_svd,
@@ -59,12 +59,9 @@ class FlexLoRA(FederatedStrategy):
     name = "flexlora"
     heterogeneous_ranks = True
 
-    def __init__(
-        self, *, alpha: float = 16.0, global_rank: int = 64, query_timeout_s: float = 120.0, **kwargs: Any
-    ) -> None:
+    def __init__(self, *, alpha: float = 16.0, global_rank: int = 64, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.alpha, self.global_rank, self.query_timeout_s = alpha, global_rank, query_timeout_s
-        self.node_ranks: dict[int, int] = {}
+        self.alpha, self.global_rank = alpha, global_rank
         self._svd: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     @classmethod
@@ -79,7 +76,6 @@ class FlexLoRA(FederatedStrategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._learn_node_ranks(grid, config)
         self.prepare_payloads(from_record(arrays))
         return super().configure_train(server_round, arrays, config, grid)
 
@@ -135,27 +131,6 @@ class FlexLoRA(FederatedStrategy):
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """SVD of the mean update ``Σ p_k s_k B_k A_k``: dense here, QR-compact in HLoRA."""
         return np.linalg.svd(flexlora_product(As, Bs, weights, scales), full_matrices=False)
-
-    def _learn_node_ranks(self, grid: Grid, config: ConfigRecord) -> None:
-        unknown = [n for n in grid.get_node_ids() if n not in self.node_ranks]
-        if not unknown:
-            return
-        messages = [
-            Message(
-                RecordDict({CONFIG_KEY: ConfigRecord(dict(config))}),
-                dst_node_id=n,
-                message_type=MessageType.QUERY,
-            )
-            for n in unknown
-        ]
-        for reply in grid.send_and_receive(messages, timeout=self.query_timeout_s):
-            if reply.has_error() or METRICS_KEY not in reply.content.metric_records:
-                log.warning("node %d did not report its rank: %s", reply.metadata.src_node_id,
-                            reply.error.reason if reply.has_error() else "no metrics")  # fmt: skip
-                continue
-            rank = int(reply.content.metric_records[METRICS_KEY]["lora-rank"])
-            self.node_ranks[reply.metadata.src_node_id] = rank
-        log.info("LoRA rank per node: %s", {n: self.node_ranks.get(n) for n in unknown})
 
 
 def global_rank(cfg: ExperimentConfig) -> int:

@@ -6,10 +6,14 @@ update into their base weights and start a fresh LoRA each round."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from strategies.averaging import normalize_weights
+from finetune.config import ExperimentConfig
+from strategies.averaging import normalize_weights, weighted_mean
+from strategies.lowrank import lora_layers, lora_scale, split_state
+from strategies.merging import BaseMergingStrategy, Factors
 
 
 def flora_stack(
@@ -20,3 +24,42 @@ def flora_stack(
     A_stack = np.concatenate([pk * A.astype(np.float64) for pk, A in zip(p, As, strict=True)], axis=0)
     B_stack = np.concatenate([B.astype(np.float64) for B in Bs], axis=1)
     return A_stack, B_stack
+
+
+class FLoRA(BaseMergingStrategy):
+    """Fresh adapter every round, at each node's own rank; the stacked update goes into the base.
+
+    The global state is the head plus the base deltas; the stack is applied as the increment
+    ``L R`` with ``L = [s_1 B_1 … s_K B_K]`` and ``R = [p_1 A_1; …; p_K A_K]``.
+    """
+
+    name = "flora"
+    heterogeneous_ranks = True
+    global_lora = False
+
+    def __init__(self, *, alpha: float = 16.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.alpha = alpha
+
+    @classmethod
+    def options(cls, cfg: ExperimentConfig) -> dict[str, Any]:
+        return {**super().options(cfg), "alpha": cfg.method.alpha}
+
+    def merge(
+        self,
+        global_trainable: dict[str, np.ndarray],
+        client_states: Sequence[dict[str, np.ndarray]],
+        weights: np.ndarray,
+    ) -> tuple[dict[str, np.ndarray], Factors]:
+        heads = [split_state(state)[1] for state in client_states]
+        new = weighted_mean(heads, weights) if heads[0] else {}
+        increment = {}
+        for prefix, (a_key, b_key) in lora_layers(client_states[0]).items():
+            As = [state[a_key] for state in client_states]
+            Bs = [
+                lora_scale(self.alpha, A.shape[0]) * state[b_key]
+                for A, state in zip(As, client_states, strict=True)
+            ]
+            R, L = flora_stack(As, Bs, weights)
+            increment[prefix] = (L, R)
+        return new, increment

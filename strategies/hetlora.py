@@ -5,16 +5,14 @@ example weight). Inexact, by design of the paper; clients self-prune their rank.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
 
 from finetune.config import ExperimentConfig
 from strategies.averaging import normalize_weights
-from strategies.base import METRICS_KEY
 from strategies.flexlora import FlexLoRA
 from strategies.lowrank import pad_rank
 
@@ -109,19 +107,10 @@ class HetLoRA(FlexLoRA):
         unit_Bs = [sk * B for sk, B in zip(scales, Bs, strict=True)]
         return hetlora_aggregate(As, unit_Bs, weights, [1.0] * len(As), self.global_rank)
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        result = super().aggregate_train(server_round, replies)
-        aggregated = set(self.rounds[server_round].aggregated)
-        for reply in replies:  # a pruned rank applies from the node's next round
-            node = reply.metadata.src_node_id
-            if node in aggregated and METRICS_KEY in reply.content.metric_records:
-                rank = reply.content.metric_records[METRICS_KEY].get("lora-rank")
-                if isinstance(rank, int | float) and 1 <= rank <= self.global_rank:
-                    self.node_ranks[node] = int(rank)
-        return result
+    def accept_reply(self, node_id: int, metrics: dict[str, float]) -> None:
+        rank = metrics.get("lora-rank")  # a pruned rank applies from the node's next round
+        if rank is not None and 1 <= rank <= self.global_rank:
+            self.node_ranks[node_id] = int(rank)
 
 
 def max_rank(cfg: ExperimentConfig) -> int:

@@ -12,6 +12,7 @@ import numpy as np
 
 LORA_A_SUFFIX = ".lora_A.weight"
 LORA_B_SUFFIX = ".lora_B.weight"
+BASE_DELTA_SUFFIX = ".base_delta"  # a merged update of a layer's frozen weight, d_out × d_in
 
 
 def is_lora_a(key: str) -> bool:
@@ -24,6 +25,10 @@ def is_lora_b(key: str) -> bool:
 
 def is_lora(key: str) -> bool:
     return is_lora_a(key) or is_lora_b(key)
+
+
+def is_base_delta(key: str) -> bool:
+    return key.endswith(BASE_DELTA_SUFFIX)
 
 
 def lora_layers(keys: Iterable[str]) -> dict[str, tuple[str, str]]:
@@ -107,3 +112,9 @@ def split_state(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
     """``(LoRA factors, everything else)`` — the second part (heads) is averaged plainly."""
     lora = {k: v for k, v in state.items() if is_lora(k)}
     return lora, {k: v for k, v in state.items() if not is_lora(k)}
+
+
+def split_base_deltas(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``(trainable state, {layer prefix: base delta})`` of a global state."""
+    deltas = {k[: -len(BASE_DELTA_SUFFIX)]: v for k, v in state.items() if is_base_delta(k)}
+    return {k: v for k, v in state.items() if not is_base_delta(k)}, deltas

@@ -5,10 +5,12 @@ Two clients share one process (as in a Ray actor), so state leaking between them
 
 import numpy as np
 import pytest
+import torch
 from fakes import TaskIdentity  # noqa: F401  (sets the task identity Message() needs)
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client_app.app import LOCAL_KEY, evaluate, train
+from client_app.session import _SESSIONS
 from finetune.config import compose_config
 from finetune.models import build_model
 from finetune.records import from_record, to_record
@@ -65,7 +67,6 @@ def test_ffa_keeps_A_bit_identical_and_uploads_no_A(hub_mirror):
         for server_round in (1, 2):
             reply = train(_message(cfg, global_state, server_round=server_round), context)
             assert set(from_record(reply.content.array_records["arrays"])) == set(global_state)
-    from client_app.session import _SESSIONS
 
     after = trainable_state(next(reversed(_SESSIONS.values())).model)
     for key in init:
@@ -163,3 +164,79 @@ def test_hetlora_client_penalises_the_tail_and_prunes_when_it_shrinks(hub_mirror
     assert all(v.shape[0] == 8 for k, v in upload.items() if is_lora_a(k))  # this round's rank
     assert second.content.metric_records["metrics"]["lora-rank"] == 7  # next round's
     assert context.state.config_records["rank-pruning"]["rank"] == 7
+
+
+def _merging_message(cfg, state, server_round, version, from_version):
+    message = _message(cfg, state, server_round=server_round)
+    config = message.content.config_records["config"]
+    config["base-version"], config["base-from"] = version, from_version
+    return message
+
+
+def test_fedex_client_keeps_its_merged_base_and_catches_up_exactly(hub_mirror):
+    from finetune.state import base_weights, lora_base_layers
+    from strategies.merging import apply_increment
+
+    cfg = _cfg("fedex_lora", hub_mirror)
+    init, global_state = _global(cfg, hub_mirror)
+    w0 = base_weights(build_model(cfg, hub_mirror))
+    rng = np.random.default_rng(0)
+    dense = {p: rng.normal(size=tuple(w.shape), scale=0.01).astype(np.float32) for p, w in w0.items()}
+    context = _context(0)
+    sync = {p + ".base_delta": d for p, d in dense.items()}
+    reply = train(_merging_message(cfg, {**global_state, **sync}, 1, version=3, from_version=-1), context)
+    assert reply.content.metric_records["metrics"]["base-version"] == 3
+    assert set(from_record(reply.content.array_records["arrays"])) == set(init)  # no base travels up
+    held = from_record(context.state.array_records["merged-base"])
+    assert all(np.array_equal(held[p], dense[p]) for p in dense)
+    model = next(reversed(_SESSIONS.values())).model
+    for prefix, layer in lora_base_layers(model).items():  # the model trained on W0 + D
+        torch.testing.assert_close(
+            layer.get_base_layer().weight, w0[prefix] + torch.from_numpy(dense[prefix])
+        )
+
+    factors = {
+        p: (rng.normal(size=(d.shape[0], 4)), rng.normal(size=(4, d.shape[1]))) for p, d in dense.items()
+    }
+    updates = {}
+    for p, (L, R) in factors.items():
+        updates[f"{p}.base_update.5.L"], updates[f"{p}.base_update.5.R"] = (
+            L.astype(np.float32),
+            R.astype(np.float32),
+        )
+    train(_merging_message(cfg, {**global_state, **updates}, 2, version=5, from_version=3), context)
+    held = from_record(context.state.array_records["merged-base"])
+    for p, (L, R) in factors.items():  # bit-identical to the server's own apply_increment
+        np.testing.assert_array_equal(
+            held[p], apply_increment(dense[p], L.astype(np.float32), R.astype(np.float32))
+        )
+    assert context.state.config_records["merged-base-version"]["version"] == 5
+
+    with pytest.raises(RuntimeError, match="out of sync"):  # the server believes it holds 4
+        train(_merging_message(cfg, {**global_state, **updates}, 3, version=6, from_version=4), context)
+
+
+def test_flora_client_trains_a_fresh_adapter_at_its_rank_and_uploads_it(hub_mirror):
+    cfg = _cfg("flora", hub_mirror)
+    cfg.method.client_ranks = [2, 4]
+    init = trainable_state(build_model(cfg, hub_mirror))
+    head = {k: v for k, v in init.items() if "lora" not in k}
+    context = _context(1)
+    uploads = []
+    for server_round in (1, 2):
+        reply = train(_merging_message(cfg, head, server_round, version=0, from_version=0), context)
+        uploads.append(from_record(reply.content.array_records["arrays"]))
+    for upload in uploads:
+        assert set(upload) == set(init)
+        assert all(v.shape[0] == 4 for k, v in upload.items() if is_lora_a(k))  # partition 1 → rank 4
+    assert all(not np.allclose(uploads[0][k], uploads[1][k], atol=1e-2) for k in uploads[0] if is_lora_a(k))
+
+
+def test_full_client_moves_every_targeted_weight(hub_mirror):
+    cfg = _cfg("full", hub_mirror)
+    init, global_state = _global(cfg, hub_mirror)
+    assert set(global_state) == set(init) and any(k.endswith("query.weight") for k in init)
+    reply = train(_message(cfg, global_state), _context(0))
+    upload = from_record(reply.content.array_records["arrays"])
+    assert set(upload) == set(init)
+    assert all(not np.array_equal(upload[k], init[k]) for k in init if k.endswith("weight"))

@@ -86,6 +86,16 @@ def test_every_method_runs_two_rounds(superlink, hub_mirror, tmp_path, method):
         assert json.loads((run_dir / "summary.json").read_text())["adapter_dir"] is None
         return
     cfg = compose_config({"model": "tiny_bert", "method": method}, TINY_OVERRIDES)
+    rule = STRATEGIES[method]
+    if rule.full_finetune or rule.merges_into_base:  # the result is a whole model, not an adapter
+        saved = load_file(str(run_dir / "model" / "model.safetensors"))
+        pretrained = build_base_model(cfg, hub_mirror).state_dict()
+        queries = [k for k in saved if k.endswith("query.weight")]
+        assert queries and all(not np.allclose(saved[k], pretrained[k].numpy()) for k in queries)
+        assert all(saved[k].shape == pretrained[k].shape for k in saved)  # LoRA merged away
+        if rule.merges_into_base:  # each round's update reached the clients as factors or dense
+            assert rows[2]["bytes_down"] > rows[1]["bytes_down"]
+        return
     adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     if STRATEGIES[method].heterogeneous_ranks:  # client ranks 4 and 8; global factors, unit scale
         rank = STRATEGIES[method].server_model_config(cfg).method.rank

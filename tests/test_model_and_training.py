@@ -123,3 +123,92 @@ def test_round_lr_schedules():
     assert [round_lr(linear, r, 3) for r in (1, 2, 3)] == pytest.approx([1.0, 0.5, 0.0])
     warm = TrainConfig(lr=1.0, lr_schedule="constant", warmup_rounds=3)
     assert [round_lr(warm, r, 10) for r in (1, 2, 3, 4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+
+
+# --- base deltas (FLoRA / FedEx-LoRA), full fine-tuning, fresh adapters ----------------------
+
+
+def _tiny_gpt2():
+    """GPT-2 stores its projections as Conv1D (d_in × d_out): peft marks them fan_in_fan_out."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16, pad_token_id=0)
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True, task_type="SEQ_CLS")
+    return get_peft_model(GPT2ForSequenceClassification(config), lora), {
+        "input_ids": torch.tensor([[1, 5, 7]])
+    }
+
+
+@pytest.mark.parametrize("arch", ["bert (nn.Linear)", "gpt2 (Conv1D)"])
+def test_base_delta_in_math_layout_matches_the_lora_product(arch, tiny_cfg, hub_mirror):
+    """``W0 + D`` with ``D = s B A`` (d_out × d_in) must act exactly like the adapter itself."""
+    from finetune.state import base_weights, lora_base_layers, set_base_deltas
+
+    if arch.startswith("gpt2"):
+        model, inputs = _tiny_gpt2()
+        layer = next(iter(lora_base_layers(model).values()))
+        assert layer.fan_in_fan_out and layer.get_base_layer().weight.shape == (16, 48)  # d_in × d_out
+    else:
+        model, inputs = build_model(tiny_cfg, hub_mirror), {"input_ids": torch.tensor([[101, 2023, 102]])}
+    model.eval()
+    w0 = base_weights(model)
+    state = trainable_state(model)
+    rng = np.random.default_rng(0)
+    state = {k: rng.normal(size=v.shape).astype(np.float32) if "lora_B" in k else v for k, v in state.items()}
+    load_trainable_state(model, state)
+    with_adapter = model(**inputs).logits
+    deltas = {}
+    for prefix, layer in lora_base_layers(model).items():
+        s = layer.scaling["default"]
+        deltas[prefix] = s * state[prefix + ".lora_B.weight"] @ state[prefix + ".lora_A.weight"]
+    load_trainable_state(model, {k: np.zeros_like(v) if "lora_B" in k else v for k, v in state.items()})
+    set_base_deltas(model, w0, deltas)
+    torch.testing.assert_close(model(**inputs).logits, with_adapter, rtol=1e-4, atol=1e-5)
+    set_base_deltas(model, w0, {})  # no deltas: back to the pretrained base exactly
+    for prefix, layer in lora_base_layers(model).items():
+        assert torch.equal(layer.get_base_layer().weight, w0[prefix])
+
+
+def test_full_fine_tuning_trains_the_targeted_weights_and_head(hub_mirror):
+    from conftest import TINY_OVERRIDES
+
+    from finetune.config import ConfigError, compose_config
+
+    cfg = compose_config({"model": "tiny_bert", "method": "full"}, TINY_OVERRIDES)
+    model = build_model(cfg, hub_mirror)
+    assert not isinstance(model, PeftModel)
+    state = trainable_state(model)
+    assert {k.split(".")[-2] for k in state} == {"query", "value", "classifier"}
+    assert len([k for k in state if ".query." in k]) == 2 * 2  # weight + bias in 2 layers
+    load_trainable_state(model, {k: v + 1.0 for k, v in state.items()})
+    assert all(np.array_equal(trainable_state(model)[k], v + 1.0) for k, v in state.items())
+    everything = build_model(
+        compose_config({"model": "tiny_bert", "method": "full"}, [*TINY_OVERRIDES, "method.full_scope=all"]),
+        hub_mirror,
+    )
+    assert all(p.requires_grad for p in everything.parameters())
+    with pytest.raises(ConfigError, match="nope"):
+        build_model(
+            compose_config(
+                {"model": "tiny_bert", "method": "full"}, [*TINY_OVERRIDES, "model.lora_targets=[nope]"]
+            ),
+            hub_mirror,
+        )
+
+
+def test_fresh_adapter_is_seeded(model):
+    from finetune.models import reinitialize_lora
+
+    load_trainable_state(model, {k: v + 1.0 for k, v in trainable_state(model).items()})
+    reinitialize_lora(model, seed=7)
+    first = trainable_state(model)
+    assert all(not v.any() for k, v in first.items() if "lora_B" in k)
+    reinitialize_lora(model, seed=8)
+    other = trainable_state(model)
+    reinitialize_lora(model, seed=7)
+    again = trainable_state(model)
+    a_keys = [k for k in first if "lora_A" in k]
+    assert all(np.array_equal(first[k], again[k]) for k in a_keys)
+    assert all(not np.array_equal(first[k], other[k]) for k in a_keys)

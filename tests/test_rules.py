@@ -92,9 +92,17 @@ def test_fedex_low_rank_residual_factors_are_exact():
     rng = np.random.default_rng(4)
     As, Bs = factors(rng, [2, 2, 2])
     _, _, dense = fedex_residual(As, Bs, [3, 1, 1], 1.5)
-    R, L = fedex_residual_factors(As, Bs, [3, 1, 1], 1.5)
-    assert L.shape == (D_OUT, 8) and R.shape == (8, D_IN)  # (K+1) r
+    L, R = fedex_residual_factors(As, Bs, [3, 1, 1], 1.5)
+    assert L.shape == (D_OUT, 6) and R.shape == (6, D_IN)  # K r
     np.testing.assert_allclose(L @ R, dense, atol=1e-12)
+
+
+def test_fedex_residual_vanishes_when_clients_share_A():
+    rng = np.random.default_rng(14)
+    As, Bs = factors(rng, [3, 3, 3])
+    shared = [As[0]] * 3
+    L, R = fedex_residual_factors(shared, Bs, [1, 2, 3], 2.0)
+    assert np.abs(L @ R).max() < 1e-12  # FedIT is exact here, so FedEx adds nothing
 
 
 # --- FlexLoRA / HLoRA ---------------------------------------------------------------------
