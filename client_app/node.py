@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import psutil
+import torch
 from flwr.app import UserConfig
 
 from finetune.config import ExperimentConfig
@@ -36,10 +38,21 @@ def node_hub_mirror(node_config: UserConfig, experiment_mirror: str) -> Path | N
 
 
 def node_rank(node_config: UserConfig, cfg: ExperimentConfig, partition_id: int) -> int:
-    """This node's LoRA rank: its own ``lora-rank`` node config, else the experiment's rule."""
+    """This node's LoRA rank: its own ``lora-rank`` node config, else the memory rule, else the
+    experiment's per-partition ranks."""
     if "lora-rank" in node_config:
         rank = int(node_config["lora-rank"])
         if rank < 1:
             raise ValueError(f"node config lora-rank must be >= 1, got {rank}")
         return rank
-    return cfg.client_rank(partition_id)
+    by_memory = cfg.memory_rank(node_memory_gb(node_config)) if cfg.method.rank_by_memory_gb else None
+    return by_memory if by_memory is not None else cfg.client_rank(partition_id)
+
+
+def node_memory_gb(node_config: UserConfig) -> float:
+    """Node config ``memory-gb``, else the GPU's memory, else the machine's RAM."""
+    if "memory-gb" in node_config:
+        return float(node_config["memory-gb"])
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / 2**30
+    return psutil.virtual_memory().total / 2**30

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -50,9 +51,15 @@ class MethodConfig:
     dropout: float = 0.05
     weighting: str = "examples"  # examples | uniform
     wire_dtype: str = "float32"  # dtype of arrays on the wire
-    # Heterogeneous ranks (flexlora, hlora): client with partition id p trains at
-    # client_ranks[p % len(client_ranks)] (a node's `lora-rank` node config wins); [] = `rank`.
+    # Heterogeneous ranks (flexlora, hlora, hetlora, flora), first rule that applies:
+    # 1. a node's own `lora-rank` node config;
+    # 2. rank_by_memory_gb: [[min GB, rank], ...] — the largest rank whose threshold the node's
+    #    memory reaches, in whole GB (node config `memory-gb`, else its GPU memory, else its RAM);
+    # 3. client_ranks with client_rank_probs: a rank drawn per partition id (seeded);
+    # 4. client_ranks alone: client_ranks[p % len(client_ranks)]; [] = `rank` for everyone.
     client_ranks: list[int] = field(default_factory=list)
+    client_rank_probs: list[float] = field(default_factory=list)
+    rank_by_memory_gb: list[list[int]] = field(default_factory=list)
     # Rank of the server's global factors; 0 = the sum of all clients' ranks (exact aggregation).
     global_rank: int = 0
     # hetlora: rank self-pruning regulariser λ‖B[:, k:]‖‖A[k:, :]‖ with k = ceil(γ r)
@@ -81,6 +88,21 @@ class MethodConfig:
         _choice(self.wire_dtype, WIRE_DTYPES, "method.wire_dtype")
         _require(
             all(r >= 1 for r in self.client_ranks), f"method.client_ranks must be >= 1: {self.client_ranks}"
+        )
+        if self.client_rank_probs:
+            probs = self.client_rank_probs
+            _require(
+                len(probs) == len(self.client_ranks)
+                and all(p >= 0 for p in probs)
+                and abs(sum(probs) - 1) < 1e-6,
+                f"method.client_rank_probs {probs} must be {len(self.client_ranks)} non-negative numbers "
+                f"summing to 1, one per method.client_ranks entry",
+            )
+        rule = self.rank_by_memory_gb
+        _require(
+            all(len(step) == 2 and step[1] >= 1 and step[1] == int(step[1]) for step in rule)
+            and [step[0] for step in rule] == sorted({step[0] for step in rule}),
+            f"method.rank_by_memory_gb {rule} must be [[min GB, rank], ...] with rising thresholds",
         )
         _require(self.global_rank >= 0, f"method.global_rank must be >= 0, got {self.global_rank}")
         _require(self.prune_lambda >= 0, f"method.prune_lambda must be >= 0, got {self.prune_lambda}")
@@ -267,9 +289,28 @@ class ExperimentConfig:
         return self
 
     def client_rank(self, partition_id: int) -> int:
-        """The LoRA rank the config gives the client of ``partition_id``."""
+        """The LoRA rank the config gives the client of ``partition_id`` (no node settings)."""
         ranks = self.method.client_ranks
-        return ranks[partition_id % len(ranks)] if ranks else self.method.rank
+        if not ranks:
+            return self.method.rank
+        if self.method.client_rank_probs:
+            rng = np.random.default_rng([self.seed, partition_id])
+            return int(rng.choice(ranks, p=self.method.client_rank_probs))
+        return ranks[partition_id % len(ranks)]
+
+    def memory_rank(self, memory_gb: float) -> int | None:
+        """The rank ``rank_by_memory_gb`` gives a node with ``memory_gb``, None without a rule."""
+        rule = self.method.rank_by_memory_gb
+        if not rule:
+            return None
+        fitting = [int(rank) for threshold, rank in rule if memory_gb >= threshold]
+        return fitting[-1] if fitting else int(rule[0][1])
+
+    def max_client_rank(self, partition_id: int) -> int:
+        """The largest rank the client of ``partition_id`` can train at under the config."""
+        if self.method.rank_by_memory_gb:
+            return max(int(rank) for _, rank in self.method.rank_by_memory_gb)
+        return self.client_rank(partition_id)
 
     def with_rank(self, rank: int, alpha: float | None = None) -> ExperimentConfig:
         """A copy whose adapter has ``rank`` (and ``alpha``, if given)."""
@@ -312,6 +353,18 @@ class ExperimentConfig:
         return cls.from_dict(json.loads(text))
 
 
+SCHEMA_NAME = "experiment_schema"
+
+
+def register_schema() -> None:
+    """Make :class:`ExperimentConfig` the schema under ``conf/config.yaml`` (its first default):
+    every key is type-checked while Hydra composes, any key can be overridden, and a group
+    file only lists what differs from the defaults."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=ExperimentConfig)
+
+
 def available_choices(group: str) -> list[str]:
     """The option names of a config group (the YAML files in ``conf/<group>/``)."""
     return sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
@@ -340,6 +393,7 @@ def compose_config(
     hydra_overrides = [f"{group}={option}" for group, option in selections.items()]
     hydra_overrides += override_list
 
+    register_schema()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base=None):

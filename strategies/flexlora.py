@@ -135,4 +135,4 @@ class FlexLoRA(FederatedStrategy):
 
 def global_rank(cfg: ExperimentConfig) -> int:
     """``method.global_rank``, or the sum of every client's configured rank."""
-    return cfg.method.global_rank or sum(cfg.client_rank(p) for p in range(cfg.partition.num_clients))
+    return cfg.method.global_rank or sum(cfg.max_client_rank(p) for p in range(cfg.partition.num_clients))

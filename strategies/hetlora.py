@@ -115,4 +115,4 @@ class HetLoRA(FlexLoRA):
 
 def max_rank(cfg: ExperimentConfig) -> int:
     """``method.global_rank``, or the largest configured client rank."""
-    return cfg.method.global_rank or max(cfg.client_rank(p) for p in range(cfg.partition.num_clients))
+    return cfg.method.global_rank or max(cfg.max_client_rank(p) for p in range(cfg.partition.num_clients))

@@ -143,3 +143,39 @@ def test_hetlora_takes_pruned_ranks_from_replies():
     messages = list(strategy.configure_train(1, to_record(initial_global(rank=4)), ConfigRecord(), grid))
     strategy.aggregate_train(1, exchange(grid, messages, timeout=1.0))
     assert strategy.node_ranks == pruned
+
+
+def test_rank_from_a_distribution_is_seeded_per_partition():
+    overrides = "partition.num_clients=40 method.client_ranks=[2,8] method.client_rank_probs=[0.25,0.75]"
+    cfg = compose_config({"method": "flexlora"}, overrides)
+    ranks = [cfg.client_rank(p) for p in range(40)]
+    assert ranks == [compose_config({"method": "flexlora"}, overrides).client_rank(p) for p in range(40)]
+    assert set(ranks) == {2, 8} and 20 <= ranks.count(8) <= 38  # ~30 of 40 expected
+    assert global_rank(cfg) == sum(ranks)
+
+
+def test_rank_from_the_nodes_memory():
+    from client_app.node import node_rank
+
+    cfg = compose_config({"method": "flexlora"}, "method.rank_by_memory_gb=[[0,4],[16,8],[40,16]]")
+    assert [cfg.memory_rank(gb) for gb in (8, 16, 24, 80)] == [4, 8, 8, 16]
+    assert node_rank({"memory-gb": 24}, cfg, 0) == 8
+    assert node_rank({"memory-gb": 24, "lora-rank": 2}, cfg, 0) == 2  # the node's own rank wins
+    assert node_rank({}, cfg, 0) in (4, 8, 16)  # this machine's GPU memory or RAM
+    assert global_rank(cfg) == 16 * cfg.partition.num_clients  # room for every node at its largest
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("method.client_ranks=[2,8] method.client_rank_probs=[0.5]", "client_rank_probs"),
+        ("method.client_ranks=[2,8] method.client_rank_probs=[0.5,0.6]", "summing to 1"),
+        ("method.rank_by_memory_gb=[[16,8],[0,4]]", "rising thresholds"),
+        ("method.rank_by_memory_gb=[[0,0]]", "rank_by_memory_gb"),
+    ],
+)
+def test_bad_rank_rules_are_config_errors(override, message):
+    from finetune.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        compose_config({"method": "flexlora"}, override)
