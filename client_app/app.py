@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.node import node_hub_mirror, node_partition, node_rank
@@ -16,10 +17,12 @@ from client_app.session import ClientSession, get_session
 from finetune.config import ExperimentConfig
 from finetune.logs import setup_logging
 from finetune.models import reinitialize_lora
+from finetune.optim import build_optimizer
+from finetune.privacy import PrivateRound, epsilon, plan_round
 from finetune.records import from_record, to_record
 from finetune.state import load_trainable_state, set_base_deltas, trainable_state
 from finetune.training import evaluate as evaluate_model
-from finetune.training import train_local
+from finetune.training import local_step_count, train_local
 from strategies import STRATEGIES, FederatedStrategy
 from strategies.base import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
 from strategies.hetlora import hetlora_penalty_tail, self_pruning_penalty
@@ -30,6 +33,8 @@ log = logging.getLogger(__name__)
 app = ClientApp()
 LOCAL_KEY = "local-arrays"  # context.state record of what the rule keeps on the client
 PRUNING_KEY = "rank-pruning"  # context.state record of HetLoRA's current rank and tail norm
+OPTIMIZER_KEY = "optimizer-state"  # context.state record of the optimizer (train.keep_optimizer_state)
+DP_KEY = "dp-history"  # context.state record of the DP-SGD rounds this node trained
 BASE_KEY = "merged-base"  # context.state record of the base deltas (FLoRA, FedEx-LoRA) ...
 BASE_VERSION_KEY = "merged-base-version"  # ... and the server round of the last merge in them
 
@@ -92,6 +97,9 @@ def train(msg: Message, context: Context) -> Message:
     data = job.session.partition(job.partition_id)
     server_round = int(job.config["server-round"])
     method = job.cfg.method
+    privacy = plan_private_round(job, context, len(data))
+    records = context.state.array_records
+    keep_state = job.cfg.train.keep_optimizer_state
     result = train_local(
         job.session.model,
         data,
@@ -104,7 +112,14 @@ def train(msg: Message, context: Context) -> Message:
             if job.rule.self_pruning
             else None
         ),
+        optimizer=partial(build_optimizer, cfg=job.cfg, kind=job.rule.local_optimizer),
+        optimizer_state=records[OPTIMIZER_KEY]["state"].numpy()
+        if keep_state and OPTIMIZER_KEY in records
+        else None,
+        privacy=privacy,
     )
+    if result.optimizer_state is not None:
+        context.state[OPTIMIZER_KEY] = ArrayRecord({"state": Array(result.optimizer_state)})
     metrics = MetricRecord(
         {
             NUM_EXAMPLES_KEY: len(data),
@@ -114,8 +129,12 @@ def train(msg: Message, context: Context) -> Message:
             "samples-per-second": result.samples_per_second,
             "peak-memory-mb": result.peak_memory_mb,
             "partition-id": job.partition_id,
+            "optimizer-state-bytes": result.optimizer_state_bytes,
         }
     )
+    if privacy is not None:
+        metrics["dp-epsilon"] = record_private_round(context, privacy)
+        metrics["dp-noise-multiplier"] = privacy.noise_multiplier
     if job.rule.merges_into_base:
         metrics[VERSION_KEY] = int(job.config[VERSION_KEY])
     if job.rule.heterogeneous_ranks:
@@ -151,6 +170,43 @@ def query(msg: Message, context: Context) -> Message:
         {"lora-rank": current_rank(context, cfg, partition_id), "partition-id": partition_id}
     )
     return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+
+
+def plan_private_round(job: Prepared, context: Context, num_examples: int) -> PrivateRound | None:
+    """This round's DP-SGD parameters, or None without DP; refuses once the budget is spent."""
+    dp = job.cfg.privacy
+    if not dp.enabled:
+        return None
+    steps = local_step_count(job.cfg.train, num_examples)
+    plan = plan_round(dp, num_examples, job.cfg.train.batch_size, steps, job.cfg.federation.num_rounds)
+    if dp.target_epsilon > 0:
+        after = epsilon(
+            [*dp_history(context), (plan.noise_multiplier, plan.sample_rate, steps)],
+            dp.target_delta,
+            dp.accountant,
+        )
+        if after > dp.target_epsilon * (1 + 1e-3):
+            raise RuntimeError(
+                f"privacy budget exhausted: another round would spend ε={after:.3f} > "
+                f"privacy.target_epsilon={dp.target_epsilon} (δ={dp.target_delta})"
+            )
+    return plan
+
+
+def dp_history(context: Context) -> list[tuple[float, float, int]]:
+    record = context.state.config_records.get(DP_KEY)
+    if record is None:
+        return []
+    return list(zip(record["noise"], record["rate"], record["steps"], strict=True))
+
+
+def record_private_round(context: Context, plan: PrivateRound) -> float:
+    """Add this round to the node's DP history (in its context) and return ε spent so far."""
+    history = [*dp_history(context), (plan.noise_multiplier, plan.sample_rate, plan.steps)]
+    context.state[DP_KEY] = ConfigRecord(
+        {"noise": [h[0] for h in history], "rate": [h[1] for h in history], "steps": [h[2] for h in history]}
+    )
+    return epsilon(history, plan.delta, plan.accountant)
 
 
 def current_rank(context: Context, cfg: ExperimentConfig, partition_id: int) -> int:

@@ -37,6 +37,14 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def clients_per_round(num_nodes: int, fraction: float, minimum: int) -> int:
+    """How many of ``num_nodes`` connected nodes a round samples."""
+    return min(num_nodes, max(int(num_nodes * fraction), minimum))
+
+
+GALORE_PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+
+
 def _choice(value: str, choices: tuple[str, ...], what: str) -> None:
     _require(value in choices, f"{what}={value!r} is not valid; choose one of {list(choices)}")
 
@@ -76,6 +84,11 @@ class MethodConfig:
     full_scope: str = "targets"
     # The method's own peak learning rate (full fine-tuning wants far less than LoRA); 0 = train.lr.
     lr: float = 0.0
+    # galore: projection rank is `rank`; subspace refresh every galore_update_proj_gap optimizer
+    # steps (counted across rounds when train.keep_optimizer_state), update scale, projection side.
+    galore_update_proj_gap: int = 50
+    galore_scale: float = 4.0
+    galore_proj_type: str = "std"
 
     def validate(self) -> None:
         from strategies import STRATEGIES
@@ -113,6 +126,9 @@ class MethodConfig:
         _choice(self.base_sync, ("auto", "dense", "factors"), "method.base_sync")
         _choice(self.full_scope, ("targets", "all"), "method.full_scope")
         _require(self.lr >= 0, f"method.lr must be >= 0 (0 = train.lr), got {self.lr}")
+        _require(self.galore_update_proj_gap >= 1, "method.galore_update_proj_gap must be >= 1")
+        _require(self.galore_scale > 0, f"method.galore_scale must be > 0, got {self.galore_scale}")
+        _choice(self.galore_proj_type, GALORE_PROJ_TYPES, "method.galore_proj_type")
 
 
 @dataclass
@@ -203,6 +219,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     eval_batch_size: int = 64
     num_threads: int = 0  # torch threads per client process; 0 leaves the default
+    # Keep each client's optimizer state (AdamW moments, GaLore projectors) in its context between
+    # the rounds it takes part in; false = a fresh optimizer every round (the default).
+    keep_optimizer_state: bool = False
 
     def validate(self) -> None:
         _require(self.local_steps >= 0, f"train.local_steps must be >= 0, got {self.local_steps}")
@@ -234,6 +253,9 @@ class FederationConfig:
     # How long the server waits for num_clients nodes to connect before the first round.
     connect_timeout_s: float = 300.0
 
+    def clients_per_round(self, num_nodes: int) -> int:
+        return clients_per_round(num_nodes, self.fraction_train, self.min_train_clients)
+
     def validate(self, num_clients: int) -> None:
         _require(self.num_rounds >= 1, f"federation.num_rounds must be >= 1, got {self.num_rounds}")
         _require(
@@ -252,6 +274,36 @@ class FederationConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Client-level DP-SGD (Opacus): per-sample clipping + Gaussian noise, Poisson sampling, and
+    the privacy spent composed over every round a client takes part in."""
+
+    enabled: bool = False
+    noise_multiplier: float = 1.0  # σ; ignored when target_epsilon > 0 (calibrated instead)
+    clip_norm: float = 1.0  # per-sample gradient norm bound C
+    # > 0: calibrate σ so that a client taking part in every round ends at (target_epsilon,
+    # target_delta), and refuse to train once another round would exceed it.
+    target_epsilon: float = 0.0
+    target_delta: float = 1e-5
+    accountant: str = "rdp"  # rdp | prv
+
+    def validate(self) -> None:
+        if not self.enabled:
+            return
+        _require(self.noise_multiplier >= 0, "privacy.noise_multiplier must be >= 0")
+        _require(self.clip_norm > 0, f"privacy.clip_norm must be > 0, got {self.clip_norm}")
+        _require(self.target_epsilon >= 0, "privacy.target_epsilon must be >= 0")
+        _require(
+            0 < self.target_delta < 1, f"privacy.target_delta must be in (0, 1), got {self.target_delta}"
+        )
+        _choice(self.accountant, ("rdp", "prv"), "privacy.accountant")
+        _require(
+            self.target_epsilon > 0 or self.noise_multiplier > 0,
+            "privacy.noise_multiplier=0 adds no noise: set it > 0 or give privacy.target_epsilon",
+        )
+
+
+@dataclass
 class ExperimentConfig:
     """Everything one federated fine-tuning run needs."""
 
@@ -263,6 +315,7 @@ class ExperimentConfig:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     hub_mirror: str = ""  # local Hub mirror root; "" = $FEDSUBSPACE_HUB_MIRROR, then the Hub
     output_dir: str = ""  # absolute folder that receives runs/<date-time>-<name>/
     save_adapter: bool = True
@@ -274,6 +327,17 @@ class ExperimentConfig:
         self.partition.validate()
         self.train.validate()
         self.federation.validate(self.partition.num_clients)
+        self.privacy.validate()
+        if self.privacy.enabled:
+            from strategies import STRATEGIES
+
+            rule = STRATEGIES[self.method.name]
+            _require(
+                not rule.self_pruning,
+                f"privacy.enabled: {self.method.name}'s rank self-pruning term is not per-sample; "
+                "DP-SGD cannot clip it",
+            )
+            _require(not rule.centralized, "privacy.enabled: the centralized baseline trains without DP")
         if self.partition.name == "pathological":
             _require(
                 self.partition.classes_per_client <= self.dataset.num_labels,

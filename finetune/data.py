@@ -182,6 +182,24 @@ def iterate_batches(
     else:
         order = np.argsort([len(ids) for ids in dataset["input_ids"]], kind="stable")
     for start in range(0, len(order), batch_size):
-        rows = dataset[order[start : start + batch_size]]
-        features = [{k: rows[k][i] for k in rows} for i in range(len(rows["input_ids"]))]
-        yield dict(collate(features))
+        yield _collate_rows(dataset, order[start : start + batch_size], collate)
+
+
+def poisson_batches(
+    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, sample_rate: float, seed: int
+) -> Iterator[dict[str, torch.Tensor] | None]:
+    """Endless Poisson-sampled batches — each example joins each batch independently with
+    probability ``sample_rate``, the sampling DP-SGD's accounting assumes; None for an empty draw."""
+    collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    rng = np.random.default_rng(seed)
+    while True:
+        chosen = np.flatnonzero(rng.random(len(dataset)) < sample_rate)
+        yield _collate_rows(dataset, chosen, collate) if len(chosen) else None
+
+
+def _collate_rows(
+    dataset: datasets.Dataset, indices: np.ndarray, collate: DataCollatorWithPadding
+) -> dict[str, torch.Tensor]:
+    rows = dataset[indices]
+    features = [{k: rows[k][i] for k in rows} for i in range(len(rows["input_ids"]))]
+    return dict(collate(features))

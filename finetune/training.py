@@ -13,9 +13,11 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from finetune.config import TrainConfig
-from finetune.data import iterate_batches
+from finetune.data import iterate_batches, poisson_batches
 from finetune.memory import peak_memory_mb, reset_peak_memory
 from finetune.metrics import compute_metrics
+from finetune.optim import load_optimizer_state, optimizer_state_bytes, save_optimizer_state
+from finetune.privacy import PrivateRound, PrivateTraining
 
 
 @dataclass
@@ -25,6 +27,8 @@ class TrainResult:
     examples_seen: int
     seconds: float
     peak_memory_mb: float
+    optimizer_state_bytes: int = 0  # moments (+ GaLore projectors) at the end of the round
+    optimizer_state: np.ndarray | None = None  # serialized, when train.keep_optimizer_state
 
     @property
     def samples_per_second(self) -> float:
@@ -47,6 +51,17 @@ def _endless_batches(
         epoch += 1
 
 
+OptimizerFactory = Callable[[torch.nn.Module, float], torch.optim.Optimizer]
+
+
+def adamw(weight_decay: float) -> OptimizerFactory:
+    def build(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    return build
+
+
 def train_local(
     model: torch.nn.Module,
     dataset: datasets.Dataset,
@@ -55,41 +70,72 @@ def train_local(
     lr: float,
     seed: int,
     regularizer: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+    *,
+    optimizer: OptimizerFactory | None = None,
+    optimizer_state: np.ndarray | None = None,
+    privacy: PrivateRound | None = None,
 ) -> TrainResult:
-    """Train the model's trainable parameters with a fresh AdamW for one round; a rule's
-    ``regularizer`` (e.g. HetLoRA's rank self-pruning term) is added to the task loss."""
+    """One round of local training — clients, and the centralized baseline, all come here.
+
+    ``optimizer`` builds the optimizer (AdamW by default; GaLore for ``galore``), resumed from
+    ``optimizer_state`` when given; a rule's ``regularizer`` (HetLoRA's rank self-pruning term) is
+    added to the task loss; ``privacy`` switches to DP-SGD (Poisson batches, per-sample clipping,
+    Gaussian noise) for ``privacy.steps`` steps.
+    """
     if len(dataset) == 0:
         raise ValueError("cannot train on an empty dataset")
+    if privacy is not None and regularizer is not None:
+        raise ValueError("DP-SGD clips per-sample gradients; a rule's regularizer cannot be added")
     reset_peak_memory()
     torch.manual_seed(seed)  # dropout draws: the same whichever process trains this client
     start = time.perf_counter()
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    steps = local_step_count(cfg, len(dataset))
-    batches = _endless_batches(dataset, tokenizer, cfg.batch_size, seed)
+    opt = (optimizer or adamw(cfg.weight_decay))(model, lr)
+    if optimizer_state is not None:
+        load_optimizer_state(opt, optimizer_state)
+        for group in opt.param_groups:
+            group["lr"] = lr  # this round's rate, not the one saved with the state
+    private = PrivateTraining(model, opt, privacy, len(dataset)) if privacy is not None else None
+    step_optimizer = private.optimizer if private is not None else opt
+    if privacy is not None:
+        steps = privacy.steps
+        batches = poisson_batches(dataset, tokenizer, privacy.sample_rate, seed)
+    else:
+        steps = local_step_count(cfg, len(dataset))
+        batches = _endless_batches(dataset, tokenizer, cfg.batch_size, seed)
     model.train()
-    total_loss, seen = 0.0, 0
-    for _ in range(steps):
-        batch = {k: v.to(device) for k, v in next(batches).items()}
-        loss = model(**batch).loss
-        if regularizer is not None:
-            loss = loss + regularizer(model)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} (lr={lr})")
-        loss.backward()
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        total_loss += loss.item()
-        seen += int(batch["labels"].shape[0])
+    total_loss, seen, losses = 0.0, 0, 0
+    try:
+        for _ in range(steps):
+            batch = next(batches)
+            if batch is None:  # an empty Poisson draw: nothing to learn from, the step still counts
+                continue
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = model(**batch).loss
+            if regularizer is not None:
+                loss = loss + regularizer(model)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()} (lr={lr})")
+            loss.backward()
+            if private is None and cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            step_optimizer.step()
+            step_optimizer.zero_grad(set_to_none=True)
+            total_loss += loss.item()
+            losses += 1
+            seen += int(batch["labels"].shape[0])
+    finally:
+        if private is not None:
+            private.close()
     return TrainResult(
-        loss=total_loss / steps,
+        loss=total_loss / max(losses, 1),
         steps=steps,
         examples_seen=seen,
         seconds=time.perf_counter() - start,
         peak_memory_mb=peak_memory_mb(),
+        optimizer_state_bytes=optimizer_state_bytes(opt),
+        optimizer_state=save_optimizer_state(opt) if cfg.keep_optimizer_state else None,
     )
 
 

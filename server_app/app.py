@@ -28,6 +28,7 @@ from finetune.models import build_model, load_tokenizer, trainable_parameter_cou
 from finetune.records import from_record, to_record
 from finetune.state import base_weights, load_global_state, trainable_state
 from finetune.training import evaluate
+from server_app.centralized import run_centralized
 from server_app.loop import evaluate_on_clients, run_federation
 from server_app.results import RunRecorder
 from server_app.run_config import experiment_from_run_config
@@ -105,8 +106,13 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder) -> 
         eval_sizes = PartitionedDataset(eval_raw, cfg.partition, cfg.dataset.label_field).sizes()
         log.info("personalised evaluation on the clients' validation shares %s", eval_sizes)
         evaluate_fn = partial(evaluate_on_clients, grid, strategy, cfg)
-    initial = strategy.initial_state(init_state)
-    final = run_federation(grid, strategy, cfg, to_record(initial), evaluate_fn, recorder)
+    if strategy.centralized:  # the upper bound: the same training code on the union of the data
+        log.info("centralized baseline: training on all %d examples, no clients", len(train_raw))
+        union = tokenize(train_raw, cfg.dataset, tokenizer, cfg.model.max_length)
+        final = run_centralized(cfg, model, tokenizer, union, evaluate_fn, recorder)
+    else:
+        initial = strategy.initial_state(init_state)
+        final = run_federation(grid, strategy, cfg, to_record(initial), evaluate_fn, recorder)
 
     load_global_state(model, from_record(final), init_state, base)
     saved = save_final_model(model, tokenizer, strategy, recorder) if cfg.save_adapter else None

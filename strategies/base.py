@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from finetune.config import ExperimentConfig
+from finetune.config import ExperimentConfig, clients_per_round
 from finetune.records import from_record, to_record
 from strategies.averaging import State
 from strategies.validation import reply_problem
@@ -32,7 +32,7 @@ METRICS_KEY = "metrics"
 NUM_EXAMPLES_KEY = "num-examples"
 # Reply metrics combined by sum or max instead of the weighted mean.
 SUM_METRICS = frozenset({NUM_EXAMPLES_KEY, "examples-seen"})
-MAX_METRICS = frozenset({"train-seconds", "peak-memory-mb"})
+MAX_METRICS = frozenset({"train-seconds", "peak-memory-mb", "optimizer-state-bytes", "dp-epsilon"})
 
 
 @dataclass
@@ -65,6 +65,10 @@ class FederatedStrategy(Strategy):
     full_finetune: ClassVar[bool] = False
     #: Updates are folded into the frozen base, which clients keep in their context (FLoRA, FedEx).
     merges_into_base: ClassVar[bool] = False
+    #: The clients' optimizer: "adamw", or "galore" (GaLoreAdamW on the targeted 2-D weights).
+    local_optimizer: ClassVar[str] = "adamw"
+    #: No federation: the server trains on the union of the clients' data (the upper bound).
+    centralized: ClassVar[bool] = False
 
     @staticmethod
     def client_uploads(key: str) -> bool:
@@ -173,7 +177,7 @@ class FederatedStrategy(Strategy):
                 len(nodes),
                 self.min_train_nodes,
             )
-        count = min(len(nodes), max(int(len(nodes) * self.fraction_train), self.min_train_nodes))
+        count = clients_per_round(len(nodes), self.fraction_train, self.min_train_nodes)
         # Sample positions, not ids: node ids are unsigned 64-bit and would not survive numpy.
         rng = np.random.default_rng([self.seed, server_round])
         return [nodes[i] for i in sorted(rng.choice(len(nodes), size=count, replace=False))]

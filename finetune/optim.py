@@ -1,0 +1,92 @@
+"""Local optimizers: AdamW, or GaLore's AdamW with the projection really switched on.
+
+galore-torch projects a parameter's gradient only when its parameter group carries ``rank``
+(``"rank" in group`` in ``GaLoreAdamW.step``). The "Why Gradient Subspace?" code passes groups
+without it, so its "GaLore" runs as plain AdamW; here the targeted 2-D weights get a group with
+``rank``, ``update_proj_gap``, ``scale`` and ``proj_type``, everything else a plain group.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from finetune.config import ExperimentConfig
+
+
+def galore_targets(model: torch.nn.Module, cfg: ExperimentConfig) -> list[str]:
+    """Names of the trainable 2-D weights of the LoRA target modules: GaLore projects these."""
+    targets = set(cfg.model.lora_targets)
+    return [
+        name
+        for name, p in model.named_parameters()
+        if p.requires_grad and p.dim() == 2 and targets & set(name.split(".")[:-1])
+    ]
+
+
+OPTIMIZERS = ("adamw", "galore")
+
+
+def build_optimizer(
+    model: torch.nn.Module, lr: float, cfg: ExperimentConfig, kind: str = "adamw"
+) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, or GaLoreAdamW (``kind="galore"``)."""
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {kind!r}; choose one of {list(OPTIMIZERS)}")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if kind == "adamw":
+        return torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=cfg.train.weight_decay)
+    from galore_torch import GaLoreAdamW
+
+    projected = set(galore_targets(model, cfg))
+    if not projected:
+        raise ValueError(
+            f"GaLore found no trainable 2-D weight in model.lora_targets {cfg.model.lora_targets}"
+        )
+    method = cfg.method
+    groups = [
+        {"params": [p for n, p in named if n not in projected]},
+        {
+            "params": [p for n, p in named if n in projected],
+            "rank": method.rank,
+            "update_proj_gap": method.galore_update_proj_gap,
+            "scale": method.galore_scale,
+            "proj_type": method.galore_proj_type,
+        },
+    ]
+    return GaLoreAdamW([g for g in groups if g["params"]], lr=lr, weight_decay=cfg.train.weight_decay)
+
+
+def _tensors(value: object) -> Iterable[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _tensors(item)
+    elif hasattr(value, "ortho_matrix"):  # a GaLoreProjector
+        yield from _tensors(value.ortho_matrix)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state: moments (full or projected) plus GaLore's projection matrices."""
+    return sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in _tensors(state))
+
+
+def save_optimizer_state(optimizer: torch.optim.Optimizer) -> np.ndarray:
+    """The optimizer's state as bytes (uint8), to keep in a Flower context between rounds."""
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    return np.frombuffer(buffer.getvalue(), dtype=np.uint8).copy()
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, blob: np.ndarray) -> None:
+    # weights_only=False: GaLore keeps its projectors as Python objects. The blob was written
+    # by this same client process family into its own context, never received from elsewhere.
+    state = torch.load(io.BytesIO(blob.tobytes()), weights_only=False)
+    optimizer.load_state_dict(state)

@@ -1,0 +1,193 @@
+"""Client-side training modes: GaLore's projection, kept optimizer state, DP-SGD and its accounting,
+and the centralized baseline running the same training function."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_OVERRIDES
+
+from finetune.config import compose_config
+from finetune.data import PartitionedDataset, load_train_split, tokenize
+from finetune.models import build_model, load_tokenizer
+from finetune.optim import build_optimizer, galore_targets, optimizer_state_bytes
+from finetune.privacy import epsilon, plan_round
+from finetune.state import trainable_state
+from finetune.training import train_local
+
+
+def _setup(method, hub_mirror, overrides=()):
+    cfg = compose_config({"model": "tiny_bert", "method": method}, [*TINY_OVERRIDES, *overrides])
+    cfg.hub_mirror = str(hub_mirror)
+    model = build_model(cfg, hub_mirror)
+    tokenizer = load_tokenizer(cfg, hub_mirror)
+    train = load_train_split(cfg.dataset, hub_mirror, cfg.seed)
+    part = PartitionedDataset(train, cfg.partition, "label").partition(0)
+    return cfg, model, tokenizer, tokenize(part, cfg.dataset, tokenizer, cfg.model.max_length)
+
+
+def _one_step(model, optimizer, tokenizer, data):
+    from finetune.data import iterate_batches
+
+    batch = next(iterate_batches(data, tokenizer, 8, shuffle=True, seed=0))
+    model(**batch).loss.backward()
+    optimizer.step()
+
+
+def test_galore_projects_the_targeted_weights_and_nothing_else(hub_mirror):
+    cfg, model, tokenizer, data = _setup("galore", hub_mirror, ["method.rank=4"])
+    optimizer = build_optimizer(model, 1e-3, cfg, kind="galore")
+    _one_step(model, optimizer, tokenizer, data)
+    targeted = set(galore_targets(model, cfg))
+    assert len(targeted) == 2 * 2  # query and value weights of 2 layers
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        state = optimizer.state[param]
+        if name in targeted:  # 32 × 32 weight: moments live in the rank-4 subspace
+            assert state["exp_avg"].shape == (32, 4) and "projector" in state
+        else:  # biases, classifier: ordinary full-size AdamW moments
+            assert state["exp_avg"].shape == param.shape and "projector" not in state
+
+
+def test_galore_groups_without_rank_are_plain_adamw(hub_mirror):
+    """The paper code's bug: GaLoreAdamW given groups without ``rank`` never projects."""
+    from galore_torch import GaLoreAdamW
+
+    cfg, model, tokenizer, data = _setup("galore", hub_mirror, ["method.rank=4"])
+    optimizer = GaLoreAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    _one_step(model, optimizer, tokenizer, data)
+    assert all("projector" not in s and s["exp_avg"].shape == p.shape for p, s in optimizer.state.items())
+    projected = build_optimizer(model, 1e-3, cfg, kind="galore")
+    _one_step(model, projected, tokenizer, data)
+    assert optimizer_state_bytes(projected) < optimizer_state_bytes(optimizer)
+
+
+def test_kept_optimizer_state_resumes_where_the_last_round_stopped(hub_mirror):
+    cfg, model, tokenizer, data = _setup("galore", hub_mirror, ["train.keep_optimizer_state=true"])
+    factory = lambda m, lr: build_optimizer(m, lr, cfg, kind="galore")  # noqa: E731
+    first = train_local(model, data, tokenizer, cfg.train, lr=1e-3, seed=1, optimizer=factory)
+    assert first.optimizer_state is not None and first.optimizer_state_bytes > 0
+    second = train_local(
+        model,
+        data,
+        tokenizer,
+        cfg.train,
+        lr=5e-4,
+        seed=2,
+        optimizer=factory,
+        optimizer_state=first.optimizer_state,
+    )
+    resumed = torch.load(__import__("io").BytesIO(second.optimizer_state.tobytes()), weights_only=False)
+    steps = {int(s["step"]) for s in resumed["state"].values()}
+    assert steps == {2 * cfg.train.local_steps}  # counted on from round 1, not restarted
+    assert all(g["lr"] == 5e-4 for g in resumed["param_groups"])  # this round's rate
+    fresh = train_local(
+        model,
+        data,
+        tokenizer,
+        cfg.train.__class__(**{**cfg.train.__dict__, "keep_optimizer_state": False}),
+        lr=1e-3,
+        seed=1,
+    )
+    assert fresh.optimizer_state is None
+
+
+def test_dp_epsilon_equals_the_accountant_computed_independently(hub_mirror):
+    """Two rounds of the real ClientApp with DP; ε recomputed from scratch with Opacus's RDP analysis."""
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+    from opacus.accountants.rdp import RDPAccountant
+    from test_client_protocol import _context, _global, _message
+
+    from client_app.app import train
+
+    cfg = compose_config(
+        {"model": "tiny_bert", "method": "ffa_lora"},
+        [*TINY_OVERRIDES, "privacy.enabled=true", "privacy.noise_multiplier=1.3"],
+    )
+    cfg.hub_mirror = str(hub_mirror)
+    init, global_state = _global(cfg, hub_mirror)
+    context = _context(0)
+    reported = []
+    for server_round in (1, 2):
+        reply = train(_message(cfg, global_state, server_round=server_round), context)
+        metrics = reply.content.metric_records["metrics"]
+        reported.append(metrics["dp-epsilon"])
+        upload = {
+            k: v
+            for k, v in __import__("finetune.records")
+            .records.from_record(reply.content.array_records["arrays"])
+            .items()
+        }
+        assert all(np.isfinite(v).all() for v in upload.values())
+    n = int(metrics["num-examples"])
+    q, steps = cfg.train.batch_size / n, cfg.train.local_steps
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    for rounds, got in zip((1, 2), reported, strict=True):
+        rdp = compute_rdp(q=q, noise_multiplier=1.3, steps=rounds * steps, orders=orders)
+        expected, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=cfg.privacy.target_delta)
+        assert got == pytest.approx(expected, rel=1e-9)
+    assert reported[1] > reported[0] > 0
+    # FFA's A stays bit-identical under DP-SGD too (frozen: no per-sample gradient, no noise).
+    from client_app.session import _SESSIONS
+
+    after = trainable_state(next(reversed(_SESSIONS.values())).model)
+    assert all(np.array_equal(after[k], init[k]) for k in init if "lora_A" in k)
+    # Opacus's hooks are gone: the shared model trains normally for the next client.
+    model = next(reversed(_SESSIONS.values())).model
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+
+
+def test_dp_target_calibrates_noise_and_stops_the_client(hub_mirror):
+    from test_client_protocol import _context, _global, _message
+
+    from client_app.app import train
+
+    overrides = ["privacy.enabled=true", "privacy.target_epsilon=2.0", "federation.num_rounds=3"]
+    cfg = compose_config({"model": "tiny_bert", "method": "fedit"}, [*TINY_OVERRIDES, *overrides])
+    cfg.hub_mirror = str(hub_mirror)
+    _, global_state = _global(cfg, hub_mirror)
+    context = _context(1)
+    spent = []
+    for server_round in (1, 2, 3):
+        metrics = train(
+            _message(cfg, global_state, server_round=server_round), context
+        ).content.metric_records["metrics"]
+        spent.append(metrics["dp-epsilon"])
+    assert spent[-1] == pytest.approx(2.0, abs=0.02)  # calibrated for 3 rounds: ends at the target
+    with pytest.raises(RuntimeError, match="privacy budget exhausted"):
+        train(_message(cfg, global_state, server_round=4), context)
+    plan = plan_round(cfg.privacy, 100, 8, 2, 3)
+    assert epsilon([(plan.noise_multiplier, plan.sample_rate, 2)] * 3, 1e-5) == pytest.approx(2.0, abs=0.02)
+
+
+def test_dp_rejects_a_rule_it_cannot_clip():
+    from finetune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="self-pruning"):
+        compose_config({"method": "hetlora"}, "privacy.enabled=true")
+
+
+def test_centralized_trains_with_the_client_training_function(hub_mirror, monkeypatch, tmp_path):
+    import server_app.centralized as centralized
+    from server_app.results import RunRecorder
+
+    cfg, model, tokenizer, data = _setup("centralized", hub_mirror)
+    calls = []
+    real = centralized.train_local
+
+    def spy(*args, **kwargs):
+        calls.append(args[3].local_steps)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(centralized, "train_local", spy)
+    cfg.output_dir = str(tmp_path)
+    recorder = RunRecorder.create(cfg)
+    before = trainable_state(model)
+    centralized.run_centralized(
+        cfg, model, tokenizer, data, lambda r, a: {"accuracy": 0.5, "loss": 1.0}, recorder
+    )
+    assert calls == [2 * cfg.train.local_steps] * cfg.federation.num_rounds  # 2 clients' worth per round
+    after = trainable_state(model)
+    assert any(not np.array_equal(before[k], after[k]) for k in before)
+    assert [row["round"] for row in recorder.rows] == [0, 1, 2]
