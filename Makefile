@@ -27,9 +27,11 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# Figures, not pass/fail: aggregation cost (QR-compact vs dense SVD) and bytes per rule.
+# Figures, not pass/fail: aggregation cost (QR-compact vs dense SVD), bytes per rule, and the
+# memory of one client round per training mode (LoRA, AdamW full fine-tuning, GaLore).
 bench: $(STAMP)
 	$(PY) -m benchmarks.aggregation
+	$(PY) -m benchmarks.memory
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

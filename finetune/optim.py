@@ -15,16 +15,23 @@ import numpy as np
 import torch
 
 from finetune.config import ExperimentConfig
+from finetune.models import HEAD_MODULES
 
 
 def galore_targets(model: torch.nn.Module, cfg: ExperimentConfig) -> list[str]:
-    """Names of the trainable 2-D weights of the LoRA target modules: GaLore projects these."""
+    """The trainable 2-D weights GaLore projects: those of the LoRA target modules, or with
+    ``method.full_scope=all`` every 2-D weight of the encoder/decoder layers (as in the GaLore
+    paper: attention and MLP; embeddings and the head keep plain AdamW)."""
     targets = set(cfg.model.lora_targets)
-    return [
-        name
-        for name, p in model.named_parameters()
-        if p.requires_grad and p.dim() == 2 and targets & set(name.split(".")[:-1])
-    ]
+    every = cfg.method.full_scope == "all"
+    names = []
+    for name, p in model.named_parameters():
+        modules = set(name.split(".")[:-1])
+        if not p.requires_grad or p.dim() != 2 or "embeddings" in modules or modules & set(HEAD_MODULES):
+            continue
+        if targets & modules or (every and "layer" in modules | {m.rstrip("s") for m in modules}):
+            names.append(name)
+    return names
 
 
 OPTIMIZERS = ("adamw", "galore")
