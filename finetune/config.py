@@ -279,6 +279,10 @@ class PrivacyConfig:
     the privacy spent composed over every round a client takes part in."""
 
     enabled: bool = False
+    # local: DP-SGD on every client (Opacus). central: Flower's server-side fixed-clipping wrapper
+    # (each client's update clipped to clip_norm, Gaussian noise on the uniform mean), for rules
+    # whose clients upload the global arrays themselves.
+    mode: str = "local"
     noise_multiplier: float = 1.0  # σ; ignored when target_epsilon > 0 (calibrated instead)
     clip_norm: float = 1.0  # per-sample gradient norm bound C
     # > 0: calibrate σ so that a client taking part in every round ends at (target_epsilon,
@@ -297,6 +301,11 @@ class PrivacyConfig:
             0 < self.target_delta < 1, f"privacy.target_delta must be in (0, 1), got {self.target_delta}"
         )
         _choice(self.accountant, ("rdp", "prv"), "privacy.accountant")
+        _choice(self.mode, ("local", "central"), "privacy.mode")
+        _require(
+            self.mode == "local" or self.target_epsilon == 0,
+            "privacy.target_epsilon calibrates DP-SGD (mode=local); with mode=central set noise_multiplier",
+        )
         _require(
             self.target_epsilon > 0 or self.noise_multiplier > 0,
             "privacy.noise_multiplier=0 adds no noise: set it > 0 or give privacy.target_epsilon",
@@ -338,6 +347,17 @@ class ExperimentConfig:
                 "DP-SGD cannot clip it",
             )
             _require(not rule.centralized, "privacy.enabled: the centralized baseline trains without DP")
+            if self.privacy.mode == "central":
+                _require(
+                    not (rule.heterogeneous_ranks or rule.merges_into_base),
+                    f"privacy.mode=central clips each upload against the global arrays; {rule.name}'s "
+                    "uploads differ from them (use privacy.mode=local)",
+                )
+                _require(
+                    self.method.weighting == "uniform",
+                    "privacy.mode=central bounds each client's influence on a uniform mean: "
+                    "set method.weighting=uniform",
+                )
         if self.partition.name == "pathological":
             _require(
                 self.partition.classes_per_client <= self.dataset.num_labels,

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
@@ -112,11 +113,26 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder) -> 
         final = run_centralized(cfg, model, tokenizer, union, evaluate_fn, recorder)
     else:
         initial = strategy.initial_state(init_state)
-        final = run_federation(grid, strategy, cfg, to_record(initial), evaluate_fn, recorder)
+        central_dp = central_dp_wrapper(cfg, strategy)
+        final = run_federation(grid, strategy, cfg, to_record(initial), evaluate_fn, recorder, central_dp)
 
     load_global_state(model, from_record(final), init_state, base)
     saved = save_final_model(model, tokenizer, strategy, recorder) if cfg.save_adapter else None
     recorder.write_summary(summarize(cfg, recorder, sizes, trainable, time.perf_counter() - start, saved))
+
+
+def central_dp_wrapper(cfg: ExperimentConfig, strategy: FederatedStrategy) -> Strategy | None:
+    """Flower's server-side fixed-clipping wrapper, for ``privacy.mode=central``."""
+    if not (cfg.privacy.enabled and cfg.privacy.mode == "central"):
+        return None
+    sampled = cfg.federation.clients_per_round(cfg.partition.num_clients)
+    log.info(
+        "central DP: updates clipped to %.3g, noise multiplier %.3g over %d clients per round",
+        cfg.privacy.clip_norm, cfg.privacy.noise_multiplier, sampled,
+    )  # fmt: skip
+    return DifferentialPrivacyServerSideFixedClipping(
+        strategy, cfg.privacy.noise_multiplier, cfg.privacy.clip_norm, sampled
+    )
 
 
 def save_final_model(

@@ -7,8 +7,10 @@ from collections.abc import Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from finetune.config import ExperimentConfig
+from finetune.privacy import epsilon
 from finetune.schedule import round_lr
 from server_app.results import RunRecorder
 from strategies.base import FederatedStrategy
@@ -39,8 +41,14 @@ def run_federation(
     initial: ArrayRecord,
     evaluate: Evaluate,
     recorder: RunRecorder,
+    central_dp: Strategy | None = None,
 ) -> ArrayRecord:
-    """Run ``cfg.federation.num_rounds`` rounds and return the final global arrays."""
+    """Run ``cfg.federation.num_rounds`` rounds and return the final global arrays.
+
+    ``central_dp`` (Flower's server-side fixed-clipping wrapper around ``strategy``) moves the
+    messages instead when central DP is on; its ε is composed here, one release per aggregate."""
+    driver = central_dp or strategy
+    releases: list[tuple[float, float, int]] = []
     arrays = initial
     experiment = cfg.to_json()
     start = time.perf_counter()
@@ -63,15 +71,20 @@ def run_federation(
         round_start = time.perf_counter()
         lr = round_lr(cfg.train, server_round, num_rounds, peak=cfg.peak_lr)
         config = ConfigRecord({"experiment": experiment, "lr": lr})
-        messages = list(strategy.configure_train(server_round, arrays, config, grid))
+        messages = list(driver.configure_train(server_round, arrays, config, grid))
         replies = exchange(grid, messages, cfg.federation.round_timeout_s)
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        new_arrays, train_metrics = driver.aggregate_train(server_round, replies)
+        train = dict(train_metrics or {})
         if new_arrays is not None:
             arrays = new_arrays
+            if central_dp is not None:
+                q = len(messages) / max(len(grid.get_node_ids()), 1)
+                releases.append((cfg.privacy.noise_multiplier, q, 1))
+        if central_dp is not None:
+            train["dp-epsilon"] = epsilon(releases, cfg.privacy.target_delta, cfg.privacy.accountant)
         train_end = time.perf_counter()
         eval_metrics = evaluate(server_round, arrays)
         stats = strategy.rounds[server_round]
-        train = dict(train_metrics or {})
         recorder.log_round(
             {
                 "round": server_round,
@@ -89,6 +102,8 @@ def run_federation(
                 "slowest_client_seconds": train.get("train-seconds"),
                 "peak_client_memory_mb": train.get("peak-memory-mb"),
                 "examples_seen": train.get("examples-seen"),
+                "optimizer_state_bytes": train.get("optimizer-state-bytes"),
+                "dp_epsilon": train.get("dp-epsilon"),
                 "train_phase_seconds": train_end - round_start,
                 "eval_seconds": time.perf_counter() - train_end,
                 "seconds": time.perf_counter() - round_start,

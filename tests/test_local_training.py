@@ -191,3 +191,46 @@ def test_centralized_trains_with_the_client_training_function(hub_mirror, monkey
     after = trainable_state(model)
     assert any(not np.array_equal(before[k], after[k]) for k in before)
     assert [row["round"] for row in recorder.rows] == [0, 1, 2]
+
+
+def test_central_dp_clips_each_update_and_reports_epsilon(tmp_path):
+    from fakes import FakeGrid
+    from flwr.app import MetricRecord, RecordDict
+
+    from finetune.config import ConfigError
+    from finetune.records import from_record, to_record
+    from server_app.app import build_strategy, central_dp_wrapper
+    from server_app.loop import run_federation
+    from server_app.results import RunRecorder
+
+    overrides = [
+        "partition.num_clients=2", "federation.num_rounds=2", "method.weighting=uniform",
+        "privacy.enabled=true", "privacy.mode=central", "privacy.clip_norm=0.5",
+        "privacy.noise_multiplier=1e-6",
+    ]  # fmt: skip
+    cfg = compose_config({"model": "tiny_bert", "method": "fedit"}, overrides)
+    cfg.output_dir = str(tmp_path)
+    global_state = {"w": np.zeros(4, np.float32)}
+
+    def respond(message):  # every client moves 10 away from the global weights
+        sent = from_record(message.content.array_records["arrays"])
+        upload = {"w": sent["w"] + 10.0}
+        return RecordDict({"arrays": to_record(upload), "metrics": MetricRecord({"num-examples": 5})})
+
+    strategy = build_strategy(cfg)
+    wrapper = central_dp_wrapper(cfg, strategy)
+    recorder = RunRecorder.create(cfg)
+    evaluate = lambda r, a: {"accuracy": 0.5, "loss": 1.0}  # noqa: E731
+    grid = FakeGrid([1, 2], respond)
+    final = run_federation(grid, strategy, cfg, to_record(global_state), evaluate, recorder, wrapper)
+    assert np.linalg.norm(from_record(final)["w"]) == pytest.approx(2 * 0.5, rel=1e-5)  # two clipped steps
+    eps = [row["dp_epsilon"] for row in recorder.rows[1:]]
+    assert eps[1] > eps[0] > 1e3  # σ ≈ 0: hardly any privacy, and ε says so
+    for bad, message in (
+        (["method.weighting=examples"], "weighting=uniform"),
+        (["privacy.target_epsilon=3"], "noise_multiplier"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            compose_config({"method": "fedit"}, [*overrides, *bad])
+    with pytest.raises(ConfigError, match=r"privacy\.mode=local"):
+        compose_config({"method": "flexlora"}, overrides)
