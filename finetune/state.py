@@ -90,7 +90,7 @@ def set_base_deltas(
                 delta = delta.T
             if tuple(delta.shape) != tuple(w0.shape):
                 raise ValueError(f"{prefix}: base delta {tuple(delta.shape)} != weight {tuple(w0.shape)}")
-            weight.copy_(w0 + delta.to(w0.dtype))
+            weight.copy_(w0 + delta.to(device=w0.device, dtype=w0.dtype))
 
 
 def load_global_state(

@@ -25,7 +25,7 @@ from finetune.data import (
 )
 from finetune.hub import hub_mirror
 from finetune.logs import setup_logging
-from finetune.models import build_model, load_tokenizer, trainable_parameter_count
+from finetune.models import build_model, device, load_tokenizer, trainable_parameter_count
 from finetune.records import from_record, to_record
 from finetune.state import base_weights, load_global_state, trainable_state
 from finetune.training import evaluate
@@ -80,7 +80,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder) -> 
     ]
     log.info("partition %s: examples per client %s; labels %s", cfg.partition.name, sizes, histograms)
 
-    model = build_model(STRATEGIES[cfg.method.name].server_model_config(cfg), mirror)
+    model = build_model(STRATEGIES[cfg.method.name].server_model_config(cfg), mirror).to(device())
     tokenizer = load_tokenizer(cfg, mirror)
     eval_data = tokenize(eval_raw, cfg.dataset, tokenizer, cfg.model.max_length)
     trainable, total = trainable_parameter_count(model)
