@@ -12,12 +12,10 @@ process it started, by process group.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import psutil
+
+from launch.processes import console_script, free_port, start_process, stop_process
 
 log = logging.getLogger(__name__)
 
@@ -46,24 +45,44 @@ class RunOutcome:
         return self.status == COMPLETED
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+@dataclass(frozen=True)
+class TLSFiles:
+    """A CA certificate and the SuperLink's certificate and key (``scripts/make-certs.sh``)."""
 
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
 
-def _bin(name: str) -> str:
-    """A console script of the running interpreter's environment."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
+    @classmethod
+    def make(cls, folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> TLSFiles:
+        """A fresh CA and a server certificate for ``hosts``, made with openssl."""
+        script = PROJECT_DIR / "scripts" / "make-certs.sh"
+        result = subprocess.run(
+            ["bash", str(script), str(folder), *hosts], capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{script} failed:\n{result.stdout}\n{result.stderr}")
+        return cls(folder / "ca.crt", folder / "server.pem", folder / "server.key")
 
 
 class LocalSuperLink:
-    """A simulation SuperLink owned by this process; stopped (with its children) on exit."""
+    """A SuperLink owned by this process (simulation runtime, or deployment for real
+    SuperNodes, optionally with TLS and SuperNode authentication); stopped with its children."""
 
-    def __init__(self, flwr_home: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        flwr_home: Path,
+        port: int | None = None,
+        *,
+        simulation: bool = True,
+        tls: TLSFiles | None = None,
+        node_auth: bool = False,
+    ) -> None:
+        if node_auth and tls is None:
+            raise ValueError("SuperNode authentication needs TLS")
         self.flwr_home = flwr_home.resolve()
         self.port = port or free_port()
+        self.simulation, self.tls, self.node_auth = simulation, tls, node_auth
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -82,30 +101,37 @@ class LocalSuperLink:
 
     def start(self, timeout: float = 60.0) -> None:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
+        security = (
+            "insecure = true" if self.tls is None else f'root-certificates = "{self.tls.ca_cert.resolve()}"'
+        )
         (self.flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-            f'[superlink.{CONNECTION}]\naddress = "{self.address}"\ninsecure = true\n'
+            f'[superlink.{CONNECTION}]\naddress = "{self.address}"\n{security}\n'
         )
         log_file = self.flwr_home / "superlink.log"
         command = [
-            _bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+            console_script("flower-superlink"), "--isolation", "subprocess",
             "--host", "127.0.0.1", "--port", str(self.port),
             "--disable-runtime-dependency-installation", "--log-file", str(log_file),
         ]  # fmt: skip
-        self.process = subprocess.Popen(
-            command,
-            env=self.env(),
-            cwd=self.flwr_home,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # its own process group: stop() ends its children too
-        )
+        command += ["--simulation"] if self.simulation else []
+        command += ["--enable-supernode-auth"] if self.node_auth else []
+        if self.tls is None:
+            command += ["--insecure"]
+        else:
+            command += [
+                "--ssl-ca-certfile", str(self.tls.ca_cert), "--ssl-certfile", str(self.tls.server_cert),
+                "--ssl-keyfile", str(self.tls.server_key),
+            ]  # fmt: skip
+        # Its own process group: stop() ends its children too.
+        self.process = start_process(command, self.env(), self.flwr_home)
+        scheme, verify = ("http", True) if self.tls is None else ("https", str(self.tls.ca_cert))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"flower-superlink exited with {self.process.returncode}; see {log_file}")
             try:
-                if httpx.get(f"http://{self.address}/health", timeout=1.0).is_success:
+                if httpx.get(f"{scheme}://{self.address}/health", timeout=1.0, verify=verify).is_success:
                     return
             except httpx.HTTPError:
                 pass
@@ -114,31 +140,7 @@ class LocalSuperLink:
         raise RuntimeError(f"flower-superlink did not become healthy in {timeout:.0f} s; see {log_file}")
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        pgid = self.process.pid
-        try:  # Ray workers may leave the process group: remember every descendant
-            descendants = psutil.Process(pgid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            descendants = []
-        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.process.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                continue
-            if not _group_alive(pgid):
-                break
-            time.sleep(0.5)
-        else:
-            log.warning("processes of group %d survived SIGKILL", pgid)
-        _, alive = psutil.wait_procs(descendants, timeout=15.0)
-        for process in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
+        stop_process(self.process)
         self.process = None
 
     def __enter__(self) -> LocalSuperLink:
@@ -150,7 +152,7 @@ class LocalSuperLink:
 
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [_bin("flwr"), *args],
+            [console_script("flwr"), *args],
             env=self.env(),
             capture_output=True,
             text=True,
@@ -166,8 +168,9 @@ class LocalSuperLink:
         except (json.JSONDecodeError, KeyError, IndexError):
             return f"unknown ({result.stdout.strip()[:200]} {result.stderr.strip()[:200]})"
 
-    def submit(self, app: Path, run_config: list[str], federation_config: str) -> int:
-        args = ["run", str(app), CONNECTION, "--format", "json", "--federation-config", federation_config]
+    def submit(self, app: Path, run_config: list[str], federation_config: str | None = None) -> int:
+        args = ["run", str(app), CONNECTION, "--format", "json"]
+        args += ["--federation-config", federation_config] if federation_config else []
         for item in run_config:
             args += ["--run-config", item]
         result = self.flwr(*args, timeout=300.0)
@@ -182,7 +185,7 @@ class LocalSuperLink:
         logger = None
         if stream:
             logger = subprocess.Popen(
-                [_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"],
+                [console_script("flwr"), "log", str(run_id), CONNECTION, "--stream"],
                 env=self.env(),
                 stdout=sys.stdout,
                 stderr=subprocess.STDOUT,
@@ -199,14 +202,6 @@ class LocalSuperLink:
         if logger is not None:
             _finish(logger, grace=5.0)
         return RunOutcome(run_id, status, time.monotonic() - start)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _finish(process: subprocess.Popen[bytes], grace: float) -> None:

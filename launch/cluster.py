@@ -1,0 +1,173 @@
+"""A real Flower deployment on this machine: one SuperLink and N SuperNodes as separate processes,
+optionally with TLS and SuperNode authentication, running an experiment with ``flwr run``.
+
+    python -m launch.cluster --num-nodes 2 [--tls] [--auth] \
+        --run-config "method='fedit' overrides='partition.num_clients=2 federation.num_rounds=2'"
+
+Each SuperNode gets its data through its node config (``partition-id``/``num-partitions`` of the
+shared dataset, and the mirror); the run's real outcome is read from its recorded status, and
+every process started is stopped by PID on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from launch.processes import console_script, free_port, start_process, stop_process
+from launch.simulation import (
+    CONNECTION,
+    PROJECT_DIR,
+    LocalSuperLink,
+    RunOutcome,
+    TLSFiles,
+    default_hub_mirror,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SuperNode:
+    index: int
+    node_config: str
+    private_key: Path | None = None
+    process: subprocess.Popen[bytes] | None = None
+    log_file: Path | None = None
+
+
+@dataclass
+class LocalCluster:
+    """SuperLink + SuperNodes on loopback, owned by this process."""
+
+    flwr_home: Path
+    num_nodes: int
+    tls: bool = False
+    auth: bool = False
+    hub_mirror: str = ""
+    nodes: list[SuperNode] = field(default_factory=list)
+    superlink: LocalSuperLink | None = None
+
+    def start(self) -> None:
+        self.flwr_home = self.flwr_home.resolve()
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        tls = TLSFiles.make(self.flwr_home / "certs") if self.tls else None
+        self.superlink = LocalSuperLink(self.flwr_home, simulation=False, tls=tls, node_auth=self.auth)
+        self.superlink.start()
+        for index in range(self.num_nodes):
+            config = f"partition-id={index} num-partitions={self.num_nodes}"
+            if self.hub_mirror:
+                config += f" hub-mirror='{self.hub_mirror}'"
+            node = SuperNode(index, config)
+            if self.auth:
+                node.private_key = self.make_node_key(f"supernode-{index}")
+                self.register(node.private_key)
+            self.nodes.append(node)
+            self.start_node(node)
+
+    def make_node_key(self, name: str) -> Path:
+        """An ECDSA P-384 key pair for SuperNode authentication (the private key stays with the node)."""
+        key = self.flwr_home / "keys" / name
+        key.parent.mkdir(parents=True, exist_ok=True)
+        key.unlink(missing_ok=True)
+        key.with_suffix(".pub").unlink(missing_ok=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(key)], check=True)
+        return key
+
+    def register(self, private_key: Path) -> None:
+        """``flwr supernode register``: only registered public keys may connect."""
+        assert self.superlink is not None
+        result = self.superlink.flwr(
+            "supernode", "register", str(private_key.with_suffix(".pub")), CONNECTION
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"registering {private_key.name} failed:\n{result.stdout}\n{result.stderr}")
+
+    def node_command(self, node: SuperNode) -> list[str]:
+        assert self.superlink is not None
+        command = [
+            console_script("flower-supernode"), "--superlink", self.superlink.address,
+            "--port", str(free_port()), "--node-config", node.node_config, "--max-retries", "0",
+        ]  # fmt: skip
+        command += (
+            ["--insecure"]
+            if self.superlink.tls is None
+            else ["--root-certificates", str(self.superlink.tls.ca_cert)]
+        )
+        command += ["--auth-supernode-private-key", str(node.private_key)] if node.private_key else []
+        return command
+
+    def start_node(self, node: SuperNode) -> None:
+        assert self.superlink is not None
+        node.log_file = self.flwr_home / f"supernode-{node.index}.log"
+        node.process = start_process(
+            self.node_command(node), self.superlink.env(), self.flwr_home, node.log_file
+        )
+
+    def kill_node(self, index: int) -> None:
+        """Stop one SuperNode abruptly (SIGKILL), as a crashed machine would."""
+        import signal
+
+        stop_process(self.nodes[index].process, sig=signal.SIGKILL)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            stop_process(node.process)
+            node.process = None
+        if self.superlink is not None:
+            self.superlink.stop()
+
+    def __enter__(self) -> LocalCluster:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def run(self, run_config: list[str], timeout: float = 3600.0, stream: bool = True) -> RunOutcome:
+        assert self.superlink is not None
+        run_id = self.superlink.submit(PROJECT_DIR, run_config)
+        log.info("run %d submitted to %s", run_id, self.superlink.address)
+        return self.superlink.follow(run_id, timeout, stream=stream)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--num-nodes", type=int, default=2)
+    parser.add_argument("--tls", action="store_true", help="TLS with a fresh private CA (openssl)")
+    parser.add_argument("--auth", action="store_true", help="SuperNode authentication (implies --tls)")
+    parser.add_argument("--run-config", action="append", default=[], help="as for flwr run (repeatable)")
+    parser.add_argument("--output-dir", default=str(PROJECT_DIR / "runs"))
+    parser.add_argument("--hub-mirror", default=default_hub_mirror())
+    parser.add_argument("--flwr-home", default=str(PROJECT_DIR / ".flwr-cluster"))
+    parser.add_argument("--timeout", type=float, default=3600.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)-7s %(name)s: %(message)s")
+    output = Path(args.output_dir).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    run_config = [f"output-dir='{output}' hub-mirror='{args.hub_mirror}'", *args.run_config]
+    cluster = LocalCluster(
+        Path(args.flwr_home),
+        args.num_nodes,
+        tls=args.tls or args.auth,
+        auth=args.auth,
+        hub_mirror=args.hub_mirror,
+    )
+    with cluster:
+        outcome = cluster.run(run_config, timeout=args.timeout)
+    log.info("run %d: %s after %.0f s", outcome.run_id, outcome.status, outcome.seconds)
+    return 0 if outcome.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
