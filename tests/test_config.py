@@ -38,7 +38,7 @@ def test_every_shipped_option_composes():
 @pytest.mark.parametrize(
     ("selections", "overrides", "message"),
     [
-        ({"method": "nope"}, "", "unknown method 'nope'; valid choices: ['centralized', 'fedex_lora', 'fedit'"),
+        ({"method": "nope"}, "", "unknown method 'nope'; valid choices: ['centralized', 'fedex_lora'"),
         ({"dataset": "imagenet"}, "", "valid choices: ['cola', 'mrpc', 'rte', 'sst2']"),
         ({}, "method.rank=0", "method.rank must be >= 1"),
         ({}, "train.lr=-0.1", "train.lr must be > 0"),

@@ -4,12 +4,11 @@ authentication, and a node killed mid-run."""
 import json
 import time
 
-import psutil
 import pytest
 from conftest import TINY_OVERRIDES
 
-from launch.cluster import LocalCluster
-from launch.simulation import COMPLETED
+from launch.cluster import LocalCluster, SuperNode
+from launch.simulation import COMPLETED, CONNECTION, PROJECT_DIR
 
 pytestmark = pytest.mark.e2e
 
@@ -26,22 +25,23 @@ def _rows(output):
 
 def test_tls_authenticated_cluster_runs_and_refuses_an_unregistered_node(tmp_path, hub_mirror):
     with LocalCluster(tmp_path / "flwr", 2, tls=True, auth=True, hub_mirror=str(hub_mirror)) as cluster:
-        # A third node with a key the SuperLink never registered must not get in.
-        stranger = cluster.nodes[0].__class__(2, "partition-id=0 num-partitions=2")
-        stranger.private_key = cluster.make_node_key("stranger")
+        # A third node whose key the SuperLink never registered must not get in.
+        stranger = SuperNode(2, "partition-id=0 num-partitions=2", cluster.make_node_key("stranger"))
         cluster.start_node(stranger)
+        assert stranger.process.wait(timeout=120) != 0
+        assert "Failed to activate SuperNode" in stranger.log_file.read_text()
+        listed = json.loads(
+            cluster.superlink.flwr("supernode", "list", CONNECTION, "--format", "json").stdout
+        )
+        assert len(listed["nodes"]) == 2
         outcome = cluster.run(_run_config(tmp_path / "out", hub_mirror), timeout=400, stream=False)
         assert outcome.status == COMPLETED, outcome
-        rows = _rows(tmp_path / "out")
-        assert [row["round"] for row in rows] == [0, 1, 2]
-        assert all(row["clients_aggregated"] == 2 for row in rows[1:])  # the stranger never took part
-        nodes = cluster.superlink.flwr("supernode", "list", "fedsubspace-sim", "--format", "json")
-        assert stranger.process.wait(timeout=60) != 0  # refused: the node gave up
-        assert "unauthenticated" in stranger.log_file.read_text().lower() or nodes.returncode == 0
-        certificate = cluster.superlink.tls.ca_cert.read_text()
-        assert "BEGIN CERTIFICATE" in certificate
-    for node in [*cluster.nodes, stranger]:
-        assert node.process is None or not psutil.pid_exists(node.process.pid) or node.process.poll() is not None
+        assert "BEGIN CERTIFICATE" in cluster.superlink.tls.ca_cert.read_text()
+        processes = [node.process for node in cluster.nodes] + [cluster.superlink.process]
+    rows = _rows(tmp_path / "out")
+    assert [row["round"] for row in rows] == [0, 1, 2]
+    assert all(row["clients_aggregated"] == 2 for row in rows[1:])
+    assert all(p.poll() is not None for p in processes)  # everything the cluster started is gone
 
 
 def test_a_node_killed_mid_run_does_not_stall_it(tmp_path, hub_mirror):
@@ -49,7 +49,7 @@ def test_a_node_killed_mid_run_does_not_stall_it(tmp_path, hub_mirror):
     extra = "partition.num_clients=3 federation.min_train_clients=1 federation.connect_timeout_s=30"
     config = _run_config(tmp_path / "out", hub_mirror, rounds=4, extra=extra)
     with LocalCluster(tmp_path / "flwr", 3, hub_mirror=str(hub_mirror)) as cluster:
-        run_id = cluster.superlink.submit(cluster_app(), config)
+        run_id = cluster.superlink.submit(PROJECT_DIR, config)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not _round_started(tmp_path / "out", 2):
             time.sleep(1.0)
@@ -63,12 +63,6 @@ def test_a_node_killed_mid_run_does_not_stall_it(tmp_path, hub_mirror):
     assert rows[1]["clients_aggregated"] == 3
     assert all(row["clients_aggregated"] == 2 for row in rows[3:])  # the dead node is not sampled again
     assert any(row["clients_rejected"] for row in rows[2:3]) or rows[2]["clients_aggregated"] == 3
-
-
-def cluster_app():
-    from launch.simulation import PROJECT_DIR
-
-    return PROJECT_DIR
 
 
 def _round_started(output, server_round):
