@@ -99,7 +99,8 @@ class LocalSuperLink:
         env.setdefault("RAY_DEDUP_LOGS", "0")
         return env
 
-    def start(self, timeout: float = 60.0) -> None:
+    def write_connection(self) -> None:
+        """The flwr CLI's connection to this SuperLink, in ``$FLWR_HOME/config.toml``."""
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         security = (
             "insecure = true" if self.tls is None else f'root-certificates = "{self.tls.ca_cert.resolve()}"'
@@ -108,6 +109,9 @@ class LocalSuperLink:
             f'[superlink]\ndefault = "{CONNECTION}"\n\n'
             f'[superlink.{CONNECTION}]\naddress = "{self.address}"\n{security}\n'
         )
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.write_connection()
         log_file = self.flwr_home / "superlink.log"
         command = [
             console_script("flower-superlink"), "--isolation", "subprocess",
