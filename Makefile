@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # Passed to `python -m launch.simulation`, e.g. make run ARGS="--run-config \"method='fedit' dataset='mrpc'\""
 ARGS ?=
 
-.PHONY: run test lint data clean venv bench
+.PHONY: run test lint data clean venv bench cluster
 
 venv: $(STAMP)
 
@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml
 # The default experiment: packaged MiniLM, SST-2, 10 clients, Dirichlet(0.5), FedIT.
 run: $(STAMP)
 	$(PY) -m launch.simulation --num-supernodes 10 $(ARGS)
+
+# A real deployment on this machine: SuperLink + SuperNodes as processes (--tls, --auth available).
+cluster: $(STAMP)
+	$(PY) -m launch.cluster $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
@@ -44,4 +48,4 @@ data: $(STAMP)
 	$(PY) -m launch.mirror --mirror $(MIRROR) $(DATASETS)
 
 clean:
-	rm -rf $(VENV) .flwr .pytest_cache .ruff_cache
+	rm -rf $(VENV) .flwr .flwr-cluster .pytest_cache .ruff_cache
