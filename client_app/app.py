@@ -12,7 +12,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client_app.node import node_hub_mirror, node_partition, node_rank
+from client_app.node import node_data_path, node_hub_mirror, node_partition, node_rank
 from client_app.session import ClientSession, get_session
 from finetune.config import ExperimentConfig
 from finetune.logs import setup_logging
@@ -94,7 +94,8 @@ def update_merged_base(
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     job = prepare(msg, context)
-    data = job.session.partition(job.partition_id)
+    own = node_data_path(context.node_config)
+    data = job.session.local_data(own) if own else job.session.partition(job.partition_id)
     server_round = int(job.config["server-round"])
     method = job.cfg.method
     privacy = plan_private_round(job, context, len(data))

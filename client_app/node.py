@@ -30,6 +30,13 @@ def node_partition(node_config: UserConfig, num_clients: int) -> int:
     return partition_id
 
 
+def node_data_path(node_config: UserConfig) -> Path | None:
+    """A data owner's own training data (node config ``data-path``), used instead of its
+    partition of the shared dataset; ``partition-id`` then only identifies the client."""
+    path = str(node_config.get("data-path", ""))
+    return Path(path).expanduser() if path else None
+
+
 def node_hub_mirror(node_config: UserConfig, experiment_mirror: str) -> Path | None:
     """The node's own mirror (node config ``hub-mirror``, then its $FEDSUBSPACE_HUB_MIRROR)
     wins over the experiment's setting, which names a folder on the server's machine."""

@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from finetune.config import ExperimentConfig
-from finetune.data import PartitionedDataset, load_eval_split, load_train_split, tokenize
+from finetune.data import PartitionedDataset, load_eval_split, load_local_data, load_train_split, tokenize
 from finetune.models import build_model, device, load_tokenizer
 from finetune.state import base_weights, trainable_state
 
@@ -31,7 +31,7 @@ class ClientSession:
     partitions: PartitionedDataset
     initial_state: dict[str, np.ndarray]  # the seeded init: what a client starts from
     base: dict[str, torch.Tensor]  # pretrained weights under the LoRA layers (W0 of merged bases)
-    _tokenized: dict[int, datasets.Dataset] = field(default_factory=dict)
+    _tokenized: dict[int | str, datasets.Dataset] = field(default_factory=dict)
     _eval_partitions: PartitionedDataset | None = None
     _eval_tokenized: dict[int, datasets.Dataset] = field(default_factory=dict)
 
@@ -46,6 +46,14 @@ class ClientSession:
                 raw, self.cfg.dataset, self.tokenizer, self.cfg.model.max_length
             )
         return self._eval_tokenized[partition_id]
+
+    def local_data(self, path: Path) -> datasets.Dataset:
+        """A node's own data file (node config ``data-path``), tokenized once."""
+        key = f"local:{path}"
+        if key not in self._tokenized:
+            raw = load_local_data(path, self.cfg.dataset)
+            self._tokenized[key] = tokenize(raw, self.cfg.dataset, self.tokenizer, self.cfg.model.max_length)
+        return self._tokenized[key]
 
     def partition(self, partition_id: int) -> datasets.Dataset:
         if partition_id not in self._tokenized:

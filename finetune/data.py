@@ -73,6 +73,26 @@ def load_train_split(cfg: DatasetConfig, mirror: Path | None, seed: int) -> data
     return subsample(dataset, cfg.max_train_examples, seed)
 
 
+LOCAL_FORMATS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+
+
+def load_local_data(path: Path, cfg: DatasetConfig) -> datasets.Dataset:
+    """A data owner's own training data (parquet / csv / json lines) with the dataset's fields."""
+    if path.suffix not in LOCAL_FORMATS:
+        raise ConfigError(
+            f"node data {path}: unsupported format {path.suffix!r}; use one of {sorted(LOCAL_FORMATS)}"
+        )
+    if not path.is_file():
+        raise ConfigError(f"node data {path} does not exist on this node")
+    dataset = datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+    missing = [f for f in [*cfg.text_fields, cfg.label_field] if f not in dataset.column_names]
+    if missing:
+        raise ConfigError(
+            f"node data {path} lacks the dataset's fields {missing}; it has {dataset.column_names}"
+        )
+    return dataset
+
+
 def load_eval_split(cfg: DatasetConfig, mirror: Path | None, seed: int) -> datasets.Dataset:
     dataset = load_split(cfg, cfg.eval_split, mirror)
     labels = np.asarray(dataset[cfg.label_field])

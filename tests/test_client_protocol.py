@@ -240,3 +240,25 @@ def test_full_client_moves_every_targeted_weight(hub_mirror):
     upload = from_record(reply.content.array_records["arrays"])
     assert set(upload) == set(init)
     assert all(not np.array_equal(upload[k], init[k]) for k in init if k.endswith("weight"))
+
+
+def test_a_node_trains_on_its_own_data_file(hub_mirror, tmp_path):
+    import datasets
+
+    from finetune.config import ConfigError
+
+    rows = {
+        "sentence": [f"a {'good' if i % 2 else 'bad'} film number {i}" for i in range(24)],
+        "label": [i % 2 for i in range(24)],
+    }
+    datasets.Dataset.from_dict(rows).to_parquet(str(tmp_path / "mine.parquet"))
+    cfg = _cfg("fedit", hub_mirror)
+    _, global_state = _global(cfg, hub_mirror)
+    context = _context(0)
+    context.node_config["data-path"] = str(tmp_path / "mine.parquet")
+    reply = train(_message(cfg, global_state), context)
+    assert reply.content.metric_records["metrics"]["num-examples"] == 24  # its file, not partition 0
+    datasets.Dataset.from_dict({"text": ["x"], "label": [0]}).to_parquet(str(tmp_path / "wrong.parquet"))
+    context.node_config["data-path"] = str(tmp_path / "wrong.parquet")
+    with pytest.raises(ConfigError, match=r"lacks the dataset's fields \['sentence'\]"):
+        train(_message(cfg, global_state), context)
