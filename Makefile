@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # Passed to `python -m launch.simulation`, e.g. make run ARGS="--run-config \"method='fedit' dataset='mrpc'\""
 ARGS ?=
 
-.PHONY: run test lint data clean venv bench cluster
+.PHONY: run test lint data clean venv bench cluster sweep
 
 venv: $(STAMP)
 
@@ -27,6 +27,12 @@ run: $(STAMP)
 # A real deployment on this machine: SuperLink + SuperNodes as processes (--tls, --auth available).
 cluster: $(STAMP)
 	$(PY) -m launch.cluster $(ARGS)
+
+# Benchmark sweep (resumable): make sweep PRESET=cpu_small — the preset's grids in conf/sweep/.
+PRESET ?= cpu_small
+sweep: $(STAMP)
+	$(PY) -m launch.sweep --config-name $(PRESET) $(ARGS)
+	@if [ -f conf/sweep/$(PRESET)_iid.yaml ]; then $(PY) -m launch.sweep --config-name $(PRESET)_iid $(ARGS); fi
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

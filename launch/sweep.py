@@ -1,0 +1,73 @@
+"""Benchmark sweep: Hydra multirun over methods × datasets × partitions × seeds, one simulation per
+job, resumable — a job whose results folder already holds a completed summary is skipped.
+
+    python -m launch.sweep --config-name cpu_small          # the grid in conf/sweep/cpu_small.yaml
+    python -m launch.sweep --config-name cpu_small method=fedit,full seed=0   # a sub-grid
+
+Results: ``<results_dir>/<method>-<dataset>-<partition>-s<seed>/<run folder>/`` (config, metrics,
+summary), plus ``sweep.jsonl``, one line per finished job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from launch.simulation import PROJECT_DIR, default_hub_mirror, run_simulation
+
+log = logging.getLogger(__name__)
+
+
+def job_name(cfg: DictConfig) -> str:
+    return f"{cfg.method}-{cfg.dataset}-{cfg.partition}-s{cfg.seed}"
+
+
+def completed(folder: Path) -> bool:
+    """Whether a previous job left a completed run in ``folder``."""
+    for summary in folder.glob("*/summary.json"):
+        try:
+            if json.loads(summary.read_text()).get("status") == "completed":
+                return True
+        except json.JSONDecodeError:
+            continue
+    return False
+
+
+@hydra.main(config_path="../conf/sweep", config_name="cpu_small", version_base=None)
+def main(cfg: DictConfig) -> None:
+    results = Path(cfg.results_dir)
+    results = (results if results.is_absolute() else PROJECT_DIR / results).resolve()
+    folder = results / job_name(cfg)
+    if completed(folder):
+        log.info("%s: already completed, skipped", folder.name)
+        return
+    for stale in folder.glob("*") if folder.exists() else []:  # an interrupted attempt
+        if stale.is_dir() and not (stale / "summary.json").exists():
+            stale.rename(stale.with_name(stale.name + ".interrupted"))
+    folder.mkdir(parents=True, exist_ok=True)
+    overrides = f"{cfg.overrides} seed={cfg.seed} name={job_name(cfg)}".strip()
+    run_config = [
+        f"method='{cfg.method}' model='{cfg.model}' dataset='{cfg.dataset}' partition='{cfg.partition}' "
+        f"overrides='{overrides}' output-dir='{folder}' hub-mirror='{default_hub_mirror()}'"
+    ]
+    start = time.perf_counter()
+    outcome = run_simulation(
+        run_config,
+        num_supernodes=int(cfg.num_supernodes),
+        flwr_home=PROJECT_DIR / ".flwr-sweep",
+        timeout=float(cfg.timeout_s),
+        stream=False,
+    )
+    record = {"job": job_name(cfg), "status": outcome.status, "seconds": time.perf_counter() - start}
+    with (results / "sweep.jsonl").open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    log.info("%s: %s in %.0f s", record["job"], outcome.status, record["seconds"])
+
+
+if __name__ == "__main__":
+    main()
