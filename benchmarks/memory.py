@@ -32,23 +32,24 @@ def measure(mode: str, model: str, steps: int) -> dict[str, float]:
     import torch
 
     from finetune.config import compose_config
-    from finetune.data import PartitionedDataset, load_train_split, tokenize
+    from finetune.data import PartitionedDataset, load_train_split
     from finetune.hub import hub_mirror
     from finetune.memory import peak_memory_mb, reset_peak_memory
-    from finetune.models import build_model, load_tokenizer, trainable_parameter_count
+    from finetune.models import build_model, trainable_parameter_count
     from finetune.optim import build_optimizer, galore_targets
+    from finetune.tasks import build_task
     from finetune.training import train_local
     from launch.simulation import default_hub_mirror
     from strategies import STRATEGIES
 
     method, overrides = MODES[mode]
-    cfg = compose_config({"method": method, "model": model}, [*overrides, f"train.local_steps={steps}"])
-    mirror = hub_mirror(default_hub_mirror())
-    tokenizer = load_tokenizer(cfg, mirror)
-    train = load_train_split(cfg.dataset, mirror, cfg.seed)
-    data = tokenize(
-        PartitionedDataset(train, cfg.partition, "label").partition(0), cfg.dataset, tokenizer, 128
+    cfg = compose_config(
+        {"method": method, "model": model}, [*overrides, f"train.local_steps={steps}", "model.max_length=128"]
     )
+    mirror = hub_mirror(default_hub_mirror())
+    task = build_task(cfg, mirror)
+    train = load_train_split(cfg.dataset, mirror, cfg.seed)
+    data = task.prepare(PartitionedDataset(train, cfg).partition(0), client=0)
     reset_peak_memory()
     before = peak_memory_mb()
     net = build_model(cfg, mirror)
@@ -64,7 +65,7 @@ def measure(mode: str, model: str, steps: int) -> dict[str, float]:
 
     at_start = psutil.Process().memory_info().rss / 2**20
     start = time.perf_counter()
-    result = train_local(net, data, tokenizer, cfg.train, lr=cfg.peak_lr, seed=0, optimizer=factory)
+    result = train_local(net, data, task.collate, cfg.train, lr=cfg.peak_lr, seed=0, optimizer=factory)
     seconds = time.perf_counter() - start
     targets = set(galore_targets(net, cfg)) if rule.full_finetune else set()
     params = dict(net.named_parameters())

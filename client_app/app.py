@@ -21,7 +21,6 @@ from finetune.optim import build_optimizer
 from finetune.privacy import PrivateRound, epsilon, plan_round
 from finetune.records import from_record, to_record
 from finetune.state import load_trainable_state, set_base_deltas, trainable_state
-from finetune.training import evaluate as evaluate_model
 from finetune.training import local_step_count, train_local
 from strategies import STRATEGIES, FederatedStrategy
 from strategies.base import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
@@ -95,7 +94,7 @@ def update_merged_base(
 def train(msg: Message, context: Context) -> Message:
     job = prepare(msg, context)
     own = node_data_path(context.node_config)
-    data = job.session.local_data(own) if own else job.session.partition(job.partition_id)
+    data = job.session.local_data(own, job.partition_id) if own else job.session.partition(job.partition_id)
     server_round = int(job.config["server-round"])
     method = job.cfg.method
     privacy = plan_private_round(job, context, len(data))
@@ -104,7 +103,7 @@ def train(msg: Message, context: Context) -> Message:
     result = train_local(
         job.session.model,
         data,
-        job.session.tokenizer,
+        job.session.task.collate,
         job.cfg.train,
         lr=float(job.config["lr"]),
         seed=job.cfg.seed * 1_000_003 + server_round * 1009 + job.partition_id,
@@ -154,9 +153,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Personalised evaluation: this client's model on its own share of the validation split."""
     job = prepare(msg, context)
     data = job.session.eval_partition(job.partition_id)
-    result = evaluate_model(
-        job.session.model, data, job.session.tokenizer, job.cfg.train.eval_batch_size, job.cfg.dataset.metrics
-    )
+    result = job.session.task.evaluate(job.session.model, data, job.cfg.train.eval_batch_size)
     metrics = MetricRecord({NUM_EXAMPLES_KEY: len(data), **result})
     return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
 

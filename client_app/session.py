@@ -1,5 +1,5 @@
 """What a client process keeps between rounds: the model (loaded once per process / Ray
-actor), the tokenizer and the tokenized partitions."""
+actor), the task (tokenizer or image settings) and the prepared partitions."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from finetune.config import ExperimentConfig
-from finetune.data import PartitionedDataset, load_eval_split, load_local_data, load_train_split, tokenize
-from finetune.models import build_model, device, load_tokenizer
+from finetune.data import PartitionedDataset, load_eval_split, load_local_data, load_train_split
+from finetune.models import build_model, device
 from finetune.state import base_weights, trainable_state
+from finetune.tasks import Task, build_task
 
 log = logging.getLogger(__name__)
 
@@ -27,41 +27,38 @@ class ClientSession:
     cfg: ExperimentConfig
     mirror: Path | None
     model: torch.nn.Module
-    tokenizer: PreTrainedTokenizerBase
+    task: Task
+    train_raw: datasets.Dataset
     partitions: PartitionedDataset
     initial_state: dict[str, np.ndarray]  # the seeded init: what a client starts from
     base: dict[str, torch.Tensor]  # pretrained weights under the LoRA layers (W0 of merged bases)
-    _tokenized: dict[int | str, datasets.Dataset] = field(default_factory=dict)
+    _prepared: dict[int | str, datasets.Dataset] = field(default_factory=dict)
     _eval_partitions: PartitionedDataset | None = None
-    _eval_tokenized: dict[int, datasets.Dataset] = field(default_factory=dict)
+    _eval_prepared: dict[int, datasets.Dataset] = field(default_factory=dict)
 
     def eval_partition(self, partition_id: int) -> datasets.Dataset:
         """This client's share of the validation split, split like the training data."""
         if self._eval_partitions is None:
             raw = load_eval_split(self.cfg.dataset, self.mirror, self.cfg.seed)
-            self._eval_partitions = PartitionedDataset(raw, self.cfg.partition, self.cfg.dataset.label_field)
-        if partition_id not in self._eval_tokenized:
+            self._eval_partitions = PartitionedDataset(raw, self.cfg, fit_on=self.train_raw)
+        if partition_id not in self._eval_prepared:
             raw = self._eval_partitions.partition(partition_id)
-            self._eval_tokenized[partition_id] = tokenize(
-                raw, self.cfg.dataset, self.tokenizer, self.cfg.model.max_length
-            )
-        return self._eval_tokenized[partition_id]
+            self._eval_prepared[partition_id] = self.task.prepare(raw, client=partition_id)
+        return self._eval_prepared[partition_id]
 
-    def local_data(self, path: Path) -> datasets.Dataset:
-        """A node's own data file (node config ``data-path``), tokenized once."""
+    def local_data(self, path: Path, partition_id: int) -> datasets.Dataset:
+        """A node's own data file (node config ``data-path``), prepared once."""
         key = f"local:{path}"
-        if key not in self._tokenized:
+        if key not in self._prepared:
             raw = load_local_data(path, self.cfg.dataset)
-            self._tokenized[key] = tokenize(raw, self.cfg.dataset, self.tokenizer, self.cfg.model.max_length)
-        return self._tokenized[key]
+            self._prepared[key] = self.task.prepare(raw, client=partition_id)
+        return self._prepared[key]
 
     def partition(self, partition_id: int) -> datasets.Dataset:
-        if partition_id not in self._tokenized:
+        if partition_id not in self._prepared:
             raw = self.partitions.partition(partition_id)
-            self._tokenized[partition_id] = tokenize(
-                raw, self.cfg.dataset, self.tokenizer, self.cfg.model.max_length
-            )
-        return self._tokenized[partition_id]
+            self._prepared[partition_id] = self.task.prepare(raw, client=partition_id)
+        return self._prepared[partition_id]
 
 
 def session_key(cfg: ExperimentConfig, mirror: Path | None) -> str:
@@ -88,11 +85,16 @@ def get_session(cfg: ExperimentConfig, mirror: Path | None) -> ClientSession:
             cfg.model.source, cfg.method.rank, cfg.dataset.repo_id, cfg.dataset.subset,
         )  # fmt: skip
         model = build_model(cfg, mirror).to(device())
-        tokenizer = load_tokenizer(cfg, mirror)
         train = load_train_split(cfg.dataset, mirror, cfg.seed)
-        partitions = PartitionedDataset(train, cfg.partition, cfg.dataset.label_field)
         session = ClientSession(
-            cfg, mirror, model, tokenizer, partitions, trainable_state(model), base_weights(model)
+            cfg,
+            mirror,
+            model,
+            build_task(cfg, mirror),
+            train,
+            PartitionedDataset(train, cfg),
+            trainable_state(model),
+            base_weights(model),
         )
     _SESSIONS[key] = session  # most recently used last
     session.cfg = cfg  # train / federation settings may change between runs

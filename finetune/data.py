@@ -1,9 +1,11 @@
-"""The one place that loads, partitions and tokenizes data."""
+"""The one place that loads, partitions and batches data (how examples become model inputs is the
+task's: ``finetune/tasks``)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +15,12 @@ import torch
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
     IidPartitioner,
+    NaturalIdPartitioner,
     Partitioner,
     PathologicalPartitioner,
 )
-from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from finetune.config import ConfigError, DatasetConfig, PartitionConfig
+from finetune.config import CLUSTER_FIELD, ConfigError, DatasetConfig, ExperimentConfig, PartitionConfig
 from finetune.hub import mirrored_dataset_dir
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,7 @@ def load_split(cfg: DatasetConfig, split: str, mirror: Path | None) -> datasets.
                 f"cannot load {cfg.repo_id}/{cfg.subset} split {split!r}: no local copy {where} "
                 f"and the Hub failed: {type(error).__name__}: {error}"
             ) from error
-    missing = [c for c in (*cfg.text_fields, cfg.label_field) if c not in dataset.column_names]
+    missing = [c for c in cfg.input_fields if c not in dataset.column_names]
     if missing:
         raise ConfigError(
             f"dataset {cfg.name!r} has no column(s) {missing}; columns are {dataset.column_names}"
@@ -85,7 +87,7 @@ def load_local_data(path: Path, cfg: DatasetConfig) -> datasets.Dataset:
     if not path.is_file():
         raise ConfigError(f"node data {path} does not exist on this node")
     dataset = datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
-    missing = [f for f in [*cfg.text_fields, cfg.label_field] if f not in dataset.column_names]
+    missing = [f for f in cfg.input_fields if f not in dataset.column_names]
     if missing:
         raise ConfigError(
             f"node data {path} lacks the dataset's fields {missing}; it has {dataset.column_names}"
@@ -95,8 +97,7 @@ def load_local_data(path: Path, cfg: DatasetConfig) -> datasets.Dataset:
 
 def load_eval_split(cfg: DatasetConfig, mirror: Path | None, seed: int) -> datasets.Dataset:
     dataset = load_split(cfg, cfg.eval_split, mirror)
-    labels = np.asarray(dataset[cfg.label_field])
-    if (labels < 0).all():
+    if cfg.is_classification and (np.asarray(dataset[cfg.label_field]) < 0).all():
         raise ConfigError(
             f"split {cfg.eval_split!r} of {cfg.name!r} has no labels (all -1); "
             "choose a labelled dataset.eval_split"
@@ -104,13 +105,17 @@ def load_eval_split(cfg: DatasetConfig, mirror: Path | None, seed: int) -> datas
     return subsample(dataset, cfg.max_eval_examples, seed)
 
 
-def make_partitioner(cfg: PartitionConfig, label_field: str) -> Partitioner:
+def make_partitioner(cfg: PartitionConfig, field: str | None) -> Partitioner:
     if cfg.name == "iid":
         return IidPartitioner(num_partitions=cfg.num_clients)
+    if field is None:
+        raise ConfigError(
+            f"partition {cfg.name!r} needs a field to split by (partition.by / partition.clusters)"
+        )
     if cfg.name == "dirichlet":
         return DirichletPartitioner(
             num_partitions=cfg.num_clients,
-            partition_by=label_field,
+            partition_by=field,
             alpha=cfg.alpha,
             min_partition_size=cfg.min_partition_size,
             self_balancing=False,
@@ -119,25 +124,74 @@ def make_partitioner(cfg: PartitionConfig, label_field: str) -> Partitioner:
     if cfg.name == "pathological":
         return PathologicalPartitioner(
             num_partitions=cfg.num_clients,
-            partition_by=label_field,
+            partition_by=field,
             num_classes_per_partition=cfg.classes_per_client,
             class_assignment_mode="first-deterministic",
             seed=cfg.seed,
         )
+    if cfg.name == "natural":
+        return NaturalIdPartitioner(partition_by=field)
     raise ConfigError(f"unknown partition {cfg.name!r}")
 
 
-class PartitionedDataset:
-    """A training split divided among ``cfg.num_clients`` clients by a flwr-datasets partitioner."""
+def example_texts(dataset: datasets.Dataset, cfg: DatasetConfig) -> list[str]:
+    """The text clustering reads: the text fields (classification) or the prompt (causal LM)."""
+    if cfg.task == "causal_lm":
+        return list(dataset[cfg.prompt_field])
+    if cfg.task == "text_classification":
+        columns = [dataset[name] for name in cfg.text_fields]
+        return [" ".join(parts) for parts in zip(*columns, strict=True)]
+    raise ConfigError(f"partition.clusters groups texts; {cfg.name!r} is {cfg.task}")
 
-    def __init__(self, train: datasets.Dataset, cfg: PartitionConfig, label_field: str) -> None:
-        if cfg.num_clients > len(train):
-            raise ConfigError(
-                f"partition.num_clients={cfg.num_clients} exceeds the {len(train)} training examples"
+
+@lru_cache(maxsize=4)
+def _fit_clusters(texts: tuple[str, ...], k: int, seed: int) -> Any:
+    from sklearn.cluster import KMeans
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.pipeline import make_pipeline
+
+    if k > len(texts):
+        raise ConfigError(f"partition.clusters={k} exceeds the {len(texts)} training examples")
+    model = make_pipeline(
+        TfidfVectorizer(max_features=20_000, stop_words="english", sublinear_tf=True),
+        KMeans(n_clusters=k, n_init=3, random_state=seed),
+    )
+    return model.fit(list(texts))
+
+
+def cluster_ids(texts: list[str], fit_texts: list[str], k: int, seed: int) -> list[int]:
+    """k-means cluster of each of ``texts`` (TF-IDF vectors), the clusters fitted on ``fit_texts``
+    (the training split; seeded, so every process derives the same split)."""
+    return _fit_clusters(tuple(fit_texts), k, seed).predict(texts).tolist()
+
+
+class PartitionedDataset:
+    """``data`` divided among ``partition.num_clients`` clients by a flwr-datasets partitioner,
+    split by the experiment's partition field (labels, a named field, or k-means clusters of the
+    text fitted on ``fit_on``, the training split, when ``data`` is another split)."""
+
+    def __init__(
+        self, data: datasets.Dataset, cfg: ExperimentConfig, fit_on: datasets.Dataset | None = None
+    ) -> None:
+        part = cfg.partition
+        if part.num_clients > len(data):
+            raise ConfigError(f"partition.num_clients={part.num_clients} exceeds the {len(data)} examples")
+        self.field = cfg.partition_field if part.name != "iid" else None
+        if part.clusters:
+            fit = example_texts(fit_on if fit_on is not None else data, cfg.dataset)
+            data = data.add_column(
+                CLUSTER_FIELD, cluster_ids(example_texts(data, cfg.dataset), fit, part.clusters, part.seed)
             )
-        self.cfg = cfg
-        self.partitioner = make_partitioner(cfg, label_field)
-        self.partitioner.dataset = train
+        if self.field is not None and self.field not in data.column_names:
+            raise ConfigError(f"partition.by={self.field!r} is not a field of the data: {data.column_names}")
+        self.cfg = part
+        self.partitioner = make_partitioner(part, self.field)
+        self.partitioner.dataset = data
+        if part.name == "natural" and self.partitioner.num_partitions != part.num_clients:
+            raise ConfigError(
+                f"partition.name=natural gives one client per value of {self.field!r}: "
+                f"{self.partitioner.num_partitions} values, but partition.num_clients={part.num_clients}"
+            )
 
     def partition(self, partition_id: int) -> datasets.Dataset:
         if not 0 <= partition_id < self.cfg.num_clients:
@@ -161,56 +215,44 @@ class PartitionedDataset:
             )
         return sizes
 
+    def histograms(self) -> list[dict[str, int]]:
+        """Examples per value of the split field, for every client ({} for iid)."""
+        if self.field is None:
+            return [{} for _ in range(self.cfg.num_clients)]
+        result = []
+        for i in range(self.cfg.num_clients):
+            values, counts = np.unique(np.asarray(self.partition(i)[self.field]), return_counts=True)
+            result.append({str(v): int(c) for v, c in zip(values, counts, strict=True)})
+        return result
 
-def label_histogram(dataset: datasets.Dataset, label_field: str, num_labels: int) -> list[int]:
-    labels = np.asarray(dataset[label_field], dtype=np.int64)
-    return np.bincount(labels[labels >= 0], minlength=num_labels).tolist()
 
-
-def tokenize(
-    dataset: datasets.Dataset,
-    cfg: DatasetConfig,
-    tokenizer: PreTrainedTokenizerBase,
-    max_length: int,
-) -> datasets.Dataset:
-    """Token ids without padding (padding happens per batch) plus ``labels``."""
-
-    def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
-        texts = [batch[field] for field in cfg.text_fields]
-        encoded = tokenizer(*texts, truncation=True, max_length=max_length)
-        encoded["labels"] = batch[cfg.label_field]
-        return encoded
-
-    keep = {"input_ids", "attention_mask", "token_type_ids", "labels"}
-    tokenized = dataset.map(encode, batched=True, remove_columns=dataset.column_names)
-    return tokenized.remove_columns([c for c in tokenized.column_names if c not in keep])
+Collate = Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
 
 
 def iterate_batches(
     dataset: datasets.Dataset,
-    tokenizer: PreTrainedTokenizerBase,
+    collate: Collate,
     batch_size: int,
     *,
-    shuffle: bool,
+    shuffle: bool = False,
     seed: int = 0,
+    order: np.ndarray | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """One pass over ``dataset`` in dynamically padded batches: shuffled (seeded) for training,
-    else sorted by length, which pads least and leaves order-free metrics unchanged."""
-    collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    """One pass over ``dataset``: shuffled (seeded) for training, else in ``order`` (the task's:
+    by length for text, which pads least and leaves order-free metrics unchanged)."""
     if shuffle:
         order = np.random.default_rng(seed).permutation(len(dataset))
-    else:
-        order = np.argsort([len(ids) for ids in dataset["input_ids"]], kind="stable")
+    elif order is None:
+        order = np.arange(len(dataset))
     for start in range(0, len(order), batch_size):
         yield _collate_rows(dataset, order[start : start + batch_size], collate)
 
 
 def poisson_batches(
-    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, sample_rate: float, seed: int
+    dataset: datasets.Dataset, collate: Collate, sample_rate: float, seed: int
 ) -> Iterator[dict[str, torch.Tensor] | None]:
     """Endless Poisson-sampled batches — each example joins each batch independently with
     probability ``sample_rate``, the sampling DP-SGD's accounting assumes; None for an empty draw."""
-    collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
     rng = np.random.default_rng(seed)
     while True:
         chosen = np.flatnonzero(rng.random(len(dataset)) < sample_rate)
@@ -218,8 +260,8 @@ def poisson_batches(
 
 
 def _collate_rows(
-    dataset: datasets.Dataset, indices: np.ndarray, collate: DataCollatorWithPadding
+    dataset: datasets.Dataset, indices: np.ndarray, collate: Collate
 ) -> dict[str, torch.Tensor]:
     rows = dataset[indices]
-    features = [{k: rows[k][i] for k in rows} for i in range(len(rows["input_ids"]))]
-    return dict(collate(features))
+    features = [{k: rows[k][i] for k in rows} for i in range(len(indices))]
+    return collate(features)

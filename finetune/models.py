@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -10,56 +13,141 @@ from peft import LoraConfig, TaskType, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedTokenizerBase,
 )
 from transformers.utils import logging as hf_logging
 
 from finetune.config import ConfigError, ExperimentConfig
+from finetune.efficientnet import HEAD as EFFICIENTNET_HEAD
+from finetune.efficientnet import build_efficientnet_lite0
 from finetune.hub import resolve_model_source
 from strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
+CACHE_ENV = "FEDSUBSPACE_CACHE"  # where de-quantized GGUF models are kept; else ~/.cache/fedsubspace
+CONFIG_PREFIX = "config:"
+AUTO_CLASSES = {
+    "text_classification": AutoModelForSequenceClassification,
+    "image_classification": AutoModelForImageClassification,
+    "causal_lm": AutoModelForCausalLM,
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "fedsubspace").expanduser()
+
+
+def dequantized_gguf(folder: str, gguf_file: str) -> Path:
+    """A plain float32 copy of a GGUF checkpoint (with its tokenizer), de-quantized once (~30 s for
+    SmolLM2-135M) and cached on disk: later loads take about a second. Safe when several processes
+    ask at once (each writes its own temporary folder; the first rename wins)."""
+    path = Path(folder) / gguf_file
+    if not path.is_file():
+        raise ConfigError(f"model.gguf_file {gguf_file!r} is not in {folder}")
+    stat = path.stat()
+    digest = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = cache_root() / "gguf" / f"{path.stem}-{digest}"
+    if (cached / "config.json").is_file():
+        return cached
+    log.info("de-quantizing %s once into %s", path, cached)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    # Drop the GGUF marker so the copy is an ordinary checkpoint.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer, model.is_quantized = None, False
+    partial = cached.with_name(f"{cached.name}.partial-{os.getpid()}")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    try:
+        partial.rename(cached)
+    except OSError:  # another process finished first
+        shutil.rmtree(partial, ignore_errors=True)
+    return cached
+
+
+def model_folder(cfg: ExperimentConfig, mirror: Path | None) -> str:
+    """Where the model's weights and config are read from (a de-quantized GGUF copy if need be)."""
+    source = resolve_model_source(cfg.model.source, mirror)
+    return str(dequantized_gguf(source, cfg.model.gguf_file)) if cfg.model.gguf_file else source
 
 
 def load_tokenizer(cfg: ExperimentConfig, mirror: Path | None) -> PreTrainedTokenizerBase:
-    source = resolve_model_source(cfg.model.source, mirror)
-    return AutoTokenizer.from_pretrained(source)
+    if cfg.model.tokenizer:
+        return AutoTokenizer.from_pretrained(resolve_model_source(cfg.model.tokenizer, mirror))
+    if cfg.model.source.startswith(CONFIG_PREFIX):
+        raise ConfigError(f"model.source={cfg.model.source!r} has no tokenizer: set model.tokenizer")
+    return AutoTokenizer.from_pretrained(model_folder(cfg, mirror))
+
+
+def _model_config(cfg: ExperimentConfig, mirror: Path | None) -> PretrainedConfig:
+    """The architecture with the experiment's ``config_overrides`` (random-weight models)."""
+    source = cfg.model.source
+    if source.startswith(CONFIG_PREFIX):
+        config = AutoConfig.for_model(source[len(CONFIG_PREFIX) :])
+    else:
+        config = AutoConfig.from_pretrained(model_folder(cfg, mirror))
+    if cfg.dataset.is_classification:
+        config.num_labels = cfg.dataset.num_labels
+    for key, value in cfg.model.config_overrides.items():
+        if not hasattr(config, key):
+            raise ConfigError(f"model.config_overrides: {type(config).__name__} has no {key!r}")
+        setattr(config, key, value)
+    return config
 
 
 def build_base_model(cfg: ExperimentConfig, mirror: Path | None) -> torch.nn.Module:
-    """The task model with a fresh ``num_labels`` head, seeded so every process agrees."""
-    source = resolve_model_source(cfg.model.source, mirror)
+    """The task model (a fresh ``num_labels`` head for classification), seeded so every process
+    agrees: pretrained weights, or random ones built from the config (``model.random_init``)."""
     torch.manual_seed(cfg.seed)
+    if cfg.model.builder == "efficientnet_lite0":
+        return build_efficientnet_lite0(cfg.dataset.num_labels, pretrained=not cfg.model.random_init)
+    auto = AUTO_CLASSES[cfg.dataset.task]
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized head" report is expected
     try:
         if cfg.model.random_init:
-            config = AutoConfig.from_pretrained(source, num_labels=cfg.dataset.num_labels)
-            for key, value in cfg.model.config_overrides.items():
-                if not hasattr(config, key):
-                    raise ConfigError(f"model.config_overrides: {type(config).__name__} has no {key!r}")
-                setattr(config, key, value)
-            return AutoModelForSequenceClassification.from_config(config)
-        return AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=cfg.dataset.num_labels, dtype=torch.float32
-        )
+            return auto.from_config(_model_config(cfg, mirror))
+        extra = {"num_labels": cfg.dataset.num_labels} if cfg.dataset.is_classification else {}
+        if cfg.dataset.task == "image_classification":
+            extra["ignore_mismatched_sizes"] = True  # an ImageNet head replaced by ours
+        return auto.from_pretrained(model_folder(cfg, mirror), dtype=torch.float32, **extra)
     finally:
         hf_logging.set_verbosity(verbosity)
 
 
+def head_modules(cfg: ExperimentConfig) -> list[str]:
+    """Modules trained in full beside LoRA: ``model.head_modules``, else the architecture's task
+    head (none for a causal LM, whose output layer is tied to the embeddings)."""
+    if cfg.model.head_modules:
+        return list(cfg.model.head_modules)
+    if cfg.model.builder == "efficientnet_lite0":
+        return [EFFICIENTNET_HEAD]
+    return {"text_classification": ["classifier", "score"], "image_classification": ["classifier"]}.get(
+        cfg.dataset.task, []
+    )
+
+
 def lora_config(cfg: ExperimentConfig) -> LoraConfig:
+    task_type = {"text_classification": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM}.get(
+        cfg.dataset.task
+    )
+    heads = head_modules(cfg)
     return LoraConfig(
-        task_type=TaskType.SEQ_CLS,  # also trains and saves the classifier head
+        task_type=task_type,
         r=cfg.method.rank,
         lora_alpha=cfg.method.alpha,
         lora_dropout=cfg.method.dropout,
         target_modules=list(cfg.model.lora_targets),
+        modules_to_save=heads
+        if (heads and task_type != TaskType.SEQ_CLS) or cfg.model.head_modules
+        else None,
     )
-
-
-HEAD_MODULES = ("classifier", "score")  # sequence-classification heads (peft's SEQ_CLS list)
 
 
 def build_model(cfg: ExperimentConfig, mirror: Path | None) -> torch.nn.Module:
@@ -80,15 +168,24 @@ def build_model(cfg: ExperimentConfig, mirror: Path | None) -> torch.nn.Module:
     return model
 
 
+def is_target(module: str, targets: list[str]) -> bool:
+    """Whether a module name is one of ``targets``, matched on its last dotted part(s) as peft
+    does (``query``, ``_project_conv.linear``)."""
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
 def select_full_finetune(model: torch.nn.Module, cfg: ExperimentConfig) -> torch.nn.Module:
     """Unfreeze every weight (``full_scope: all``) or those of the LoRA target modules and the
     head (``targets``, the same modules LoRA adapts: a like-for-like comparison)."""
     targets, every = set(cfg.model.lora_targets), cfg.method.full_scope == "all"
+    heads = set(head_modules(cfg))
     found: set[str] = set()
     for name, param in model.named_parameters():
-        modules = set(name.split(".")[:-1])
-        found |= targets & modules
-        param.requires_grad_(every or bool(targets & modules) or bool(set(HEAD_MODULES) & modules))
+        module = name.rsplit(".", 1)[0]
+        hits = {t for t in targets if is_target(module, [t])}
+        found |= hits
+        is_head = bool(heads & set(module.split(".")))
+        param.requires_grad_(every or bool(hits) or is_head)
     if not every and found != targets:
         missing = sorted(targets - found)
         raise ConfigError(f"model.lora_targets {missing} name no module of {cfg.model.source!r}")
@@ -108,6 +205,15 @@ def trainable_parameter_count(model: torch.nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def freeze_batch_norm_statistics(model: torch.nn.Module) -> None:
+    """Keep BatchNorm layers on their pretrained running statistics while training: no rule
+    averages those buffers, so updating them locally would leave every client (and the server)
+    normalising differently. Call after ``model.train()``."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
 
 
 def device() -> torch.device:

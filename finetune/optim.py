@@ -15,21 +15,24 @@ import numpy as np
 import torch
 
 from finetune.config import ExperimentConfig
-from finetune.models import HEAD_MODULES
+from finetune.models import head_modules, is_target
 
 
 def galore_targets(model: torch.nn.Module, cfg: ExperimentConfig) -> list[str]:
     """The trainable 2-D weights GaLore projects: those of the LoRA target modules, or with
     ``method.full_scope=all`` every 2-D weight of the encoder/decoder layers (as in the GaLore
     paper: attention and MLP; embeddings and the head keep plain AdamW)."""
-    targets = set(cfg.model.lora_targets)
     every = cfg.method.full_scope == "all"
+    heads = set(head_modules(cfg))
     names = []
     for name, p in model.named_parameters():
-        modules = set(name.split(".")[:-1])
-        if not p.requires_grad or p.dim() != 2 or "embeddings" in modules or modules & set(HEAD_MODULES):
+        module = name.rsplit(".", 1)[0]
+        parts = set(module.split("."))
+        embedding = bool(parts & {"embeddings", "embed_tokens", "wte", "wpe"})
+        if not p.requires_grad or p.dim() != 2 or embedding or parts & heads:
             continue
-        if targets & modules or (every and "layer" in modules | {m.rstrip("s") for m in modules}):
+        in_layers = bool(parts & {"layer", "layers", "h", "blocks", "_blocks"})
+        if is_target(module, cfg.model.lora_targets) or (every and in_layers):
             names.append(name)
     return names
 

@@ -1,4 +1,5 @@
-"""The one place that trains and evaluates: used by clients, the server and the centralized baseline."""
+"""The one place that trains: used by clients of every rule and the centralized baseline (how a
+model is scored is its task's, ``finetune/tasks``)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,11 @@ from dataclasses import dataclass
 import datasets
 import numpy as np
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from finetune.config import TrainConfig
-from finetune.data import iterate_batches, poisson_batches
+from finetune.data import Collate, iterate_batches, poisson_batches
 from finetune.memory import peak_memory_mb, reset_peak_memory
-from finetune.metrics import compute_metrics
+from finetune.models import freeze_batch_norm_statistics
 from finetune.optim import load_optimizer_state, optimizer_state_bytes, save_optimizer_state
 from finetune.privacy import PrivateRound, PrivateTraining
 
@@ -43,11 +43,11 @@ def local_step_count(cfg: TrainConfig, num_examples: int) -> int:
 
 
 def _endless_batches(
-    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int, seed: int
+    dataset: datasets.Dataset, collate: Collate, batch_size: int, seed: int
 ) -> Iterator[dict[str, torch.Tensor]]:
     epoch = 0
     while True:
-        yield from iterate_batches(dataset, tokenizer, batch_size, shuffle=True, seed=seed + epoch)
+        yield from iterate_batches(dataset, collate, batch_size, shuffle=True, seed=seed + epoch)
         epoch += 1
 
 
@@ -65,7 +65,7 @@ def adamw(weight_decay: float) -> OptimizerFactory:
 def train_local(
     model: torch.nn.Module,
     dataset: datasets.Dataset,
-    tokenizer: PreTrainedTokenizerBase,
+    collate: Collate,
     cfg: TrainConfig,
     lr: float,
     seed: int,
@@ -76,6 +76,9 @@ def train_local(
     privacy: PrivateRound | None = None,
 ) -> TrainResult:
     """One round of local training — clients, and the centralized baseline, all come here.
+
+    ``dataset`` holds the task's prepared examples and ``collate`` makes them batches
+    (``Task.prepare`` / ``Task.collate``).
 
     ``optimizer`` builds the optimizer (AdamW by default; GaLore for ``galore``), resumed from
     ``optimizer_state`` when given; a rule's ``regularizer`` (HetLoRA's rank self-pruning term) is
@@ -100,11 +103,12 @@ def train_local(
     step_optimizer = private.optimizer if private is not None else opt
     if privacy is not None:
         steps = privacy.steps
-        batches = poisson_batches(dataset, tokenizer, privacy.sample_rate, seed)
+        batches = poisson_batches(dataset, collate, privacy.sample_rate, seed)
     else:
         steps = local_step_count(cfg, len(dataset))
-        batches = _endless_batches(dataset, tokenizer, cfg.batch_size, seed)
+        batches = _endless_batches(dataset, collate, cfg.batch_size, seed)
     model.train()
+    freeze_batch_norm_statistics(model)
     total_loss, seen, losses = 0.0, 0, 0
     try:
         for _ in range(steps):
@@ -137,25 +141,3 @@ def train_local(
         optimizer_state_bytes=optimizer_state_bytes(opt),
         optimizer_state=save_optimizer_state(opt) if cfg.keep_optimizer_state else None,
     )
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    dataset: datasets.Dataset,
-    tokenizer: PreTrainedTokenizerBase,
-    batch_size: int,
-    metric_names: list[str],
-) -> dict[str, float]:
-    """Mean loss and the task metrics on ``dataset``."""
-    model.eval()
-    device = next(model.parameters()).device
-    losses, preds, labels = [], [], []
-    for batch in iterate_batches(dataset, tokenizer, batch_size, shuffle=False):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(**batch)
-        losses.append(out.loss.item() * batch["labels"].shape[0])
-        preds.append(out.logits.argmax(dim=-1).cpu().numpy())
-        labels.append(batch["labels"].cpu().numpy())
-    pred, true = np.concatenate(preds), np.concatenate(labels)
-    return {"loss": float(sum(losses) / len(true)), **compute_metrics(metric_names, pred, true)}

@@ -13,22 +13,16 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
 from peft import PeftModel
-from transformers import PreTrainedTokenizerBase
+from safetensors.torch import save_file
 
-from finetune.config import ExperimentConfig
-from finetune.data import (
-    PartitionedDataset,
-    label_histogram,
-    load_eval_split,
-    load_train_split,
-    tokenize,
-)
+from finetune.config import ExperimentConfig, higher_is_better
+from finetune.data import PartitionedDataset, load_eval_split, load_train_split
 from finetune.hub import hub_mirror
 from finetune.logs import setup_logging
-from finetune.models import build_model, device, load_tokenizer, trainable_parameter_count
+from finetune.models import build_model, device, trainable_parameter_count
 from finetune.records import from_record, to_record
 from finetune.state import base_weights, load_global_state, trainable_state
-from finetune.training import evaluate
+from finetune.tasks import Task, build_task
 from server_app.centralized import run_centralized
 from server_app.loop import evaluate_on_clients, run_federation
 from server_app.results import RunRecorder
@@ -72,17 +66,19 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder) -> 
     mirror = hub_mirror(cfg.hub_mirror)
     eval_raw = load_eval_split(cfg.dataset, mirror, cfg.seed)
     train_raw = load_train_split(cfg.dataset, mirror, cfg.seed)
-    partitions = PartitionedDataset(train_raw, cfg.partition, cfg.dataset.label_field)
+    partitions = PartitionedDataset(train_raw, cfg)
     sizes = partitions.sizes()
-    histograms = [
-        label_histogram(partitions.partition(i), cfg.dataset.label_field, cfg.dataset.num_labels)
-        for i in range(cfg.partition.num_clients)
-    ]
-    log.info("partition %s: examples per client %s; labels %s", cfg.partition.name, sizes, histograms)
+    log.info(
+        "partition %s: examples per client %s; by %s: %s",
+        cfg.partition.name, sizes, partitions.field or "nothing (iid)", partitions.histograms(),
+    )  # fmt: skip
+    if cfg.partition.feature_shift:
+        shifts = cfg.partition.feature_shift
+        log.info("feature shift per client: %s", [shifts[i % len(shifts)] for i in range(len(sizes))])
 
     model = build_model(STRATEGIES[cfg.method.name].server_model_config(cfg), mirror).to(device())
-    tokenizer = load_tokenizer(cfg, mirror)
-    eval_data = tokenize(eval_raw, cfg.dataset, tokenizer, cfg.model.max_length)
+    task = build_task(cfg, mirror)
+    eval_data = task.prepare(eval_raw)
     trainable, total = trainable_parameter_count(model)
     log.info(
         "%s: %d trainable of %d parameters (%.2f%%); server evaluates with %d torch threads",
@@ -99,25 +95,25 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder) -> 
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         load_global_state(model, from_record(arrays), init_state, base)
-        return evaluate(model, eval_data, tokenizer, cfg.train.eval_batch_size, cfg.dataset.metrics)
+        return task.evaluate(model, eval_data, cfg.train.eval_batch_size)
 
     strategy.summary()
     evaluate_fn = evaluate_global
     if strategy.evaluate_on_clients:  # personalised: part of every model never leaves its client
-        eval_sizes = PartitionedDataset(eval_raw, cfg.partition, cfg.dataset.label_field).sizes()
+        eval_sizes = PartitionedDataset(eval_raw, cfg, fit_on=train_raw).sizes()
         log.info("personalised evaluation on the clients' validation shares %s", eval_sizes)
         evaluate_fn = partial(evaluate_on_clients, grid, strategy, cfg)
     if strategy.centralized:  # the upper bound: the same training code on the union of the data
         log.info("centralized baseline: training on all %d examples, no clients", len(train_raw))
-        union = tokenize(train_raw, cfg.dataset, tokenizer, cfg.model.max_length)
-        final = run_centralized(cfg, model, tokenizer, union, evaluate_fn, recorder)
+        union = task.prepare(train_raw)
+        final = run_centralized(cfg, model, task.collate, union, evaluate_fn, recorder)
     else:
         initial = strategy.initial_state(init_state)
         central_dp = central_dp_wrapper(cfg, strategy)
         final = run_federation(grid, strategy, cfg, to_record(initial), evaluate_fn, recorder, central_dp)
 
     load_global_state(model, from_record(final), init_state, base)
-    saved = save_final_model(model, tokenizer, strategy, recorder) if cfg.save_adapter else None
+    saved = save_final_model(model, task, strategy, recorder) if cfg.save_adapter else None
     recorder.write_summary(summarize(cfg, recorder, sizes, trainable, time.perf_counter() - start, saved))
 
 
@@ -137,7 +133,7 @@ def central_dp_wrapper(cfg: ExperimentConfig, strategy: FederatedStrategy) -> St
 
 def save_final_model(
     model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
     strategy: FederatedStrategy,
     recorder: RunRecorder,
 ) -> Path | None:
@@ -151,8 +147,13 @@ def save_final_model(
         model = model.merge_and_unload() if isinstance(model, PeftModel) else model
     else:
         folder = recorder.adapter_dir
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(folder)
+    else:  # a plain torch model (EfficientNet-Lite0): its weights as safetensors
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(tensors, str(folder / "model.safetensors"))
+    task.save(folder)
     return folder
 
 
@@ -166,7 +167,8 @@ def summarize(
 ) -> dict[str, object]:
     key = f"eval_{cfg.dataset.main_metric}"
     rows = recorder.rows
-    best = max(rows, key=lambda row: row[key])
+    pick = max if higher_is_better(cfg.dataset.main_metric) else min
+    best = pick(rows, key=lambda row: row[key])
     return {
         "status": "completed",
         "run_dir": str(recorder.folder),

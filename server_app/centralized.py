@@ -11,9 +11,9 @@ import datasets
 import numpy as np
 import torch
 from flwr.app import ArrayRecord
-from transformers import PreTrainedTokenizerBase
 
 from finetune.config import ExperimentConfig
+from finetune.data import Collate
 from finetune.records import to_record
 from finetune.schedule import round_lr
 from finetune.state import trainable_state
@@ -39,7 +39,7 @@ def centralized_train_config(cfg: ExperimentConfig, num_examples: int) -> Experi
 def run_centralized(
     cfg: ExperimentConfig,
     model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
+    collate: Collate,
     train_data: datasets.Dataset,
     evaluate: Evaluate,
     recorder: RunRecorder,
@@ -53,7 +53,7 @@ def run_centralized(
         round_start = time.perf_counter()
         lr = round_lr(cfg.train, server_round, cfg.federation.num_rounds, peak=cfg.peak_lr)
         result = train_local(
-            model, train_data, tokenizer, run.train, lr=lr, seed=cfg.seed * 1_000_003 + server_round * 1009,
+            model, train_data, collate, run.train, lr=lr, seed=cfg.seed * 1_000_003 + server_round * 1009,
             optimizer_state=optimizer_state,
         )  # fmt: skip
         optimizer_state = result.optimizer_state

@@ -8,7 +8,6 @@ from finetune.config import ConfigError, compose_config
 from finetune.data import (
     DataNotFoundError,
     PartitionedDataset,
-    label_histogram,
     load_eval_split,
     load_split,
     load_train_split,
@@ -19,7 +18,11 @@ from finetune.metrics import accuracy, f1, matthews
 def _partitions(hub_mirror, partition, overrides=""):
     cfg = compose_config({"partition": partition}, f"dataset.max_train_examples=2000 {overrides}")
     train = load_train_split(cfg.dataset, hub_mirror, seed=0)
-    return cfg, train, PartitionedDataset(train, cfg.partition, "label")
+    return cfg, train, PartitionedDataset(train, cfg)
+
+
+def label_histogram(data, field, num_labels):
+    return np.bincount(np.asarray(data[field]), minlength=num_labels).tolist()
 
 
 def _label_skew(parts, train):
@@ -71,8 +74,8 @@ def test_pathological_gives_each_client_k_classes(hub_mirror):
 def test_more_clients_than_examples_is_refused(hub_mirror):
     cfg = compose_config({"partition": "iid"}, "dataset.max_train_examples=20 partition.num_clients=20")
     train = load_train_split(cfg.dataset, hub_mirror, seed=0).select(range(5))
-    with pytest.raises(ConfigError, match="exceeds the 5 training examples"):
-        PartitionedDataset(train, cfg.partition, "label")
+    with pytest.raises(ConfigError, match="exceeds the 5 examples"):
+        PartitionedDataset(train, cfg)
 
 
 def test_impossible_dirichlet_is_a_config_error(hub_mirror):

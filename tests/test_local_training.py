@@ -7,11 +7,12 @@ import torch
 from conftest import TINY_OVERRIDES
 
 from finetune.config import compose_config
-from finetune.data import PartitionedDataset, load_train_split, tokenize
-from finetune.models import build_model, load_tokenizer
+from finetune.data import PartitionedDataset, load_train_split
+from finetune.models import build_model
 from finetune.optim import build_optimizer, galore_targets, optimizer_state_bytes
 from finetune.privacy import epsilon, plan_round
 from finetune.state import trainable_state
+from finetune.tasks import build_task
 from finetune.training import train_local
 
 
@@ -19,24 +20,24 @@ def _setup(method, hub_mirror, overrides=()):
     cfg = compose_config({"model": "tiny_bert", "method": method}, [*TINY_OVERRIDES, *overrides])
     cfg.hub_mirror = str(hub_mirror)
     model = build_model(cfg, hub_mirror)
-    tokenizer = load_tokenizer(cfg, hub_mirror)
+    task = build_task(cfg, hub_mirror)
     train = load_train_split(cfg.dataset, hub_mirror, cfg.seed)
-    part = PartitionedDataset(train, cfg.partition, "label").partition(0)
-    return cfg, model, tokenizer, tokenize(part, cfg.dataset, tokenizer, cfg.model.max_length)
+    part = PartitionedDataset(train, cfg).partition(0)
+    return cfg, model, task.collate, task.prepare(part, client=0)
 
 
-def _one_step(model, optimizer, tokenizer, data):
+def _one_step(model, optimizer, collate, data):
     from finetune.data import iterate_batches
 
-    batch = next(iterate_batches(data, tokenizer, 8, shuffle=True, seed=0))
+    batch = next(iterate_batches(data, collate, 8, shuffle=True, seed=0))
     model(**batch).loss.backward()
     optimizer.step()
 
 
 def test_galore_projects_the_targeted_weights_and_nothing_else(hub_mirror):
-    cfg, model, tokenizer, data = _setup("galore", hub_mirror, ["method.rank=4"])
+    cfg, model, collate, data = _setup("galore", hub_mirror, ["method.rank=4"])
     optimizer = build_optimizer(model, 1e-3, cfg, kind="galore")
-    _one_step(model, optimizer, tokenizer, data)
+    _one_step(model, optimizer, collate, data)
     targeted = set(galore_targets(model, cfg))
     assert len(targeted) == 2 * 2  # query and value weights of 2 layers
     for name, param in model.named_parameters():
@@ -53,24 +54,24 @@ def test_galore_groups_without_rank_are_plain_adamw(hub_mirror):
     """The paper code's bug: GaLoreAdamW given groups without ``rank`` never projects."""
     from galore_torch import GaLoreAdamW
 
-    cfg, model, tokenizer, data = _setup("galore", hub_mirror, ["method.rank=4"])
+    cfg, model, collate, data = _setup("galore", hub_mirror, ["method.rank=4"])
     optimizer = GaLoreAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    _one_step(model, optimizer, tokenizer, data)
+    _one_step(model, optimizer, collate, data)
     assert all("projector" not in s and s["exp_avg"].shape == p.shape for p, s in optimizer.state.items())
     projected = build_optimizer(model, 1e-3, cfg, kind="galore")
-    _one_step(model, projected, tokenizer, data)
+    _one_step(model, projected, collate, data)
     assert optimizer_state_bytes(projected) < optimizer_state_bytes(optimizer)
 
 
 def test_kept_optimizer_state_resumes_where_the_last_round_stopped(hub_mirror):
-    cfg, model, tokenizer, data = _setup("galore", hub_mirror, ["train.keep_optimizer_state=true"])
+    cfg, model, collate, data = _setup("galore", hub_mirror, ["train.keep_optimizer_state=true"])
     factory = lambda m, lr: build_optimizer(m, lr, cfg, kind="galore")  # noqa: E731
-    first = train_local(model, data, tokenizer, cfg.train, lr=1e-3, seed=1, optimizer=factory)
+    first = train_local(model, data, collate, cfg.train, lr=1e-3, seed=1, optimizer=factory)
     assert first.optimizer_state is not None and first.optimizer_state_bytes > 0
     second = train_local(
         model,
         data,
-        tokenizer,
+        collate,
         cfg.train,
         lr=5e-4,
         seed=2,
@@ -84,7 +85,7 @@ def test_kept_optimizer_state_resumes_where_the_last_round_stopped(hub_mirror):
     fresh = train_local(
         model,
         data,
-        tokenizer,
+        collate,
         cfg.train.__class__(**{**cfg.train.__dict__, "keep_optimizer_state": False}),
         lr=1e-3,
         seed=1,
@@ -172,7 +173,7 @@ def test_centralized_trains_with_the_client_training_function(hub_mirror, monkey
     import server_app.centralized as centralized
     from server_app.results import RunRecorder
 
-    cfg, model, tokenizer, data = _setup("centralized", hub_mirror)
+    cfg, model, collate, data = _setup("centralized", hub_mirror)
     calls = []
     real = centralized.train_local
 
@@ -185,7 +186,7 @@ def test_centralized_trains_with_the_client_training_function(hub_mirror, monkey
     recorder = RunRecorder.create(cfg)
     before = trainable_state(model)
     centralized.run_centralized(
-        cfg, model, tokenizer, data, lambda r, a: {"accuracy": 0.5, "loss": 1.0}, recorder
+        cfg, model, collate, data, lambda r, a: {"accuracy": 0.5, "loss": 1.0}, recorder
     )
     assert calls == [2 * cfg.train.local_steps] * cfg.federation.num_rounds  # 2 clients' worth per round
     after = trainable_state(model)

@@ -8,11 +8,12 @@ import torch
 from peft import PeftModel
 
 from finetune.config import TrainConfig
-from finetune.data import PartitionedDataset, load_eval_split, load_train_split, tokenize
-from finetune.models import build_base_model, build_model, load_tokenizer
+from finetune.data import PartitionedDataset, load_eval_split, load_train_split
+from finetune.models import build_base_model, build_model
 from finetune.schedule import round_lr
 from finetune.state import load_trainable_state, trainable_state
-from finetune.training import evaluate, local_step_count, train_local
+from finetune.tasks import build_task
+from finetune.training import local_step_count, train_local
 
 
 @pytest.fixture
@@ -22,10 +23,10 @@ def model(tiny_cfg, hub_mirror):
 
 @pytest.fixture
 def client_data(tiny_cfg, hub_mirror):
-    tokenizer = load_tokenizer(tiny_cfg, hub_mirror)
+    task = build_task(tiny_cfg, hub_mirror)
     train = load_train_split(tiny_cfg.dataset, hub_mirror, tiny_cfg.seed)
-    part = PartitionedDataset(train, tiny_cfg.partition, "label").partition(1)
-    return tokenize(part, tiny_cfg.dataset, tokenizer, tiny_cfg.model.max_length), tokenizer
+    part = PartitionedDataset(train, tiny_cfg).partition(1)
+    return task.prepare(part, client=1), task
 
 
 def test_trainable_state_holds_lora_factors_and_head(model, tiny_cfg):
@@ -79,11 +80,11 @@ def test_saved_adapter_reloads_with_peft(model, tiny_cfg, hub_mirror, tmp_path):
 
 
 def test_local_training_updates_only_trainable_weights(model, client_data):
-    data, tokenizer = client_data
+    data, task = client_data
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     before = trainable_state(model)
     cfg = TrainConfig(local_steps=3, batch_size=8, lr=1e-2)
-    result = train_local(model, data, tokenizer, cfg, lr=1e-2, seed=0)
+    result = train_local(model, data, task.collate, cfg, lr=1e-2, seed=0)
     assert result.steps == 3 and result.examples_seen == 24
     assert math.isfinite(result.loss) and result.peak_memory_mb > 0
     after = trainable_state(model)
@@ -94,18 +95,17 @@ def test_local_training_updates_only_trainable_weights(model, client_data):
 
 
 def test_training_lowers_the_loss_on_its_data(model, client_data):
-    data, tokenizer = client_data
-    start = evaluate(model, data, tokenizer, 64, ["accuracy"])["loss"]
-    train_local(model, data, tokenizer, TrainConfig(local_steps=30, batch_size=16), lr=3e-2, seed=0)
-    assert evaluate(model, data, tokenizer, 64, ["accuracy"])["loss"] < start - 0.01
+    data, task = client_data
+    start = task.evaluate(model, data, 64)["loss"]
+    train_local(model, data, task.collate, TrainConfig(local_steps=30, batch_size=16), lr=3e-2, seed=0)
+    assert task.evaluate(model, data, 64)["loss"] < start - 0.01
 
 
 def test_evaluate_reports_loss_and_metrics(model, tiny_cfg, hub_mirror):
-    tokenizer = load_tokenizer(tiny_cfg, hub_mirror)
+    tiny_cfg.dataset.metrics = ["accuracy", "f1"]
+    task = build_task(tiny_cfg, hub_mirror)
     raw = load_eval_split(tiny_cfg.dataset, hub_mirror, 0)
-    metrics = evaluate(
-        model, tokenize(raw, tiny_cfg.dataset, tokenizer, 32), tokenizer, 16, ["accuracy", "f1"]
-    )
+    metrics = task.evaluate(model, task.prepare(raw), 16)
     assert set(metrics) == {"loss", "accuracy", "f1"} and 0 <= metrics["accuracy"] <= 1
 
 
