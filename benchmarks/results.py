@@ -1,0 +1,104 @@
+"""Benchmark results as compact records: one JSON line per finished run, free of machine paths,
+kept in ``docs/results/<preset>/runs.jsonl`` so that a report can be rebuilt (and a sweep resumed)
+from a fresh checkout.
+
+A record holds what the report needs: the run's coordinates (method, dataset, partition, seed),
+its main metric, per-round metric, bytes and timings, and the commit of the code that produced it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROUND_FIELDS = (
+    "round",
+    "eval_loss",
+    "train_loss",
+    "bytes_down",
+    "bytes_up",
+    "payload_bytes_down",
+    "payload_bytes_up",
+    "clients_sampled",
+    "clients_aggregated",
+    "slowest_client_seconds",
+    "client_seconds_total",
+    "train_phase_seconds",
+    "eval_seconds",
+    "seconds",
+    "peak_client_memory_mb",
+)
+
+
+def code_commit(folder: Path) -> str:
+    """The commit of the code in ``folder`` (with ``+dirty`` for uncommitted changes), or ''."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=folder, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return commit + ("+dirty" if dirty else "")
+
+
+def run_record(run_dir: Path, job: str, seed: int, commit: str = "") -> dict[str, Any] | None:
+    """The compact record of a completed run folder, None when it did not complete."""
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        return None
+    summary = json.loads(summary_path.read_text())
+    if summary.get("status") != "completed":
+        return None
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    main = summary["main_metric"]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    rounds = []
+    for row in rows:
+        kept = {key: row.get(key) for key in ROUND_FIELDS}
+        kept["metric"] = row.get(f"eval_{main}")
+        rounds.append(kept)
+    return {
+        "job": job,
+        "method": summary["method"],
+        "model": summary["model"],
+        "dataset": summary["dataset"],
+        "partition": summary["partition"],
+        "seed": seed,
+        "main_metric": main,
+        "num_clients": summary["num_clients"],
+        "clients_per_round": rows[-1].get("clients_sampled") if rows else None,
+        "local_steps": config["train"]["local_steps"],
+        "wall_seconds": summary["wall_seconds"],
+        "commit": commit,
+        "rounds": rounds,
+    }
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def merge_records(existing: Iterable[dict[str, Any]], new: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records by job, a newer record of a job replacing the older; sorted by job."""
+    by_job = {record["job"]: record for record in existing}
+    by_job.update({record["job"]: record for record in new})
+    return [by_job[job] for job in sorted(by_job)]
+
+
+def write_records(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(record, sort_keys=True) + "\n" for record in records))

@@ -1,0 +1,91 @@
+"""The benchmark report from run records: hand-computed means, gaps, overheads and claims; plots."""
+
+import json
+
+import pytest
+
+from benchmarks.report import framework_overhead, grouped, main, method_rows, wire_overhead
+from benchmarks.results import merge_records, read_records, run_record
+
+
+def _record(method, seed, finals, dataset="sst2", partition="dirichlet", up=100.0, seconds=(10.0, 4.0, 12.0)):
+    rounds = [{"round": 0, "metric": 0.5, "bytes_down": 0, "bytes_up": 0}]
+    wall, slowest, total = seconds
+    for i, metric in enumerate(finals, start=1):
+        rounds.append(
+            {
+                "round": i, "metric": metric, "bytes_down": 200.0, "bytes_up": up,
+                "payload_bytes_down": 190.0, "payload_bytes_up": up * 0.95,
+                "train_phase_seconds": wall, "slowest_client_seconds": slowest,
+                "client_seconds_total": total, "peak_client_memory_mb": 900.0 + seed,
+            }
+        )  # fmt: skip
+    return {
+        "job": f"{method}-{dataset}-{partition}-s{seed}", "method": method, "model": "minilm",
+        "dataset": dataset, "partition": partition, "seed": seed, "main_metric": "accuracy",
+        "num_clients": 10, "wall_seconds": 100.0 + seed, "commit": "abc", "rounds": rounds,
+    }  # fmt: skip
+
+
+RECORDS = [
+    _record("centralized", 0, [0.80, 0.86]),
+    _record("centralized", 1, [0.80, 0.84]),
+    _record("fedit", 0, [0.70, 0.80]),
+    _record("fedit", 1, [0.75, 0.82]),
+    _record("ffa_lora", 0, [0.70, 0.81], up=50.0),
+    _record("ffa_lora", 1, [0.70, 0.81], up=50.0),
+    _record("full", 0, [0.60, 0.70]),
+]
+
+
+def test_rows_hold_hand_computed_means_gaps_and_bytes():
+    rows = {r.method: r for r in method_rows(grouped(RECORDS), parallel=2)[("sst2", "dirichlet")]}
+    assert rows["fedit"].final == pytest.approx((0.81, 0.0141421356))
+    assert rows["fedit"].best == pytest.approx((0.81, 0.0141421356))
+    assert rows["fedit"].gap == pytest.approx(0.81 - 0.85)
+    assert rows["fedit"].mb_up == pytest.approx(2 * 100.0 / 10 / 1e6)
+    assert rows["ffa_lora"].mb_up == pytest.approx(rows["fedit"].mb_up / 2)
+    assert rows["fedit"].peak_mb == 901.0 and rows["full"].seeds == 1
+
+
+def test_overheads():
+    record = RECORDS[2]
+    assert framework_overhead(record, parallel=2) == pytest.approx(10.0 / 6.0)  # max(4, 12 / 2)
+    assert framework_overhead(record, parallel=4) == pytest.approx(10.0 / 4.0)  # the slowest client bounds it
+    assert wire_overhead(record) == pytest.approx(600.0 / (380.0 + 190.0))
+
+
+def test_report_command_writes_table_plots_and_claims(tmp_path):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    assert main(["--results", str(tmp_path / "none"), "--out", str(out), "--preset", "test"]) == 0
+    text = (out / "report.md").read_text()
+    assert "| `fedit` | 2 | 81.0 ± 1.4 | 81.0 ± 1.4 | -4.0 | 0.0 / 0.0 |" in text
+    assert "FFA-LoRA**: freezing A matches FedIT with half the upload" in text
+    assert "held — ffa_lora 81.0 vs fedit 81.0 (± 1.4); upload ratio 0.50" in text
+    assert "**did not hold** — full 70.0 vs fedit 81.0" in text  # full did not beat LoRA here
+    assert (out / "sst2-dirichlet.png").stat().st_size > 10_000
+
+
+def test_records_from_a_run_folder_and_merging(tmp_path):
+    run = tmp_path / "fedit-sst2-iid-s1" / "run"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(
+        json.dumps({"status": "completed", "main_metric": "accuracy", "method": "fedit", "model": "minilm",
+                    "dataset": "sst2", "partition": "iid", "num_clients": 10, "wall_seconds": 5.0})
+    )  # fmt: skip
+    (run / "config.yaml").write_text("train:\n  local_steps: 10\n")
+    rows = [
+        {"round": 0, "eval_accuracy": 0.5, "eval_loss": 0.7},
+        {"round": 1, "eval_accuracy": 0.6, "bytes_up": 3},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    record = run_record(run, "fedit-sst2-iid-s1", 1, "abc")
+    assert [r["metric"] for r in record["rounds"]] == [0.5, 0.6] and record["local_steps"] == 10
+    assert "/" not in json.dumps({k: v for k, v in record.items() if k != "job"}).replace("\\/", "")
+    merged = merge_records([dict(record, seed=9)], [record])
+    assert merged == [record]
+    (run / "summary.json").write_text(json.dumps({"status": "failed"}))
+    assert run_record(run, "x", 1) is None
+    assert read_records(tmp_path / "missing.jsonl") == []
