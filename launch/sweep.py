@@ -18,6 +18,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from benchmarks.results import code_commit
 from launch.simulation import PROJECT_DIR, default_hub_mirror, run_simulation
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,12 @@ def main(cfg: DictConfig) -> None:
         timeout=float(cfg.timeout_s),
         stream=False,
     )
-    record = {"job": job_name(cfg), "status": outcome.status, "seconds": time.perf_counter() - start}
+    record = {
+        "job": job_name(cfg),
+        "status": outcome.status,
+        "seconds": time.perf_counter() - start,
+        "commit": code_commit(PROJECT_DIR),
+    }
     with (results / "sweep.jsonl").open("a") as handle:
         handle.write(json.dumps(record) + "\n")
     log.info("%s: %s in %.0f s", record["job"], outcome.status, record["seconds"])

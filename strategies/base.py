@@ -40,8 +40,11 @@ class RoundStats:
     """What one training round moved and who was left out."""
 
     sampled: list[int] = field(default_factory=list)
-    bytes_down: dict[int, int] = field(default_factory=dict)
+    bytes_down: dict[int, int] = field(default_factory=dict)  # serialized array records
     bytes_up: dict[int, int] = field(default_factory=dict)
+    payload_down: dict[int, int] = field(default_factory=dict)  # raw bytes of the arrays alone
+    payload_up: dict[int, int] = field(default_factory=dict)
+    client_seconds: dict[int, float] = field(default_factory=dict)  # each client's training time
     aggregated: list[int] = field(default_factory=list)
     rejected: dict[int, str] = field(default_factory=dict)
     kept_previous: bool = False
@@ -228,6 +231,7 @@ class FederatedStrategy(Strategy):
             )
             self._expected[node_id] = self.expected_reply_shapes(node_id, payload)
             stats.bytes_down[node_id] = record.count_bytes()
+            stats.payload_down[node_id] = raw_bytes(record)
         return self._outbox
 
     def aggregate_train(
@@ -254,6 +258,7 @@ class FederatedStrategy(Strategy):
             self.node_failed(node_id)
         for node_id, reply_metrics in zip(node_ids, metrics, strict=True):
             self.accept_reply(node_id, reply_metrics)
+            stats.client_seconds[node_id] = float(reply_metrics.get("train-seconds", 0.0))
         self._outbox = []
         stats.aggregated = node_ids
         if len(states) < self.min_replies:
@@ -289,6 +294,7 @@ class FederatedStrategy(Strategy):
         else:
             record = reply.content.array_records[ARRAYS_KEY]
             stats.bytes_up[node_id] = record.count_bytes()
+            stats.payload_up[node_id] = raw_bytes(record)
             state = from_record(record)
             metrics = dict(reply.content.metric_records[METRICS_KEY])
             problem = reply_problem(state, self._expected[node_id], metrics.get(NUM_EXAMPLES_KEY))
@@ -349,6 +355,11 @@ class FederatedStrategy(Strategy):
             self.weighting,
             self.wire_dtype,
         )
+
+
+def raw_bytes(record: ArrayRecord) -> int:
+    """The bytes of the record's array elements alone (what the method must move, no framing)."""
+    return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in record.values())
 
 
 def aggregate_metrics(metrics: Sequence[dict[str, float]], weights: Sequence[float]) -> MetricRecord:

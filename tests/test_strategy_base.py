@@ -166,3 +166,17 @@ def test_records_round_trip():
     back = from_record(record)
     for key in GLOBAL:
         np.testing.assert_array_equal(back[key], GLOBAL[key])
+
+
+def test_raw_payload_bytes_and_client_seconds_are_recorded():
+    seconds = {1: 2.5, 2: 4.0}
+    grid = FakeGrid(
+        [1, 2], lambda m: reply(scaled(1.0), **{"train-seconds": seconds[m.metadata.dst_node_id]})
+    )
+    strategy = FedIT(fraction_train=1.0, min_train_nodes=2)
+    run_round(strategy, grid)
+    stats = strategy.rounds[1]
+    raw = (2 * 3 + 4 * 2) * 4  # the float32 elements alone
+    assert stats.payload_down == {1: raw, 2: raw} and stats.payload_up == {1: raw, 2: raw}
+    assert all(stats.bytes_down[n] > raw for n in (1, 2))  # numpy headers and keys on top
+    assert stats.client_seconds == seconds
