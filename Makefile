@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # Passed to `python -m launch.simulation`, e.g. make run ARGS="--run-config \"method='fedit' dataset='mrpc'\""
 ARGS ?=
 
-.PHONY: run test lint data clean venv bench cluster sweep
+.PHONY: run test lint data clean venv bench cluster sweep report
 
 venv: $(STAMP)
 
@@ -30,11 +30,17 @@ run: $(STAMP)
 cluster: $(STAMP)
 	$(PY) -m launch.cluster $(ARGS)
 
-# Benchmark sweep (resumable): make sweep PRESET=cpu_small — the preset's grids in conf/sweep/.
+# Benchmark sweep (resumable): make sweep PRESET=cpu_small runs every grid conf/sweep/$(PRESET)*.yaml,
+# then `make report PRESET=cpu_small` writes docs/results/cpu-small/ (table, plots, claims).
 PRESET ?= cpu_small
 sweep: $(STAMP)
-	$(PY) -m launch.sweep --config-name $(PRESET) $(ARGS)
-	@if [ -f conf/sweep/$(PRESET)_iid.yaml ]; then $(PY) -m launch.sweep --config-name $(PRESET)_iid $(ARGS); fi
+	for grid in conf/sweep/$(PRESET).yaml conf/sweep/$(PRESET)_*.yaml; do \
+	  [ -f $$grid ] || continue; \
+	  $(PY) -m launch.sweep --config-name $$(basename $$grid .yaml) $(ARGS) || exit 1; \
+	done
+
+report: $(STAMP)
+	$(PY) -m benchmarks.report --preset $(subst _,-,$(PRESET))
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

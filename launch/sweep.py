@@ -5,7 +5,9 @@ job, resumable — a job whose results folder already holds a completed summary 
     python -m launch.sweep --config-name cpu_small method=fedit,full seed=0   # a sub-grid
 
 Results: ``<results_dir>/<method>-<dataset>-<partition>-s<seed>/<run folder>/`` (config, metrics,
-summary), plus ``sweep.jsonl``, one line per finished job.
+summary), plus ``sweep.jsonl``, one line per finished job. A job already in the preset's committed
+run records (``records``, written by ``python -m benchmarks.report``) is skipped too, so a sweep
+resumes from a fresh checkout.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from benchmarks.results import code_commit
+from benchmarks.results import code_commit, read_records
 from launch.simulation import PROJECT_DIR, default_hub_mirror, run_simulation
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,8 @@ def main(cfg: DictConfig) -> None:
     results = Path(cfg.results_dir)
     results = (results if results.is_absolute() else PROJECT_DIR / results).resolve()
     folder = results / job_name(cfg)
-    if completed(folder):
+    recorded = {r["job"] for r in read_records(PROJECT_DIR / cfg.records)} if cfg.get("records") else set()
+    if completed(folder) or job_name(cfg) in recorded:
         log.info("%s: already completed, skipped", folder.name)
         return
     for stale in folder.glob("*") if folder.exists() else []:  # an interrupted attempt
@@ -60,6 +63,8 @@ def main(cfg: DictConfig) -> None:
     outcome = run_simulation(
         run_config,
         num_supernodes=int(cfg.num_supernodes),
+        cpus_per_client=int(cfg.get("cpus_per_client", 1)),
+        gpus_per_client=float(cfg.get("gpus_per_client", 0.0)),
         flwr_home=PROJECT_DIR / ".flwr-sweep",
         timeout=float(cfg.timeout_s),
         stream=False,

@@ -1,8 +1,10 @@
 """The benchmark sweep: its presets compose, every grid entry is a valid experiment, finished jobs
 are skipped."""
 
+import itertools
 import json
 
+import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -45,3 +47,52 @@ def test_completed_jobs_are_skipped(tmp_path):
     assert not completed(tmp_path)
     (run / "summary.json").write_text(json.dumps({"status": "completed"}))
     assert completed(tmp_path)
+
+
+def test_jobs_in_the_committed_records_are_skipped(tmp_path, monkeypatch):
+    import launch.sweep as sweep
+
+    records = tmp_path / "runs.jsonl"
+    records.write_text(json.dumps({"job": "fedit-sst2-dirichlet-s0"}) + "\n")
+    cfg = _preset("cpu_small")
+    cfg.hydra = None
+    cfg.results_dir, cfg.records = str(tmp_path / "results"), str(records)
+    ran = []
+    monkeypatch.setattr(sweep, "run_simulation", lambda *a, **k: ran.append(a))
+    sweep.main.__wrapped__(cfg)
+    assert ran == []
+    cfg.seed = 1  # not recorded: it runs
+    monkeypatch.setattr(
+        sweep, "run_simulation", lambda *a, **k: ran.append(a) or type("O", (), {"status": "x"})()
+    )
+    sweep.main.__wrapped__(cfg)
+    assert len(ran) == 1
+
+
+@pytest.mark.parametrize(
+    "preset",
+    [
+        "cpu_small",
+        "cpu_small_iid",
+        "gpu_paper",
+        "gpu_paper_vit",
+        "gpu_offline",
+        "gpu_offline_vision",
+        "gpu_offline_gsm8k",
+    ],
+)
+def test_every_job_of_every_preset_composes(preset):
+    cfg = _preset(preset)
+    grid = {key: str(values).split(",") for key, values in cfg.hydra.sweeper.params.items() if key != "seed"}
+    jobs = list(itertools.product(*grid.values()))
+    assert jobs
+    for values in jobs:
+        job = {
+            "model": cfg.model,
+            "dataset": cfg.dataset,
+            "partition": cfg.partition,
+            **dict(zip(grid, values, strict=True)),
+        }
+        selections = {k: job[k] for k in ("method", "model", "dataset", "partition")}
+        experiment = compose_config(selections, f"{cfg.overrides} seed=1")
+        assert experiment.partition.num_clients == cfg.num_supernodes, (preset, job)
