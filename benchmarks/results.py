@@ -28,6 +28,7 @@ ROUND_FIELDS = (
     "clients_aggregated",
     "slowest_client_seconds",
     "client_seconds_total",
+    "client_seconds",
     "train_phase_seconds",
     "eval_seconds",
     "seconds",
@@ -35,14 +36,26 @@ ROUND_FIELDS = (
 )
 
 
+CODE_PATHS = (
+    "finetune",
+    "strategies",
+    "server_app",
+    "client_app",
+    "launch",
+    "benchmarks",
+    "conf",
+    "pyproject.toml",
+)
+
+
 def code_commit(folder: Path) -> str:
-    """The commit of the code in ``folder`` (with ``+dirty`` for uncommitted changes), or ''."""
+    """The commit of the code in ``folder`` (``+dirty`` when its code has uncommitted changes), or ''."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"], cwd=folder, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS],
             cwd=folder,
             capture_output=True,
             text=True,

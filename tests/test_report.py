@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from benchmarks.report import framework_overhead, grouped, main, method_rows, wire_overhead
+from benchmarks.report import framework_overhead, grouped, main, makespan, method_rows, wire_overhead
 from benchmarks.results import merge_records, read_records, run_record
 
 
@@ -53,6 +53,13 @@ def test_overheads():
     assert framework_overhead(record, parallel=2) == pytest.approx(10.0 / 6.0)  # max(4, 12 / 2)
     assert framework_overhead(record, parallel=4) == pytest.approx(10.0 / 4.0)  # the slowest client bounds it
     assert wire_overhead(record) == pytest.approx(600.0 / (380.0 + 190.0))
+    assert makespan([5, 5, 5, 5, 5], 2) == 15  # three waves of two workers
+    assert makespan([8, 3, 3, 2], 2) == 8 and makespan([4], 3) == 4
+    timed = {
+        **record,
+        "rounds": [record["rounds"][0], {**record["rounds"][1], "client_seconds": [4.0, 4.0, 4.0]}],
+    }
+    assert framework_overhead(timed, parallel=2) == pytest.approx(10.0 / 8.0)
 
 
 def test_report_command_writes_table_plots_and_claims(tmp_path):
