@@ -179,7 +179,7 @@ def summarize(
         "num_clients": cfg.partition.num_clients,
         "rounds": cfg.federation.num_rounds,
         "main_metric": cfg.dataset.main_metric,
-        "final": {k: v for k, v in rows[-1].items() if k.startswith("eval_")},
+        "final": {k: v for k, v in rows[-1].items() if k.startswith("eval_") and k != "eval_seconds"},
         "best": {"round": best["round"], key: best[key]},
         "total_bytes_down": sum(row["bytes_down"] for row in rows),
         "total_bytes_up": sum(row["bytes_up"] for row in rows),
