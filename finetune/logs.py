@@ -9,6 +9,9 @@ PACKAGES = ("finetune", "strategies", "server_app", "client_app", "launch")
 
 
 def setup_logging(level: int = logging.INFO) -> None:
+    import datasets
+
+    datasets.disable_progress_bars()  # per-map progress bars drown the round lines in `flwr log`
     formatter = logging.Formatter("%(levelname)-7s %(name)s: %(message)s")
     for name in PACKAGES:
         logger = logging.getLogger(name)
