@@ -61,8 +61,8 @@ def framework_overhead(record: dict[str, Any], parallel: int) -> float | None:
     ratios = []
     for row in record["rounds"][1:]:
         slowest, wall = row.get("slowest_client_seconds"), row.get("train_phase_seconds")
-        if not slowest or not wall:
-            continue
+        if not slowest or not wall or not row.get("clients_aggregated"):
+            continue  # no federated round (the centralized baseline trains in the server)
         if row.get("client_seconds"):
             ideal = makespan(row["client_seconds"], parallel)
         else:
@@ -330,8 +330,9 @@ def plot(records: list[dict[str, Any]], folder: Path) -> list[Path]:
         by_round.set(xlabel="round", ylabel=main, title=f"{dataset} / {partition}: {main} vs round")
         by_bytes.set(xlabel="MB communicated per client (down + up, cumulative)", ylabel=main, xscale="log")
         by_bytes.set_title(f"{dataset} / {partition}: {main} vs communication")
-        by_round.legend(fontsize=7, ncol=2)
-        by_bytes.legend(fontsize=7, ncol=2)
+        for axes in (by_round, by_bytes):
+            if axes.get_lines():
+                axes.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         path = folder / f"{dataset}-{partition}.png"
         fig.savefig(path, dpi=90)

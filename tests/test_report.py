@@ -15,6 +15,7 @@ def _record(method, seed, finals, dataset="sst2", partition="dirichlet", up=100.
         rounds.append(
             {
                 "round": i, "metric": metric, "bytes_down": 200.0, "bytes_up": up,
+                "clients_aggregated": 0 if method == "centralized" else 5,
                 "payload_bytes_down": 190.0, "payload_bytes_up": up * 0.95,
                 "train_phase_seconds": wall, "slowest_client_seconds": slowest,
                 "client_seconds_total": total, "peak_client_memory_mb": 900.0 + seed,
@@ -46,6 +47,7 @@ def test_rows_hold_hand_computed_means_gaps_and_bytes():
     assert rows["fedit"].mb_up == pytest.approx(2 * 100.0 / 10 / 1e6)
     assert rows["ffa_lora"].mb_up == pytest.approx(rows["fedit"].mb_up / 2)
     assert rows["fedit"].peak_mb == 901.0 and rows["full"].seeds == 1
+    assert rows["centralized"].framework is None  # no federated round to time
 
 
 def test_overheads():
