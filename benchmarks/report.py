@@ -55,7 +55,13 @@ def makespan(durations: Sequence[float], workers: int) -> float:
 
 
 def framework_overhead(record: dict[str, Any], parallel: int) -> float | None:
-    """Mean over rounds of the training phase's wall time over the least it could take: the
+    """Mean over rounds of :func:`framework_ratios`."""
+    ratios = framework_ratios(record, parallel)
+    return float(np.mean(ratios)) if ratios else None
+
+
+def framework_ratios(record: dict[str, Any], parallel: int) -> list[float]:
+    """Per federated round, the training phase's wall time over the least it could take: the
     clients' training times scheduled on ``parallel`` workers (or, for records without per-client
     times, the larger of the slowest client and the summed time ÷ ``parallel``)."""
     ratios = []
@@ -68,7 +74,7 @@ def framework_overhead(record: dict[str, Any], parallel: int) -> float | None:
         else:
             ideal = max(slowest, (row.get("client_seconds_total") or slowest) / parallel)
         ratios.append(wall / ideal)
-    return float(np.mean(ratios)) if ratios else None
+    return ratios
 
 
 def wire_overhead(record: dict[str, Any]) -> float | None:
@@ -183,6 +189,37 @@ def markdown_table(rows: list[MethodRow], metric: str) -> str:
             f"| `{row.method}` | {row.seeds} | {_pm(row.final, scale)} | {_pm(row.best, scale)} | {gap} "
             f"| {row.mb_down:.1f} / {row.mb_up:.1f} | {row.wall_s:.0f} | {_opt(row.peak_mb, '.0f')} "
             f"| {_opt(row.framework, '.2f')} | {_opt(row.wire, '.3f')} |"
+        )
+    return "\n".join(lines)
+
+
+def efficiency_table(records: list[dict[str, Any]], parallel: int) -> str:
+    """One line per federated run: framework overhead in the first round (which also starts the
+    client processes and loads their models) and over the later rounds, and the wire overhead."""
+    lines = [
+        "| run | rounds | framework overhead: round 1 | rounds 2+: mean (max) | MB per round (wire / arrays) "
+        "| wire overhead |",
+        "|---|---|---|---|---|---|",
+    ]
+    for record in sorted(
+        records, key=lambda r: (r["dataset"], r["partition"], _order(r["method"]), r["seed"])
+    ):
+        ratios = framework_ratios(record, parallel)
+        wire = wire_overhead(record)
+        if not ratios or wire is None:
+            continue
+        rounds = [row for row in record["rounds"][1:] if row.get("clients_aggregated")]
+        sent = np.mean([(row["bytes_down"] or 0) + (row["bytes_up"] or 0) for row in rounds]) / MB
+        payload = (
+            np.mean(
+                [(row.get("payload_bytes_down") or 0) + (row.get("payload_bytes_up") or 0) for row in rounds]
+            )
+            / MB
+        )
+        later = f"{np.mean(ratios[1:]):.2f} ({max(ratios[1:]):.2f})" if len(ratios) > 1 else "—"
+        lines.append(
+            f"| `{record['job']}` | {len(rounds)} | {ratios[0]:.2f} | {later} | {sent:.2f} / {payload:.2f} "
+            f"| {wire:.3f} |"
         )
     return "\n".join(lines)
 
@@ -367,6 +404,15 @@ def write_report(records: list[dict[str, Any]], out: Path, preset: str, parallel
         lines += [f"## {dataset} / {partition}", "", markdown_table(rows, metric), ""]
         lines += [f"![{dataset} {partition}]({dataset}-{partition}.png)", ""]
     lines += ["## Which claims held", "", *claims_text(table), ""]
+    lines += [
+        "## Efficiency per run",
+        "",
+        f"Framework overhead per round as above ({parallel} workers); MB per round: down + up, all clients, "
+        "as serialized / as raw arrays.",
+        "",
+        efficiency_table(records, parallel),
+        "",
+    ]
     plot(records, out)
     path = out / "report.md"
     path.write_text("\n".join(lines))

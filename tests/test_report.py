@@ -75,6 +75,9 @@ def test_report_command_writes_table_plots_and_claims(tmp_path):
     assert "held — ffa_lora 81.0 vs fedit 81.0 (± 1.4); upload ratio 0.50" in text
     assert "**did not hold** — full 70.0 vs fedit 81.0" in text  # full did not beat LoRA here
     assert (out / "sst2-dirichlet.png").stat().st_size > 10_000
+    # per run: round 1 and rounds 2+ (10 / max(4, 12 / 2)), MB per round 300 / 285 bytes
+    assert "| `fedit-sst2-dirichlet-s0` | 2 | 1.67 | 1.67 (1.67) | 0.00 / 0.00 | 1.053 |" in text
+    assert "`centralized-sst2-dirichlet-s0` |" not in text.split("## Efficiency per run")[1]
 
 
 def test_records_from_a_run_folder_and_merging(tmp_path):
