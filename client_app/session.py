@@ -33,16 +33,16 @@ class ClientSession:
     initial_state: dict[str, np.ndarray]  # the seeded init: what a client starts from
     base: dict[str, torch.Tensor]  # pretrained weights under the LoRA layers (W0 of merged bases)
     _prepared: dict[int | str, datasets.Dataset] = field(default_factory=dict)
-    _eval_partitions: PartitionedDataset | None = None
+    _eval_shares: list[datasets.Dataset] | None = None
     _eval_prepared: dict[int, datasets.Dataset] = field(default_factory=dict)
 
     def eval_partition(self, partition_id: int) -> datasets.Dataset:
-        """This client's share of the validation split, split like the training data."""
-        if self._eval_partitions is None:
+        """This client's share of the validation split, in its training data's proportions."""
+        if self._eval_shares is None:
             raw = load_eval_split(self.cfg.dataset, self.mirror, self.cfg.seed)
-            self._eval_partitions = PartitionedDataset(raw, self.cfg, fit_on=self.train_raw)
+            self._eval_shares = self.partitions.shares_of(raw)
         if partition_id not in self._eval_prepared:
-            raw = self._eval_partitions.partition(partition_id)
+            raw = self._eval_shares[partition_id]
             self._eval_prepared[partition_id] = self.task.prepare(raw, client=partition_id)
         return self._eval_prepared[partition_id]
 

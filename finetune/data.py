@@ -166,25 +166,23 @@ def cluster_ids(texts: list[str], fit_texts: list[str], k: int, seed: int) -> li
 
 
 class PartitionedDataset:
-    """``data`` divided among ``partition.num_clients`` clients by a flwr-datasets partitioner,
-    split by the experiment's partition field (labels, a named field, or k-means clusters of the
-    text fitted on ``fit_on``, the training split, when ``data`` is another split)."""
+    """``data`` (the training split) divided among ``partition.num_clients`` clients by a
+    flwr-datasets partitioner, split by the experiment's partition field (labels, a named field, or
+    k-means clusters of the text); other splits follow it through :meth:`shares_of`."""
 
-    def __init__(
-        self, data: datasets.Dataset, cfg: ExperimentConfig, fit_on: datasets.Dataset | None = None
-    ) -> None:
+    def __init__(self, data: datasets.Dataset, cfg: ExperimentConfig) -> None:
         part = cfg.partition
         if part.num_clients > len(data):
             raise ConfigError(f"partition.num_clients={part.num_clients} exceeds the {len(data)} examples")
         self.field = cfg.partition_field if part.name != "iid" else None
         if part.clusters:
-            fit = example_texts(fit_on if fit_on is not None else data, cfg.dataset)
-            data = data.add_column(
-                CLUSTER_FIELD, cluster_ids(example_texts(data, cfg.dataset), fit, part.clusters, part.seed)
-            )
+            fit = example_texts(data, cfg.dataset)
+            data = data.add_column(CLUSTER_FIELD, cluster_ids(fit, fit, part.clusters, part.seed))
         if self.field is not None and self.field not in data.column_names:
             raise ConfigError(f"partition.by={self.field!r} is not a field of the data: {data.column_names}")
         self.cfg = part
+        self.dataset_cfg = cfg.dataset
+        self.fit_texts = fit if part.clusters else None
         self.partitioner = make_partitioner(part, self.field)
         self.partitioner.dataset = data
         if part.name == "natural" and self.partitioner.num_partitions != part.num_clients:
@@ -215,6 +213,47 @@ class PartitionedDataset:
             )
         return sizes
 
+    def shares_of(self, other: datasets.Dataset) -> list[datasets.Dataset]:
+        """``other`` (another split, e.g. validation) divided among the clients so that each share
+        holds every value of the split field in the proportion the client holds it here (largest
+        remainder), so that a client's validation share looks like its training data; partitioning
+        ``other`` on its own would draw unrelated label proportions for the same client. A client
+        whose quota rounds to nothing gets one example of its most common value; values that no
+        client trains on are left out."""
+        n = self.cfg.num_clients
+        if self.field is None:
+            held = {"": np.asarray(self.sizes(), dtype=np.float64)}
+            keys = np.full(len(other), "")
+        else:
+            if self.fit_texts is not None:
+                texts = example_texts(other, self.dataset_cfg)
+                ids = cluster_ids(texts, self.fit_texts, self.cfg.clusters, self.cfg.seed)
+                other = other.add_column(CLUSTER_FIELD, ids)
+            keys = np.asarray([str(v) for v in other[self.field]])
+            held = {}
+            for client, histogram in enumerate(self.histograms()):
+                for key, count in histogram.items():
+                    held.setdefault(key, np.zeros(n))[client] += count
+        rng = np.random.default_rng(self.cfg.seed)
+        pools: dict[str, list[np.ndarray]] = {}
+        for key in sorted(set(keys.tolist()) & held.keys()):
+            rows = np.flatnonzero(keys == key)
+            rng.shuffle(rows)
+            bounds = np.concatenate([[0], np.cumsum(_quotas(len(rows), held[key] / held[key].sum(), rng))])
+            pools[key] = [rows[bounds[i] : bounds[i + 1]] for i in range(n)]
+        for client in range(n):  # a share of nothing would leave the client unable to evaluate
+            if not any(len(parts[client]) for parts in pools.values()):
+                common = [k for k in sorted(pools, key=lambda k: -held[k][client]) if held[k][client]]
+                if common:
+                    parts = pools[common[0]]
+                    donor = max(range(n), key=lambda i: len(parts[i]))
+                    if len(parts[donor]) > 1:
+                        parts[client], parts[donor] = parts[donor][:1], parts[donor][1:]
+        return [
+            other.select(sorted(np.concatenate([p[i] for p in pools.values()] or [[]]).astype(int)))
+            for i in range(n)
+        ]
+
     def histograms(self) -> list[dict[str, int]]:
         """Examples per value of the split field, for every client ({} for iid)."""
         if self.field is None:
@@ -227,6 +266,15 @@ class PartitionedDataset:
 
 
 Collate = Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
+
+
+def _quotas(total: int, proportions: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``total`` items split in ``proportions`` by largest remainder (sums to ``total``); equal
+    remainders are ordered at random, so that no client is favoured value after value."""
+    exact = total * proportions
+    counts = np.floor(exact + 1e-9).astype(int)
+    counts[np.lexsort((rng.permutation(len(exact)), -(exact - counts)))[: total - counts.sum()]] += 1
+    return counts
 
 
 def iterate_batches(

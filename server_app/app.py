@@ -15,7 +15,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 from peft import PeftModel
 from safetensors.torch import save_file
 
-from finetune.config import ExperimentConfig, higher_is_better
+from finetune.config import ConfigError, ExperimentConfig, higher_is_better
 from finetune.data import PartitionedDataset, load_eval_split, load_train_split
 from finetune.hub import hub_mirror
 from finetune.logs import setup_logging
@@ -100,7 +100,12 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder) -> 
     strategy.summary()
     evaluate_fn = evaluate_global
     if strategy.evaluate_on_clients:  # personalised: part of every model never leaves its client
-        eval_sizes = PartitionedDataset(eval_raw, cfg, fit_on=train_raw).sizes()
+        eval_sizes = [len(share) for share in partitions.shares_of(eval_raw)]
+        if empty := [client for client, size in enumerate(eval_sizes) if not size]:
+            raise ConfigError(
+                f"personalised evaluation: clients {empty} get no examples of the {len(eval_raw)}-example "
+                "validation split; use fewer clients, a larger alpha or more validation examples"
+            )
         log.info("personalised evaluation on the clients' validation shares %s", eval_sizes)
         evaluate_fn = partial(evaluate_on_clients, grid, strategy, cfg)
     if strategy.centralized:  # the upper bound: the same training code on the union of the data

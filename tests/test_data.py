@@ -1,5 +1,6 @@
 """Data from the mirror, partition sizes and skew, metrics, and missing-data errors."""
 
+import datasets
 import numpy as np
 import pytest
 from sklearn.metrics import f1_score, matthews_corrcoef
@@ -8,6 +9,7 @@ from finetune.config import ConfigError, compose_config
 from finetune.data import (
     DataNotFoundError,
     PartitionedDataset,
+    _quotas,
     load_eval_split,
     load_split,
     load_train_split,
@@ -61,6 +63,61 @@ def test_dirichlet_is_skewed_and_complete(hub_mirror):
     assert sum(skewed.sizes()) == len(train)
     assert min(skewed.sizes()) >= 2
     assert _label_skew(skewed, train) > 3 * _label_skew(iid, train)
+
+
+def test_validation_shares_follow_each_clients_training_proportions(hub_mirror):
+    cfg, _, parts = _partitions(hub_mirror, "dirichlet", "partition.alpha=0.3 partition.min_partition_size=2")
+    evaluation = load_eval_split(cfg.dataset, hub_mirror, seed=0)
+    shares = parts.shares_of(evaluation)
+    ids = [set(share["idx"]) for share in shares]
+    assert sum(map(len, ids)) == len(set().union(*ids)) == len(evaluation)  # disjoint, complete
+    train_counts = np.array([label_histogram(parts.partition(i), "label", 2) for i in range(10)], float)
+    eval_totals = np.array(label_histogram(evaluation, "label", 2), float)
+    expected = train_counts / train_counts.sum(axis=0) * eval_totals  # client k's quota of each label
+    got = np.array([label_histogram(share, "label", 2) for share in shares], float)
+    assert np.abs(got - expected).max() < 1.0 + 1e-9  # largest remainder: floor or ceil of the quota
+    assert shares_of_again(parts, evaluation) == [share["idx"] for share in shares]  # deterministic
+
+
+def shares_of_again(parts, evaluation):
+    return [share["idx"] for share in parts.shares_of(evaluation)]
+
+
+def test_iid_validation_shares_are_even_and_none_is_left_empty(hub_mirror):
+    cfg, _, parts = _partitions(hub_mirror, "iid")
+    evaluation = load_eval_split(cfg.dataset, hub_mirror, seed=0).select(range(25))
+    assert sorted(len(share) for share in parts.shares_of(evaluation)) == [2] * 5 + [3] * 5
+    assert sorted(len(share) for share in parts.shares_of(evaluation.select(range(7)))) == [0] * 3 + [1] * 7
+
+
+class _FixedPartitioner:
+    def __init__(self, parts):
+        self.parts = parts
+
+    def load_partition(self, partition_id):
+        return self.parts[partition_id]
+
+
+def _labelled(labels):
+    return datasets.Dataset.from_dict({"sentence": ["x"] * len(labels), "label": labels})
+
+
+def test_a_client_whose_quota_rounds_to_nothing_gets_one_example():
+    cfg = compose_config({"partition": "dirichlet"}, "partition.num_clients=4")
+    held = [[0] * 97, [0] + [1] * 50, [0, 0] + [1] * 50, [0]]  # client 3: one example of label 0
+    parts = PartitionedDataset(_labelled([label for labels in held for label in labels]), cfg)
+    parts.partitioner = _FixedPartitioner([_labelled(labels) for labels in held])
+    shares = parts.shares_of(_labelled([0] * 4 + [1] * 4))
+    # label 0: 4 x (97, 1, 2, 1) / 101 = (3.84, 0.04, 0.08, 0.04) -> (4, 0, 0, 0); label 1: (0, 2, 2, 0);
+    # client 3 would have nothing, so it takes one label-0 example from client 0
+    assert [label_histogram(share, "label", 2) for share in shares] == [[3, 0], [0, 2], [0, 2], [1, 0]]
+
+
+def test_quotas_are_largest_remainder():
+    rng = np.random.default_rng(0)
+    assert _quotas(10, np.array([0.55, 0.3, 0.15]), rng).tolist() in ([6, 3, 1], [5, 3, 2])
+    assert _quotas(7, np.array([0.5, 0.5]), rng).sum() == 7
+    assert _quotas(9, np.array([1 / 3] * 3), rng).tolist() == [3, 3, 3]
 
 
 def test_pathological_gives_each_client_k_classes(hub_mirror):
