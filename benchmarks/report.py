@@ -402,6 +402,16 @@ def write_report(records: list[dict[str, Any]], out: Path, preset: str, parallel
     for (dataset, partition), rows in table.items():
         metric = next(r for r in records if r["dataset"] == dataset)["main_metric"]
         lines += [f"## {dataset} / {partition}", "", markdown_table(rows, metric), ""]
+        lrs = {
+            r["method"]: r.get("lr")
+            for r in records
+            if (r["dataset"], r["partition"]) == (dataset, partition)
+        }
+        if any(lrs.values()):
+            shown = ", ".join(
+                f"`{m}` {lr:g}" for m, lr in sorted(lrs.items(), key=lambda kv: _order(kv[0])) if lr
+            )
+            lines += [f"Peak learning rates: {shown}.", ""]
         lines += [f"![{dataset} {partition}]({dataset}-{partition}.png)", ""]
     lines += ["## Which claims held", "", *claims_text(table), ""]
     lines += [

@@ -93,6 +93,7 @@ def run_record(run_dir: Path, job: str, seed: int, commit: str = "") -> dict[str
         "num_clients": summary["num_clients"],
         "clients_per_round": rows[-1].get("clients_sampled") if rows else None,
         "local_steps": config["train"]["local_steps"],
+        "lr": config["method"].get("lr") or config["train"]["lr"],
         "wall_seconds": summary["wall_seconds"],
         "commit": commit,
         "rounds": rounds,

@@ -25,6 +25,7 @@ def _record(method, seed, finals, dataset="sst2", partition="dirichlet", up=100.
         "job": f"{method}-{dataset}-{partition}-s{seed}", "method": method, "model": "minilm",
         "dataset": dataset, "partition": partition, "seed": seed, "main_metric": "accuracy",
         "num_clients": 10, "wall_seconds": 100.0 + seed, "commit": "abc", "rounds": rounds,
+        "lr": 1e-3 if method in ("centralized", "full") else 5e-3,
     }  # fmt: skip
 
 
@@ -71,6 +72,7 @@ def test_report_command_writes_table_plots_and_claims(tmp_path):
     assert main(["--results", str(tmp_path / "none"), "--out", str(out), "--preset", "test"]) == 0
     text = (out / "report.md").read_text()
     assert "| `fedit` | 2 | 81.0 ± 1.4 | 81.0 ± 1.4 | -4.0 | 0.0 / 0.0 |" in text
+    assert "Peak learning rates: `centralized` 0.001, `fedit` 0.005, `ffa_lora` 0.005, `full` 0.001." in text
     assert "FFA-LoRA**: freezing A matches FedIT with half the upload" in text
     assert "held — ffa_lora 81.0 vs fedit 81.0 (± 1.4); upload ratio 0.50" in text
     assert "**did not hold** — full 70.0 vs fedit 81.0" in text  # full did not beat LoRA here
@@ -87,7 +89,7 @@ def test_records_from_a_run_folder_and_merging(tmp_path):
         json.dumps({"status": "completed", "main_metric": "accuracy", "method": "fedit", "model": "minilm",
                     "dataset": "sst2", "partition": "iid", "num_clients": 10, "wall_seconds": 5.0})
     )  # fmt: skip
-    (run / "config.yaml").write_text("train:\n  local_steps: 10\n")
+    (run / "config.yaml").write_text("train:\n  local_steps: 10\n  lr: 0.005\nmethod:\n  lr: null\n")
     rows = [
         {"round": 0, "eval_accuracy": 0.5, "eval_loss": 0.7},
         {"round": 1, "eval_accuracy": 0.6, "bytes_up": 3},
@@ -95,6 +97,7 @@ def test_records_from_a_run_folder_and_merging(tmp_path):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     record = run_record(run, "fedit-sst2-iid-s1", 1, "abc")
     assert [r["metric"] for r in record["rounds"]] == [0.5, 0.6] and record["local_steps"] == 10
+    assert record["lr"] == 0.005
     assert "/" not in json.dumps({k: v for k, v in record.items() if k != "job"}).replace("\\/", "")
     merged = merge_records([dict(record, seed=9)], [record])
     assert merged == [record]
