@@ -49,6 +49,7 @@ def test_rows_hold_hand_computed_means_gaps_and_bytes():
     assert rows["ffa_lora"].mb_up == pytest.approx(rows["fedit"].mb_up / 2)
     assert rows["fedit"].peak_mb == 901.0 and rows["full"].seeds == 1
     assert rows["centralized"].framework is None  # no federated round to time
+    assert rows["fedit"].framework_later == pytest.approx(10.0 / 6.0)  # round 2 alone
 
 
 def test_overheads():
