@@ -29,6 +29,7 @@ ROUND_FIELDS = (
     "slowest_client_seconds",
     "client_seconds_total",
     "client_seconds",
+    "client_handler_seconds",
     "train_phase_seconds",
     "eval_seconds",
     "seconds",

@@ -4,6 +4,7 @@ this node's data, reply with arrays and metrics."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -92,6 +93,7 @@ def update_merged_base(
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    started = time.perf_counter()
     job = prepare(msg, context)
     own = node_data_path(context.node_config)
     data = job.session.local_data(own, job.partition_id) if own else job.session.partition(job.partition_id)
@@ -145,6 +147,9 @@ def train(msg: Message, context: Context) -> Message:
         context.state[LOCAL_KEY] = to_record(local)
     upload = {k: v for k, v in trained.items() if job.rule.client_uploads(k)}
     arrays = to_record(upload, job.cfg.method.wire_dtype)
+    # the whole handler (model set-up, data preparation, training, serialization): the part of a
+    # round's wall time that is neither Flower's transport nor its scheduling
+    metrics["handler-seconds"] = time.perf_counter() - started
     return Message(RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics}), reply_to=msg)
 
 

@@ -104,6 +104,7 @@ def run_federation(
                 "slowest_client_seconds": train.get("train-seconds"),
                 "client_seconds_total": sum(stats.client_seconds.values()),
                 "client_seconds": [stats.client_seconds[n] for n in sorted(stats.client_seconds)],
+                "client_handler_seconds": [stats.handler_seconds[n] for n in sorted(stats.handler_seconds)],
                 "peak_client_memory_mb": train.get("peak-memory-mb"),
                 "examples_seen": train.get("examples-seen"),
                 "optimizer_state_bytes": train.get("optimizer-state-bytes"),

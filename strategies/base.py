@@ -32,7 +32,9 @@ METRICS_KEY = "metrics"
 NUM_EXAMPLES_KEY = "num-examples"
 # Reply metrics combined by sum or max instead of the weighted mean.
 SUM_METRICS = frozenset({NUM_EXAMPLES_KEY, "examples-seen"})
-MAX_METRICS = frozenset({"train-seconds", "peak-memory-mb", "optimizer-state-bytes", "dp-epsilon"})
+MAX_METRICS = frozenset(
+    {"train-seconds", "handler-seconds", "peak-memory-mb", "optimizer-state-bytes", "dp-epsilon"}
+)
 
 
 @dataclass
@@ -45,6 +47,7 @@ class RoundStats:
     payload_down: dict[int, int] = field(default_factory=dict)  # raw bytes of the arrays alone
     payload_up: dict[int, int] = field(default_factory=dict)
     client_seconds: dict[int, float] = field(default_factory=dict)  # each client's training time
+    handler_seconds: dict[int, float] = field(default_factory=dict)  # ... and its whole train handler
     aggregated: list[int] = field(default_factory=list)
     rejected: dict[int, str] = field(default_factory=dict)
     kept_previous: bool = False
@@ -259,6 +262,8 @@ class FederatedStrategy(Strategy):
         for node_id, reply_metrics in zip(node_ids, metrics, strict=True):
             self.accept_reply(node_id, reply_metrics)
             stats.client_seconds[node_id] = float(reply_metrics.get("train-seconds", 0.0))
+            if "handler-seconds" in reply_metrics:
+                stats.handler_seconds[node_id] = float(reply_metrics["handler-seconds"])
         self._outbox = []
         stats.aggregated = node_ids
         if len(states) < self.min_replies:

@@ -78,10 +78,10 @@ def test_fedsa_keeps_B_and_head_local_and_uploads_A_only(hub_mirror):
     cfg = _cfg("fedsa_lora", hub_mirror)
     init, global_state = _global(cfg, hub_mirror)
     contexts = {p: _context(p) for p in (0, 1)}
-    uploads = {
-        p: from_record(train(_message(cfg, global_state), contexts[p]).content.array_records["arrays"])
-        for p in (0, 1)
-    }
+    replies = {p: train(_message(cfg, global_state), contexts[p]).content for p in (0, 1)}
+    uploads = {p: from_record(replies[p].array_records["arrays"]) for p in (0, 1)}
+    timing = replies[0].metric_records["metrics"]
+    assert timing["handler-seconds"] > timing["train-seconds"] > 0  # the handler holds the training
     for p, ctx in contexts.items():
         assert set(uploads[p]) == {k for k in init if is_lora_a(k)}
         kept = from_record(ctx.state.array_records[LOCAL_KEY])

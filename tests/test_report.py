@@ -4,7 +4,15 @@ import json
 
 import pytest
 
-from benchmarks.report import framework_overhead, grouped, main, makespan, method_rows, wire_overhead
+from benchmarks.report import (
+    framework_overhead,
+    grouped,
+    main,
+    makespan,
+    method_rows,
+    transport_ratios,
+    wire_overhead,
+)
 from benchmarks.results import merge_records, read_records, run_record
 
 
@@ -64,6 +72,11 @@ def test_overheads():
         "rounds": [record["rounds"][0], {**record["rounds"][1], "client_seconds": [4.0, 4.0, 4.0]}],
     }
     assert framework_overhead(timed, parallel=2) == pytest.approx(10.0 / 8.0)
+    handled = {
+        **timed,
+        "rounds": [*timed["rounds"], {**timed["rounds"][1], "client_handler_seconds": [5.0] * 3}],
+    }
+    assert transport_ratios(handled, parallel=2) == pytest.approx([10.0 / 10.0])  # round 1 has none
 
 
 def test_report_command_writes_table_plots_and_claims(tmp_path):
@@ -79,7 +92,9 @@ def test_report_command_writes_table_plots_and_claims(tmp_path):
     assert "**did not hold** — full 70.0 vs fedit 81.0" in text  # full did not beat LoRA here
     assert (out / "sst2-dirichlet.png").stat().st_size > 10_000
     # per run: round 1 and rounds 2+ (10 / max(4, 12 / 2)), MB per round 300 / 285 bytes
-    assert "| `fedit-sst2-dirichlet-s0` | 2 | 1.67 | 1.67 (1.67) | 0.00 / 0.00 | 1.053 |" in text
+    assert (
+        "| `fedit-sst2-dirichlet-s0` | 2 | 1.67 | 1.67 (1.67) | 0.00 / 0.00 | not recorded | 1.053 |" in text
+    )
     assert "`centralized-sst2-dirichlet-s0` |" not in text.split("## Efficiency per run")[1]
 
 

@@ -170,9 +170,12 @@ def test_records_round_trip():
 
 def test_raw_payload_bytes_and_client_seconds_are_recorded():
     seconds = {1: 2.5, 2: 4.0}
-    grid = FakeGrid(
-        [1, 2], lambda m: reply(scaled(1.0), **{"train-seconds": seconds[m.metadata.dst_node_id]})
-    )
+
+    def timed_reply(message):
+        node = message.metadata.dst_node_id
+        return reply(scaled(1.0), **{"train-seconds": seconds[node], "handler-seconds": seconds[node] + 1})
+
+    grid = FakeGrid([1, 2], timed_reply)
     strategy = FedIT(fraction_train=1.0, min_train_nodes=2)
     run_round(strategy, grid)
     stats = strategy.rounds[1]
@@ -180,3 +183,4 @@ def test_raw_payload_bytes_and_client_seconds_are_recorded():
     assert stats.payload_down == {1: raw, 2: raw} and stats.payload_up == {1: raw, 2: raw}
     assert all(stats.bytes_down[n] > raw for n in (1, 2))  # numpy headers and keys on top
     assert stats.client_seconds == seconds
+    assert stats.handler_seconds == {1: 3.5, 2: 5.0}
