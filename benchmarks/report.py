@@ -15,7 +15,7 @@ import argparse
 import json
 import math
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +36,7 @@ PALETTE = (
     "#000000", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
     "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#aec7e8",
 )  # fmt: skip  # one fixed colour per method, the same in every plot
+PERSONALISED = ("fedsa_lora",)  # scored on the clients' own validation shares, not the common test set
 LORA_FAMILY = ("fedit", "ffa_lora", "lora_fair", "flexlora", "hlora", "hetlora", "flora", "fedex_lora")
 
 
@@ -101,6 +102,20 @@ class MethodRow:
     framework_later: float | None  # rounds 2+: without the client processes' start and model loading
     wire: float | None
     gap: float | None = None  # final mean minus the centralized final mean
+    chance: float | None = None  # accuracy of always answering the evaluation set's commonest label
+    eval_examples: int | None = None
+    sampling_se: float = 0.0  # standard error of the final accuracy from the evaluation set's size
+
+    @property
+    def noise(self) -> float:
+        """What a difference of final means must exceed: the spread over seeds or, when larger, the
+        evaluation set's own sampling error."""
+        return max(self.final[1], self.sampling_se)
+
+    @property
+    def at_chance(self) -> bool:
+        """The final mean is within two standard errors of the majority-class rate."""
+        return self.chance is not None and self.final[0] - self.chance < 2 * self.sampling_se
 
 
 def summarize(records: list[dict[str, Any]], parallel: int) -> MethodRow:
@@ -125,10 +140,16 @@ def summarize(records: list[dict[str, Any]], parallel: int) -> MethodRow:
     framework = [x for r in records if (x := framework_overhead(r, parallel)) is not None]
     later = [float(np.mean(x[1:])) for r in records if len(x := framework_ratios(r, parallel)) > 1]
     wire = [x for r in records if (x := wire_overhead(r)) is not None]
+    final = mean_std(finals)
+    known = next((r["chance"] for r in records if r.get("chance")), None)
+    chance, examples, sampling_se = None, None, 0.0
+    if known and main == "accuracy":
+        examples, chance = known["eval_examples"], known["majority_rate"]
+        sampling_se = math.sqrt(final[0] * (1 - final[0]) / examples)
     return MethodRow(
         method=records[0]["method"],
         seeds=len(records),
-        final=mean_std(finals),
+        final=final,
         best=mean_std(bests),
         mb_down=float(np.mean(down)) / MB,
         mb_up=float(np.mean(up)) / MB,
@@ -137,6 +158,9 @@ def summarize(records: list[dict[str, Any]], parallel: int) -> MethodRow:
         framework=float(np.mean(framework)) if framework else None,
         framework_later=float(np.mean(later)) if later else None,
         wire=float(np.mean(wire)) if wire else None,
+        chance=chance,
+        eval_examples=examples,
+        sampling_se=sampling_se,
     )
 
 
@@ -188,12 +212,33 @@ def markdown_table(rows: list[MethodRow], metric: str) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        gap = "—" if row.gap is None or row.method == "centralized" else f"{row.gap * scale:+.1f}"
+        gap = (
+            "—"
+            if row.gap is None or row.method == "centralized"
+            else "not comparable"
+            if row.method in PERSONALISED
+            else f"{row.gap * scale:+.1f}"
+        )
         lines.append(
-            f"| `{row.method}` | {row.seeds} | {_pm(row.final, scale)} | {_pm(row.best, scale)} | {gap} "
+            f"| `{row.method}` | {row.seeds} | {_pm(row.final, scale)}{' °' if row.at_chance else ''} "
+            f"| {_pm(row.best, scale)} | {gap} "
             f"| {row.mb_down:.1f} / {row.mb_up:.1f} | {row.wall_s:.0f} | {_opt(row.peak_mb, '.0f')} "
             f"| {_opt(row.framework, '.2f')} / {_opt(row.framework_later, '.2f')} | {_opt(row.wire, '.3f')} |"
         )
+    scored = [r for r in rows if r.chance is not None]
+    if scored:
+        usual = Counter((r.chance, r.eval_examples) for r in scored).most_common(1)[0][0]
+        others = [
+            f"`{r.method}`: {r.chance * scale:.1f} % of its clients' own shares"  # type: ignore[operator]
+            for r in scored
+            if (r.chance, r.eval_examples) != usual
+        ]
+        lines += [
+            "",
+            f"Always answering the commonest label scores {usual[0] * scale:.1f} % of the {usual[1]} "
+            f"evaluation examples{' (' + '; '.join(others) + ')' if others else ''}; ° marks a final mean "
+            "within two standard errors of that: not distinguishable from a model that learned nothing.",
+        ]
     return "\n".join(lines)
 
 
@@ -241,63 +286,78 @@ def efficiency_table(records: list[dict[str, Any]], parallel: int) -> str:
     return "\n".join(lines)
 
 
+# A claim's verdict on one table: held (True), did not hold (False), inconclusive (None: both
+# sides score like a model that learned nothing), with the numbers in words; None if not run.
+Verdict = tuple[bool | None, str] | None
+
+
 @dataclass
 class Claim:
     paper: str
     claim: str
-    test: Callable[[dict[str, MethodRow]], tuple[bool, str] | None]
+    test: Callable[[dict[str, MethodRow]], Verdict]
 
 
-def _compare(rows: dict[str, MethodRow], a: str, b: str) -> tuple[float, float, str] | None:
-    """``a``'s final mean minus ``b``'s, the noise level (the larger std), and the numbers in words."""
+@dataclass
+class Comparison:
+    diff: float  # a's final mean minus b's
+    noise: float  # the larger of the two rows' noise levels
+    words: str
+    both_at_chance: bool
+
+    def verdict(self, held: bool, extra: str = "") -> Verdict:
+        return (None if self.both_at_chance else held), self.words + extra
+
+
+def _compare(rows: dict[str, MethodRow], a: str, b: str) -> Comparison | None:
     if a not in rows or b not in rows:
         return None
     ra, rb = rows[a], rows[b]
-    diff, noise = ra.final[0] - rb.final[0], max(ra.final[1], rb.final[1])
-    return diff, noise, f"{a} {ra.final[0] * 100:.1f} vs {b} {rb.final[0] * 100:.1f} (± {noise * 100:.1f})"
+    noise = max(ra.noise, rb.noise)
+    return Comparison(
+        diff=ra.final[0] - rb.final[0],
+        noise=noise,
+        words=f"{a} {ra.final[0] * 100:.1f} vs {b} {rb.final[0] * 100:.1f} (± {noise * 100:.1f})",
+        both_at_chance=ra.at_chance and rb.at_chance,
+    )
 
 
-def _at_least(a: str, b: str) -> Callable[[dict[str, MethodRow]], tuple[bool, str] | None]:
-    def test(rows: dict[str, MethodRow]) -> tuple[bool, str] | None:
+def _at_least(a: str, b: str) -> Callable[[dict[str, MethodRow]], Verdict]:
+    def test(rows: dict[str, MethodRow]) -> Verdict:
         found = _compare(rows, a, b)
-        if found is None:
-            return None
-        diff, noise, words = found
-        return diff >= -noise, words
+        return None if found is None else found.verdict(found.diff >= -found.noise)
 
     return test
 
 
-def _half_upload(rows: dict[str, MethodRow]) -> tuple[bool, str] | None:
+def _half_upload(rows: dict[str, MethodRow]) -> Verdict:
     found = _compare(rows, "ffa_lora", "fedit")
     if found is None:
         return None
-    diff, noise, words = found
     ratio = rows["ffa_lora"].mb_up / rows["fedit"].mb_up
-    return diff >= -noise and ratio < 0.6, f"{words}; upload ratio {ratio:.2f}"
+    return found.verdict(found.diff >= -found.noise and ratio < 0.6, f"; upload ratio {ratio:.2f}")
 
 
-def _beats_lora_family(method: str) -> Callable[[dict[str, MethodRow]], tuple[bool, str] | None]:
-    def test(rows: dict[str, MethodRow]) -> tuple[bool, str] | None:
+def _beats_lora_family(method: str) -> Callable[[dict[str, MethodRow]], Verdict]:
+    def test(rows: dict[str, MethodRow]) -> Verdict:
         family = [m for m in LORA_FAMILY if m in rows]
         if method not in rows or not family:
             return None
         best = max(family, key=lambda m: rows[m].final[0])
-        diff, noise, words = _compare(rows, method, best)  # type: ignore[misc]
-        return diff > noise, f"{words} (best of the LoRA family)"
+        found = _compare(rows, method, best)
+        assert found is not None
+        return found.verdict(found.diff > found.noise, " (best of the LoRA family)")
 
     return test
 
 
-def _upper_bound(rows: dict[str, MethodRow]) -> tuple[bool, str] | None:
-    if "centralized" not in rows:
+def _upper_bound(rows: dict[str, MethodRow]) -> Verdict:
+    others = [m for m in rows if m != "centralized" and m not in PERSONALISED]
+    if "centralized" not in rows or not others:
         return None
-    others = [r for m, r in rows.items() if m not in ("centralized", "fedsa_lora")]
-    if not others:
-        return None
-    best = max(others, key=lambda r: r.final[0])
-    diff, noise, words = _compare(rows, "centralized", best.method)  # type: ignore[misc]
-    return diff >= -noise, words
+    found = _compare(rows, "centralized", max(others, key=lambda m: rows[m].final[0]))
+    assert found is not None
+    return found.verdict(found.diff >= -found.noise)
 
 
 CLAIMS = (
@@ -343,14 +403,29 @@ def claims_text(table: dict[tuple[str, str], list[MethodRow]]) -> list[str]:
             outcome = claim.test({r.method: r for r in rows})
             if outcome is not None:
                 held, words = outcome
-                verdicts.append(f"{dataset}/{partition}: {'held' if held else '**did not hold**'} — {words}")
+                said = {True: "held", False: "**did not hold**", None: "inconclusive (both at chance)"}[held]
+                verdicts.append(f"{dataset}/{partition}: {said} — {words}")
         if verdicts:
             lines.append(f"- **{claim.paper}**: {claim.claim}.")
             lines.extend(f"  - {v}" for v in verdicts)
-    lines.append(
-        "- `fedsa_lora` is scored on each client's own validation share (personalised), so its figure is "
-        "not comparable with the global-test figures of the other rules."
-    )
+    for method in PERSONALISED:
+        found = [(key, r) for key, rows in table.items() for r in rows if r.method == method]
+        if not found:
+            continue
+        lines.append(
+            f"- `{method}` is scored on each client's own validation share (personalised), so its figure "
+            "is not comparable with the common test set of the other rules; against always answering "
+            "each client's commonest label:"
+        )
+        for (dataset, partition), row in found:
+            if row.chance is None:
+                continue
+            gain = row.final[0] - row.chance
+            lines.append(
+                f"  - {dataset}/{partition}: {row.final[0] * 100:.1f} vs {row.chance * 100:.1f} "
+                f"(± {row.noise * 100:.1f}): "
+                + ("no better than that" if row.at_chance else f"{gain * 100:+.1f} pp of learning beyond it")
+            )
     return lines
 
 
@@ -431,7 +506,16 @@ def write_report(records: list[dict[str, Any]], out: Path, preset: str, parallel
             )
             lines += [f"Peak learning rates: {shown}.", ""]
         lines += [f"![{dataset} {partition}]({dataset}-{partition}.png)", ""]
-    lines += ["## Which claims held", "", *claims_text(table), ""]
+    lines += [
+        "## Which claims held",
+        "",
+        "A comparison counts a difference of final means only beyond the noise (± below): the larger of "
+        "the sample std over seeds and the standard error an accuracy has on this many evaluation "
+        "examples. Where both sides are at chance (°), the runs say nothing about the claim.",
+        "",
+        *claims_text(table),
+        "",
+    ]
     lines += [
         "## Efficiency per run",
         "",

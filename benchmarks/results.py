@@ -8,13 +8,18 @@ its main metric, per-round metric, bytes and timings, and the commit of the code
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
+
+log = logging.getLogger(__name__)
 
 ROUND_FIELDS = (
     "round",
@@ -67,6 +72,52 @@ def code_commit(folder: Path) -> str:
     return commit + ("+dirty" if dirty else "")
 
 
+def chance_level(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The accuracy a model that learned nothing scores on the run's evaluation (always answering
+    the commonest label of the seeded subset the server scored, or of each client's own share where
+    the rule evaluates personalised models), and how many examples that evaluation has. None for
+    tasks without labels, or where the data is not available here."""
+    if not config.get("dataset"):
+        return None
+    setting = config.get("hub_mirror") or ""
+    mirror = setting if Path(setting).is_dir() else ""  # a run folder from another machine
+    return _chance_level(json.dumps({**config, "hub_mirror": mirror}, sort_keys=True))
+
+
+@functools.cache
+def _chance_level(config_json: str) -> dict[str, Any] | None:
+    from finetune.config import ConfigError, ExperimentConfig
+    from finetune.data import DataNotFoundError, PartitionedDataset, load_eval_split, load_train_split
+    from finetune.hub import hub_mirror
+    from launch.simulation import default_hub_mirror
+    from strategies import STRATEGIES
+
+    config = json.loads(config_json)
+    config.pop("output_dir", None)
+    try:
+        cfg = ExperimentConfig.from_dict(config)
+    except ConfigError as error:
+        log.warning("no chance level: %s", error)
+        return None
+    mirror = hub_mirror(cfg.hub_mirror or default_hub_mirror())
+    if not cfg.dataset.is_classification or mirror is None:
+        return None  # without a mirror, do not stall a report on Hub downloads
+    label = cfg.dataset.label_field
+    try:
+        evaluated = load_eval_split(cfg.dataset, mirror, cfg.seed)
+        shares = [evaluated]
+        rule = STRATEGIES.get(cfg.method.name)
+        if rule is not None and rule.evaluate_on_clients:
+            train = load_train_split(cfg.dataset, mirror, cfg.seed)
+            shares = PartitionedDataset(train, cfg).shares_of(evaluated)
+    except DataNotFoundError as error:
+        log.warning("no chance level for %s: %s", cfg.dataset.name, error)
+        return None
+    counts = [np.bincount(np.asarray(share[label]), minlength=cfg.dataset.num_labels) for share in shares]
+    examples = int(sum(c.sum() for c in counts))
+    return {"eval_examples": examples, "majority_rate": sum(int(c.max()) for c in counts) / examples}
+
+
 def run_record(run_dir: Path, job: str, seed: int, commit: str = "") -> dict[str, Any] | None:
     """The compact record of a completed run folder, None when it did not complete."""
     summary_path = run_dir / "summary.json"
@@ -95,6 +146,7 @@ def run_record(run_dir: Path, job: str, seed: int, commit: str = "") -> dict[str
         "clients_per_round": rows[-1].get("clients_sampled") if rows else None,
         "local_steps": config["train"]["local_steps"],
         "lr": config["method"].get("lr") or config["train"]["lr"],
+        "chance": chance_level(config),
         "wall_seconds": summary["wall_seconds"],
         "commit": commit,
         "rounds": rounds,

@@ -1,6 +1,7 @@
 """The benchmark report from run records: hand-computed means, gaps, overheads and claims; plots."""
 
 import json
+import math
 
 import pytest
 
@@ -120,3 +121,53 @@ def test_records_from_a_run_folder_and_merging(tmp_path):
     (run / "summary.json").write_text(json.dumps({"status": "failed"}))
     assert run_record(run, "x", 1) is None
     assert read_records(tmp_path / "missing.jsonl") == []
+
+
+def _with_chance(record, examples=100, rate=0.5):
+    return {**record, "chance": {"eval_examples": examples, "majority_rate": rate}}
+
+
+def test_chance_level_marks_rows_and_makes_claims_inconclusive(tmp_path):
+    records = [
+        _with_chance(_record("centralized", 0, [0.80, 0.86])),
+        _with_chance(_record("fedit", 0, [0.50, 0.59])),  # 0.59 - 0.5 < 2 * sqrt(.59 * .41 / 100) = 0.098
+        _with_chance(_record("ffa_lora", 0, [0.50, 0.52], up=50.0)),
+        _with_chance(_record("flexlora", 0, [0.50, 0.70])),
+        _with_chance(_record("fedsa_lora", 0, [0.80, 0.90]), rate=0.75),
+    ]
+    rows = {r.method: r for r in method_rows(grouped(records), parallel=2)[("sst2", "dirichlet")]}
+    assert rows["fedit"].at_chance and rows["ffa_lora"].at_chance and not rows["flexlora"].at_chance
+    assert rows["fedit"].noise == pytest.approx(math.sqrt(0.59 * 0.41 / 100))  # one seed: sampling error
+    assert rows["fedsa_lora"].chance == 0.75 and not rows["fedsa_lora"].at_chance  # 0.15 > 2 * 0.03
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["--results", str(tmp_path / "none"), "--out", str(out), "--preset", "test"]) == 0
+    text = (out / "report.md").read_text()
+    assert "| `fedit` | 1 | 59.0 ± 0.0 ° |" in text and "| `flexlora` | 1 | 70.0 ± 0.0 |" in text
+    assert "scores 50.0 % of the 100 evaluation examples (`fedsa_lora`: 75.0 % of its clients' own" in text
+    assert "inconclusive (both at chance) — ffa_lora 52.0 vs fedit 59.0 (± 5.0)" in text
+    assert "held — flexlora 70.0 vs fedit 59.0 (± 4.9)" in text  # one side learned: a verdict
+    assert "| not comparable |" in text
+    assert "sst2/dirichlet: 90.0 vs 75.0 (± 3.0): +15.0 pp of learning beyond it" in text
+
+
+def test_chance_level_of_a_run_from_the_mirror(tiny_cfg):
+    import numpy as np
+    import pandas as pd
+    import yaml
+
+    from benchmarks.results import chance_level
+    from finetune.data import load_eval_split
+    from finetune.hub import hub_mirror
+
+    config = yaml.safe_load(tiny_cfg.to_yaml())
+    level = chance_level(config)
+    labels = pd.Series(load_eval_split(tiny_cfg.dataset, hub_mirror(tiny_cfg.hub_mirror), 0)["label"])
+    assert level == {"eval_examples": 64, "majority_rate": labels.value_counts().max() / 64}
+    personal = chance_level({**config, "method": {**config["method"], "name": "fedsa_lora"}})
+    assert personal["eval_examples"] == 64 and personal["majority_rate"] > level["majority_rate"]
+    assert chance_level({"train": {}}) is None
+    config["dataset"]["max_eval_examples"] = 10  # another subset: computed anew, not a cached answer
+    assert chance_level(config)["eval_examples"] == 10
+    assert np.isclose(level["majority_rate"] * 64, round(level["majority_rate"] * 64))
