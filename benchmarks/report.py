@@ -12,6 +12,7 @@ already there), and the report is built from that file alone.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -102,6 +103,7 @@ class MethodRow:
     framework_later: float | None  # rounds 2+: without the client processes' start and model loading
     wire: float | None
     gap: float | None = None  # final mean minus the centralized final mean
+    borrowed_from: str = ""  # the partition whose runs a partition-independent row repeats
     chance: float | None = None  # accuracy of always answering the evaluation set's commonest label
     eval_examples: int | None = None
     sampling_se: float = 0.0  # standard error of the final accuracy from the evaluation set's size
@@ -172,6 +174,17 @@ def grouped(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, li
     return groups
 
 
+def shared_centralized(
+    groups: dict[tuple[str, str], dict[str, list[dict[str, Any]]]], dataset: str
+) -> tuple[str, list[dict[str, Any]]] | None:
+    """The centralized runs of ``dataset`` and their partition: training on the union of the data,
+    they hold for every partition."""
+    found = [
+        (p, m["centralized"]) for (d, p), m in sorted(groups.items()) if d == dataset and "centralized" in m
+    ]
+    return found[0] if found else None
+
+
 def method_rows(
     groups: dict[tuple[str, str], dict[str, list[dict[str, Any]]]], parallel: int
 ) -> dict[tuple[str, str], list[MethodRow]]:
@@ -181,9 +194,10 @@ def method_rows(
             summarize(runs, parallel) for _, runs in sorted(methods.items(), key=lambda kv: _order(kv[0]))
         ]
         central = next((r for r in rows if r.method == "centralized"), None)
-        if central is None:  # the centralized run trains on the union: any partition of the dataset
-            other = [m["centralized"] for (d, _), m in groups.items() if d == key[0] and "centralized" in m]
-            central = summarize(other[0], parallel) if other else None
+        borrowed = None if central else shared_centralized(groups, key[0])
+        if borrowed is not None:
+            central = dataclasses.replace(summarize(borrowed[1], parallel), borrowed_from=borrowed[0])
+            rows.insert(0, central)
         for row in rows:
             row.gap = row.final[0] - central.final[0] if central is not None else None
         result[key] = rows
@@ -219,8 +233,9 @@ def markdown_table(rows: list[MethodRow], metric: str) -> str:
             if row.method in PERSONALISED
             else f"{row.gap * scale:+.1f}"
         )
+        name = f"`{row.method}`" + (f" (the {row.borrowed_from} runs)" if row.borrowed_from else "")
         lines.append(
-            f"| `{row.method}` | {row.seeds} | {_pm(row.final, scale)}{' °' if row.at_chance else ''} "
+            f"| {name} | {row.seeds} | {_pm(row.final, scale)}{' °' if row.at_chance else ''} "
             f"| {_pm(row.best, scale)} | {gap} "
             f"| {row.mb_down:.1f} / {row.mb_up:.1f} | {row.wall_s:.0f} | {_opt(row.peak_mb, '.0f')} "
             f"| {_opt(row.framework, '.2f')} / {_opt(row.framework_later, '.2f')} | {_opt(row.wire, '.3f')} |"
@@ -437,9 +452,12 @@ def plot(records: list[dict[str, Any]], folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    for (dataset, partition), methods in sorted(grouped(records).items()):
+    groups = grouped(records)
+    for (dataset, partition), methods in sorted(groups.items()):
         fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(12, 4.5))
-        for method, runs in sorted(methods.items(), key=lambda kv: _order(kv[0])):
+        shared = None if "centralized" in methods else shared_centralized(groups, dataset)
+        curves = {**methods, **({"centralized": shared[1]} if shared else {})}
+        for method, runs in sorted(curves.items(), key=lambda kv: _order(kv[0])):
             length = min(len(r["rounds"]) for r in runs)
             metric = np.mean([[row["metric"] for row in r["rounds"][:length]] for r in runs], axis=0)
             per_client = [

@@ -171,3 +171,20 @@ def test_chance_level_of_a_run_from_the_mirror(tiny_cfg):
     config["dataset"]["max_eval_examples"] = 10  # another subset: computed anew, not a cached answer
     assert chance_level(config)["eval_examples"] == 10
     assert np.isclose(level["majority_rate"] * 64, round(level["majority_rate"] * 64))
+
+
+def test_partition_independent_centralized_row_is_repeated_in_other_partitions(tmp_path):
+    records = [*RECORDS, _record("fedit", 0, [0.70, 0.83], partition="iid")]
+    table = method_rows(grouped(records), parallel=2)
+    iid = {r.method: r for r in table[("sst2", "iid")]}
+    assert iid["centralized"].borrowed_from == "dirichlet" and iid["centralized"].final[0] == pytest.approx(
+        0.85
+    )
+    assert iid["fedit"].gap == pytest.approx(0.83 - 0.85)
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["--results", str(tmp_path / "none"), "--out", str(out), "--preset", "test"]) == 0
+    text = (out / "report.md").read_text().split("## sst2 / iid")[1]
+    assert "| `centralized` (the dirichlet runs) | 2 | 85.0 ± 1.4 |" in text
+    assert "| `fedit` | 1 | 83.0 ± 0.0 | 83.0 ± 0.0 | -2.0 |" in text
