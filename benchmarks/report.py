@@ -321,6 +321,9 @@ class Comparison:
     both_at_chance: bool
 
     def verdict(self, held: bool, extra: str = "") -> Verdict:
+        if held and self.diff < 0 and not self.both_at_chance:
+            # "At least as good" that rests only on the noise band: say so rather than imply a tie.
+            extra += "; lower, but within the noise"
         return (None if self.both_at_chance else held), self.words + extra
 
 

@@ -152,6 +152,17 @@ def test_chance_level_marks_rows_and_makes_claims_inconclusive(tmp_path):
     assert "sst2/dirichlet: 90.0 vs 75.0 (± 3.0): +15.0 pp of learning beyond it" in text
 
 
+def test_a_lower_mean_that_holds_only_within_the_noise_says_so():
+    from benchmarks.report import _at_least
+
+    records = [_with_chance(_record("fedit", 0, [0.5, 0.80])), _with_chance(_record("flora", 0, [0.5, 0.78]))]
+    rows = {r.method: r for r in method_rows(grouped(records), parallel=2)[("sst2", "dirichlet")]}
+    held, words = _at_least("flora", "fedit")(rows)  # -2 pp, noise sqrt(.78 * .22 / 100) = 4.1 pp
+    assert held is True and words.endswith("(± 4.1); lower, but within the noise")
+    held, words = _at_least("fedit", "flora")(rows)
+    assert held is True and words.endswith("(± 4.1)")
+
+
 def test_chance_level_of_a_run_from_the_mirror(tiny_cfg):
     import numpy as np
     import pandas as pd
