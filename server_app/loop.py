@@ -99,6 +99,7 @@ def run_federation(
                 "payload_bytes_up": sum(stats.payload_up.values()),
                 "clients_sampled": len(stats.sampled),
                 "clients_aggregated": len(stats.aggregated),
+                "partitions_aggregated": [strategy.node_partitions.get(n) for n in stats.aggregated],
                 "clients_rejected": {str(k): v for k, v in stats.rejected.items()},
                 "kept_previous": stats.kept_previous,
                 "slowest_client_seconds": train.get("train-seconds"),

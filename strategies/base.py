@@ -107,6 +107,7 @@ class FederatedStrategy(Strategy):
         self.connect_timeout_s = connect_timeout_s
         self.query_timeout_s = query_timeout_s
         self.node_ranks: dict[int, int] = {}
+        self.node_partitions: dict[int, int] = {}
         self.rounds: dict[int, RoundStats] = {}
         self._outbox: list[Message] = []
         self._expected: dict[int, dict[str, tuple[int, ...]]] = {}
@@ -167,15 +168,19 @@ class FederatedStrategy(Strategy):
         return self.rule(client_states, weights)
 
     # --- sampling ------------------------------------------------------------------------
-    def sample_nodes(self, grid: Grid, server_round: int) -> list[int]:
-        """Sample among the nodes connected now; wait (bounded) for ``min_train_nodes``."""
+    def connected_nodes(self, grid: Grid) -> list[int]:
+        """The nodes connected now; waits (bounded) for ``min_train_nodes`` of them."""
         deadline = time.monotonic() + self.connect_timeout_s
-        nodes = sorted(grid.get_node_ids())
+        nodes = list(grid.get_node_ids())
         while len(nodes) < self.min_train_nodes and time.monotonic() < deadline:
             time.sleep(1.0)
-            nodes = sorted(grid.get_node_ids())
+            nodes = list(grid.get_node_ids())
         if not nodes:
             raise RuntimeError(f"no client node connected within {self.connect_timeout_s:.0f} s")
+        return nodes
+
+    def sample_nodes(self, nodes: Sequence[int], server_round: int) -> list[int]:
+        """This round's seeded sample of the connected nodes, in client order."""
         if len(nodes) < self.min_train_nodes:
             log.warning(
                 "round %d: only %d node(s) connected (min_train_nodes=%d); training with them",
@@ -183,14 +188,20 @@ class FederatedStrategy(Strategy):
                 len(nodes),
                 self.min_train_nodes,
             )
-        count = clients_per_round(len(nodes), self.fraction_train, self.min_train_nodes)
+        ordered = sorted(nodes, key=self.client_order)
+        count = clients_per_round(len(ordered), self.fraction_train, self.min_train_nodes)
         # Sample positions, not ids: node ids are unsigned 64-bit and would not survive numpy.
         rng = np.random.default_rng([self.seed, server_round])
-        return [nodes[i] for i in sorted(rng.choice(len(nodes), size=count, replace=False))]
+        return [ordered[i] for i in sorted(rng.choice(len(ordered), size=count, replace=False))]
 
-    def learn_node_ranks(self, grid: Grid, config: ConfigRecord) -> None:
-        """Ask every node not seen before for its LoRA rank (a QUERY message)."""
-        unknown = [n for n in grid.get_node_ids() if n not in self.node_ranks]
+    def learn_nodes(self, grid: Grid, nodes: Sequence[int], config: ConfigRecord) -> None:
+        """Ask each node not described yet for its partition id and LoRA rank (a QUERY message).
+
+        Node ids are drawn anew whenever a SuperNode (or a simulation) starts; partition ids are
+        what the data owners configured, so sampling and summation follow them and a seed means
+        the same clients in every run.
+        """
+        unknown = [n for n in nodes if not self.described(n)]
         if not unknown:
             return
         messages = [
@@ -202,22 +213,44 @@ class FederatedStrategy(Strategy):
             for n in unknown
         ]
         for reply in grid.send_and_receive(messages, timeout=self.query_timeout_s):
-            if reply.has_error() or METRICS_KEY not in reply.content.metric_records:
-                log.warning("node %d did not report its rank: %s", reply.metadata.src_node_id,
-                            reply.error.reason if reply.has_error() else "no metrics")  # fmt: skip
-                continue
-            rank = int(reply.content.metric_records[METRICS_KEY]["lora-rank"])
-            self.node_ranks[reply.metadata.src_node_id] = rank
-        log.info("LoRA rank per node: %s", {n: self.node_ranks.get(n) for n in unknown})
+            node_id = reply.metadata.src_node_id
+            metrics = None if reply.has_error() else reply.content.metric_records.get(METRICS_KEY)
+            if metrics is not None and "partition-id" in metrics:
+                self.node_partitions.setdefault(node_id, int(metrics["partition-id"]))
+            if metrics is not None and "lora-rank" in metrics and self.heterogeneous_ranks:
+                self.node_ranks.setdefault(node_id, int(metrics["lora-rank"]))  # keeps HetLoRA pruning
+            if not self.described(node_id):
+                reason = reply.error.reason if reply.has_error() else "no partition-id or lora-rank"
+                log.warning("node %d did not describe itself: %s", node_id, reason)
+        holders: dict[int, list[int]] = {}
+        for node_id in nodes:
+            if node_id in self.node_partitions:
+                holders.setdefault(self.node_partitions[node_id], []).append(node_id)
+        for partition, same in holders.items():
+            if len(same) > 1 and not set(same).isdisjoint(unknown):
+                log.warning("nodes %s all hold partition %d: check their --node-config", same, partition)
+        log.info("partition per new node: %s", {n: self.node_partitions.get(n) for n in unknown})
+        if self.heterogeneous_ranks:
+            log.info("LoRA rank per new node: %s", {n: self.node_ranks.get(n) for n in unknown})
+
+    def described(self, node_id: int) -> bool:
+        """Whether the node told its partition id (and its rank, where ranks differ)."""
+        has_rank = not self.heterogeneous_ranks or node_id in self.node_ranks
+        return node_id in self.node_partitions and has_rank
+
+    def client_order(self, node_id: int) -> tuple[int, int, int]:
+        """Sort key of a node: its partition id first (stable across runs), then its node id."""
+        partition = self.node_partitions.get(node_id)
+        return (0, partition, node_id) if partition is not None else (1, 0, node_id)
 
     # --- Strategy API --------------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if self.heterogeneous_ranks:
-            self.learn_node_ranks(grid, config)
+        nodes = self.connected_nodes(grid)
+        self.learn_nodes(grid, nodes, config)
         self._global = from_record(arrays)
-        stats = self.rounds[server_round] = RoundStats(sampled=self.sample_nodes(grid, server_round))
+        stats = self.rounds[server_round] = RoundStats(sampled=self.sample_nodes(nodes, server_round))
         self._outbox, self._expected = [], {}
         for node_id in stats.sampled:
             payload = self.payload(node_id, self._global)
@@ -276,9 +309,11 @@ class FederatedStrategy(Strategy):
                 self.min_replies,
             )
             return None, None
-        # Arrival order must not change the float sums: aggregate in node-id order.
-        order = sorted(range(len(node_ids)), key=node_ids.__getitem__)
-        states, weights, node_ids = ([xs[i] for i in order] for xs in (states, weights, node_ids))
+        # Arrival order and fresh node ids must not change the float sums: sum in client order.
+        order = sorted(range(len(node_ids)), key=lambda i: self.client_order(node_ids[i]))
+        states, weights, node_ids, metrics = (
+            [xs[i] for i in order] for xs in (states, weights, node_ids, metrics)
+        )
         stats.aggregated = node_ids
         new_state = self.aggregate(
             server_round, self._global, states, np.asarray(weights, dtype=np.float64), node_ids
@@ -318,7 +353,7 @@ class FederatedStrategy(Strategy):
             return []
         state = from_record(arrays)
         messages = []
-        for node_id in sorted(grid.get_node_ids()):
+        for node_id in sorted(grid.get_node_ids(), key=self.client_order):
             content = RecordDict(
                 {
                     ARRAYS_KEY: to_record(self.payload(node_id, state), self.wire_dtype),
@@ -338,7 +373,7 @@ class FederatedStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Example-weighted mean of the clients' metrics (FedSA-LoRA's personalised average)."""
         metrics, weights = [], []
-        for reply in replies:
+        for reply in sorted(replies, key=lambda r: self.client_order(r.metadata.src_node_id)):
             record = None if reply.has_error() else reply.content.metric_records.get(METRICS_KEY)
             count = None if record is None else record.get(NUM_EXAMPLES_KEY)
             if record is None or not isinstance(count, int | float) or count <= 0:

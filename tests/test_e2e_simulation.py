@@ -32,13 +32,13 @@ def superlink(tmp_path_factory):
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
-def _run(superlink, hub_mirror, output, overrides, method="fedit", **groups):
+def _run(superlink, hub_mirror, output, overrides, method="fedit", federation=FEDERATION, **groups):
     selected = {"model": "tiny_bert", **groups}
     chosen = " ".join(f"{group}='{option}'" for group, option in selected.items())
     run_config = [
         f"method='{method}' {chosen} output-dir='{output}' hub-mirror='{hub_mirror}' overrides='{overrides}'"
     ]
-    run_id = superlink.submit(PROJECT_DIR, run_config, FEDERATION)
+    run_id = superlink.submit(PROJECT_DIR, run_config, federation)
     return superlink.follow(run_id, timeout=420, stream=False)
 
 
@@ -72,6 +72,28 @@ def test_bad_config_fails_the_run_before_training(superlink, hub_mirror, tmp_pat
     outcome = _run(superlink, hub_mirror, tmp_path, "method.rank=0")
     assert outcome.status == "finished:failed"
     assert list(tmp_path.iterdir()) == []  # failed before any run folder or training
+
+
+def test_a_seeded_run_repeats_exactly(superlink, hub_mirror, tmp_path):
+    # 2 of 4 clients per round: which ones must follow the seed, not the node ids a start draws.
+    federation = FEDERATION.replace("num-supernodes=2", "num-supernodes=4")
+    sampled = ["partition.num_clients=4", "federation.fraction_train=0.5"]
+    overrides = [o for o in TINY_OVERRIDES if o.split("=")[0] not in {s.split("=")[0] for s in sampled}]
+    runs = []
+    for attempt in ("first", "second"):
+        output = tmp_path / attempt
+        outcome = _run(superlink, hub_mirror, output, " ".join([*overrides, *sampled]), federation=federation)
+        assert outcome.status == COMPLETED, outcome
+        (run_dir,) = output.iterdir()
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+        runs.append((rows, adapter))
+    (first, first_adapter), (second, second_adapter) = runs
+    for key in ("partitions_aggregated", "train_loss", "eval_loss", "eval_accuracy"):
+        assert [r.get(key) for r in first] == [r.get(key) for r in second], key
+    assert all(len(r["partitions_aggregated"]) == 2 for r in first[1:])
+    assert first_adapter.keys() == second_adapter.keys()
+    assert all(np.array_equal(first_adapter[k], second_adapter[k]) for k in first_adapter)
 
 
 @pytest.mark.parametrize("method", sorted(set(STRATEGIES) - {"fedit"}))

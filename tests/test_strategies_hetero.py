@@ -29,7 +29,7 @@ SIZES = {11: 10, 22: 30, 33: 60}
 def respond(message):
     node = message.metadata.dst_node_id
     if message.metadata.message_type == "query":
-        return RecordDict({"metrics": MetricRecord({"lora-rank": RANKS[node]})})
+        return RecordDict({"metrics": MetricRecord({"lora-rank": RANKS[node], "partition-id": node})})
     upload = {k: v.astype(np.float32) for k, v in CLIENT[node].items()}
     return RecordDict({"arrays": to_record(upload), "metrics": MetricRecord({"num-examples": SIZES[node]})})
 

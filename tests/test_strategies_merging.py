@@ -47,7 +47,8 @@ class Clients:
     def respond(self, message):
         node = message.metadata.dst_node_id
         if message.metadata.message_type == "query":
-            return RecordDict({"metrics": MetricRecord({"lora-rank": self.ranks[node]})})
+            described = {"lora-rank": self.ranks[node], "partition-id": node}
+            return RecordDict({"metrics": MetricRecord(described)})
         if node in self.fail:
             return Error(code=0, reason="simulated crash")
         config = message.content.config_records["config"]

@@ -52,7 +52,7 @@ def test_sampling_keeps_64_bit_node_ids_exact():
     ids = [17934763832037251072, 4884012393179950080, 2**64 - 1, 12587801198025101313]
     grid = FakeGrid(ids, lambda m: None)
     for server_round in range(1, 5):
-        sampled = FedIT(fraction_train=0.5, min_train_nodes=1).sample_nodes(grid, server_round)
+        sampled = FedIT(fraction_train=0.5, min_train_nodes=1).sample_nodes(grid.get_node_ids(), server_round)
         assert set(sampled) <= set(ids) and len(sampled) == 2
 
 
@@ -60,9 +60,78 @@ def test_sampling_is_seeded_per_round():
     grid = FakeGrid(range(1, 11), lambda m: None)
     a = FedIT(fraction_train=0.3, min_train_nodes=1, seed=0)
     b = FedIT(fraction_train=0.3, min_train_nodes=1, seed=0)
-    assert a.sample_nodes(grid, 1) == b.sample_nodes(grid, 1)
-    rounds = {tuple(a.sample_nodes(grid, r)) for r in range(1, 6)}
+    assert a.sample_nodes(grid.get_node_ids(), 1) == b.sample_nodes(grid.get_node_ids(), 1)
+    rounds = {tuple(a.sample_nodes(grid.get_node_ids(), r)) for r in range(1, 6)}
     assert len(rounds) > 1 and all(len(s) == 3 for s in rounds)
+
+
+def described_grid(partition_of: dict[int, int], upload_of_partition=None) -> FakeGrid:
+    """Nodes (node id → partition id) that tell their partition when queried and train on it."""
+
+    def respond(message: Message) -> RecordDict:
+        partition = partition_of[message.metadata.dst_node_id]
+        if message.metadata.message_type == "query":
+            return RecordDict({"metrics": MetricRecord({"partition-id": partition})})
+        return reply(upload_of_partition(partition) if upload_of_partition else scaled(partition))
+
+    return FakeGrid(partition_of, respond)
+
+
+def test_a_seed_samples_the_same_partitions_whatever_the_node_ids():
+    # Node ids are drawn anew each time a federation starts; the seed must still pick the
+    # same data owners, or two runs of one experiment train different clients.
+    grids = [described_grid({100 + p: p for p in range(10)}), described_grid({900 - p: p for p in range(10)})]
+    sampled: list[list[list[int]]] = []
+    for grid in grids:
+        strategy = FedIT(fraction_train=0.3, min_train_nodes=1, seed=7)
+        rounds = []
+        for server_round in range(1, 6):
+            messages = strategy.configure_train(server_round, to_record(GLOBAL), ConfigRecord({}), grid)
+            rounds.append(sorted(strategy.node_partitions[m.metadata.dst_node_id] for m in messages))
+        sampled.append(rounds)
+    assert sampled[0] == sampled[1]
+    assert len({tuple(r) for r in sampled[0]}) > 1  # and the sample changes from round to round
+
+
+def test_aggregation_sums_in_partition_order_whatever_the_node_ids():
+    # float sums depend on their order: (1e17 + 1) - 1e17 = 0 but (1e17 - 1e17) + 1 = 1
+    value = {0: 1e17, 1: 1.0, 2: -1e17}
+
+    def upload(partition: int) -> dict:
+        return {k: np.full_like(v, value[partition]) for k, v in GLOBAL.items()}
+
+    results = []
+    for partition_of in ({5: 0, 6: 1, 7: 2}, {7: 0, 5: 1, 6: 2}, {6: 0, 7: 1, 5: 2}):
+        arrays, _ = run_round(FedIT(min_train_nodes=3), described_grid(partition_of, upload))
+        results.append(from_record(arrays))
+    for other in results[1:]:
+        assert all(np.array_equal(results[0][k], other[k]) for k in GLOBAL)
+
+
+def test_reply_metrics_keep_their_own_weights_whatever_the_arrival_order():
+    sizes, losses = {0: 10, 1: 30}, {0: 1.0, 1: 3.0}
+    grid = FakeGrid(
+        [1, 2],
+        lambda m: (
+            RecordDict({"metrics": MetricRecord({"partition-id": m.metadata.dst_node_id - 1})})
+            if m.metadata.message_type == "query"
+            else reply(
+                scaled(0.0),
+                sizes[m.metadata.dst_node_id - 1],
+                **{"train-loss": losses[m.metadata.dst_node_id - 1]},
+            )
+        ),
+    )
+    strategy = FedIT(min_train_nodes=2)
+    messages = list(strategy.configure_train(1, to_record(GLOBAL), ConfigRecord({}), grid))
+    replies = list(reversed(exchange(grid, messages, timeout=1.0)))  # the larger client answers first
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["train-loss"] == pytest.approx((10 * 1.0 + 30 * 3.0) / 40)
+
+
+def test_two_nodes_claiming_one_partition_are_reported(caplog):
+    run_round(FedIT(min_train_nodes=3), described_grid({1: 0, 2: 1, 3: 0}))
+    assert "nodes [1, 3] all hold partition 0" in caplog.text
 
 
 def test_weighted_fedit_round_and_bytes_up():

@@ -23,7 +23,7 @@ def aggregate_once(name, weighting, sizes):
     def respond(message):
         node = message.metadata.dst_node_id
         if message.metadata.message_type == "query":
-            return RecordDict({"metrics": MetricRecord({"lora-rank": RANK})})
+            return RecordDict({"metrics": MetricRecord({"lora-rank": RANK, "partition-id": node})})
         rng = np.random.default_rng(node)
         upload = {
             k: rng.normal(size=shape).astype(np.float32) for k, shape in strategy._expected[node].items()
