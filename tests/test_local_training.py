@@ -214,6 +214,8 @@ def test_central_dp_clips_each_update_and_reports_epsilon(tmp_path):
     global_state = {"w": np.zeros(4, np.float32)}
 
     def respond(message):  # every client moves 10 away from the global weights
+        if message.metadata.message_type == "query":
+            return RecordDict({"metrics": MetricRecord({"partition-id": message.metadata.dst_node_id - 1})})
         sent = from_record(message.content.array_records["arrays"])
         upload = {"w": sent["w"] + 10.0}
         return RecordDict({"arrays": to_record(upload), "metrics": MetricRecord({"num-examples": 5})})
