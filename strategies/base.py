@@ -351,9 +351,11 @@ class FederatedStrategy(Strategy):
         server-side evaluation of the global model and send nothing."""
         if not self.evaluate_on_clients:
             return []
+        nodes = list(grid.get_node_ids())
+        self.learn_nodes(grid, nodes, config)  # round 0 evaluates before any training round
         state = from_record(arrays)
         messages = []
-        for node_id in sorted(grid.get_node_ids(), key=self.client_order):
+        for node_id in sorted(nodes, key=self.client_order):
             content = RecordDict(
                 {
                     ARRAYS_KEY: to_record(self.payload(node_id, state), self.wire_dtype),
