@@ -14,10 +14,9 @@ import time
 import numpy as np
 
 from finetune.records import to_record
-from strategies.fedit import FedIT
-from strategies.ffa_lora import FFALoRA
-from strategies.flexlora import flexlora_client_factors, flexlora_product
-from strategies.hlora import hlora_client_factors, hlora_svd
+from strategies import get_rule
+from strategies.flexlora import flexlora_aggregate
+from strategies.hlora import hlora_aggregate
 
 
 def _best_of(repeat: int, fn) -> tuple[float, object]:  # noqa: ANN001
@@ -36,11 +35,11 @@ def svd_benchmark(dim: int, clients: int, rank: int, repeat: int, seed: int = 0)
     weights = rng.integers(100, 1000, clients).tolist()
     scales = [2.0] * clients
 
-    def dense() -> tuple[np.ndarray, np.ndarray]:
-        return flexlora_client_factors(flexlora_product(As, Bs, weights, scales), rank, 2.0)
+    def dense() -> tuple[np.ndarray, np.ndarray]:  # FlexLoRA: SVD of the dense d × d update
+        return flexlora_aggregate(As, Bs, weights, scales, rank)
 
-    def compact() -> tuple[np.ndarray, np.ndarray]:
-        return hlora_client_factors(hlora_svd(As, Bs, weights, scales), rank, 2.0)
+    def compact() -> tuple[np.ndarray, np.ndarray]:  # HLoRA: QR-compact SVD of the factors
+        return hlora_aggregate(As, Bs, weights, scales, rank)
 
     dense_s, (A_d, B_d) = _best_of(repeat, dense)
     compact_s, (A_c, B_c) = _best_of(repeat, compact)
@@ -62,8 +61,8 @@ def bytes_benchmark(dim: int, rank: int) -> dict[str, float]:
     }
     # What the strategies record as bytes_down: the ArrayRecord of the rule's global keys.
     sizes = {
-        rule.name: to_record({k: v for k, v in state.items() if rule.client_uploads(k)}).count_bytes()
-        for rule in (FedIT, FFALoRA)
+        name: to_record({k: v for k, v in state.items() if get_rule(name).strategy.shares(k)}).count_bytes()
+        for name in ("fedit", "ffa_lora")
     }
     return {
         "fedit_bytes": sizes["fedit"],

@@ -30,17 +30,19 @@ MODES = {  # name -> (method, overrides)
 def measure(mode: str, model: str, steps: int) -> dict[str, float]:
     """One mode, in this process: build, train ``steps`` steps, report memory and state bytes."""
     import torch
+    from flwr.app import RecordDict
 
     from finetune.config import compose_config
     from finetune.data import PartitionedDataset, load_train_split
-    from finetune.hub import hub_mirror
+    from finetune.hub import default_hub_mirror, hub_mirror
     from finetune.memory import peak_memory_mb, reset_peak_memory
     from finetune.models import build_model, trainable_parameter_count
     from finetune.optim import build_optimizer, galore_targets
     from finetune.tasks import build_task
     from finetune.training import train_local
-    from launch.simulation import default_hub_mirror
-    from strategies import STRATEGIES
+    from strategies import get_rule
+    from strategies.client import ClientRound, NodeState
+    from strategies.protocol import Instruction
 
     method, overrides = MODES[mode]
     cfg = compose_config(
@@ -50,15 +52,16 @@ def measure(mode: str, model: str, steps: int) -> dict[str, float]:
     task = build_task(cfg, mirror)
     train = load_train_split(cfg.dataset, mirror, cfg.seed)
     data = task.prepare(PartitionedDataset(train, cfg).partition(0), client=0)
+    client = get_rule(method).client(ClientRound(cfg, Instruction(cfg.to_json()), 0, NodeState(RecordDict())))
+    adapter, galore = client.adapter(), client.optimizer()
     reset_peak_memory()
     before = peak_memory_mb()
-    net = build_model(cfg, mirror)
+    net = build_model(cfg, mirror, adapter)
     loaded = peak_memory_mb()
-    rule = STRATEGIES[method]
     captured: dict[str, torch.optim.Optimizer] = {}
 
     def factory(m: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-        captured["opt"] = build_optimizer(m, lr, cfg, kind=rule.local_optimizer)
+        captured["opt"] = build_optimizer(m, lr, cfg, galore)
         return captured["opt"]
 
     import psutil
@@ -67,7 +70,7 @@ def measure(mode: str, model: str, steps: int) -> dict[str, float]:
     start = time.perf_counter()
     result = train_local(net, data, task.collate, cfg.train, lr=cfg.peak_lr, seed=0, optimizer=factory)
     seconds = time.perf_counter() - start
-    targets = set(galore_targets(net, cfg)) if rule.full_finetune else set()
+    targets = set(galore_targets(net, cfg, adapter.full_scope == "all")) if adapter.kind == "full" else set()
     params = dict(net.named_parameters())
     on_targets = sum(
         t.numel() * t.element_size()

@@ -26,19 +26,20 @@ import numpy as np
 
 from benchmarks.results import code_commit, merge_records, read_records, run_record, write_records
 from finetune.config import higher_is_better
+from strategies import RULES, Family
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 MB = 1e6
-METHOD_ORDER = (
-    "centralized", "fedit", "ffa_lora", "fedsa_lora", "lora_fair", "flexlora", "hlora", "hetlora",
-    "flora", "fedex_lora", "full", "galore",
-)  # fmt: skip
+FAMILY_ORDER = tuple(Family)
 PALETTE = (
-    "#000000", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
-    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#aec7e8",
-)  # fmt: skip  # one fixed colour per method, the same in every plot
-PERSONALISED = ("fedsa_lora",)  # scored on the clients' own validation shares, not the common test set
-LORA_FAMILY = ("fedit", "ffa_lora", "lora_fair", "flexlora", "hlora", "hetlora", "flora", "fedex_lora")
+    "#000000", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+    "#7f7f7f", "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5",
+)  # fmt: skip  # one fixed colour per method (by its place in METHOD_ORDER), the same in every plot
+#: Every registered rule, by family (baseline, LoRA, heterogeneous ranks, merged base, full), then name.
+METHOD_ORDER = tuple(sorted(RULES, key=lambda name: (FAMILY_ORDER.index(RULES[name].family), name)))
+#: Scored on the clients' own validation shares, not the common test set.
+PERSONALISED = tuple(name for name in METHOD_ORDER if RULES[name].personalised)
+LORA_FAMILY = tuple(name for name in METHOD_ORDER if RULES[name].lora_family)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -19,28 +19,9 @@ from typing import Any
 import numpy as np
 import yaml
 
+from server_app.results import RoundRecord
+
 log = logging.getLogger(__name__)
-
-ROUND_FIELDS = (
-    "round",
-    "eval_loss",
-    "train_loss",
-    "bytes_down",
-    "bytes_up",
-    "payload_bytes_down",
-    "payload_bytes_up",
-    "clients_sampled",
-    "clients_aggregated",
-    "slowest_client_seconds",
-    "client_seconds_total",
-    "client_seconds",
-    "client_handler_seconds",
-    "train_phase_seconds",
-    "eval_seconds",
-    "seconds",
-    "peak_client_memory_mb",
-)
-
 
 CODE_PATHS = (
     "finetune",
@@ -88,9 +69,8 @@ def chance_level(config: dict[str, Any]) -> dict[str, Any] | None:
 def _chance_level(config_json: str) -> dict[str, Any] | None:
     from finetune.config import ConfigError, ExperimentConfig
     from finetune.data import DataNotFoundError, PartitionedDataset, load_eval_split, load_train_split
-    from finetune.hub import hub_mirror
-    from launch.simulation import default_hub_mirror
-    from strategies import STRATEGIES
+    from finetune.hub import default_hub_mirror, hub_mirror
+    from strategies import RULES
 
     config = json.loads(config_json)
     config.pop("output_dir", None)
@@ -106,8 +86,8 @@ def _chance_level(config_json: str) -> dict[str, Any] | None:
     try:
         evaluated = load_eval_split(cfg.dataset, mirror, cfg.seed)
         shares = [evaluated]
-        rule = STRATEGIES.get(cfg.method.name)
-        if rule is not None and rule.evaluate_on_clients:
+        rule = RULES.get(cfg.method.name)
+        if rule is not None and rule.personalised:
             train = load_train_split(cfg.dataset, mirror, cfg.seed)
             shares = PartitionedDataset(train, cfg).shares_of(evaluated)
     except DataNotFoundError as error:
@@ -129,11 +109,7 @@ def run_record(run_dir: Path, job: str, seed: int, commit: str = "") -> dict[str
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     main = summary["main_metric"]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    rounds = []
-    for row in rows:
-        kept = {key: row.get(key) for key in ROUND_FIELDS}
-        kept["metric"] = row.get(f"eval_{main}")
-        rounds.append(kept)
+    rounds = [RoundRecord.from_row(row).compact(main) for row in rows]
     return {
         "job": job,
         "method": summary["method"],

@@ -9,8 +9,10 @@ import psutil
 import torch
 from flwr.app import UserConfig
 
-from finetune.config import ExperimentConfig
 from finetune.hub import HUB_MIRROR_ENV, hub_mirror
+from strategies.client import NodeFacts
+
+NODE_MEMORY_GB = "memory-gb"  # node config: the memory a rank rule reads (else GPU, else RAM)
 
 
 def node_partition(node_config: UserConfig, num_clients: int) -> int:
@@ -44,22 +46,15 @@ def node_hub_mirror(node_config: UserConfig, experiment_mirror: str) -> Path | N
     return hub_mirror(own or experiment_mirror)
 
 
-def node_rank(node_config: UserConfig, cfg: ExperimentConfig, partition_id: int) -> int:
-    """This node's LoRA rank: its own ``lora-rank`` node config, else the memory rule, else the
-    experiment's per-partition ranks."""
-    if "lora-rank" in node_config:
-        rank = int(node_config["lora-rank"])
-        if rank < 1:
-            raise ValueError(f"node config lora-rank must be >= 1, got {rank}")
-        return rank
-    by_memory = cfg.memory_rank(node_memory_gb(node_config)) if cfg.method.rank_by_memory_gb else None
-    return by_memory if by_memory is not None else cfg.client_rank(partition_id)
+def node_facts(node_config: UserConfig) -> NodeFacts:
+    """What a rule's client half may ask of this node (its rank rule reads the memory)."""
+    return NodeFacts(node_config, lambda: node_memory_gb(node_config))
 
 
 def node_memory_gb(node_config: UserConfig) -> float:
     """Node config ``memory-gb``, else the GPU's memory, else the machine's RAM."""
-    if "memory-gb" in node_config:
-        return float(node_config["memory-gb"])
+    if NODE_MEMORY_GB in node_config:
+        return float(node_config[NODE_MEMORY_GB])
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(0).total_memory / 2**30
     return psutil.virtual_memory().total / 2**30

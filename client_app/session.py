@@ -3,6 +3,7 @@ actor), the task (tokenizer or image settings) and the prepared partitions."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -15,9 +16,10 @@ import torch
 
 from finetune.config import ExperimentConfig
 from finetune.data import PartitionedDataset, load_eval_split, load_local_data, load_train_split
-from finetune.models import build_model, device
+from finetune.models import AdapterSpec, build_model, device
 from finetune.state import base_weights, trainable_state
 from finetune.tasks import Task, build_task
+from strategies.client import ModelBaseline
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +33,17 @@ class ClientSession:
     train_raw: datasets.Dataset
     partitions: PartitionedDataset
     initial_state: dict[str, np.ndarray]  # the seeded init: what a client starts from
-    base: dict[str, torch.Tensor]  # pretrained weights under the LoRA layers (W0 of merged bases)
+    _base: dict[str, torch.Tensor] | None = None  # pretrained weights under the LoRA layers
     _prepared: dict[int | str, datasets.Dataset] = field(default_factory=dict)
     _eval_shares: list[datasets.Dataset] | None = None
     _eval_prepared: dict[int, datasets.Dataset] = field(default_factory=dict)
+
+    def baseline(self, with_base_weights: bool) -> ModelBaseline:
+        """The seeded init and, when asked, the pristine weights under the LoRA layers (copied on
+        first request, before any rule has merged anything into them)."""
+        if with_base_weights and self._base is None:
+            self._base = base_weights(self.model)
+        return ModelBaseline(self.initial_state, self._base or {})
 
     def eval_partition(self, partition_id: int) -> datasets.Dataset:
         """This client's share of the validation split, in its training data's proportions."""
@@ -61,11 +70,13 @@ class ClientSession:
         return self._prepared[partition_id]
 
 
-def session_key(cfg: ExperimentConfig, mirror: Path | None) -> str:
-    """Sessions are reused while model, adapter, data and partitioning stay the same."""
+def session_key(cfg: ExperimentConfig, mirror: Path | None, adapter: AdapterSpec, merges: bool) -> str:
+    """Sessions are reused while model, adapter, data and partitioning stay the same; a model
+    whose base weights a rule merges updates into is never handed to a rule that expects them
+    pristine."""
     parts = cfg.to_dict()
-    keep = {k: parts[k] for k in ("seed", "method", "model", "dataset", "partition")}
-    keep["mirror"] = str(mirror)
+    keep = {k: parts[k] for k in ("seed", "model", "dataset", "partition")}
+    keep.update(mirror=str(mirror), adapter=dataclasses.asdict(adapter), merges=merges)
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
 
@@ -73,18 +84,21 @@ MAX_SESSIONS = 4  # a process serving clients of several LoRA ranks keeps one mo
 _SESSIONS: dict[str, ClientSession] = {}
 
 
-def get_session(cfg: ExperimentConfig, mirror: Path | None) -> ClientSession:
-    """The process-wide session for ``cfg``: built on first use, least recently used dropped."""
-    key = session_key(cfg, mirror)
+def get_session(
+    cfg: ExperimentConfig, mirror: Path | None, adapter: AdapterSpec, merges: bool = False
+) -> ClientSession:
+    """The process-wide session for ``cfg`` and ``adapter`` (``merges``: the rule writes merged
+    updates into the base weights): built on first use, least recently used dropped."""
+    key = session_key(cfg, mirror, adapter, merges)
     session = _SESSIONS.pop(key, None)
     if session is None:
         while len(_SESSIONS) >= MAX_SESSIONS:
             _SESSIONS.pop(next(iter(_SESSIONS)))  # free a model before building the next
         log.info(
-            "loading %s (LoRA rank %d) and %s/%s",
-            cfg.model.source, cfg.method.rank, cfg.dataset.repo_id, cfg.dataset.subset,
+            "loading %s (%s rank %d) and %s/%s",
+            cfg.model.source, adapter.kind, adapter.rank, cfg.dataset.repo_id, cfg.dataset.subset,
         )  # fmt: skip
-        model = build_model(cfg, mirror).to(device())
+        model = build_model(cfg, mirror, adapter).to(device())
         train = load_train_split(cfg.dataset, mirror, cfg.seed)
         session = ClientSession(
             cfg,
@@ -94,7 +108,6 @@ def get_session(cfg: ExperimentConfig, mirror: Path | None) -> ClientSession:
             train,
             PartitionedDataset(train, cfg),
             trainable_state(model),
-            base_weights(model),
         )
     _SESSIONS[key] = session  # most recently used last
     session.cfg = cfg  # train / federation settings may change between runs

@@ -13,9 +13,8 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import numpy as np
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -39,7 +38,7 @@ class ConfigError(ValueError):
     """An experiment configuration that cannot run; the message names the problem."""
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
 
@@ -49,11 +48,8 @@ def clients_per_round(num_nodes: int, fraction: float, minimum: int) -> int:
     return min(num_nodes, max(int(num_nodes * fraction), minimum))
 
 
-GALORE_PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
-
-
-def _choice(value: str, choices: tuple[str, ...], what: str) -> None:
-    _require(value in choices, f"{what}={value!r} is not valid; choose one of {list(choices)}")
+def choice(value: str, choices: tuple[str, ...], what: str) -> None:
+    require(value in choices, f"{what}={value!r} is not valid; choose one of {list(choices)}")
 
 
 def higher_is_better(metric: str) -> bool:
@@ -63,7 +59,9 @@ def higher_is_better(metric: str) -> bool:
 
 @dataclass
 class MethodConfig:
-    """Aggregation rule and the adapter it trains."""
+    """What every rule's config holds: the adapter it trains, how clients are weighted and how
+    arrays travel. A rule subclasses it with its own options (``strategies/<rule>.py``) and
+    registers the subclass (:func:`register_method_config`); its YAML names the schema."""
 
     name: str = "fedit"
     rank: int = 8
@@ -71,76 +69,46 @@ class MethodConfig:
     dropout: float = 0.05
     weighting: str = "examples"  # examples | uniform
     wire_dtype: str = "float32"  # dtype of arrays on the wire
-    # Heterogeneous ranks (flexlora, hlora, hetlora, flora), first rule that applies:
-    # 1. a node's own `lora-rank` node config;
-    # 2. rank_by_memory_gb: [[min GB, rank], ...] — the largest rank whose threshold the node's
-    #    memory reaches, in whole GB (node config `memory-gb`, else its GPU memory, else its RAM);
-    # 3. client_ranks with client_rank_probs: a rank drawn per partition id (seeded);
-    # 4. client_ranks alone: client_ranks[p % len(client_ranks)]; [] = `rank` for everyone.
-    client_ranks: list[int] = field(default_factory=list)
-    client_rank_probs: list[float] = field(default_factory=list)
-    rank_by_memory_gb: list[list[int]] = field(default_factory=list)
-    # Rank of the server's global factors; 0 = the sum of all clients' ranks (exact aggregation).
-    global_rank: int = 0
-    # hetlora: rank self-pruning regulariser λ‖B[:, k:]‖‖A[k:, :]‖ with k = ceil(γ r)
-    prune_lambda: float = 1e-3
-    prune_gamma: float = 0.99
-    # lora_fair: server-side correction of B̄ (weight of ‖ΔB‖, descent steps, initial step)
-    fair_lambda: float = 0.01
-    fair_steps: int = 100
-    fair_lr: float = 0.01
-    # flora / fedex_lora: how a client's merged base is brought up to date — `factors` sends
-    # each missed round's exact low-rank update, `dense` the whole base delta, `auto` the smaller.
-    base_sync: str = "auto"
-    # full: fine-tune the LoRA target modules and the head (`targets`) or every weight (`all`).
-    full_scope: str = "targets"
     # The method's own peak learning rate (full fine-tuning wants far less than LoRA); 0 = train.lr.
     lr: float = 0.0
-    # galore: projection rank is `rank`; subspace refresh every galore_update_proj_gap optimizer
-    # steps (counted across rounds when train.keep_optimizer_state), update scale, projection side.
-    galore_update_proj_gap: int = 50
-    galore_scale: float = 4.0
-    galore_proj_type: str = "std"
+
+    #: A client's upload holds the global arrays themselves, so an update is upload − global
+    #: (Flower's server-side clipping needs this); False where uploads differ in shape or meaning.
+    uploads_are_global: ClassVar[bool] = True
 
     def validate(self) -> None:
-        from strategies import STRATEGIES
+        choice(self.name, tuple(method_names()), "method.name")
+        require(self.rank >= 1, f"method.rank must be >= 1, got {self.rank}")
+        require(self.alpha > 0, f"method.alpha must be > 0, got {self.alpha}")
+        require(0 <= self.dropout < 1, f"method.dropout must be in [0, 1), got {self.dropout}")
+        choice(self.weighting, WEIGHTINGS, "method.weighting")
+        choice(self.wire_dtype, WIRE_DTYPES, "method.wire_dtype")
+        require(self.lr >= 0, f"method.lr must be >= 0 (0 = train.lr), got {self.lr}")
 
-        _choice(self.name, tuple(STRATEGIES), "method.name")
-        _require(self.rank >= 1, f"method.rank must be >= 1, got {self.rank}")
-        _require(self.alpha > 0, f"method.alpha must be > 0, got {self.alpha}")
-        _require(0 <= self.dropout < 1, f"method.dropout must be in [0, 1), got {self.dropout}")
-        _choice(self.weighting, WEIGHTINGS, "method.weighting")
-        _choice(self.wire_dtype, WIRE_DTYPES, "method.wire_dtype")
-        _require(
-            all(r >= 1 for r in self.client_ranks), f"method.client_ranks must be >= 1: {self.client_ranks}"
-        )
-        if self.client_rank_probs:
-            probs = self.client_rank_probs
-            _require(
-                len(probs) == len(self.client_ranks)
-                and all(p >= 0 for p in probs)
-                and abs(sum(probs) - 1) < 1e-6,
-                f"method.client_rank_probs {probs} must be {len(self.client_ranks)} non-negative numbers "
-                f"summing to 1, one per method.client_ranks entry",
-            )
-        rule = self.rank_by_memory_gb
-        _require(
-            all(len(step) == 2 and step[1] >= 1 and step[1] == int(step[1]) for step in rule)
-            and [step[0] for step in rule] == sorted({step[0] for step in rule}),
-            f"method.rank_by_memory_gb {rule} must be [[min GB, rank], ...] with rising thresholds",
-        )
-        _require(self.global_rank >= 0, f"method.global_rank must be >= 0, got {self.global_rank}")
-        _require(self.prune_lambda >= 0, f"method.prune_lambda must be >= 0, got {self.prune_lambda}")
-        _require(0 < self.prune_gamma < 1, f"method.prune_gamma must be in (0, 1), got {self.prune_gamma}")
-        _require(self.fair_lambda >= 0, f"method.fair_lambda must be >= 0, got {self.fair_lambda}")
-        _require(self.fair_steps >= 0, f"method.fair_steps must be >= 0, got {self.fair_steps}")
-        _require(self.fair_lr > 0, f"method.fair_lr must be > 0, got {self.fair_lr}")
-        _choice(self.base_sync, ("auto", "dense", "factors"), "method.base_sync")
-        _choice(self.full_scope, ("targets", "all"), "method.full_scope")
-        _require(self.lr >= 0, f"method.lr must be >= 0 (0 = train.lr), got {self.lr}")
-        _require(self.galore_update_proj_gap >= 1, "method.galore_update_proj_gap must be >= 1")
-        _require(self.galore_scale > 0, f"method.galore_scale must be > 0, got {self.galore_scale}")
-        _choice(self.galore_proj_type, GALORE_PROJ_TYPES, "method.galore_proj_type")
+    def check_experiment(self, cfg: ExperimentConfig) -> None:
+        """Checks that need the rest of the experiment (a rule overrides it to add its own)."""
+
+
+_METHOD_CONFIGS: dict[str, type[MethodConfig]] = {}
+
+
+def register_method_config(name: str, config: type[MethodConfig]) -> None:
+    """Make ``config`` the schema of ``method.name == name`` (rules call this when imported)."""
+    if _METHOD_CONFIGS.get(name, config) is not config:
+        raise ValueError(f"method {name!r} is registered twice")
+    _METHOD_CONFIGS[name] = config
+
+
+def method_names() -> list[str]:
+    return sorted(_METHOD_CONFIGS)
+
+
+def method_config_type(name: str) -> type[MethodConfig]:
+    """The registered config class of method ``name``."""
+    if name not in _METHOD_CONFIGS:
+        hint = "" if _METHOD_CONFIGS else " (no rule is registered: import strategies first)"
+        raise ConfigError(f"unknown method {name!r}; valid choices: {method_names()}{hint}")
+    return _METHOD_CONFIGS[name]
 
 
 @dataclass
@@ -168,12 +136,12 @@ class ModelConfig:
     image_size: int = 0  # pixels of the square input (images); 0 = what the model expects
 
     def validate(self) -> None:
-        _require(bool(self.source), "model.source is empty; give a Hub id or a local folder")
-        _choice(self.builder, MODEL_BUILDERS, "model.builder")
-        _require(bool(self.lora_targets), "model.lora_targets is empty")
-        _require(self.max_length >= 8, f"model.max_length must be >= 8, got {self.max_length}")
-        _require(self.image_size >= 0, f"model.image_size must be >= 0, got {self.image_size}")
-        _require(
+        require(bool(self.source), "model.source is empty; give a Hub id or a local folder")
+        choice(self.builder, MODEL_BUILDERS, "model.builder")
+        require(bool(self.lora_targets), "model.lora_targets is empty")
+        require(self.max_length >= 8, f"model.max_length must be >= 8, got {self.max_length}")
+        require(self.image_size >= 0, f"model.image_size must be >= 0, got {self.image_size}")
+        require(
             not (self.source.startswith("config:") and not self.random_init),
             f"model.source={self.source!r} has no weights: set model.random_init=true",
         )
@@ -221,34 +189,34 @@ class DatasetConfig:
         return [self.prompt_field, self.response_field]
 
     def validate(self) -> None:
-        _choice(self.task, TASKS, "dataset.task")
+        choice(self.task, TASKS, "dataset.task")
         if self.task == "text_classification":
-            _require(1 <= len(self.text_fields) <= 2, "dataset.text_fields needs one or two fields")
+            require(1 <= len(self.text_fields) <= 2, "dataset.text_fields needs one or two fields")
         if self.is_classification:
-            _require(self.num_labels >= 2, f"dataset.num_labels must be >= 2, got {self.num_labels}")
+            require(self.num_labels >= 2, f"dataset.num_labels must be >= 2, got {self.num_labels}")
         else:
-            _require(self.generate_examples >= 0, "dataset.generate_examples must be >= 0")
-            _require(self.max_new_tokens >= 1, "dataset.max_new_tokens must be >= 1")
+            require(self.generate_examples >= 0, "dataset.generate_examples must be >= 0")
+            require(self.max_new_tokens >= 1, "dataset.max_new_tokens must be >= 1")
             try:
                 groups = re.compile(self.answer_pattern).groups
             except re.error as error:
                 raise ConfigError(f"dataset.answer_pattern {self.answer_pattern!r}: {error}") from error
-            _require(groups == 1, "dataset.answer_pattern must have exactly one capture group")
+            require(groups == 1, "dataset.answer_pattern must have exactly one capture group")
         allowed = (
             ("exact_match", "loss") if self.task == "causal_lm" else ("accuracy", "f1", "matthews", "loss")
         )
         for metric in self.metrics:
-            _choice(metric, METRIC_NAMES, "dataset.metrics entry")
-            _require(
+            choice(metric, METRIC_NAMES, "dataset.metrics entry")
+            require(
                 metric in allowed, f"dataset.metrics: {metric!r} does not apply to {self.task}; use {allowed}"
             )
-        _require(
+        require(
             self.main_metric in self.metrics,
             f"dataset.main_metric={self.main_metric!r} must be one of dataset.metrics {list(self.metrics)}",
         )
         for key in ("max_train_examples", "max_eval_examples"):
             value = getattr(self, key)
-            _require(value is None or value >= 1, f"dataset.{key} must be >= 1, got {value}")
+            require(value is None or value >= 1, f"dataset.{key} must be >= 1, got {value}")
 
 
 @dataclass
@@ -272,17 +240,17 @@ class PartitionConfig:
     feature_shift: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
-        _choice(self.name, PARTITIONERS, "partition.name")
-        _require(self.clusters >= 0, f"partition.clusters must be >= 0, got {self.clusters}")
-        _require(
+        choice(self.name, PARTITIONERS, "partition.name")
+        require(self.clusters >= 0, f"partition.clusters must be >= 0, got {self.clusters}")
+        require(
             not (self.clusters and self.by),
             "partition.by and partition.clusters both name the split field: set one",
         )
         for shift in self.feature_shift:
-            _choice(shift, FEATURE_SHIFTS, "partition.feature_shift entry")
-        _require(self.num_clients >= 1, f"partition.num_clients must be >= 1, got {self.num_clients}")
-        _require(self.alpha > 0, f"partition.alpha must be > 0, got {self.alpha}")
-        _require(
+            choice(shift, FEATURE_SHIFTS, "partition.feature_shift entry")
+        require(self.num_clients >= 1, f"partition.num_clients must be >= 1, got {self.num_clients}")
+        require(self.alpha > 0, f"partition.alpha must be > 0, got {self.alpha}")
+        require(
             self.classes_per_client >= 1,
             f"partition.classes_per_client must be >= 1, got {self.classes_per_client}",
         )
@@ -308,20 +276,20 @@ class TrainConfig:
     keep_optimizer_state: bool = False
 
     def validate(self) -> None:
-        _require(self.local_steps >= 0, f"train.local_steps must be >= 0, got {self.local_steps}")
-        _require(
+        require(self.local_steps >= 0, f"train.local_steps must be >= 0, got {self.local_steps}")
+        require(
             self.local_steps > 0 or self.local_epochs >= 1,
             "train.local_epochs must be >= 1 when train.local_steps is 0",
         )
-        _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
-        _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
-        _choice(self.lr_schedule, LR_SCHEDULES, "train.lr_schedule")
-        _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]")
-        _require(self.warmup_rounds >= 0, "train.warmup_rounds must be >= 0")
-        _require(self.weight_decay >= 0, "train.weight_decay must be >= 0")
-        _require(self.max_grad_norm >= 0, "train.max_grad_norm must be >= 0")
-        _require(self.eval_batch_size >= 1, "train.eval_batch_size must be >= 1")
-        _require(self.num_threads >= 0, "train.num_threads must be >= 0")
+        require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        choice(self.lr_schedule, LR_SCHEDULES, "train.lr_schedule")
+        require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]")
+        require(self.warmup_rounds >= 0, "train.warmup_rounds must be >= 0")
+        require(self.weight_decay >= 0, "train.weight_decay must be >= 0")
+        require(self.max_grad_norm >= 0, "train.max_grad_norm must be >= 0")
+        require(self.eval_batch_size >= 1, "train.eval_batch_size must be >= 1")
+        require(self.num_threads >= 0, "train.num_threads must be >= 0")
 
 
 @dataclass
@@ -341,20 +309,20 @@ class FederationConfig:
         return clients_per_round(num_nodes, self.fraction_train, self.min_train_clients)
 
     def validate(self, num_clients: int) -> None:
-        _require(self.num_rounds >= 1, f"federation.num_rounds must be >= 1, got {self.num_rounds}")
-        _require(
+        require(self.num_rounds >= 1, f"federation.num_rounds must be >= 1, got {self.num_rounds}")
+        require(
             0 < self.fraction_train <= 1,
             f"federation.fraction_train must be in (0, 1], got {self.fraction_train}",
         )
-        _require(self.min_train_clients >= 1, "federation.min_train_clients must be >= 1")
-        _require(
+        require(self.min_train_clients >= 1, "federation.min_train_clients must be >= 1")
+        require(
             self.min_train_clients <= num_clients,
             f"federation.min_train_clients={self.min_train_clients} exceeds "
             f"partition.num_clients={num_clients}",
         )
-        _require(self.min_replies >= 1, "federation.min_replies must be >= 1")
-        _require(self.round_timeout_s > 0, "federation.round_timeout_s must be > 0")
-        _require(self.connect_timeout_s > 0, "federation.connect_timeout_s must be > 0")
+        require(self.min_replies >= 1, "federation.min_replies must be >= 1")
+        require(self.round_timeout_s > 0, "federation.round_timeout_s must be > 0")
+        require(self.connect_timeout_s > 0, "federation.connect_timeout_s must be > 0")
 
 
 @dataclass
@@ -378,19 +346,17 @@ class PrivacyConfig:
     def validate(self) -> None:
         if not self.enabled:
             return
-        _require(self.noise_multiplier >= 0, "privacy.noise_multiplier must be >= 0")
-        _require(self.clip_norm > 0, f"privacy.clip_norm must be > 0, got {self.clip_norm}")
-        _require(self.target_epsilon >= 0, "privacy.target_epsilon must be >= 0")
-        _require(
-            0 < self.target_delta < 1, f"privacy.target_delta must be in (0, 1), got {self.target_delta}"
-        )
-        _choice(self.accountant, ("rdp", "prv"), "privacy.accountant")
-        _choice(self.mode, ("local", "central"), "privacy.mode")
-        _require(
+        require(self.noise_multiplier >= 0, "privacy.noise_multiplier must be >= 0")
+        require(self.clip_norm > 0, f"privacy.clip_norm must be > 0, got {self.clip_norm}")
+        require(self.target_epsilon >= 0, "privacy.target_epsilon must be >= 0")
+        require(0 < self.target_delta < 1, f"privacy.target_delta must be in (0, 1), got {self.target_delta}")
+        choice(self.accountant, ("rdp", "prv"), "privacy.accountant")
+        choice(self.mode, ("local", "central"), "privacy.mode")
+        require(
             self.mode == "local" or self.target_epsilon == 0,
             "privacy.target_epsilon calibrates DP-SGD (mode=local); with mode=central set noise_multiplier",
         )
-        _require(
+        require(
             self.target_epsilon > 0 or self.noise_multiplier > 0,
             "privacy.noise_multiplier=0 adds no noise: set it > 0 or give privacy.target_epsilon",
         )
@@ -421,49 +387,40 @@ class ExperimentConfig:
         self.train.validate()
         self.federation.validate(self.partition.num_clients)
         self.privacy.validate()
-        if self.privacy.enabled:
-            from strategies import STRATEGIES
-
-            rule = STRATEGIES[self.method.name]
-            _require(
-                not rule.self_pruning,
-                f"privacy.enabled: {self.method.name}'s rank self-pruning term is not per-sample; "
-                "DP-SGD cannot clip it",
+        if self.privacy.enabled and self.privacy.mode == "central":
+            require(
+                self.method.uploads_are_global,
+                f"privacy.mode=central clips each upload against the global arrays; {self.method.name}'s "
+                "uploads differ from them (use privacy.mode=local)",
             )
-            _require(not rule.centralized, "privacy.enabled: the centralized baseline trains without DP")
-            if self.privacy.mode == "central":
-                _require(
-                    not (rule.heterogeneous_ranks or rule.merges_into_base),
-                    f"privacy.mode=central clips each upload against the global arrays; {rule.name}'s "
-                    "uploads differ from them (use privacy.mode=local)",
-                )
-                _require(
-                    self.method.weighting == "uniform",
-                    "privacy.mode=central bounds each client's influence on a uniform mean: "
-                    "set method.weighting=uniform",
-                )
+            require(
+                self.method.weighting == "uniform",
+                "privacy.mode=central bounds each client's influence on a uniform mean: "
+                "set method.weighting=uniform",
+            )
+        self.method.check_experiment(self)
         part, data = self.partition, self.dataset
-        _require(
+        require(
             part.name == "iid" or self.partition_field is not None,
             f"partition.name={part.name!r} splits by a field, and {data.name!r} has no labels: "
             "set partition.by=<field> or partition.clusters=<k> (or partition.name=iid)",
         )
-        _require(
+        require(
             not part.feature_shift or data.task == "image_classification",
             f"partition.feature_shift transforms images; {data.name!r} is {data.task}",
         )
-        _require(
+        require(
             self.model.builder == "auto" or data.task == "image_classification",
             f"model.builder={self.model.builder!r} is an image classifier; {data.name!r} is {data.task}",
         )
         if part.name == "pathological" and self.partition_field == data.label_field:
-            _require(
+            require(
                 self.partition.classes_per_client <= self.dataset.num_labels,
                 f"partition.classes_per_client={self.partition.classes_per_client} exceeds "
                 f"dataset.num_labels={self.dataset.num_labels}",
             )
         if self.dataset.max_train_examples is not None:
-            _require(
+            require(
                 self.dataset.max_train_examples >= self.partition.num_clients,
                 f"dataset.max_train_examples={self.dataset.max_train_examples} is fewer than "
                 f"partition.num_clients={self.partition.num_clients}: some clients would get no data",
@@ -479,37 +436,6 @@ class ExperimentConfig:
         if self.partition.by:
             return self.partition.by
         return self.dataset.label_field if self.dataset.is_classification else None
-
-    def client_rank(self, partition_id: int) -> int:
-        """The LoRA rank the config gives the client of ``partition_id`` (no node settings)."""
-        ranks = self.method.client_ranks
-        if not ranks:
-            return self.method.rank
-        if self.method.client_rank_probs:
-            rng = np.random.default_rng([self.seed, partition_id])
-            return int(rng.choice(ranks, p=self.method.client_rank_probs))
-        return ranks[partition_id % len(ranks)]
-
-    def memory_rank(self, memory_gb: float) -> int | None:
-        """The rank ``rank_by_memory_gb`` gives a node with ``memory_gb``, None without a rule."""
-        rule = self.method.rank_by_memory_gb
-        if not rule:
-            return None
-        fitting = [int(rank) for threshold, rank in rule if memory_gb >= threshold]
-        return fitting[-1] if fitting else int(rule[0][1])
-
-    def max_client_rank(self, partition_id: int) -> int:
-        """The largest rank the client of ``partition_id`` can train at under the config."""
-        if self.method.rank_by_memory_gb:
-            return max(int(rank) for _, rank in self.method.rank_by_memory_gb)
-        return self.client_rank(partition_id)
-
-    def with_rank(self, rank: int, alpha: float | None = None) -> ExperimentConfig:
-        """A copy whose adapter has ``rank`` (and ``alpha``, if given)."""
-        method = dataclasses.replace(
-            self.method, rank=rank, alpha=self.method.alpha if alpha is None else alpha
-        )
-        return dataclasses.replace(self, method=method)
 
     @property
     def peak_lr(self) -> float:
@@ -531,9 +457,13 @@ class ExperimentConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
-        """Build and validate from a plain dict (unknown keys and wrong types are errors)."""
+        """Build and validate from a plain dict (unknown keys and wrong types are errors); the
+        ``method`` part is checked against the schema its ``name`` registered."""
+        method = data.get("method") or {}
+        name = method.get("name", MethodConfig.name) if isinstance(method, dict) else MethodConfig.name
         try:
-            merged = OmegaConf.merge(OmegaConf.structured(cls), data)
+            schema = OmegaConf.structured(cls(method=method_config_type(str(name))()))
+            merged = OmegaConf.merge(schema, data)
             config = OmegaConf.to_object(merged)
         except OmegaConfBaseException as error:
             raise ConfigError(f"invalid experiment config: {error}") from error
@@ -548,13 +478,21 @@ class ExperimentConfig:
 SCHEMA_NAME = "experiment_schema"
 
 
+def method_schema_name(name: str) -> str:
+    """The Hydra schema a method YAML lists first in its defaults (``- _schema_<name>``)."""
+    return f"_schema_{name}"
+
+
 def register_schema() -> None:
-    """Make :class:`ExperimentConfig` the schema under ``conf/config.yaml`` (its first default):
-    every key is type-checked while Hydra composes, any key can be overridden, and a group
-    file only lists what differs from the defaults."""
+    """Make :class:`ExperimentConfig` the schema under ``conf/config.yaml`` (its first default) and
+    each registered method config the schema of its YAML: every key is type-checked while Hydra
+    composes, any key can be overridden, and a group file only lists what differs."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=ExperimentConfig)
+    store = ConfigStore.instance()
+    store.store(name=SCHEMA_NAME, node=ExperimentConfig)
+    for name, config in _METHOD_CONFIGS.items():
+        store.store(group="method", name=method_schema_name(name), node=config)
 
 
 def available_choices(group: str) -> list[str]:
@@ -578,9 +516,9 @@ def compose_config(
 
     selections = dict(selections or {})
     for group, option in selections.items():
-        _choice(group, CONFIG_GROUPS, "config group")
+        choice(group, CONFIG_GROUPS, "config group")
         choices = available_choices(group)
-        _require(option in choices, f"unknown {group} {option!r}; valid choices: {choices}")
+        require(option in choices, f"unknown {group} {option!r}; valid choices: {choices}")
     override_list = shlex.split(overrides) if isinstance(overrides, str) else list(overrides)
     hydra_overrides = [f"{group}={option}" for group, option in selections.items()]
     hydra_overrides += override_list

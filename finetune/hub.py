@@ -48,3 +48,12 @@ def resolve_model_source(source: str, mirror: Path | None) -> str:
     if mirror is not None and (mirror / source / "config.json").is_file():
         return str(mirror / source)
     return source
+
+
+def default_hub_mirror() -> str:
+    """$FEDSUBSPACE_HUB_MIRROR, else the shared offline mirror beside the checkout, else none."""
+    configured = os.environ.get(HUB_MIRROR_ENV, "")
+    if configured:
+        return str(Path(configured).expanduser().resolve())
+    beside = Path(__file__).resolve().parents[2] / "shared" / "data" / "hub"
+    return str(beside.resolve()) if beside.is_dir() else ""

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,9 +27,24 @@ from finetune.config import ConfigError, ExperimentConfig
 from finetune.efficientnet import HEAD as EFFICIENTNET_HEAD
 from finetune.efficientnet import build_efficientnet_lite0
 from finetune.hub import resolve_model_source
-from strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What a model trains on top of its frozen pretrained weights: a LoRA adapter (rank, alpha,
+    dropout; A optionally frozen at its seeded init) or, for ``kind="full"``, the weights of the
+    LoRA target modules and the head (``full_scope="targets"``) or every weight (``"all"``)."""
+
+    kind: str = "lora"  # lora | full
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    freeze_lora_a: bool = False
+    full_scope: str = "targets"
+
+
 CACHE_ENV = "FEDSUBSPACE_CACHE"  # where de-quantized GGUF models are kept; else ~/.cache/fedsubspace
 CONFIG_PREFIX = "config:"
 AUTO_CLASSES = {
@@ -133,16 +149,16 @@ def head_modules(cfg: ExperimentConfig) -> list[str]:
     )
 
 
-def lora_config(cfg: ExperimentConfig) -> LoraConfig:
+def lora_config(cfg: ExperimentConfig, adapter: AdapterSpec) -> LoraConfig:
     task_type = {"text_classification": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM}.get(
         cfg.dataset.task
     )
     heads = head_modules(cfg)
     return LoraConfig(
         task_type=task_type,
-        r=cfg.method.rank,
-        lora_alpha=cfg.method.alpha,
-        lora_dropout=cfg.method.dropout,
+        r=adapter.rank,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
         target_modules=list(cfg.model.lora_targets),
         modules_to_save=heads
         if (heads and task_type != TaskType.SEQ_CLS) or cfg.model.head_modules
@@ -150,18 +166,18 @@ def lora_config(cfg: ExperimentConfig) -> LoraConfig:
     )
 
 
-def build_model(cfg: ExperimentConfig, mirror: Path | None) -> torch.nn.Module:
-    """The model the method trains: base + LoRA adapter (LoRA's random A seeded identically on
+def build_model(cfg: ExperimentConfig, mirror: Path | None, adapter: AdapterSpec) -> torch.nn.Module:
+    """The model ``adapter`` describes: base + LoRA adapter (LoRA's random A seeded identically on
     every process), or the plain model with only the weights full fine-tuning trains unfrozen."""
     base = build_base_model(cfg, mirror)
-    if STRATEGIES[cfg.method.name].full_finetune:
-        return select_full_finetune(base, cfg)
+    if adapter.kind == "full":
+        return select_full_finetune(base, cfg, every=adapter.full_scope == "all")
     try:
         torch.manual_seed(cfg.seed + 1)
-        model = get_peft_model(base, lora_config(cfg))
+        model = get_peft_model(base, lora_config(cfg, adapter))
     except ValueError as error:  # e.g. target modules not found
         raise ConfigError(f"cannot apply LoRA to {cfg.model.source!r}: {error}") from error
-    if STRATEGIES[cfg.method.name].freeze_lora_a:
+    if adapter.freeze_lora_a:
         for name, param in model.named_parameters():
             if ".lora_A." in name:
                 param.requires_grad_(False)
@@ -174,10 +190,10 @@ def is_target(module: str, targets: list[str]) -> bool:
     return any(module == t or module.endswith("." + t) for t in targets)
 
 
-def select_full_finetune(model: torch.nn.Module, cfg: ExperimentConfig) -> torch.nn.Module:
-    """Unfreeze every weight (``full_scope: all``) or those of the LoRA target modules and the
-    head (``targets``, the same modules LoRA adapts: a like-for-like comparison)."""
-    targets, every = set(cfg.model.lora_targets), cfg.method.full_scope == "all"
+def select_full_finetune(model: torch.nn.Module, cfg: ExperimentConfig, every: bool) -> torch.nn.Module:
+    """Unfreeze every weight (``every``) or those of the LoRA target modules and the head (the
+    same modules LoRA adapts: a like-for-like comparison)."""
+    targets = set(cfg.model.lora_targets)
     heads = set(head_modules(cfg))
     found: set[str] = set()
     for name, param in model.named_parameters():

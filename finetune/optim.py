@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,11 +19,25 @@ from finetune.config import ExperimentConfig
 from finetune.models import head_modules, is_target
 
 
-def galore_targets(model: torch.nn.Module, cfg: ExperimentConfig) -> list[str]:
+@dataclass(frozen=True)
+class GaLoreSettings:
+    """GaLoreAdamW's projection: rank, subspace refresh period (optimizer steps), update scale,
+    projection side, and whether every 2-D layer weight is projected or only the LoRA targets'."""
+
+    rank: int
+    update_proj_gap: int = 50
+    scale: float = 4.0
+    proj_type: str = "std"
+    every_layer: bool = False
+
+
+GALORE_PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+
+
+def galore_targets(model: torch.nn.Module, cfg: ExperimentConfig, every_layer: bool) -> list[str]:
     """The trainable 2-D weights GaLore projects: those of the LoRA target modules, or with
-    ``method.full_scope=all`` every 2-D weight of the encoder/decoder layers (as in the GaLore
-    paper: attention and MLP; embeddings and the head keep plain AdamW)."""
-    every = cfg.method.full_scope == "all"
+    ``every_layer`` every 2-D weight of the encoder/decoder layers (as in the GaLore paper:
+    attention and MLP; embeddings and the head keep plain AdamW)."""
     heads = set(head_modules(cfg))
     names = []
     for name, p in model.named_parameters():
@@ -32,39 +47,33 @@ def galore_targets(model: torch.nn.Module, cfg: ExperimentConfig) -> list[str]:
         if not p.requires_grad or p.dim() != 2 or embedding or parts & heads:
             continue
         in_layers = bool(parts & {"layer", "layers", "h", "blocks", "_blocks"})
-        if is_target(module, cfg.model.lora_targets) or (every and in_layers):
+        if is_target(module, cfg.model.lora_targets) or (every_layer and in_layers):
             names.append(name)
     return names
 
 
-OPTIMIZERS = ("adamw", "galore")
-
-
 def build_optimizer(
-    model: torch.nn.Module, lr: float, cfg: ExperimentConfig, kind: str = "adamw"
+    model: torch.nn.Module, lr: float, cfg: ExperimentConfig, galore: GaLoreSettings | None = None
 ) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters, or GaLoreAdamW (``kind="galore"``)."""
-    if kind not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {kind!r}; choose one of {list(OPTIMIZERS)}")
+    """AdamW over the trainable parameters, or GaLoreAdamW projecting the ``galore`` targets."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if kind == "adamw":
+    if galore is None:
         return torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=cfg.train.weight_decay)
     from galore_torch import GaLoreAdamW
 
-    projected = set(galore_targets(model, cfg))
+    projected = set(galore_targets(model, cfg, galore.every_layer))
     if not projected:
         raise ValueError(
             f"GaLore found no trainable 2-D weight in model.lora_targets {cfg.model.lora_targets}"
         )
-    method = cfg.method
     groups = [
         {"params": [p for n, p in named if n not in projected]},
         {
             "params": [p for n, p in named if n in projected],
-            "rank": method.rank,
-            "update_proj_gap": method.galore_update_proj_gap,
-            "scale": method.galore_scale,
-            "proj_type": method.galore_proj_type,
+            "rank": galore.rank,
+            "update_proj_gap": galore.update_proj_gap,
+            "scale": galore.scale,
+            "proj_type": galore.proj_type,
         },
     ]
     return GaLoreAdamW([g for g in groups if g["params"]], lr=lr, weight_decay=cfg.train.weight_decay)

@@ -20,7 +20,7 @@ import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
-from strategies.lowrank import split_base_deltas
+from finetune.lora import split_base_deltas
 
 
 def _trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

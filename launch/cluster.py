@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune.hub import default_hub_mirror
 from launch.processes import console_script, free_port, start_process, stop_process
 from launch.simulation import (
     CONNECTION,
@@ -25,7 +26,6 @@ from launch.simulation import (
     LocalSuperLink,
     RunOutcome,
     TLSFiles,
-    default_hub_mirror,
 )
 
 log = logging.getLogger(__name__)

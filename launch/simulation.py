@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 
+from finetune.hub import default_hub_mirror
 from launch.processes import console_script, free_port, start_process, stop_process
 
 log = logging.getLogger(__name__)
@@ -234,15 +235,6 @@ def run_simulation(
         run_id = superlink.submit(app, run_config, federation_config)
         log.info("run %d submitted to %s (FLWR_HOME=%s)", run_id, superlink.address, superlink.flwr_home)
         return superlink.follow(run_id, timeout, stream=stream)
-
-
-def default_hub_mirror() -> str:
-    """$FEDSUBSPACE_HUB_MIRROR, else the shared offline mirror beside the checkout, else none."""
-    configured = os.environ.get("FEDSUBSPACE_HUB_MIRROR", "")
-    if configured:
-        return str(Path(configured).expanduser().resolve())
-    beside = PROJECT_DIR.parent / "shared" / "data" / "hub"
-    return str(beside.resolve()) if beside.is_dir() else ""
 
 
 def main(argv: list[str] | None = None) -> int:

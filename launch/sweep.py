@@ -21,7 +21,8 @@ import hydra
 from omegaconf import DictConfig
 
 from benchmarks.results import code_commit, read_records
-from launch.simulation import PROJECT_DIR, default_hub_mirror, run_simulation
+from finetune.hub import default_hub_mirror
+from launch.simulation import PROJECT_DIR, run_simulation
 
 log = logging.getLogger(__name__)
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import datasets
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -19,32 +22,24 @@ from finetune.config import ConfigError, ExperimentConfig, higher_is_better
 from finetune.data import PartitionedDataset, load_eval_split, load_train_split
 from finetune.hub import hub_mirror
 from finetune.logs import setup_logging
-from finetune.models import build_model, device, trainable_parameter_count
+from finetune.lora import is_base_delta
+from finetune.models import AdapterSpec, build_model, device, trainable_parameter_count
 from finetune.records import from_record, to_record
 from finetune.state import base_weights, load_global_state, trainable_state
 from finetune.tasks import Task, build_task
 from server_app.centralized import run_centralized
-from server_app.loop import evaluate_on_clients, run_federation
+from server_app.loop import Evaluate, evaluate_on_clients, run_federation
 from server_app.results import RunRecorder
 from server_app.run_config import experiment_from_run_config
-from strategies import STRATEGIES, FederatedStrategy
+from strategies import Rule, get_rule
+from strategies.base import FederatedStrategy
 
 log = logging.getLogger(__name__)
 app = ServerApp()
 
 
 def build_strategy(cfg: ExperimentConfig) -> FederatedStrategy:
-    rule = STRATEGIES[cfg.method.name]
-    return rule(
-        **rule.options(cfg),
-        fraction_train=cfg.federation.fraction_train,
-        min_train_nodes=cfg.federation.min_train_clients,
-        min_replies=cfg.federation.min_replies,
-        weighting=cfg.method.weighting,
-        wire_dtype=cfg.method.wire_dtype,
-        seed=cfg.seed,
-        connect_timeout_s=cfg.federation.connect_timeout_s,
-    )
+    return get_rule(cfg.method.name).build_strategy(cfg)
 
 
 @app.main()
@@ -60,9 +55,59 @@ def main(grid: Grid, context: Context) -> None:
         raise
 
 
+@dataclass
+class ServerData:
+    """The server's view of the data: the clients' partitions and its own evaluation split."""
+
+    train: datasets.Dataset
+    partitions: PartitionedDataset
+    sizes: list[int]
+    eval_raw: datasets.Dataset
+
+
+@dataclass
+class ServerModel:
+    """The model whose trainable state is the global state, with what evaluating it needs."""
+
+    model: torch.nn.Module
+    adapter: AdapterSpec
+    task: Task
+    initial: dict[str, np.ndarray]  # its seeded trainable init
+    base: dict[str, torch.Tensor]  # the pristine weights under its LoRA layers (merged-base rules)
+
+    def load(self, arrays: ArrayRecord) -> None:
+        load_global_state(self.model, from_record(arrays), self.initial, self.base)
+
+
 def run_experiment(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder) -> None:
     """Everything that can fail on bad input happens before the first round."""
     start = time.perf_counter()
+    rule = get_rule(cfg.method.name)
+    data = load_server_data(cfg)
+    server = build_server_model(cfg, rule)
+    strategy = rule.build_strategy(cfg)
+    strategy.summary()
+    initial = strategy.initial_state(server.initial)
+    if any(is_base_delta(key) for key in initial):
+        server.base = base_weights(server.model)
+    evaluate = make_evaluator(grid, cfg, rule, strategy, server, data)
+    if rule.centralized:  # the upper bound: the same training code on the union of the data
+        log.info("centralized baseline: training on all %d examples, no clients", len(data.train))
+        union = server.task.prepare(data.train)
+        final = run_centralized(cfg, server.model, server.task.collate, union, evaluate, recorder)
+    else:
+        central_dp = central_dp_wrapper(cfg, strategy)
+        final = run_federation(grid, strategy, cfg, to_record(initial), evaluate, recorder, central_dp)
+    server.load(final)
+    saved = save_final_model(server, rule, recorder) if cfg.save_adapter else None
+    trainable, _ = trainable_parameter_count(server.model)
+    recorder.write_summary(
+        summarize(cfg, recorder, data.sizes, trainable, time.perf_counter() - start, saved)
+    )
+
+
+def load_server_data(cfg: ExperimentConfig) -> ServerData:
+    """Load and partition the data (refusing a partition that leaves a client empty)."""
     mirror = hub_mirror(cfg.hub_mirror)
     eval_raw = load_eval_split(cfg.dataset, mirror, cfg.seed)
     train_raw = load_train_split(cfg.dataset, mirror, cfg.seed)
@@ -75,51 +120,47 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder) -> 
     if cfg.partition.feature_shift:
         shifts = cfg.partition.feature_shift
         log.info("feature shift per client: %s", [shifts[i % len(shifts)] for i in range(len(sizes))])
+    return ServerData(train_raw, partitions, sizes, eval_raw)
 
-    model = build_model(STRATEGIES[cfg.method.name].server_model_config(cfg), mirror).to(device())
-    task = build_task(cfg, mirror)
-    eval_data = task.prepare(eval_raw)
+
+def build_server_model(cfg: ExperimentConfig, rule: Rule) -> ServerModel:
+    mirror = hub_mirror(cfg.hub_mirror)
+    adapter = rule.server_adapter(cfg)
+    model = build_model(cfg, mirror, adapter).to(device())
     trainable, total = trainable_parameter_count(model)
     log.info(
         "%s: %d trainable of %d parameters (%.2f%%); server evaluates with %d torch threads",
-        cfg.model.source,
-        trainable,
-        total,
-        100 * trainable / total,
-        torch.get_num_threads(),
-    )
+        cfg.model.source, trainable, total, 100 * trainable / total, torch.get_num_threads(),
+    )  # fmt: skip
+    return ServerModel(model, adapter, build_task(cfg, mirror), trainable_state(model), {})
 
-    init_state = trainable_state(model)
-    strategy = build_strategy(cfg)
-    base = base_weights(model) if strategy.merges_into_base else {}
 
-    def evaluate_global(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
-        load_global_state(model, from_record(arrays), init_state, base)
-        return task.evaluate(model, eval_data, cfg.train.eval_batch_size)
-
-    strategy.summary()
-    evaluate_fn = evaluate_global
-    if strategy.evaluate_on_clients:  # personalised: part of every model never leaves its client
-        eval_sizes = [len(share) for share in partitions.shares_of(eval_raw)]
+def make_evaluator(
+    grid: Grid,
+    cfg: ExperimentConfig,
+    rule: Rule,
+    strategy: FederatedStrategy,
+    server: ServerModel,
+    data: ServerData,
+) -> Evaluate:
+    """Server-side evaluation of the global model, or — for personalised rules, where part of
+    every model never leaves its client — the clients' evaluation of their own models."""
+    if rule.personalised:
+        eval_sizes = [len(share) for share in data.partitions.shares_of(data.eval_raw)]
         if empty := [client for client, size in enumerate(eval_sizes) if not size]:
             raise ConfigError(
-                f"personalised evaluation: clients {empty} get no examples of the {len(eval_raw)}-example "
+                f"personalised evaluation: clients {empty} get no examples of the {len(data.eval_raw)}-example "
                 "validation split; use fewer clients, a larger alpha or more validation examples"
             )
         log.info("personalised evaluation on the clients' validation shares %s", eval_sizes)
-        evaluate_fn = partial(evaluate_on_clients, grid, strategy, cfg)
-    if strategy.centralized:  # the upper bound: the same training code on the union of the data
-        log.info("centralized baseline: training on all %d examples, no clients", len(train_raw))
-        union = task.prepare(train_raw)
-        final = run_centralized(cfg, model, task.collate, union, evaluate_fn, recorder)
-    else:
-        initial = strategy.initial_state(init_state)
-        central_dp = central_dp_wrapper(cfg, strategy)
-        final = run_federation(grid, strategy, cfg, to_record(initial), evaluate_fn, recorder, central_dp)
+        return partial(evaluate_on_clients, grid, strategy, cfg)
+    eval_data = server.task.prepare(data.eval_raw)
 
-    load_global_state(model, from_record(final), init_state, base)
-    saved = save_final_model(model, task, strategy, recorder) if cfg.save_adapter else None
-    recorder.write_summary(summarize(cfg, recorder, sizes, trainable, time.perf_counter() - start, saved))
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
+        server.load(arrays)
+        return server.task.evaluate(server.model, eval_data, cfg.train.eval_batch_size)
+
+    return evaluate_global
 
 
 def central_dp_wrapper(cfg: ExperimentConfig, strategy: FederatedStrategy) -> Strategy | None:
@@ -136,18 +177,14 @@ def central_dp_wrapper(cfg: ExperimentConfig, strategy: FederatedStrategy) -> St
     )
 
 
-def save_final_model(
-    model: torch.nn.Module,
-    task: Task,
-    strategy: FederatedStrategy,
-    recorder: RunRecorder,
-) -> Path | None:
+def save_final_model(server: ServerModel, rule: Rule, recorder: RunRecorder) -> Path | None:
     """The adapter (peft's ``save_pretrained``), or the whole model where the result is more
     than an adapter (full fine-tuning; LoRA merged into a base that absorbed FLoRA / FedEx updates)."""
-    if strategy.evaluate_on_clients:
-        log.info("no global model saved: %s keeps part of each model on its client", strategy.name)
+    if rule.personalised:
+        log.info("no global model saved: %s keeps part of each model on its client", rule.name)
         return None
-    if strategy.full_finetune or strategy.merges_into_base:
+    model = server.model
+    if server.adapter.kind == "full" or server.base:
         folder = recorder.model_dir
         model = model.merge_and_unload() if isinstance(model, PeftModel) else model
     else:
@@ -158,7 +195,7 @@ def save_final_model(
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(tensors, str(folder / "model.safetensors"))
-    task.save(folder)
+    server.task.save(folder)
     return folder
 
 

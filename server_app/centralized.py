@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
 
 import datasets
 import numpy as np
@@ -18,9 +17,8 @@ from finetune.records import to_record
 from finetune.schedule import round_lr
 from finetune.state import trainable_state
 from finetune.training import train_local
-from server_app.results import RunRecorder
-
-Evaluate = Callable[[int, ArrayRecord], dict[str, float]]
+from server_app.loop import Evaluate
+from server_app.results import RoundRecord, RunRecorder
 
 
 def centralized_train_config(cfg: ExperimentConfig, num_examples: int) -> ExperimentConfig:
@@ -47,7 +45,9 @@ def run_centralized(
     """Train ``cfg.federation.num_rounds`` rounds on ``train_data``, evaluating after each."""
     run = centralized_train_config(cfg, len(train_data))
     start = time.perf_counter()
-    recorder.log_round(_row(0, evaluate(0, to_record(trainable_state(model))), None, start, start))
+    initial_metrics = evaluate(0, to_record(trainable_state(model)))
+    elapsed = time.perf_counter() - start
+    recorder.log_round(RoundRecord(0, initial_metrics, eval_seconds=elapsed, seconds=elapsed))
     optimizer_state: np.ndarray | None = None
     for server_round in range(1, cfg.federation.num_rounds + 1):
         round_start = time.perf_counter()
@@ -58,38 +58,20 @@ def run_centralized(
         )  # fmt: skip
         optimizer_state = result.optimizer_state
         train_end = time.perf_counter()
-        row = _row(
-            server_round,
-            evaluate(server_round, to_record(trainable_state(model))),
-            result.loss,
-            round_start,
-            train_end,
+        metrics = evaluate(server_round, to_record(trainable_state(model)))
+        recorder.log_round(
+            RoundRecord(
+                server_round,
+                metrics,
+                train_loss=result.loss,
+                lr=lr,
+                examples_seen=result.examples_seen,
+                slowest_client_seconds=result.seconds,
+                peak_client_memory_mb=result.peak_memory_mb,
+                optimizer_state_bytes=result.optimizer_state_bytes,
+                train_phase_seconds=train_end - round_start,
+                eval_seconds=time.perf_counter() - train_end,
+                seconds=time.perf_counter() - round_start,
+            )
         )
-        row.update(
-            lr=lr,
-            examples_seen=result.examples_seen,
-            slowest_client_seconds=result.seconds,
-            peak_client_memory_mb=result.peak_memory_mb,
-            optimizer_state_bytes=result.optimizer_state_bytes,
-        )
-        recorder.log_round(row)
     return to_record(trainable_state(model))
-
-
-def _row(
-    server_round: int, metrics: dict[str, float], loss: float | None, start: float, train_end: float
-) -> dict:
-    now = time.perf_counter()
-    return {
-        "round": server_round,
-        **{f"eval_{k}": v for k, v in metrics.items()},
-        "train_loss": loss,
-        "bytes_down": 0,
-        "bytes_up": 0,
-        "clients_sampled": 0,
-        "clients_aggregated": 0,
-        "clients_rejected": {},
-        "train_phase_seconds": train_end - start,
-        "eval_seconds": now - train_end,
-        "seconds": now - start,
-    }

@@ -5,15 +5,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from finetune.config import ExperimentConfig
 from finetune.privacy import epsilon
 from finetune.schedule import round_lr
-from server_app.results import RunRecorder
+from server_app.results import RoundRecord, RunRecorder
+from strategies import protocol
 from strategies.base import FederatedStrategy
+from strategies.protocol import Instruction
 
 Evaluate = Callable[[int, ArrayRecord], dict[str, float]]  # (server round, global arrays)
 POLL_SECONDS = 0.2  # Grid.send_and_receive polls every 3 s, which would idle whole rounds
@@ -47,90 +49,103 @@ def run_federation(
 
     ``central_dp`` (Flower's server-side fixed-clipping wrapper around ``strategy``) moves the
     messages instead when central DP is on; its ε is composed here, one release per aggregate."""
-    driver = central_dp or strategy
     releases: list[tuple[float, float, int]] = []
     arrays = initial
-    experiment = cfg.to_json()
     start = time.perf_counter()
-    recorder.log_round(
-        {
-            "round": 0,
-            **_prefixed(evaluate(0, arrays)),
-            "train_loss": None,
-            "bytes_down": 0,
-            "bytes_up": 0,
-            "clients_sampled": 0,
-            "clients_aggregated": 0,
-            "clients_rejected": {},
-            "seconds": time.perf_counter() - start,
-            "eval_seconds": time.perf_counter() - start,
-        }
-    )
-    num_rounds = cfg.federation.num_rounds
-    for server_round in range(1, num_rounds + 1):
+    initial_metrics = evaluate(0, arrays)
+    elapsed = time.perf_counter() - start
+    recorder.log_round(RoundRecord(0, initial_metrics, eval_seconds=elapsed, seconds=elapsed))
+    for server_round in range(1, cfg.federation.num_rounds + 1):
         round_start = time.perf_counter()
-        lr = round_lr(cfg.train, server_round, num_rounds, peak=cfg.peak_lr)
-        config = ConfigRecord({"experiment": experiment, "lr": lr})
-        messages = list(driver.configure_train(server_round, arrays, config, grid))
-        replies = exchange(grid, messages, cfg.federation.round_timeout_s)
-        new_arrays, train_metrics = driver.aggregate_train(server_round, replies)
-        train = dict(train_metrics or {})
-        if new_arrays is not None:
-            arrays = new_arrays
-            if central_dp is not None:
-                q = len(messages) / max(len(grid.get_node_ids()), 1)
-                releases.append((cfg.privacy.noise_multiplier, q, 1))
-        if central_dp is not None:
-            train["dp-epsilon"] = epsilon(releases, cfg.privacy.target_delta, cfg.privacy.accountant)
+        lr = round_lr(cfg.train, server_round, cfg.federation.num_rounds, peak=cfg.peak_lr)
+        arrays, train = train_round(grid, strategy, cfg, arrays, server_round, lr, central_dp, releases)
         train_end = time.perf_counter()
         eval_metrics = evaluate(server_round, arrays)
-        stats = strategy.rounds[server_round]
-        recorder.log_round(
-            {
-                "round": server_round,
-                **_prefixed(eval_metrics),
-                "train_loss": train.get("train-loss"),
-                "lr": lr,
-                "bytes_down": sum(stats.bytes_down.values()),
-                "bytes_up": sum(stats.bytes_up.values()),
-                "bytes_down_per_client": {str(k): v for k, v in stats.bytes_down.items()},
-                "bytes_up_per_client": {str(k): v for k, v in stats.bytes_up.items()},
-                "payload_bytes_down": sum(stats.payload_down.values()),
-                "payload_bytes_up": sum(stats.payload_up.values()),
-                "clients_sampled": len(stats.sampled),
-                "clients_aggregated": len(stats.aggregated),
-                "partitions_aggregated": [strategy.node_partitions.get(n) for n in stats.aggregated],
-                "clients_rejected": {str(k): v for k, v in stats.rejected.items()},
-                "kept_previous": stats.kept_previous,
-                "slowest_client_seconds": train.get("train-seconds"),
-                "client_seconds_total": sum(stats.client_seconds.values()),
-                "client_seconds": [stats.client_seconds[n] for n in sorted(stats.client_seconds)],
-                "client_handler_seconds": [stats.handler_seconds[n] for n in sorted(stats.handler_seconds)],
-                "peak_client_memory_mb": train.get("peak-memory-mb"),
-                "examples_seen": train.get("examples-seen"),
-                "optimizer_state_bytes": train.get("optimizer-state-bytes"),
-                "dp_epsilon": train.get("dp-epsilon"),
-                "train_phase_seconds": train_end - round_start,
-                "eval_seconds": time.perf_counter() - train_end,
-                "seconds": time.perf_counter() - round_start,
-            }
-        )
+        record = round_record(strategy, server_round, eval_metrics, train, lr)
+        record.train_phase_seconds = train_end - round_start
+        record.eval_seconds = time.perf_counter() - train_end
+        record.seconds = time.perf_counter() - round_start
+        recorder.log_round(record)
     return arrays
+
+
+def train_round(
+    grid: Grid,
+    strategy: FederatedStrategy,
+    cfg: ExperimentConfig,
+    arrays: ArrayRecord,
+    server_round: int,
+    lr: float,
+    central_dp: Strategy | None,
+    releases: list[tuple[float, float, int]],
+) -> tuple[ArrayRecord, dict[str, float]]:
+    """Send the round's instructions, aggregate the replies; the new global arrays (the old ones
+    when the round kept them) and the aggregated reply metrics."""
+    driver = central_dp or strategy
+    config = Instruction(cfg.to_json(), server_round=server_round, lr=lr).to_config()
+    messages = list(driver.configure_train(server_round, arrays, config, grid))
+    replies = exchange(grid, messages, cfg.federation.round_timeout_s)
+    new_arrays, train_metrics = driver.aggregate_train(server_round, replies)
+    train = {k: float(v) for k, v in (train_metrics or {}).items() if isinstance(v, int | float)}
+    if new_arrays is not None:
+        arrays = new_arrays
+        if central_dp is not None:
+            q = len(messages) / max(len(list(grid.get_node_ids())), 1)
+            releases.append((cfg.privacy.noise_multiplier, q, 1))
+    if central_dp is not None:
+        train[protocol.DP_EPSILON] = epsilon(releases, cfg.privacy.target_delta, cfg.privacy.accountant)
+    return arrays, train
+
+
+def round_record(
+    strategy: FederatedStrategy,
+    server_round: int,
+    eval_metrics: dict[str, float],
+    train: dict[str, float],
+    lr: float,
+) -> RoundRecord:
+    """What the round moved, who took part, and the clients' aggregated metrics."""
+    stats = strategy.rounds[server_round]
+
+    def optional_int(key: str) -> int | None:
+        return int(train[key]) if key in train else None
+
+    return RoundRecord(
+        server_round,
+        eval_metrics,
+        train_loss=train.get(protocol.TRAIN_LOSS),
+        lr=lr,
+        bytes_down=sum(stats.bytes_down.values()),
+        bytes_up=sum(stats.bytes_up.values()),
+        bytes_down_per_client={str(k): v for k, v in stats.bytes_down.items()},
+        bytes_up_per_client={str(k): v for k, v in stats.bytes_up.items()},
+        payload_bytes_down=sum(stats.payload_down.values()),
+        payload_bytes_up=sum(stats.payload_up.values()),
+        clients_sampled=len(stats.sampled),
+        clients_aggregated=len(stats.aggregated),
+        partitions_aggregated=[strategy.node_partitions.get(n) for n in stats.aggregated],
+        clients_rejected={str(k): v for k, v in stats.rejected.items()},
+        kept_previous=stats.kept_previous,
+        slowest_client_seconds=train.get(protocol.TRAIN_SECONDS),
+        client_seconds_total=sum(stats.client_seconds.values()),
+        client_seconds=[stats.client_seconds[n] for n in sorted(stats.client_seconds)],
+        client_handler_seconds=[stats.handler_seconds[n] for n in sorted(stats.handler_seconds)],
+        peak_client_memory_mb=train.get(protocol.PEAK_MEMORY_MB),
+        examples_seen=optional_int(protocol.EXAMPLES_SEEN),
+        optimizer_state_bytes=optional_int(protocol.OPTIMIZER_STATE_BYTES),
+        dp_epsilon=train.get(protocol.DP_EPSILON),
+    )
 
 
 def evaluate_on_clients(
     grid: Grid, strategy: FederatedStrategy, cfg: ExperimentConfig, server_round: int, arrays: ArrayRecord
 ) -> dict[str, float]:
     """Personalised evaluation: every client evaluates its own model on its own data."""
-    config = ConfigRecord({"experiment": cfg.to_json()})
+    config = Instruction(cfg.to_json(), server_round=server_round).to_config()
     messages = list(strategy.configure_evaluate(server_round, arrays, config, grid))
     metrics = strategy.aggregate_evaluate(
         server_round, exchange(grid, messages, cfg.federation.round_timeout_s)
     )
     if metrics is None:
         raise RuntimeError(f"round {server_round}: no client returned evaluation metrics")
-    return {k: float(v) for k, v in metrics.items() if k != "num-examples"}
-
-
-def _prefixed(metrics: dict[str, float]) -> dict[str, float]:
-    return {f"eval_{key}": value for key, value in metrics.items()}
+    return {k: float(v) for k, v in metrics.items() if k != protocol.NUM_EXAMPLES}

@@ -2,15 +2,78 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from finetune.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
+EVAL_PREFIX = "eval_"
+
+
+@dataclass
+class RoundRecord:
+    """One line of ``metrics.jsonl``: what a round (or round 0, the initial evaluation) did. The
+    federated loop, the centralized baseline and the benchmark reader all use this one schema."""
+
+    round: int
+    eval: dict[str, float]  # the evaluation's metrics, written as eval_<name>
+    train_loss: float | None = None
+    lr: float | None = None
+    bytes_down: int = 0  # serialized array records, all clients
+    bytes_up: int = 0
+    bytes_down_per_client: dict[str, int] = field(default_factory=dict)
+    bytes_up_per_client: dict[str, int] = field(default_factory=dict)
+    payload_bytes_down: int = 0  # raw bytes of the arrays alone
+    payload_bytes_up: int = 0
+    clients_sampled: int = 0
+    clients_aggregated: int = 0
+    partitions_aggregated: list[int | None] = field(default_factory=list)
+    clients_rejected: dict[str, str] = field(default_factory=dict)
+    kept_previous: bool = False
+    slowest_client_seconds: float | None = None
+    client_seconds_total: float = 0.0
+    client_seconds: list[float] = field(default_factory=list)  # each client's training time
+    client_handler_seconds: list[float] = field(default_factory=list)  # ... and its whole handler
+    peak_client_memory_mb: float | None = None
+    examples_seen: int | None = None
+    optimizer_state_bytes: int | None = None
+    dp_epsilon: float | None = None
+    train_phase_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    seconds: float = 0.0
+
+    #: What a benchmark's compact run record keeps of every round (besides the main metric).
+    COMPACT: ClassVar[tuple[str, ...]] = (
+        "round", "eval_loss", "train_loss", "bytes_down", "bytes_up", "payload_bytes_down",
+        "payload_bytes_up", "clients_sampled", "clients_aggregated", "slowest_client_seconds",
+        "client_seconds_total", "client_seconds", "client_handler_seconds", "train_phase_seconds",
+        "eval_seconds", "seconds", "peak_client_memory_mb",
+    )  # fmt: skip
+
+    def to_row(self) -> dict[str, Any]:
+        row = dataclasses.asdict(self)
+        metrics = row.pop("eval")
+        return {"round": row.pop("round"), **{EVAL_PREFIX + k: v for k, v in metrics.items()}, **row}
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> RoundRecord:
+        """A line of ``metrics.jsonl`` (older lines may lack fields: they take the defaults)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        metrics = {
+            k[len(EVAL_PREFIX) :]: v for k, v in row.items() if k.startswith(EVAL_PREFIX) and k not in names
+        }
+        return cls(eval=metrics, **{k: v for k, v in row.items() if k in names and k != "eval"})
+
+    def compact(self, main_metric: str) -> dict[str, Any]:
+        row = self.to_row()
+        return {**{key: row.get(key) for key in self.COMPACT}, "metric": self.eval.get(main_metric)}
+
 
 TABLE_COLUMNS = ("round", "main", "eval_loss", "train_loss", "mb_down", "mb_up", "clients", "seconds")
 
@@ -21,7 +84,7 @@ class RunRecorder:
     def __init__(self, folder: Path, main_metric: str) -> None:
         self.folder = folder
         self.main_metric = main_metric
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = []  # RoundRecord.to_row() of every round so far
 
     @classmethod
     def create(cls, cfg: ExperimentConfig) -> RunRecorder:
@@ -45,7 +108,8 @@ class RunRecorder:
         """The whole fine-tuned model, for rules whose result is not an adapter alone."""
         return self.folder / "model"
 
-    def log_round(self, row: dict[str, Any]) -> None:
+    def log_round(self, record: RoundRecord) -> None:
+        row = record.to_row()
         self.rows.append(row)
         with (self.folder / "metrics.jsonl").open("a") as handle:
             handle.write(json.dumps(row) + "\n")

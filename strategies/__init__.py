@@ -1,38 +1,22 @@
-"""Aggregation rules: one module per rule (pure tensor function + Strategy subclass)."""
+"""Aggregation rules. Each rule is one module of this package holding its pure tensor function(s),
+its server Strategy, its client half and its config, and registering them as one
+:class:`~strategies.registry.Rule`. Importing the package imports (and so registers) every rule
+module; adding a rule is adding a module (and its YAML in ``conf/method/``)."""
 
-from strategies.base import FederatedStrategy
-from strategies.centralized import Centralized
-from strategies.fedex_lora import FedExLoRA
-from strategies.fedit import FedIT
-from strategies.fedsa_lora import FedSALoRA
-from strategies.ffa_lora import FFALoRA
-from strategies.flexlora import FlexLoRA
-from strategies.flora import FLoRA
-from strategies.full import FullFineTuning
-from strategies.galore import GaLore
-from strategies.hetlora import HetLoRA
-from strategies.hlora import HLoRA
-from strategies.lora_fair import LoRAFAIR
+from __future__ import annotations
 
-RULES: tuple[type[FederatedStrategy], ...] = (
-    FedIT, FFALoRA, FedSALoRA, FlexLoRA, HLoRA, HetLoRA, FLoRA, FedExLoRA, LoRAFAIR,
-    FullFineTuning, GaLore, Centralized,
-)  # fmt: skip
-STRATEGIES: dict[str, type[FederatedStrategy]] = {cls.name: cls for cls in RULES}
+import importlib
+import pkgutil
 
-__all__ = [
-    "STRATEGIES",
-    "Centralized",
-    "FFALoRA",
-    "FLoRA",
-    "FedExLoRA",
-    "FedIT",
-    "FedSALoRA",
-    "FederatedStrategy",
-    "FlexLoRA",
-    "FullFineTuning",
-    "GaLore",
-    "HLoRA",
-    "HetLoRA",
-    "LoRAFAIR",
-]
+from strategies.registry import RULES, Family, Rule, get_rule
+
+#: Modules of this package that hold no rule.
+SUPPORT_MODULES = frozenset(
+    {"averaging", "base", "client", "lowrank", "merging", "protocol", "ranks", "registry", "validation"}
+)
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _module not in SUPPORT_MODULES:
+        importlib.import_module(f"{__name__}.{_module}")
+
+__all__ = ["RULES", "Family", "Rule", "get_rule"]

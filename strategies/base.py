@@ -8,33 +8,27 @@ call into the rule's pure tensor function.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from finetune.config import ExperimentConfig, clients_per_round
+from finetune.config import ExperimentConfig, MethodConfig, clients_per_round
+from finetune.models import AdapterSpec
 from finetune.records import from_record, to_record
+from strategies import protocol
 from strategies.averaging import State
+from strategies.protocol import ARRAYS, CONFIG, MAX_METRICS, METRICS, NUM_EXAMPLES, SUM_METRICS, Instruction
 from strategies.validation import reply_problem
 
 log = logging.getLogger(__name__)
-
-ARRAYS_KEY = "arrays"
-CONFIG_KEY = "config"
-METRICS_KEY = "metrics"
-NUM_EXAMPLES_KEY = "num-examples"
-# Reply metrics combined by sum or max instead of the weighted mean.
-SUM_METRICS = frozenset({NUM_EXAMPLES_KEY, "examples-seen"})
-MAX_METRICS = frozenset(
-    {"train-seconds", "handler-seconds", "peak-memory-mb", "optimizer-state-bytes", "dp-epsilon"}
-)
 
 
 @dataclass
@@ -58,51 +52,33 @@ class FederatedStrategy(Strategy):
 
     name = "base"
 
-    # --- the client side of the rule; the ClientApp reads it from this same class ----------
-    #: Clients keep LoRA's A at its shared seeded init (FFA-LoRA).
-    freeze_lora_a: ClassVar[bool] = False
     #: The model is personal (part of it never leaves the client): evaluate on the clients.
     evaluate_on_clients: ClassVar[bool] = False
-    #: Each client trains at its own LoRA rank (FlexLoRA, HLoRA, HetLoRA).
+    #: Each node trains at its own LoRA rank: the server learns it and tells the node every round.
     heterogeneous_ranks: ClassVar[bool] = False
-    #: Clients add HetLoRA's rank self-pruning term to their loss and may lower their rank.
-    self_pruning: ClassVar[bool] = False
-    #: Clients train the full weights of the targeted modules (no LoRA).
-    full_finetune: ClassVar[bool] = False
-    #: Updates are folded into the frozen base, which clients keep in their context (FLoRA, FedEx).
-    merges_into_base: ClassVar[bool] = False
-    #: The clients' optimizer: "adamw", or "galore" (GaLoreAdamW on the targeted 2-D weights).
-    local_optimizer: ClassVar[str] = "adamw"
-    #: No federation: the server trains on the union of the clients' data (the upper bound).
-    centralized: ClassVar[bool] = False
 
     @staticmethod
-    def client_uploads(key: str) -> bool:
-        """Whether clients send this trained array; these keys make up the global state."""
+    def shares(key: str) -> bool:
+        """Whether a trainable array is part of the global state (clients upload exactly these)."""
         return True
-
-    @staticmethod
-    def client_keeps(key: str) -> bool:
-        """Whether a client keeps this array between rounds instead of taking the server's."""
-        return False
 
     def __init__(
         self,
+        method: MethodConfig | None = None,
         *,
         fraction_train: float = 1.0,
         min_train_nodes: int = 2,
         min_replies: int = 1,
-        weighting: str = "examples",
-        wire_dtype: str = "float32",
         seed: int = 0,
         connect_timeout_s: float = 300.0,
         query_timeout_s: float = 120.0,
     ) -> None:
+        self.method = method if method is not None else MethodConfig(name=self.name)
         self.fraction_train = fraction_train
         self.min_train_nodes = min_train_nodes
         self.min_replies = min_replies
-        self.weighting = weighting
-        self.wire_dtype = wire_dtype
+        self.weighting = self.method.weighting
+        self.wire_dtype = self.method.wire_dtype
         self.seed = seed
         self.connect_timeout_s = connect_timeout_s
         self.query_timeout_s = query_timeout_s
@@ -114,19 +90,33 @@ class FederatedStrategy(Strategy):
         self._global: dict[str, np.ndarray] = {}
 
     @classmethod
-    def options(cls, cfg: ExperimentConfig) -> dict[str, Any]:
-        """Rule-specific constructor arguments taken from the experiment config."""
-        return {}
+    def from_experiment(cls, cfg: ExperimentConfig) -> FederatedStrategy:
+        """The strategy of ``cfg``: the rule's own config (resolved) and the federation settings."""
+        federation = cfg.federation
+        return cls(
+            cls.resolve(cfg),
+            fraction_train=federation.fraction_train,
+            min_train_nodes=federation.min_train_clients,
+            min_replies=federation.min_replies,
+            seed=cfg.seed,
+            connect_timeout_s=federation.connect_timeout_s,
+        )
 
     @classmethod
-    def server_model_config(cls, cfg: ExperimentConfig) -> ExperimentConfig:
-        """The config of the model whose trainable state is the global state."""
-        return cfg
+    def resolve(cls, cfg: ExperimentConfig) -> MethodConfig:
+        """The rule's config with defaults that depend on the rest of the experiment filled in."""
+        return cfg.method
+
+    @classmethod
+    def global_adapter(cls, cfg: ExperimentConfig, client: AdapterSpec) -> AdapterSpec:
+        """The adapter of the server's model, whose trainable state holds the global state; by
+        default the clients' own."""
+        return client
 
     # --- hooks for the rules -------------------------------------------------------------
     def initial_state(self, trainable: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The global state before round 1, from the server model's trainable state."""
-        return {key: value for key, value in trainable.items() if self.client_uploads(key)}
+        return {key: value for key, value in trainable.items() if self.shares(key)}
 
     def payload(self, node_id: int, global_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """What ``node_id`` receives this round; by default the whole global state."""
@@ -138,9 +128,14 @@ class FederatedStrategy(Strategy):
         """Keys and shapes a valid reply from ``node_id`` holds; by default those it was sent."""
         return {key: value.shape for key, value in payload.items()}
 
-    def payload_config(self, node_id: int) -> dict[str, int | float | str]:
-        """Per-node values added to the message's config record."""
-        return {}
+    def instruction(self, node_id: int, common: Instruction) -> Instruction:
+        """The config ``node_id`` receives: the round's common one, plus its rank where ranks differ."""
+        if not self.heterogeneous_ranks:
+            return common
+        rank = self.node_ranks.get(node_id)
+        if rank is None:
+            raise RuntimeError(f"node {node_id} did not report its LoRA rank")
+        return dataclasses.replace(common, rank=rank)
 
     def encode_payload(self, payload: dict[str, np.ndarray]) -> ArrayRecord:
         return to_record(payload, self.wire_dtype)
@@ -206,7 +201,7 @@ class FederatedStrategy(Strategy):
             return
         messages = [
             Message(
-                RecordDict({CONFIG_KEY: ConfigRecord(dict(config))}),
+                RecordDict({CONFIG: ConfigRecord(dict(config))}),
                 dst_node_id=n,
                 message_type=MessageType.QUERY,
             )
@@ -214,13 +209,14 @@ class FederatedStrategy(Strategy):
         ]
         for reply in grid.send_and_receive(messages, timeout=self.query_timeout_s):
             node_id = reply.metadata.src_node_id
-            metrics = None if reply.has_error() else reply.content.metric_records.get(METRICS_KEY)
-            if metrics is not None and "partition-id" in metrics:
-                self.node_partitions.setdefault(node_id, int(metrics["partition-id"]))
-            if metrics is not None and "lora-rank" in metrics and self.heterogeneous_ranks:
-                self.node_ranks.setdefault(node_id, int(metrics["lora-rank"]))  # keeps HetLoRA pruning
+            metrics = None if reply.has_error() else reply.content.metric_records.get(METRICS)
+            described = None if metrics is None else protocol.NodeDescription.from_metrics(metrics)
+            if described is not None:
+                self.node_partitions.setdefault(node_id, described.partition_id)
+                if described.rank is not None and self.heterogeneous_ranks:
+                    self.node_ranks.setdefault(node_id, described.rank)  # keeps HetLoRA pruning
             if not self.described(node_id):
-                reason = reply.error.reason if reply.has_error() else "no partition-id or lora-rank"
+                reason = reply.error.reason if reply.has_error() else "no partition id or LoRA rank"
                 log.warning("node %d did not describe itself: %s", node_id, reason)
         holders: dict[int, list[int]] = {}
         for node_id in nodes:
@@ -251,24 +247,22 @@ class FederatedStrategy(Strategy):
         self.learn_nodes(grid, nodes, config)
         self._global = from_record(arrays)
         stats = self.rounds[server_round] = RoundStats(sampled=self.sample_nodes(nodes, server_round))
+        common = dataclasses.replace(Instruction.from_config(config), server_round=server_round)
         self._outbox, self._expected = [], {}
         for node_id in stats.sampled:
             payload = self.payload(node_id, self._global)
             record = self.encode_payload(payload)
-            node_config = ConfigRecord(dict(config))  # one record per node: never shared
-            node_config["server-round"] = server_round
-            for key, value in self.payload_config(node_id).items():
-                node_config[key] = value
-            content = RecordDict({ARRAYS_KEY: record, CONFIG_KEY: node_config})
-            self._outbox.append(
-                Message(
-                    content, dst_node_id=node_id, message_type=MessageType.TRAIN, group_id=str(server_round)
-                )
-            )
+            message = self.node_message(node_id, record, common, MessageType.TRAIN)
+            self._outbox.append(message)
             self._expected[node_id] = self.expected_reply_shapes(node_id, payload)
             stats.bytes_down[node_id] = record.count_bytes()
             stats.payload_down[node_id] = raw_bytes(record)
         return self._outbox
+
+    def node_message(self, node_id: int, record: ArrayRecord, common: Instruction, kind: str) -> Message:
+        """One node's message (its own records: never shared between messages)."""
+        content = RecordDict({ARRAYS: record, CONFIG: self.instruction(node_id, common).to_config()})
+        return Message(content, dst_node_id=node_id, message_type=kind, group_id=str(common.server_round))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -285,7 +279,7 @@ class FederatedStrategy(Strategy):
             states.append(state)
             metrics.append(reply_metrics)
             node_ids.append(node_id)
-            weights.append(reply_metrics[NUM_EXAMPLES_KEY] if self.weighting == "examples" else 1.0)
+            weights.append(reply_metrics[NUM_EXAMPLES] if self.weighting == "examples" else 1.0)
         for node_id in stats.sampled:
             if node_id not in node_ids and node_id not in stats.rejected:
                 stats.rejected[node_id] = "no reply (not delivered, or none before the round timeout)"
@@ -294,9 +288,9 @@ class FederatedStrategy(Strategy):
             self.node_failed(node_id)
         for node_id, reply_metrics in zip(node_ids, metrics, strict=True):
             self.accept_reply(node_id, reply_metrics)
-            stats.client_seconds[node_id] = float(reply_metrics.get("train-seconds", 0.0))
-            if "handler-seconds" in reply_metrics:
-                stats.handler_seconds[node_id] = float(reply_metrics["handler-seconds"])
+            stats.client_seconds[node_id] = float(reply_metrics.get(protocol.TRAIN_SECONDS, 0.0))
+            if protocol.HANDLER_SECONDS in reply_metrics:
+                stats.handler_seconds[node_id] = float(reply_metrics[protocol.HANDLER_SECONDS])
         self._outbox = []
         stats.aggregated = node_ids
         if len(states) < self.min_replies:
@@ -329,15 +323,15 @@ class FederatedStrategy(Strategy):
             problem = "reply from a node that was not sampled this round"
         elif reply.has_error():
             problem = f"client error: {reply.error.reason}"
-        elif ARRAYS_KEY not in reply.content.array_records or METRICS_KEY not in reply.content.metric_records:
-            problem = f"reply lacks an '{ARRAYS_KEY}' ArrayRecord or a '{METRICS_KEY}' MetricRecord"
+        elif ARRAYS not in reply.content.array_records or METRICS not in reply.content.metric_records:
+            problem = f"reply lacks an '{ARRAYS}' ArrayRecord or a '{METRICS}' MetricRecord"
         else:
-            record = reply.content.array_records[ARRAYS_KEY]
+            record = reply.content.array_records[ARRAYS]
             stats.bytes_up[node_id] = record.count_bytes()
             stats.payload_up[node_id] = raw_bytes(record)
             state = from_record(record)
-            metrics = dict(reply.content.metric_records[METRICS_KEY])
-            problem = reply_problem(state, self._expected[node_id], metrics.get(NUM_EXAMPLES_KEY))
+            metrics = dict(reply.content.metric_records[METRICS])
+            problem = reply_problem(state, self._expected[node_id], metrics.get(NUM_EXAMPLES))
             if problem is None:
                 return state, {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         stats.rejected[node_id] = problem
@@ -354,30 +348,23 @@ class FederatedStrategy(Strategy):
         nodes = list(grid.get_node_ids())
         self.learn_nodes(grid, nodes, config)  # round 0 evaluates before any training round
         state = from_record(arrays)
-        messages = []
-        for node_id in sorted(nodes, key=self.client_order):
-            content = RecordDict(
-                {
-                    ARRAYS_KEY: to_record(self.payload(node_id, state), self.wire_dtype),
-                    CONFIG_KEY: ConfigRecord({**dict(config), "server-round": server_round}),
-                }
+        common = dataclasses.replace(Instruction.from_config(config), server_round=server_round)
+        return [
+            self.node_message(
+                node_id,
+                to_record(self.payload(node_id, state), self.wire_dtype),
+                common,
+                MessageType.EVALUATE,
             )
-            messages.append(
-                Message(
-                    content,
-                    dst_node_id=node_id,
-                    message_type=MessageType.EVALUATE,
-                    group_id=str(server_round),
-                )
-            )
-        return messages
+            for node_id in sorted(nodes, key=self.client_order)
+        ]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Example-weighted mean of the clients' metrics (FedSA-LoRA's personalised average)."""
         metrics, weights = [], []
         for reply in sorted(replies, key=lambda r: self.client_order(r.metadata.src_node_id)):
-            record = None if reply.has_error() else reply.content.metric_records.get(METRICS_KEY)
-            count = None if record is None else record.get(NUM_EXAMPLES_KEY)
+            record = None if reply.has_error() else reply.content.metric_records.get(METRICS)
+            count = None if record is None else record.get(NUM_EXAMPLES)
             if record is None or not isinstance(count, int | float) or count <= 0:
                 reason = reply.error.reason if reply.has_error() else "no metrics or num-examples"
                 log.warning("round %d: evaluation reply of node %d ignored: %s", server_round,

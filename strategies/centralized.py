@@ -1,16 +1,41 @@
 """The centralized upper bound: no federation. The ServerApp trains the same model with the same
 training code on the union of the clients' data, processing as many examples per round as the
-federation's sampled clients do together; this class only makes it selectable as a method."""
+federation's sampled clients do together; this module only makes it selectable as a method."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from finetune.config import ExperimentConfig, MethodConfig, require
 from strategies.averaging import weighted_mean
 from strategies.base import FederatedStrategy
+from strategies.client import ClientRule
+from strategies.registry import Family, Rule, register
+
+
+@dataclass
+class CentralizedConfig(MethodConfig):
+    name: str = "centralized"
+
+    def check_experiment(self, cfg: ExperimentConfig) -> None:
+        require(not cfg.privacy.enabled, "privacy.enabled: the centralized baseline trains without DP")
 
 
 class Centralized(FederatedStrategy):
-    """Selects the centralized baseline (LoRA at ``method.rank``, like ``fedit``)."""
+    """Never messages a client (LoRA at ``method.rank``, like ``fedit``)."""
 
     name = "centralized"
-    centralized = True
-    rule = staticmethod(weighted_mean)  # never called: no client ever trains
+    rule = staticmethod(weighted_mean)
+
+
+RULE = register(
+    Rule(
+        "centralized",
+        Family.BASELINE,
+        "the union of the clients' data, trained in one place",
+        CentralizedConfig,
+        Centralized,
+        ClientRule,
+        centralized=True,
+    )  # fmt: skip
+)

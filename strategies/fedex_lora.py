@@ -1,38 +1,28 @@
 """FedEx-LoRA (Singhal et al., ACL 2025, 2410.09432): FedIT's means plus the residual
 ``s (Σ p_k B_k A_k − B̄ Ā)`` folded into the frozen base, so the global model is exact.
 
-Orientation matters: for ``nn.Linear`` (PEFT layout, weight d_out × d_in) the residual is added
-as is; only GPT-2's ``Conv1D`` (``fan_in_fan_out``) stores the transpose. The official GLUE code
-transposes for nn.Linear too, which silently corrupts square query/value weights.
+Orientation matters: the residual is kept in the math layout ``d_out × d_in`` of ``B A`` and added
+as is to an ``nn.Linear`` weight; only GPT-2's ``Conv1D`` (``fan_in_fan_out``) stores the transpose
+(``finetune.state.set_base_deltas`` transposes there). The official GLUE code transposes for
+nn.Linear too, which silently corrupts square query/value weights.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
-from finetune.config import ExperimentConfig
+from finetune.lora import lora_layers, lora_scale
 from strategies.averaging import normalize_weights, weighted_mean
-from strategies.lowrank import lora_layers, lora_scale, weighted_product
-from strategies.merging import BaseMergingStrategy, Factors
+from strategies.merging import BaseMergingStrategy, Factors, MergedBaseClient, MergedBaseConfig
+from strategies.registry import Family, Rule, register
 
 
-def fedex_residual(
-    As: Sequence[np.ndarray],
-    Bs: Sequence[np.ndarray],
-    weights: Sequence[float],
-    scale: float,
-    fan_in_fan_out: bool = False,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(Ā, B̄, residual)`` with ``W0 + residual + s B̄ Ā = W0 + s Σ p_k B_k A_k``, the residual
-    in the base weight's own layout (transposed only for ``fan_in_fan_out`` layers)."""
-    p = normalize_weights(weights)
-    A_bar = sum(pk * A.astype(np.float64) for pk, A in zip(p, As, strict=True))
-    B_bar = sum(pk * B.astype(np.float64) for pk, B in zip(p, Bs, strict=True))
-    residual = scale * (weighted_product(As, Bs, p) - B_bar @ A_bar)
-    return A_bar, B_bar, residual.T if fan_in_fan_out else residual
+@dataclass
+class FedExLoRAConfig(MergedBaseConfig):
+    name: str = "fedex_lora"
 
 
 def fedex_residual_factors(
@@ -55,13 +45,9 @@ class FedExLoRA(BaseMergingStrategy):
 
     name = "fedex_lora"
 
-    def __init__(self, *, scale: float = 2.0, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.scale = scale
-
-    @classmethod
-    def options(cls, cfg: ExperimentConfig) -> dict[str, Any]:
-        return {**super().options(cfg), "scale": lora_scale(cfg.method.alpha, cfg.method.rank)}
+    def __init__(self, method: FedExLoRAConfig | None = None, **kwargs: object) -> None:
+        super().__init__(method or FedExLoRAConfig(), **kwargs)
+        self.scale = lora_scale(self.method.alpha, self.method.rank)
 
     def merge(
         self,
@@ -76,3 +62,15 @@ class FedExLoRA(BaseMergingStrategy):
             Bs = [state[b_key] for state in client_states]
             increment[prefix] = fedex_residual_factors(As, Bs, weights, self.scale)
         return new, increment
+
+
+RULE = register(
+    Rule(
+        "fedex_lora",
+        Family.MERGED_BASE,
+        "Singhal et al., ACL 2025, 2410.09432",
+        FedExLoRAConfig,
+        FedExLoRA,
+        MergedBaseClient,
+    )  # fmt: skip
+)

@@ -11,8 +11,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from finetune.config import MethodConfig
 from strategies.averaging import State, weighted_mean
 from strategies.base import FederatedStrategy
+from strategies.client import ClientRule
+from strategies.registry import Family, Rule, register
 
 
 def fedit_aggregate(states: Sequence[State], weights: Sequence[float]) -> dict[str, np.ndarray]:
@@ -24,5 +27,7 @@ class FedIT(FederatedStrategy):
     """Weighted mean of every trainable array (LoRA A, B, classifier head)."""
 
     name = "fedit"
-
     rule = staticmethod(fedit_aggregate)
+
+
+RULE = register(Rule("fedit", Family.LORA, "Zhang et al., 2305.05644", MethodConfig, FedIT, ClientRule))

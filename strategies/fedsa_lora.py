@@ -7,9 +7,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from finetune.config import MethodConfig
+from finetune.lora import is_lora_a
 from strategies.averaging import State, weighted_mean
 from strategies.base import FederatedStrategy
-from strategies.lowrank import is_lora_a
+from strategies.client import ClientRule
+from strategies.registry import Family, Rule, register
 
 
 def fedsa_aggregate(states: Sequence[State], weights: Sequence[float]) -> dict[str, np.ndarray]:
@@ -21,19 +24,35 @@ def fedsa_aggregate(states: Sequence[State], weights: Sequence[float]) -> dict[s
     return weighted_mean(states, weights)
 
 
+def personal(key: str) -> bool:
+    """B and the head never leave their client."""
+    return not is_lora_a(key)
+
+
 class FedSALoRA(FederatedStrategy):
-    """Clients share A; B and the classifier head stay on each client (context state).
-    Evaluation is personalised: each client's (Ā, B_k, head_k) on its own validation data."""
+    """The weighted mean of A. Evaluation is personalised: each client's (Ā, B_k, head_k) on its
+    own validation share."""
 
     name = "fedsa_lora"
     evaluate_on_clients = True
-
-    @staticmethod
-    def client_uploads(key: str) -> bool:
-        return is_lora_a(key)
-
-    @staticmethod
-    def client_keeps(key: str) -> bool:
-        return not is_lora_a(key)
-
+    shares = staticmethod(is_lora_a)
     rule = staticmethod(fedsa_aggregate)
+
+
+class FedSALoRAClient(ClientRule):
+    """Uploads A; keeps B and the head in its node state for its next round."""
+
+    uploads = staticmethod(is_lora_a)
+    keeps = staticmethod(personal)
+
+
+RULE = register(
+    Rule(
+        "fedsa_lora",
+        Family.LORA,
+        "Guo et al., ICLR 2025, 2410.01463",
+        MethodConfig,
+        FedSALoRA,
+        FedSALoRAClient,
+    )
+)

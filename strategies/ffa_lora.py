@@ -4,13 +4,18 @@ the head) trained, uploaded and averaged. With one A for everyone,
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
 
+from finetune.config import ExperimentConfig, MethodConfig
+from finetune.lora import is_lora_a
+from finetune.models import AdapterSpec
 from strategies.averaging import State, weighted_mean
 from strategies.base import FederatedStrategy
-from strategies.lowrank import is_lora_a
+from strategies.client import ClientRule
+from strategies.registry import Family, Rule, register
 
 
 def ffa_aggregate(states: Sequence[State], weights: Sequence[float]) -> dict[str, np.ndarray]:
@@ -22,14 +27,29 @@ def ffa_aggregate(states: Sequence[State], weights: Sequence[float]) -> dict[str
     return weighted_mean(states, weights)
 
 
+def shared(key: str) -> bool:
+    """B and the head travel; A never does (every process seeds the same A)."""
+    return not is_lora_a(key)
+
+
 class FFALoRA(FederatedStrategy):
-    """Clients freeze A (seeded, identical everywhere) and upload B and the head only."""
+    """The weighted mean of B and the head; A is not part of the global state."""
 
     name = "ffa_lora"
-    freeze_lora_a = True
-
-    @staticmethod
-    def client_uploads(key: str) -> bool:
-        return not is_lora_a(key)
-
+    shares = staticmethod(shared)
     rule = staticmethod(ffa_aggregate)
+
+
+class FFALoRAClient(ClientRule):
+    """Trains B and the head with A frozen at the shared seeded init; uploads no A."""
+
+    @classmethod
+    def default_adapter(cls, cfg: ExperimentConfig, rank: int | None = None) -> AdapterSpec:
+        return dataclasses.replace(super().default_adapter(cfg, rank), freeze_lora_a=True)
+
+    uploads = staticmethod(shared)
+
+
+RULE = register(
+    Rule("ffa_lora", Family.LORA, "Sun et al., ICLR 2024, 2403.12313", MethodConfig, FFALoRA, FFALoRAClient)
+)

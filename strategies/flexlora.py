@@ -7,29 +7,31 @@ The released code never resizes clients to their ranks and ignores α/r; both ar
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 from collections.abc import Iterable, Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from finetune.config import ExperimentConfig
+from finetune.lora import is_lora, lora_layers, split_state
+from finetune.models import AdapterSpec
 from finetune.records import from_record
 from strategies.averaging import normalize_weights, weighted_mean
 from strategies.base import FederatedStrategy
-from strategies.lowrank import (
-    compact_svd,
-    factors_from_svd,
-    is_lora,
-    lora_layers,
-    split_state,
-    truncated_factors,
-    weighted_product,
-)
+from strategies.lowrank import SVD, compact_svd, factors_from_svd, weighted_product
+from strategies.ranks import HeterogeneousRankConfig, RankedClient
+from strategies.registry import Family, Rule, register
 
-log = logging.getLogger(__name__)
+
+@dataclass
+class FlexLoRAConfig(HeterogeneousRankConfig):
+    """Per-node ranks; ``global_rank`` 0 = the sum of the largest rank each client can have,
+    which keeps the global factors exact."""
+
+    name: str = "flexlora"
 
 
 def flexlora_product(
@@ -43,9 +45,29 @@ def flexlora_product(
     return weighted_product(As, Bs, [pk * sk for pk, sk in zip(p, scales, strict=True)])
 
 
-def flexlora_client_factors(delta: np.ndarray, rank: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """Client factors ``(A, B)``: ``scale · B A`` is the rank-``rank`` truncated SVD of ``delta``."""
-    return truncated_factors(delta, rank, scale)
+def flexlora_aggregate(
+    As: Sequence[np.ndarray],
+    Bs: Sequence[np.ndarray],
+    weights: Sequence[float],
+    scales: Sequence[float],
+    global_rank: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Unit-scale global factors ``(A_g, B_g)`` at ``global_rank``: the truncated (dense) SVD of
+    ``Σ p_k s_k B_k A_k``, exact while ``global_rank >= Σ r_k``."""
+    return factors_from_svd(
+        *np.linalg.svd(flexlora_product(As, Bs, weights, scales), full_matrices=False), global_rank, 1.0
+    )
+
+
+def redistribution_svd(A_g: np.ndarray, B_g: np.ndarray) -> SVD:
+    """The SVD of the global update ``B_g A_g`` from its factors (no dense matrix)."""
+    return compact_svd([B_g], [A_g])
+
+
+def flexlora_client_factors(svd: SVD, rank: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """A client's factors ``(A, B)``: ``scale · B A`` is the rank-``rank`` truncation of the global
+    update whose SVD is ``svd`` (singular values in B, A with orthonormal rows)."""
+    return factors_from_svd(*svd, rank, scale)
 
 
 class FlexLoRA(FederatedStrategy):
@@ -53,25 +75,35 @@ class FlexLoRA(FederatedStrategy):
 
     The global state holds, per layer, factors ``(A_g, B_g)`` at ``global_rank`` R with unit
     scale, ``B_g A_g = ΔW`` (exact while R >= Σ r_k); heads are averaged as usual. Node ranks are
-    learnt with a QUERY to every node not seen before.
+    learnt with a QUERY to every node not seen before and sent to the node every round.
     """
 
     name = "flexlora"
     heterogeneous_ranks = True
+    method: HeterogeneousRankConfig
 
-    def __init__(self, *, alpha: float = 16.0, global_rank: int = 64, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.alpha, self.global_rank = alpha, global_rank
-        self._svd: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    def __init__(self, method: HeterogeneousRankConfig | None = None, **kwargs: object) -> None:
+        super().__init__(method or FlexLoRAConfig(name=self.name), **kwargs)  # type: ignore[arg-type]
+        self.alpha, self.global_rank = self.method.alpha, self.method.global_rank
+        if self.global_rank < 1:
+            raise ValueError(f"{self.name}: resolve method.global_rank before building the strategy")
+        self._svd: dict[str, SVD] = {}
 
     @classmethod
-    def options(cls, cfg: ExperimentConfig) -> dict[str, Any]:
-        return {"alpha": cfg.method.alpha, "global_rank": global_rank(cfg)}
+    def resolve(cls, cfg: ExperimentConfig) -> HeterogeneousRankConfig:
+        method = cfg.method
+        assert isinstance(method, HeterogeneousRankConfig)
+        bounds = method.client_rank_bounds(cfg.partition.num_clients, cfg.seed)
+        return dataclasses.replace(method, global_rank=method.global_rank or cls.default_global_rank(bounds))
+
+    @staticmethod
+    def default_global_rank(client_bounds: Sequence[int]) -> int:
+        return sum(client_bounds)
 
     @classmethod
-    def server_model_config(cls, cfg: ExperimentConfig) -> ExperimentConfig:
-        rank = global_rank(cfg)
-        return cfg.with_rank(rank, alpha=float(rank))  # unit scale: B_g A_g is ΔW itself
+    def global_adapter(cls, cfg: ExperimentConfig, client: AdapterSpec) -> AdapterSpec:
+        rank = cls.resolve(cfg).global_rank
+        return dataclasses.replace(client, rank=rank, alpha=float(rank))  # unit scale: B_g A_g is ΔW
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -82,7 +114,7 @@ class FlexLoRA(FederatedStrategy):
     def prepare_payloads(self, global_state: dict[str, np.ndarray]) -> None:
         """Decompose each layer's global update once per round (cheap: rank-R factors)."""
         self._svd = {
-            prefix: compact_svd([global_state[b_key]], [global_state[a_key]])
+            prefix: redistribution_svd(global_state[a_key], global_state[b_key])
             for prefix, (a_key, b_key) in lora_layers(global_state).items()
         }
 
@@ -117,22 +149,21 @@ class FlexLoRA(FederatedStrategy):
     def layer_payload(
         self, prefix: str, A_g: np.ndarray, B_g: np.ndarray, rank: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Factors for a node of ``rank``: the rank-r truncated SVD of ``B_g A_g``, ÷ its scale."""
-        return factors_from_svd(*self._svd[prefix], rank, self.alpha / rank)
+        return flexlora_client_factors(self._svd[prefix], rank, self.alpha / rank)
 
     def layer_aggregate(
         self, As: Sequence[np.ndarray], Bs: Sequence[np.ndarray], weights: np.ndarray, scales: Sequence[float]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Global unit-scale factors at ``global_rank`` of ``Σ p_k s_k B_k A_k``."""
-        return factors_from_svd(*self.decompose(As, Bs, weights, scales), self.global_rank, 1.0)
-
-    def decompose(
-        self, As: Sequence[np.ndarray], Bs: Sequence[np.ndarray], weights: np.ndarray, scales: Sequence[float]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """SVD of the mean update ``Σ p_k s_k B_k A_k``: dense here, QR-compact in HLoRA."""
-        return np.linalg.svd(flexlora_product(As, Bs, weights, scales), full_matrices=False)
+        return flexlora_aggregate(As, Bs, weights, scales, self.global_rank)
 
 
-def global_rank(cfg: ExperimentConfig) -> int:
-    """``method.global_rank``, or the sum of every client's configured rank."""
-    return cfg.method.global_rank or sum(cfg.max_client_rank(p) for p in range(cfg.partition.num_clients))
+RULE = register(
+    Rule(
+        "flexlora",
+        Family.HETEROGENEOUS_RANK,
+        "Bai et al., NeurIPS 2024, 2402.11505",
+        FlexLoRAConfig,
+        FlexLoRA,
+        RankedClient,
+    )  # fmt: skip
+)

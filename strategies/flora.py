@@ -6,14 +6,23 @@ update into their base weights and start a fresh LoRA each round."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
-from finetune.config import ExperimentConfig
+from finetune.lora import lora_layers, lora_scale, split_state
 from strategies.averaging import normalize_weights, weighted_mean
-from strategies.lowrank import lora_layers, lora_scale, split_state
-from strategies.merging import BaseMergingStrategy, Factors
+from strategies.merging import BaseMergingStrategy, Factors, MergedBaseClient, MergedBaseConfig
+from strategies.ranks import HeterogeneousRankConfig, RankedClient
+from strategies.registry import Family, Rule, register
+
+
+@dataclass
+class FLoRAConfig(HeterogeneousRankConfig, MergedBaseConfig):
+    """Per-node ranks (FLoRA keeps no global adapter: ``global_rank`` is unused) and the merged
+    base's synchronisation."""
+
+    name: str = "flora"
 
 
 def flora_stack(
@@ -37,13 +46,9 @@ class FLoRA(BaseMergingStrategy):
     heterogeneous_ranks = True
     global_lora = False
 
-    def __init__(self, *, alpha: float = 16.0, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.alpha = alpha
-
-    @classmethod
-    def options(cls, cfg: ExperimentConfig) -> dict[str, Any]:
-        return {**super().options(cfg), "alpha": cfg.method.alpha}
+    def __init__(self, method: FLoRAConfig | None = None, **kwargs: object) -> None:
+        super().__init__(method or FLoRAConfig(), **kwargs)
+        self.alpha = self.method.alpha
 
     def merge(
         self,
@@ -63,3 +68,16 @@ class FLoRA(BaseMergingStrategy):
             R, L = flora_stack(As, Bs, weights)
             increment[prefix] = (L, R)
         return new, increment
+
+
+class FLoRAClient(MergedBaseClient, RankedClient):
+    """Merges the stacked update into its base, then trains a fresh seeded LoRA at its own rank."""
+
+    fresh_adapter = True
+
+
+RULE = register(
+    Rule(
+        "flora", Family.MERGED_BASE, "Wang et al., NeurIPS 2024, 2409.05976", FLoRAConfig, FLoRA, FLoRAClient
+    )
+)

@@ -4,13 +4,57 @@ mean — FedAvg on the weights themselves, exact by construction."""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
+from finetune.config import ExperimentConfig, MethodConfig, choice
+from finetune.models import AdapterSpec
 from strategies.averaging import weighted_mean
 from strategies.base import FederatedStrategy
+from strategies.client import ClientRule
+from strategies.registry import Family, Rule, register
+
+FULL_SCOPES = ("targets", "all")
+
+
+@dataclass
+class FullConfig(MethodConfig):
+    """``full_scope``: fine-tune the LoRA target modules and the head (``targets``) or every
+    weight (``all``). ``rank`` and ``alpha`` are unused (no adapter)."""
+
+    name: str = "full"
+    full_scope: str = "targets"
+
+    def validate(self) -> None:
+        super().validate()
+        choice(self.full_scope, FULL_SCOPES, "method.full_scope")
 
 
 class FullFineTuning(FederatedStrategy):
     """Weighted mean of every trained weight."""
 
     name = "full"
-    full_finetune = True
     rule = staticmethod(weighted_mean)
+
+
+class FullClient(ClientRule):
+    """Trains the selected weights themselves."""
+
+    @classmethod
+    def default_adapter(cls, cfg: ExperimentConfig, rank: int | None = None) -> AdapterSpec:
+        assert isinstance(cfg.method, FullConfig)
+        return dataclasses.replace(
+            super().default_adapter(cfg, rank), kind="full", full_scope=cfg.method.full_scope
+        )
+
+
+RULE = register(
+    Rule(
+        "full",
+        Family.FULL,
+        '"Why Gradient Subspace?", arXiv 2410.23111',
+        FullConfig,
+        FullFineTuning,
+        FullClient,
+    )
+)

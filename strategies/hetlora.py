@@ -6,15 +6,42 @@ example weight). Inexact, by design of the paper; clients self-prune their rank.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from finetune.config import ExperimentConfig
+from finetune.config import ExperimentConfig, require
 from strategies.averaging import normalize_weights
+from strategies.client import NodeFacts, NodeState, Regularizer, State
 from strategies.flexlora import FlexLoRA
 from strategies.lowrank import pad_rank
+from strategies.protocol import NEXT_RANK, TrainReport, metric_int
+from strategies.ranks import HeterogeneousRankConfig, RankedClient
+from strategies.registry import Family, Rule, register
+
+PRUNING = "rank-pruning"  # node state: the rank this node pruned itself to and its tail's norm
+
+
+@dataclass
+class HetLoRAConfig(HeterogeneousRankConfig):
+    """Per-node ranks (``global_rank`` 0 = the largest client rank) and the rank self-pruning
+    regulariser ``prune_lambda ‖B[:, k:]‖ ‖A[k:, :]‖`` with ``k = ceil(prune_gamma r)``."""
+
+    name: str = "hetlora"
+    prune_lambda: float = 1e-3
+    prune_gamma: float = 0.99
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.prune_lambda >= 0, f"method.prune_lambda must be >= 0, got {self.prune_lambda}")
+        require(0 < self.prune_gamma < 1, f"method.prune_gamma must be in (0, 1), got {self.prune_gamma}")
+
+    def check_experiment(self, cfg: ExperimentConfig) -> None:
+        require(
+            not cfg.privacy.enabled,
+            f"privacy.enabled: {self.name}'s rank self-pruning term is not per-sample; DP-SGD cannot clip it",
+        )
 
 
 def hetlora_weights(
@@ -39,14 +66,24 @@ def hetlora_aggregate(
     scales: Sequence[float],
     max_rank: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Global ``(A, B)`` at ``max_rank``: the norm-weighted mean of the zero-padded factors."""
-    w = hetlora_weights(As, Bs, weights, scales)
+    """Global unit-scale ``(A, B)`` at ``max_rank``: the norm-weighted mean of the zero-padded
+    factors, each client's B first multiplied by its scale ``s_k``."""
+    unit_Bs = [sk * B for sk, B in zip(scales, Bs, strict=True)]
+    w = hetlora_weights(As, unit_Bs, weights, [1.0] * len(As))
     padded = [
-        pad_rank(A.astype(np.float64), B.astype(np.float64), max_rank) for A, B in zip(As, Bs, strict=True)
+        pad_rank(A.astype(np.float64), B.astype(np.float64), max_rank)
+        for A, B in zip(As, unit_Bs, strict=True)
     ]
     A_bar = sum(wk * A for wk, (A, _) in zip(w, padded, strict=True))
     B_bar = sum(wk * B for wk, (_, B) in zip(w, padded, strict=True))
     return A_bar, B_bar
+
+
+def hetlora_client_factors(
+    A_g: np.ndarray, B_g: np.ndarray, rank: int, scale: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """A client's factors: the first ``rank`` components of the unit-scale global factors."""
+    return A_g[:rank], B_g[:, :rank] / scale
 
 
 def hetlora_penalty_tail(rank: int, gamma: float) -> int:
@@ -82,16 +119,10 @@ class HetLoRA(FlexLoRA):
     """
 
     name = "hetlora"
-    self_pruning = True
 
-    @classmethod
-    def options(cls, cfg: ExperimentConfig) -> dict[str, Any]:
-        return {"alpha": cfg.method.alpha, "global_rank": max_rank(cfg)}
-
-    @classmethod
-    def server_model_config(cls, cfg: ExperimentConfig) -> ExperimentConfig:
-        rank = max_rank(cfg)
-        return cfg.with_rank(rank, alpha=float(rank))
+    @staticmethod
+    def default_global_rank(client_bounds: Sequence[int]) -> int:
+        return max(client_bounds)
 
     def prepare_payloads(self, global_state: dict[str, np.ndarray]) -> None:
         pass  # truncation needs no decomposition
@@ -99,20 +130,63 @@ class HetLoRA(FlexLoRA):
     def layer_payload(
         self, prefix: str, A_g: np.ndarray, B_g: np.ndarray, rank: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        return A_g[:rank], B_g[:, :rank] / (self.alpha / rank)
+        return hetlora_client_factors(A_g, B_g, rank, self.alpha / rank)
 
     def layer_aggregate(
         self, As: Sequence[np.ndarray], Bs: Sequence[np.ndarray], weights: np.ndarray, scales: Sequence[float]
     ) -> tuple[np.ndarray, np.ndarray]:
-        unit_Bs = [sk * B for sk, B in zip(scales, Bs, strict=True)]
-        return hetlora_aggregate(As, unit_Bs, weights, [1.0] * len(As), self.global_rank)
+        return hetlora_aggregate(As, Bs, weights, scales, self.global_rank)
 
     def accept_reply(self, node_id: int, metrics: dict[str, float]) -> None:
-        rank = metrics.get("lora-rank")  # a pruned rank applies from the node's next round
+        rank = metric_int(metrics, NEXT_RANK)  # a pruned rank applies from the node's next round
         if rank is not None and 1 <= rank <= self.global_rank:
-            self.node_ranks[node_id] = int(rank)
+            self.node_ranks[node_id] = rank
 
 
-def max_rank(cfg: ExperimentConfig) -> int:
-    """``method.global_rank``, or the largest configured client rank."""
-    return cfg.method.global_rank or max(cfg.max_client_rank(p) for p in range(cfg.partition.num_clients))
+class HetLoRAClient(RankedClient):
+    """Adds the self-pruning term to the loss; lowers its rank once the penalised tail shrank."""
+
+    @property
+    def method(self) -> HetLoRAConfig:
+        assert isinstance(self.cfg.method, HetLoRAConfig)
+        return self.cfg.method
+
+    @classmethod
+    def describe(
+        cls, cfg: ExperimentConfig, partition_id: int, node: NodeState, facts: NodeFacts
+    ) -> int | None:
+        pruning = node.values(PRUNING)
+        return (
+            int(pruning["rank"]) if pruning is not None else super().describe(cfg, partition_id, node, facts)
+        )
+
+    def regularizer(self) -> Regularizer:
+        strength, gamma = self.method.prune_lambda, self.method.prune_gamma
+        return lambda model: strength * self_pruning_penalty(model, gamma)
+
+    def finish(self, model: torch.nn.Module, trained: State, report: TrainReport) -> State:
+        report.next_rank = self.prune(model)
+        return super().finish(model, trained, report)
+
+    def prune(self, model: torch.nn.Module) -> int:
+        """``ceil(γ r)`` once the penalised tail shrank since this node's last round, else r."""
+        rank, gamma = self.rank, self.method.prune_gamma
+        with torch.no_grad():
+            tail = float(self_pruning_penalty(model, gamma))
+        previous = self.node.values(PRUNING)
+        if previous is not None and tail < float(previous["tail-norm"]) and rank > 1:
+            rank = hetlora_penalty_tail(rank, gamma)
+        self.node.set_values(PRUNING, {"rank": rank, "tail-norm": tail})
+        return rank
+
+
+RULE = register(
+    Rule(
+        "hetlora",
+        Family.HETEROGENEOUS_RANK,
+        "Cho et al., EMNLP 2024, 2401.06432",
+        HetLoRAConfig,
+        HetLoRA,
+        HetLoRAClient,
+    )  # fmt: skip
+)

@@ -8,12 +8,20 @@ both sides leaves a Σr × Σr core to decompose (the NVFlare re-implementation'
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from strategies.averaging import normalize_weights
-from strategies.flexlora import FlexLoRA
-from strategies.lowrank import compact_svd, factors_from_svd
+from strategies.flexlora import FlexLoRA, FlexLoRAConfig
+from strategies.lowrank import SVD, compact_svd, factors_from_svd
+from strategies.ranks import RankedClient
+from strategies.registry import Family, Rule, register
+
+
+@dataclass
+class HLoRAConfig(FlexLoRAConfig):
+    name: str = "hlora"
 
 
 def hlora_svd(
@@ -21,18 +29,22 @@ def hlora_svd(
     Bs: Sequence[np.ndarray],
     weights: Sequence[float],
     scales: Sequence[float],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> SVD:
     """Thin SVD ``(U, S, Vt)`` of ``Σ p_k s_k B_k A_k``, of size Σ r_k."""
     p = normalize_weights(weights)
     lefts = [pk * sk * B for pk, sk, B in zip(p, scales, Bs, strict=True)]
     return compact_svd(lefts, As)
 
 
-def hlora_client_factors(
-    svd: tuple[np.ndarray, np.ndarray, np.ndarray], rank: int, scale: float
+def hlora_aggregate(
+    As: Sequence[np.ndarray],
+    Bs: Sequence[np.ndarray],
+    weights: Sequence[float],
+    scales: Sequence[float],
+    global_rank: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Client factors at ``rank``, identical to FlexLoRA's dense truncation."""
-    return factors_from_svd(*svd, rank, scale)
+    """FlexLoRA's global factors through the QR-compact SVD."""
+    return factors_from_svd(*hlora_svd(As, Bs, weights, scales), global_rank, 1.0)
 
 
 class HLoRA(FlexLoRA):
@@ -40,7 +52,12 @@ class HLoRA(FlexLoRA):
 
     name = "hlora"
 
-    def decompose(
+    def layer_aggregate(
         self, As: Sequence[np.ndarray], Bs: Sequence[np.ndarray], weights: np.ndarray, scales: Sequence[float]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return hlora_svd(As, Bs, weights, scales)
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return hlora_aggregate(As, Bs, weights, scales, self.global_rank)
+
+
+RULE = register(
+    Rule("hlora", Family.HETEROGENEOUS_RANK, "Liu et al., 2503.00813", HLoRAConfig, HLoRA, RankedClient)
+)

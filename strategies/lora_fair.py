@@ -5,14 +5,33 @@ update; clients restart from ``(Ā, B̄ + ΔB)``. Cosine is scale-free, so λ ke
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
-from finetune.config import ExperimentConfig
+from finetune.config import MethodConfig, require
+from finetune.lora import lora_layers, split_state
 from strategies.averaging import normalize_weights, weighted_mean
 from strategies.base import FederatedStrategy
-from strategies.lowrank import lora_layers, split_state, weighted_product
+from strategies.client import ClientRule
+from strategies.lowrank import weighted_product
+from strategies.registry import Family, Rule, register
+
+
+@dataclass
+class LoRAFAIRConfig(MethodConfig):
+    """The server-side correction of B̄: weight of ‖ΔB‖, descent steps, initial step size."""
+
+    name: str = "lora_fair"
+    fair_lambda: float = 0.01
+    fair_steps: int = 100
+    fair_lr: float = 0.01
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.fair_lambda >= 0, f"method.fair_lambda must be >= 0, got {self.fair_lambda}")
+        require(self.fair_steps >= 0, f"method.fair_steps must be >= 0, got {self.fair_steps}")
+        require(self.fair_lr > 0, f"method.fair_lr must be > 0, got {self.fair_lr}")
 
 
 def cosine(x: np.ndarray, y: np.ndarray) -> float:
@@ -90,17 +109,7 @@ class LoRAFAIR(FederatedStrategy):
     """FedIT's means with the server-side correction of B̄ on every LoRA layer."""
 
     name = "lora_fair"
-
-    def __init__(
-        self, *, fair_lambda: float = 0.01, fair_steps: int = 100, fair_lr: float = 0.01, **kwargs: Any
-    ) -> None:
-        super().__init__(**kwargs)
-        self.fair_lambda, self.fair_steps, self.fair_lr = fair_lambda, fair_steps, fair_lr
-
-    @classmethod
-    def options(cls, cfg: ExperimentConfig) -> dict[str, Any]:
-        method = cfg.method
-        return {"fair_lambda": method.fair_lambda, "fair_steps": method.fair_steps, "fair_lr": method.fair_lr}
+    method: LoRAFAIRConfig
 
     def aggregate(
         self,
@@ -113,10 +122,16 @@ class LoRAFAIR(FederatedStrategy):
         lora, _ = split_state(client_states[0])
         others = [split_state(state)[1] for state in client_states]
         out = weighted_mean(others, weights) if others[0] else {}
+        fair = self.method
         for a_key, b_key in lora_layers(lora).values():
             A, B = lora_fair_aggregate(
                 [s[a_key] for s in client_states], [s[b_key] for s in client_states], weights,
-                self.fair_lambda, self.fair_steps, self.fair_lr,
+                fair.fair_lambda, fair.fair_steps, fair.fair_lr,
             )  # fmt: skip
             out[a_key], out[b_key] = A.astype(np.float32), B.astype(np.float32)
         return out
+
+
+RULE = register(
+    Rule("lora_fair", Family.LORA, "Bian et al., ICCV 2025, 2411.14961", LoRAFAIRConfig, LoRAFAIR, ClientRule)
+)

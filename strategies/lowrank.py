@@ -1,55 +1,13 @@
-"""LoRA bookkeeping and low-rank linear algebra shared by the heterogeneous-rank rules.
-
-PEFT layout for an ``nn.Linear`` with weight ``W0 ∈ R^{d_out×d_in}``: ``A = lora_A ∈ R^{r×d_in}``,
-``B = lora_B ∈ R^{d_out×r}``, forward ``W0 x + s·B A x`` with ``s = alpha / r``.
-"""
+"""Low-rank linear algebra shared by the rules (factors in PEFT layout: ``A`` is r × d_in, ``B`` is
+d_out × r; see ``finetune/lora.py``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-LORA_A_SUFFIX = ".lora_A.weight"
-LORA_B_SUFFIX = ".lora_B.weight"
-BASE_DELTA_SUFFIX = ".base_delta"  # a merged update of a layer's frozen weight, d_out × d_in
-
-
-def is_lora_a(key: str) -> bool:
-    return key.endswith(LORA_A_SUFFIX)
-
-
-def is_lora_b(key: str) -> bool:
-    return key.endswith(LORA_B_SUFFIX)
-
-
-def is_lora(key: str) -> bool:
-    return is_lora_a(key) or is_lora_b(key)
-
-
-def is_base_delta(key: str) -> bool:
-    return key.endswith(BASE_DELTA_SUFFIX)
-
-
-def lora_layers(keys: Iterable[str]) -> dict[str, tuple[str, str]]:
-    """``prefix -> (A key, B key)`` for every adapted layer; both factors must be present."""
-    keys = set(keys)
-    layers = {}
-    for key in sorted(keys):
-        if is_lora_a(key):
-            prefix = key[: -len(LORA_A_SUFFIX)]
-            b_key = prefix + LORA_B_SUFFIX
-            if b_key not in keys:
-                raise ValueError(f"{key} has no matching {b_key}")
-            layers[prefix] = (key, b_key)
-    orphans = [k for k in keys if is_lora_b(k) and k[: -len(LORA_B_SUFFIX)] not in layers]
-    if orphans:
-        raise ValueError(f"lora_B without lora_A: {orphans[:3]}")
-    return layers
-
-
-def lora_scale(alpha: float, rank: int) -> float:
-    return alpha / rank
+SVD = tuple[np.ndarray, np.ndarray, np.ndarray]  # (U, S, Vt)
 
 
 def weighted_product(
@@ -60,14 +18,6 @@ def weighted_product(
     for c, A, B in zip(coefficients, As, Bs, strict=True):
         out += c * (B.astype(np.float64) @ A.astype(np.float64))
     return out
-
-
-def truncated_factors(delta: np.ndarray, rank: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """Rank-``rank`` factors ``(A, B)`` with ``scale·B A`` = the best rank-r approximation of
-    ``delta`` (Eckart–Young). Singular values go into B; A has orthonormal rows. Ranks beyond
-    ``min(delta.shape)`` are zero-padded."""
-    U, S, Vt = np.linalg.svd(delta, full_matrices=False)
-    return factors_from_svd(U, S, Vt, rank, scale)
 
 
 def factors_from_svd(
@@ -106,15 +56,3 @@ def pad_rank(A: np.ndarray, B: np.ndarray, rank: int) -> tuple[np.ndarray, np.nd
     if r > rank:
         raise ValueError(f"cannot pad rank {r} down to {rank}")
     return np.pad(A, ((0, rank - r), (0, 0))), np.pad(B, ((0, 0), (0, rank - r)))
-
-
-def split_state(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """``(LoRA factors, everything else)`` — the second part (heads) is averaged plainly."""
-    lora = {k: v for k, v in state.items() if is_lora(k)}
-    return lora, {k: v for k, v in state.items() if not is_lora(k)}
-
-
-def split_base_deltas(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """``(trainable state, {layer prefix: base delta})`` of a global state."""
-    deltas = {k[: -len(BASE_DELTA_SUFFIX)]: v for k, v in state.items() if is_base_delta(k)}
-    return {k: v for k, v in state.items() if not is_base_delta(k)}, deltas

@@ -19,18 +19,19 @@ dense ``D`` next time, so a lost or restarted client can never train on a stale 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord
 
-from finetune.config import ExperimentConfig
-from finetune.records import to_record
-from strategies.base import FederatedStrategy
-from strategies.lowrank import (
+from finetune.config import MethodConfig, choice
+from finetune.lora import (
     BASE_DELTA_SUFFIX,
     LORA_A_SUFFIX,
     LORA_B_SUFFIX,
@@ -38,13 +39,36 @@ from strategies.lowrank import (
     is_lora,
     lora_layers,
     split_base_deltas,
+    with_base_deltas,
 )
+from finetune.models import reinitialize_lora
+from finetune.records import to_record
+from finetune.state import set_base_deltas
+from strategies.base import FederatedStrategy
+from strategies.client import ClientRule, ModelBaseline, State
+from strategies.protocol import BASE_VERSION, Instruction, TrainReport, metric_int
 
 log = logging.getLogger(__name__)
 
 UPDATE_INFIX = ".base_update."  # <prefix>.base_update.<version>.L / .R
-VERSION_KEY = "base-version"  # config: the version the payload brings the node to; reply metric
-FROM_KEY = "base-from"  # config: the version the factors start from; -1 = dense D
+MERGED_BASE = "merged-base"  # node state: the base deltas this node holds ...
+MERGED_BASE_VERSION = "merged-base-version"  # ... and the server round of the last merge in them
+BASE_SYNC_MODES = ("auto", "dense", "factors")
+
+
+@dataclass
+class MergedBaseConfig(MethodConfig):
+    """How a client's merged base is brought up to date: ``factors`` sends each missed round's
+    exact low-rank update, ``dense`` the whole base delta, ``auto`` the smaller."""
+
+    base_sync: str = "auto"
+
+    uploads_are_global = False
+
+    def validate(self) -> None:
+        super().validate()
+        choice(self.base_sync, BASE_SYNC_MODES, "method.base_sync")
+
 
 Factors = dict[str, tuple[np.ndarray, np.ndarray]]  # layer prefix -> (L, R), L R = increment
 
@@ -108,13 +132,13 @@ class BaseMergingStrategy(FederatedStrategy):
     A rule implements :meth:`merge`: the new global trainable state and this round's increment.
     """
 
-    merges_into_base = True
     #: Whether LoRA factors are part of the global state (FedEx) or fresh every round (FLoRA).
     global_lora: ClassVar[bool] = True
+    method: MergedBaseConfig
 
-    def __init__(self, *, base_sync: str = "auto", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.base_sync = base_sync
+    def __init__(self, method: MergedBaseConfig | None = None, **kwargs: object) -> None:
+        super().__init__(method or MergedBaseConfig(name=self.name), **kwargs)  # type: ignore[arg-type]
+        self.base_sync = self.method.base_sync
         self.merged: list[int] = []  # server rounds that merged an increment, in order
         self.history: OrderedDict[int, Factors] = OrderedDict()  # recent merges' increments
         self.node_version: dict[int, int] = {}  # the version each node confirmed; -1 = unknown
@@ -122,10 +146,6 @@ class BaseMergingStrategy(FederatedStrategy):
     @property
     def version(self) -> int:
         return self.merged[-1] if self.merged else 0
-
-    @classmethod
-    def options(cls, cfg: ExperimentConfig) -> dict[str, Any]:
-        return {"base_sync": cfg.method.base_sync}
 
     def merge(
         self,
@@ -161,15 +181,18 @@ class BaseMergingStrategy(FederatedStrategy):
         trainable, deltas = split_base_deltas(global_state)
         held = self.catch_up_from(node_id)
         if held is None:
-            return {**trainable, **{prefix + BASE_DELTA_SUFFIX: d for prefix, d in deltas.items()}}
+            return with_base_deltas(trainable, deltas)
         updates = {}
         for version in (v for v in self.merged if v > held):
             updates.update(sync_payload_keys(self.history[version], version))
         return {**trainable, **updates}
 
-    def payload_config(self, node_id: int) -> dict[str, int | float | str]:
+    def instruction(self, node_id: int, common: Instruction) -> Instruction:
         held = self.catch_up_from(node_id)
-        return {VERSION_KEY: self.version, FROM_KEY: -1 if held is None else held}
+        instruction = super().instruction(node_id, common)
+        return dataclasses.replace(
+            instruction, base_version=self.version, base_from=-1 if held is None else held
+        )
 
     def encode_payload(self, payload: dict[str, np.ndarray]) -> ArrayRecord:
         """Base updates travel in float32 whatever the wire dtype: both sides must agree exactly."""
@@ -195,8 +218,8 @@ class BaseMergingStrategy(FederatedStrategy):
         return {prefix: d.shape for prefix, d in split_base_deltas(self._global)[1].items()}
 
     def accept_reply(self, node_id: int, metrics: dict[str, float]) -> None:
-        version = metrics.get(VERSION_KEY)
-        self.node_version[node_id] = int(version) if version == self.version else -1
+        version = metric_int(metrics, BASE_VERSION)
+        self.node_version[node_id] = version if version == self.version else -1
 
     def node_failed(self, node_id: int) -> None:
         self.node_version[node_id] = -1
@@ -223,7 +246,7 @@ class BaseMergingStrategy(FederatedStrategy):
             limit = _nbytes_dense(global_state)
             while len(self.history) > 1 and sum(map(_nbytes, self.history.values())) > limit:
                 self.history.popitem(last=False)
-        return {**new_trainable, **{p + BASE_DELTA_SUFFIX: d for p, d in new_deltas.items()}}
+        return with_base_deltas(new_trainable, new_deltas)
 
 
 def _nbytes(arrays: Factors) -> int:
@@ -232,3 +255,36 @@ def _nbytes(arrays: Factors) -> int:
 
 def _nbytes_dense(global_state: Mapping[str, np.ndarray]) -> int:
     return sum(4 * d.size for d in split_base_deltas(global_state)[1].values())
+
+
+class MergedBaseClient(ClientRule):
+    """Keeps its merged base (the deltas and their version) in its node state, brings it to the
+    server's version before training, and reports the version it trained on."""
+
+    needs_base_weights = True
+    #: FLoRA: a fresh adapter (seeded per round) every round instead of the received one.
+    fresh_adapter: ClassVar[bool] = False
+
+    def load(self, model: torch.nn.Module, received: State, baseline: ModelBaseline) -> None:
+        sync = {k: received.pop(k) for k in list(received) if is_sync_key(k)}
+        super().load(model, received, baseline)
+        set_base_deltas(model, baseline.base, self.update_merged_base(sync))
+        if self.fresh_adapter:
+            reinitialize_lora(model, seed=self.cfg.seed * 1_000_003 + self.job.instruction.server_round)
+
+    def update_merged_base(self, sync: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """This node's base deltas brought to the server's version (kept in its node state)."""
+        instruction = self.job.instruction
+        if instruction.base_version is None or instruction.base_from is None:
+            raise ValueError(f"{self.cfg.method.name}: the server sent no merged-base version")
+        record = self.node.values(MERGED_BASE_VERSION)
+        held_version = int(record["version"]) if record is not None else 0
+        held = self.node.arrays(MERGED_BASE)
+        deltas = catch_up(held, held_version, sync, instruction.base_version, instruction.base_from)
+        self.node.set_arrays(MERGED_BASE, deltas)
+        self.node.set_values(MERGED_BASE_VERSION, {"version": instruction.base_version})
+        return deltas
+
+    def finish(self, model: torch.nn.Module, trained: State, report: TrainReport) -> State:
+        report.base_version = self.job.instruction.base_version
+        return super().finish(model, trained, report)

@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 
 from finetune.config import ExperimentConfig, compose_config
-from launch.simulation import default_hub_mirror
+from finetune.hub import default_hub_mirror
 
 TINY_OVERRIDES = [
     "partition.num_clients=2",

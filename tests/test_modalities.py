@@ -13,7 +13,7 @@ from client_app.app import evaluate, query, train
 from finetune.config import compose_config
 from server_app.app import run_experiment
 from server_app.results import RunRecorder
-from strategies import STRATEGIES
+from strategies import RULES
 
 MODALITIES = {
     "image": ({"model": "tiny_vit", "dataset": "cifar10", "partition": "feature_shift"}, []),
@@ -55,7 +55,7 @@ def run_in_process(cfg, tmp_path):
 
 
 @pytest.mark.parametrize("modality", sorted(MODALITIES))
-@pytest.mark.parametrize("method", sorted(STRATEGIES))
+@pytest.mark.parametrize("method", sorted(RULES))
 def test_every_rule_runs_on_every_modality(modality, method, hub_mirror, tmp_path):
     selections, extra = MODALITIES[modality]
     cfg = compose_config(
@@ -67,10 +67,10 @@ def test_every_rule_runs_on_every_modality(modality, method, hub_mirror, tmp_pat
     assert [row["round"] for row in rows] == [0, 1, 2]
     main = f"eval_{cfg.dataset.main_metric}"
     assert all(np.isfinite(row["eval_loss"]) and 0 <= row[main] <= 1 for row in rows)
-    if not STRATEGIES[method].centralized:
+    if not RULES[method].centralized:
         assert all(row["clients_aggregated"] == 2 and row["clients_rejected"] == {} for row in rows[1:])
     summary = json.loads((recorder.folder / "summary.json").read_text())
     assert summary["status"] == "completed"
-    if not STRATEGIES[method].evaluate_on_clients:
+    if not RULES[method].personalised:
         saved = summary["adapter_dir"] or summary["model_dir"]
         assert saved and any((recorder.folder / saved).iterdir())

@@ -1,0 +1,154 @@
+"""The client half of a rule: the hooks the ClientApp calls, and the node state they may use.
+
+For every TRAIN (or EVALUATE) message the ClientApp builds the rule's :class:`ClientRule` with the
+message's :class:`ClientRound`, then calls, in order:
+
+1. :meth:`ClientRule.adapter` — what the model trains (the ClientApp builds or reuses it);
+2. :meth:`ClientRule.load` — bring the shared model object to this client's starting point, from
+   the payload and what the node kept;
+3. :meth:`ClientRule.optimizer` and :meth:`ClientRule.regularizer` — the local optimizer and a
+   term added to the task loss;
+4. after training, :meth:`ClientRule.finish` — what goes up, what the node keeps, what it reports.
+
+A QUERY message calls :meth:`ClientRule.describe` (the node's LoRA rank, where ranks differ).
+Everything a rule needs to know about a node comes in :class:`ClientRound`; the ClientApp itself
+holds no rule-specific logic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from finetune.config import ExperimentConfig
+from finetune.models import AdapterSpec
+from finetune.optim import GaLoreSettings
+from finetune.records import from_record, to_record
+from finetune.state import load_trainable_state
+from strategies.protocol import Instruction, TrainReport
+
+State = dict[str, np.ndarray]
+Regularizer = Callable[[torch.nn.Module], torch.Tensor]
+
+KEPT_ARRAYS = "local-arrays"  # node state: the arrays a rule keeps on the node between rounds
+OPTIMIZER_STATE = "optimizer-state"  # node state: the serialized optimizer (train.keep_optimizer_state)
+
+
+class NodeState:
+    """What a node keeps between the rounds of a run (backed by Flower's ``Context.state``)."""
+
+    def __init__(self, records: RecordDict) -> None:
+        self.records = records
+
+    def arrays(self, key: str) -> State:
+        record = self.records.array_records.get(key)
+        return from_record(record) if record is not None else {}
+
+    def set_arrays(self, key: str, arrays: Mapping[str, np.ndarray]) -> None:
+        self.records[key] = to_record(arrays)
+
+    def values(self, key: str) -> dict[str, Any] | None:
+        record = self.records.config_records.get(key)
+        return dict(record) if record is not None else None
+
+    def set_values(self, key: str, values: Mapping[str, Any]) -> None:
+        self.records[key] = ConfigRecord(dict(values))
+
+    def blob(self, key: str) -> np.ndarray | None:
+        record = self.records.array_records.get(key)
+        return record["blob"].numpy() if record is not None else None
+
+    def set_blob(self, key: str, blob: np.ndarray) -> None:
+        self.records[key] = ArrayRecord({"blob": Array(blob)})
+
+
+@dataclass
+class NodeFacts:
+    """What the SuperNode's operator configured (``--node-config``) and what the machine has."""
+
+    node_config: Mapping[str, Any]
+    memory_gb: Callable[[], float]
+
+
+@dataclass
+class ClientRound:
+    """One message as the rule's client half sees it."""
+
+    cfg: ExperimentConfig
+    instruction: Instruction
+    partition_id: int
+    node: NodeState
+
+
+@dataclass
+class ModelBaseline:
+    """What the model looked like when it was built: its seeded trainable init and copies of the
+    frozen weights under the LoRA layers (for rules that merge into the base)."""
+
+    initial: State
+    base: dict[str, torch.Tensor]
+
+
+class ClientRule:
+    """A LoRA client: trains the adapter at ``method.rank``, uploads every trained array (or what
+    :meth:`uploads` selects) and keeps what :meth:`keeps` selects on the node."""
+
+    #: Whether the node needs copies of the pretrained weights under the LoRA layers.
+    needs_base_weights: ClassVar[bool] = False
+
+    def __init__(self, job: ClientRound) -> None:
+        self.job = job
+        self.cfg = job.cfg
+        self.node = job.node
+
+    # --- QUERY --------------------------------------------------------------------------
+    @classmethod
+    def describe(
+        cls, cfg: ExperimentConfig, partition_id: int, node: NodeState, facts: NodeFacts
+    ) -> int | None:
+        """The LoRA rank this node trains at, for rules whose nodes each have one (else None)."""
+        return None
+
+    # --- building and loading -------------------------------------------------------------
+    @classmethod
+    def default_adapter(cls, cfg: ExperimentConfig, rank: int | None = None) -> AdapterSpec:
+        method = cfg.method
+        return AdapterSpec(rank=rank or method.rank, alpha=method.alpha, dropout=method.dropout)
+
+    def adapter(self) -> AdapterSpec:
+        return self.default_adapter(self.cfg)
+
+    def load(self, model: torch.nn.Module, received: State, baseline: ModelBaseline) -> None:
+        """Overwrite every trainable array: the model object serves many clients in turn."""
+        load_trainable_state(model, {**baseline.initial, **self.node.arrays(KEPT_ARRAYS), **received})
+
+    # --- training -------------------------------------------------------------------------
+    def optimizer(self) -> GaLoreSettings | None:
+        """None: AdamW; GaLore settings: GaLoreAdamW."""
+        return None
+
+    def regularizer(self) -> Regularizer | None:
+        return None
+
+    # --- after training -------------------------------------------------------------------
+    @staticmethod
+    def uploads(key: str) -> bool:
+        """Whether this trained array goes to the server."""
+        return True
+
+    @staticmethod
+    def keeps(key: str) -> bool:
+        """Whether the node keeps this trained array for its next round instead of the server's."""
+        return False
+
+    def finish(self, model: torch.nn.Module, trained: State, report: TrainReport) -> State:
+        """Keep what the node keeps, add the rule's fields to ``report``; return the upload."""
+        kept = {k: v for k, v in trained.items() if self.keeps(k)}
+        if kept:
+            self.node.set_arrays(KEPT_ARRAYS, kept)
+        return {k: v for k, v in trained.items() if self.uploads(k)}

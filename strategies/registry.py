@@ -1,0 +1,78 @@
+"""The rule registry: each rule module registers one :class:`Rule` — its config schema, its server
+Strategy and its client half — and everything else (ServerApp, ClientApp, benchmarks, tests) looks
+rules up here instead of naming them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from finetune.config import ExperimentConfig, MethodConfig, register_method_config
+from finetune.models import AdapterSpec
+from strategies.base import FederatedStrategy
+from strategies.client import ClientRule
+
+
+class Family(str, Enum):
+    """How a rule relates to the others: what a benchmark compares it with."""
+
+    BASELINE = "baseline"  # no federation (the centralized upper bound)
+    LORA = "lora"  # one shared LoRA adapter at one rank
+    HETEROGENEOUS_RANK = "heterogeneous-rank"  # every node at its own LoRA rank
+    MERGED_BASE = "merged-base"  # each round's update folded into the frozen base
+    FULL = "full"  # full fine-tuning (direct weight averaging)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One aggregation rule: both halves and what is known about it."""
+
+    name: str
+    family: Family
+    source: str  # the paper
+    config: type[MethodConfig]
+    strategy: type[FederatedStrategy]
+    client: type[ClientRule]
+    centralized: bool = False  # no federation: the server trains on the union of the data
+
+    @property
+    def personalised(self) -> bool:
+        """Part of every model stays on its client: scored on the clients' own validation shares."""
+        return self.strategy.evaluate_on_clients
+
+    @property
+    def heterogeneous_ranks(self) -> bool:
+        return self.strategy.heterogeneous_ranks
+
+    @property
+    def lora_family(self) -> bool:
+        """A LoRA rule scored on the common evaluation set (the benchmark's "LoRA family")."""
+        lora = (Family.LORA, Family.HETEROGENEOUS_RANK, Family.MERGED_BASE)
+        return self.family in lora and not self.personalised
+
+    def build_strategy(self, cfg: ExperimentConfig) -> FederatedStrategy:
+        return self.strategy.from_experiment(cfg)
+
+    def server_adapter(self, cfg: ExperimentConfig) -> AdapterSpec:
+        """The adapter of the server's model (the one it evaluates and saves)."""
+        return self.strategy.global_adapter(cfg, self.client.default_adapter(cfg))
+
+
+RULES: dict[str, Rule] = {}
+
+
+def register(rule: Rule) -> Rule:
+    """Add ``rule``; its config becomes the schema of ``method.name == rule.name``."""
+    if rule.name in RULES:
+        raise ValueError(f"rule {rule.name!r} is registered twice")
+    if rule.strategy.name != rule.name:
+        raise ValueError(f"rule {rule.name!r}: its strategy is named {rule.strategy.name!r}")
+    register_method_config(rule.name, rule.config)
+    RULES[rule.name] = rule
+    return rule
+
+
+def get_rule(name: str) -> Rule:
+    if name not in RULES:
+        raise KeyError(f"unknown rule {name!r}; registered: {sorted(RULES)}")
+    return RULES[name]
