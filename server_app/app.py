@@ -149,8 +149,9 @@ def make_evaluator(
         eval_sizes = [len(share) for share in data.partitions.shares_of(data.eval_raw)]
         if empty := [client for client, size in enumerate(eval_sizes) if not size]:
             raise ConfigError(
-                f"personalised evaluation: clients {empty} get no examples of the {len(data.eval_raw)}-example "
-                "validation split; use fewer clients, a larger alpha or more validation examples"
+                f"personalised evaluation: clients {empty} get no examples of the "
+                f"{len(data.eval_raw)}-example validation split; use fewer clients, a larger alpha or "
+                "more validation examples"
             )
         log.info("personalised evaluation on the clients' validation shares %s", eval_sizes)
         return partial(evaluate_on_clients, grid, strategy, cfg)

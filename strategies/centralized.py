@@ -37,5 +37,5 @@ RULE = register(
         Centralized,
         ClientRule,
         centralized=True,
-    )  # fmt: skip
+    )
 )

@@ -72,5 +72,5 @@ RULE = register(
         FedExLoRAConfig,
         FedExLoRA,
         MergedBaseClient,
-    )  # fmt: skip
+    )
 )

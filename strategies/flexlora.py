@@ -165,5 +165,5 @@ RULE = register(
         FlexLoRAConfig,
         FlexLoRA,
         RankedClient,
-    )  # fmt: skip
+    )
 )

@@ -59,5 +59,5 @@ RULE = register(
         GaLoreConfig,
         GaLore,
         GaLoreClient,
-    )  # fmt: skip
+    )
 )

@@ -188,5 +188,5 @@ RULE = register(
         HetLoRAConfig,
         HetLoRA,
         HetLoRAClient,
-    )  # fmt: skip
+    )
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 from flwr.app import ConfigRecord, MetricRecord
 
@@ -103,7 +104,7 @@ class TrainReport:
     next_rank: int | None = None
     base_version: int | None = None
 
-    _KEYS = {
+    _KEYS: ClassVar[dict[str, str]] = {
         "num_examples": NUM_EXAMPLES,
         "examples_seen": EXAMPLES_SEEN,
         "train_loss": TRAIN_LOSS,

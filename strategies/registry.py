@@ -5,7 +5,7 @@ rules up here instead of naming them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from finetune.config import ExperimentConfig, MethodConfig, register_method_config
 from finetune.models import AdapterSpec
@@ -13,7 +13,7 @@ from strategies.base import FederatedStrategy
 from strategies.client import ClientRule
 
 
-class Family(str, Enum):
+class Family(StrEnum):
     """How a rule relates to the others: what a benchmark compares it with."""
 
     BASELINE = "baseline"  # no federation (the centralized upper bound)
