@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from finetune.config import ExperimentConfig, MethodConfig, clients_per_round
+from finetune.config import ExperimentConfig, MethodConfig, clients_per_round, method_config_type
 from finetune.models import AdapterSpec
 from finetune.records import from_record, to_record
 from strategies import protocol
@@ -73,7 +73,7 @@ class FederatedStrategy(Strategy):
         connect_timeout_s: float = 300.0,
         query_timeout_s: float = 120.0,
     ) -> None:
-        self.method = method if method is not None else MethodConfig(name=self.name)
+        self.method = method if method is not None else method_config_type(self.name)()
         self.fraction_train = fraction_train
         self.min_train_nodes = min_train_nodes
         self.min_replies = min_replies

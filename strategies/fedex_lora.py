@@ -46,7 +46,7 @@ class FedExLoRA(BaseMergingStrategy):
     name = "fedex_lora"
 
     def __init__(self, method: FedExLoRAConfig | None = None, **kwargs: object) -> None:
-        super().__init__(method or FedExLoRAConfig(), **kwargs)
+        super().__init__(method, **kwargs)
         self.scale = lora_scale(self.method.alpha, self.method.rank)
 
     def merge(

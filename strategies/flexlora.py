@@ -83,7 +83,7 @@ class FlexLoRA(FederatedStrategy):
     method: HeterogeneousRankConfig
 
     def __init__(self, method: HeterogeneousRankConfig | None = None, **kwargs: object) -> None:
-        super().__init__(method or FlexLoRAConfig(name=self.name), **kwargs)  # type: ignore[arg-type]
+        super().__init__(method, **kwargs)  # type: ignore[arg-type]
         self.alpha, self.global_rank = self.method.alpha, self.method.global_rank
         if self.global_rank < 1:
             raise ValueError(f"{self.name}: resolve method.global_rank before building the strategy")

@@ -47,7 +47,7 @@ class FLoRA(BaseMergingStrategy):
     global_lora = False
 
     def __init__(self, method: FLoRAConfig | None = None, **kwargs: object) -> None:
-        super().__init__(method or FLoRAConfig(), **kwargs)
+        super().__init__(method, **kwargs)
         self.alpha = self.method.alpha
 
     def merge(

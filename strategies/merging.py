@@ -137,7 +137,7 @@ class BaseMergingStrategy(FederatedStrategy):
     method: MergedBaseConfig
 
     def __init__(self, method: MergedBaseConfig | None = None, **kwargs: object) -> None:
-        super().__init__(method or MergedBaseConfig(name=self.name), **kwargs)  # type: ignore[arg-type]
+        super().__init__(method, **kwargs)  # type: ignore[arg-type]
         self.base_sync = self.method.base_sync
         self.merged: list[int] = []  # server rounds that merged an increment, in order
         self.history: OrderedDict[int, Factors] = OrderedDict()  # recent merges' increments

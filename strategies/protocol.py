@@ -77,7 +77,7 @@ class Instruction:
             return int(config[key]) if key in config else None  # type: ignore[call-overload]
 
         return cls(
-            experiment=str(config[EXPERIMENT]),
+            experiment=str(config.get(EXPERIMENT, "")),
             server_round=int(config.get(SERVER_ROUND, 0)),  # type: ignore[call-overload]
             lr=float(config.get(LR, 0.0)),  # type: ignore[arg-type]
             rank=optional(RANK),

@@ -39,3 +39,10 @@ def tiny_cfg(hub_mirror: Path) -> ExperimentConfig:
     cfg = compose_config({"model": "tiny_bert"}, TINY_OVERRIDES)
     cfg.hub_mirror = str(hub_mirror)
     return cfg
+
+
+def adapter_of(cfg: ExperimentConfig, rank: int | None = None):
+    """What a client of ``cfg``'s rule trains (its rule's default adapter)."""
+    from strategies import get_rule
+
+    return get_rule(cfg.method.name).client.default_adapter(cfg, rank)

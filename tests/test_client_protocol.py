@@ -7,16 +7,18 @@ import numpy as np
 import pytest
 import torch
 from fakes import TaskIdentity  # noqa: F401  (sets the task identity Message() needs)
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 
-from client_app.app import LOCAL_KEY, evaluate, train
+from client_app.app import evaluate, train
 from client_app.session import _SESSIONS
 from finetune.config import compose_config
+from finetune.lora import is_lora_a, is_lora_b
 from finetune.models import build_model
 from finetune.records import from_record, to_record
 from finetune.state import trainable_state
-from strategies import STRATEGIES
-from strategies.lowrank import is_lora_a, is_lora_b
+from strategies import get_rule
+from strategies.client import KEPT_ARRAYS as LOCAL_KEY
+from strategies.protocol import Instruction
 
 
 def _cfg(method, hub_mirror):
@@ -35,8 +37,8 @@ def _context(partition_id):
     )  # fmt: skip
 
 
-def _message(cfg, state, kind=MessageType.TRAIN, server_round=1):
-    config = ConfigRecord({"experiment": cfg.to_json(), "lr": 5e-2, "server-round": server_round})
+def _message(cfg, state, kind=MessageType.TRAIN, server_round=1, **instruction):
+    config = Instruction(cfg.to_json(), server_round=server_round, lr=5e-2, **instruction).to_config()
     message = Message(
         RecordDict({"arrays": to_record(state), "config": config}), dst_node_id=1, message_type=kind
     )
@@ -44,9 +46,14 @@ def _message(cfg, state, kind=MessageType.TRAIN, server_round=1):
     return message
 
 
+def _model(cfg, hub_mirror, rank=None):
+    """The model a client of ``cfg``'s rule builds (at ``rank``, for per-node ranks)."""
+    return build_model(cfg, hub_mirror, get_rule(cfg.method.name).client.default_adapter(cfg, rank))
+
+
 def _global(cfg, hub_mirror):
-    init = trainable_state(build_model(cfg, hub_mirror))
-    return init, {k: v for k, v in init.items() if STRATEGIES[cfg.method.name].client_uploads(k)}
+    init = trainable_state(_model(cfg, hub_mirror))
+    return init, {k: v for k, v in init.items() if get_rule(cfg.method.name).strategy.shares(k)}
 
 
 def test_fedit_uploads_everything_it_trained(hub_mirror):
@@ -117,8 +124,8 @@ def test_heterogeneous_rank_client_trains_at_its_own_rank(hub_mirror):
         context = _context(partition_id)
         answer = query(_message(cfg, {}, MT.QUERY), context).content.metric_records["metrics"]
         assert answer["lora-rank"] == rank
-        state = trainable_state(build_model(cfg.with_rank(rank), hub_mirror))
-        upload = from_record(train(_message(cfg, state), context).content.array_records["arrays"])
+        state = trainable_state(_model(cfg, hub_mirror, rank))
+        upload = from_record(train(_message(cfg, state, rank=rank), context).content.array_records["arrays"])
         assert all(v.shape[0] == rank for k, v in upload.items() if is_lora_a(k))
     context = _context(0)
     context.node_config["lora-rank"] = 2  # a node's own setting wins
@@ -131,7 +138,7 @@ def test_hetlora_client_penalises_the_tail_and_prunes_when_it_shrinks(hub_mirror
     from strategies.hetlora import self_pruning_penalty
 
     cfg = _cfg("hetlora", hub_mirror)  # client_ranks [4, 8, 16]: partition 1 trains at rank 8
-    model = build_model(cfg.with_rank(8), hub_mirror)
+    model = _model(cfg, hub_mirror, 8)
     state = trainable_state(model)
     # Penalty = Σ ‖B[:, 7:]‖‖A[7:, :]‖ (k = ceil(0.99 * 8) capped at r - 1 = 7)
     expected = sum(
@@ -147,9 +154,9 @@ def test_hetlora_client_penalises_the_tail_and_prunes_when_it_shrinks(hub_mirror
 
     context = _context(1)
     # Round 1 from the real init (B = 0: the penalty's gradient must stay finite there).
-    init = trainable_state(build_model(cfg.with_rank(8), hub_mirror))
-    first = train(_message(cfg, init, server_round=1), context)
-    assert first.content.metric_records["metrics"]["lora-rank"] == 8  # nothing to compare with yet
+    init = trainable_state(_model(cfg, hub_mirror, 8))
+    first = train(_message(cfg, init, server_round=1, rank=8), context)
+    assert first.content.metric_records["metrics"]["next-rank"] == 8  # nothing to compare with yet
     trained = from_record(first.content.array_records["arrays"])
     assert all(np.isfinite(v).all() for v in trained.values())
     # Round 2 receives factors whose tail is zero: it stays zero, smaller than round 1's -> prune.
@@ -159,18 +166,17 @@ def test_hetlora_client_penalises_the_tail_and_prunes_when_it_shrinks(hub_mirror
             tail_free[key][7:, :] = 0.0
         elif is_lora_b(key):
             tail_free[key][:, 7:] = 0.0
-    second = train(_message(cfg, tail_free, server_round=2), context)
+    second = train(_message(cfg, tail_free, server_round=2, rank=8), context)
     upload = from_record(second.content.array_records["arrays"])
     assert all(v.shape[0] == 8 for k, v in upload.items() if is_lora_a(k))  # this round's rank
-    assert second.content.metric_records["metrics"]["lora-rank"] == 7  # next round's
+    assert second.content.metric_records["metrics"]["next-rank"] == 7  # next round's
     assert context.state.config_records["rank-pruning"]["rank"] == 7
 
 
-def _merging_message(cfg, state, server_round, version, from_version):
-    message = _message(cfg, state, server_round=server_round)
-    config = message.content.config_records["config"]
-    config["base-version"], config["base-from"] = version, from_version
-    return message
+def _merging_message(cfg, state, server_round, version, from_version, rank=None):
+    return _message(
+        cfg, state, server_round=server_round, base_version=version, base_from=from_version, rank=rank
+    )
 
 
 def test_fedex_client_keeps_its_merged_base_and_catches_up_exactly(hub_mirror):
@@ -179,7 +185,7 @@ def test_fedex_client_keeps_its_merged_base_and_catches_up_exactly(hub_mirror):
 
     cfg = _cfg("fedex_lora", hub_mirror)
     init, global_state = _global(cfg, hub_mirror)
-    w0 = base_weights(build_model(cfg, hub_mirror))
+    w0 = base_weights(_model(cfg, hub_mirror))
     rng = np.random.default_rng(0)
     dense = {p: rng.normal(size=tuple(w.shape), scale=0.01).astype(np.float32) for p, w in w0.items()}
     context = _context(0)
@@ -219,12 +225,12 @@ def test_fedex_client_keeps_its_merged_base_and_catches_up_exactly(hub_mirror):
 def test_flora_client_trains_a_fresh_adapter_at_its_rank_and_uploads_it(hub_mirror):
     cfg = _cfg("flora", hub_mirror)
     cfg.method.client_ranks = [2, 4]
-    init = trainable_state(build_model(cfg, hub_mirror))
+    init = trainable_state(_model(cfg, hub_mirror, 4))
     head = {k: v for k, v in init.items() if "lora" not in k}
     context = _context(1)
     uploads = []
     for server_round in (1, 2):
-        reply = train(_merging_message(cfg, head, server_round, version=0, from_version=0), context)
+        reply = train(_merging_message(cfg, head, server_round, version=0, from_version=0, rank=4), context)
         uploads.append(from_record(reply.content.array_records["arrays"]))
     for upload in uploads:
         assert set(upload) == set(init)
@@ -262,3 +268,18 @@ def test_a_node_trains_on_its_own_data_file(hub_mirror, tmp_path):
     context.node_config["data-path"] = str(tmp_path / "wrong.parquet")
     with pytest.raises(ConfigError, match=r"lacks the dataset's fields \['sentence'\]"):
         train(_message(cfg, global_state), context)
+
+
+def test_a_model_with_a_merged_base_is_never_handed_to_a_rule_that_expects_it_pristine(hub_mirror):
+    from finetune.state import base_weights, lora_base_layers
+
+    fedex = _cfg("fedex_lora", hub_mirror)
+    _, global_state = _global(fedex, hub_mirror)
+    w0 = base_weights(_model(fedex, hub_mirror))
+    sync = {p + ".base_delta": np.full(tuple(w.shape), 0.5, np.float32) for p, w in w0.items()}
+    train(_merging_message(fedex, {**global_state, **sync}, 1, version=1, from_version=-1), _context(0))
+    fedit = _cfg("fedit", hub_mirror)  # the same adapter in the same process, then a plain LoRA rule
+    train(_message(fedit, _global(fedit, hub_mirror)[1]), _context(1))
+    model = next(reversed(_SESSIONS.values())).model
+    for prefix, layer in lora_base_layers(model).items():
+        torch.testing.assert_close(layer.get_base_layer().weight, w0[prefix])

@@ -16,7 +16,7 @@ from finetune.config import compose_config
 from finetune.models import build_base_model, build_model
 from finetune.state import trainable_state
 from launch.simulation import COMPLETED, PROJECT_DIR, LocalSuperLink
-from strategies import STRATEGIES
+from strategies import RULES, Family
 
 pytestmark = pytest.mark.e2e
 FEDERATION = "num-supernodes=2 client-resources-num-cpus=1 client-resources-num-gpus=0.0"
@@ -96,45 +96,47 @@ def test_a_seeded_run_repeats_exactly(superlink, hub_mirror, tmp_path):
     assert all(np.array_equal(first_adapter[k], second_adapter[k]) for k in first_adapter)
 
 
-@pytest.mark.parametrize("method", sorted(set(STRATEGIES) - {"fedit"}))
+@pytest.mark.parametrize("method", sorted(set(RULES) - {"fedit"}))
 def test_every_method_runs_two_rounds(superlink, hub_mirror, tmp_path, method):
     outcome = _run(superlink, hub_mirror, tmp_path, " ".join(TINY_OVERRIDES), method=method)
     assert outcome.status == COMPLETED, outcome
     (run_dir,) = tmp_path.iterdir()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["round"] for row in rows] == [0, 1, 2]
-    if STRATEGIES[method].centralized:  # the server trained alone: nothing moved
+    rule = RULES[method]
+    if rule.centralized:  # the server trained alone: nothing moved
         assert all(row["clients_aggregated"] == 0 and row["bytes_down"] == 0 for row in rows)
     else:
         assert all(row["clients_aggregated"] == 2 for row in rows[1:])
-    if STRATEGIES[method].evaluate_on_clients:  # personalised: metrics come from the clients
+    if rule.personalised:  # personalised: metrics come from the clients
         assert all(0 <= row["eval_accuracy"] <= 1 for row in rows)
         assert json.loads((run_dir / "summary.json").read_text())["adapter_dir"] is None
         return
     cfg = compose_config({"model": "tiny_bert", "method": method}, TINY_OVERRIDES)
-    rule = STRATEGIES[method]
-    if rule.full_finetune or rule.merges_into_base:  # the result is a whole model, not an adapter
+    merges = rule.family == Family.MERGED_BASE
+    if rule.family == Family.FULL or merges:  # the result is a whole model, not an adapter
         saved = load_file(str(run_dir / "model" / "model.safetensors"))
         pretrained = build_base_model(cfg, hub_mirror).state_dict()
         queries = [k for k in saved if k.endswith("query.weight")]
         assert queries and all(not np.allclose(saved[k], pretrained[k].numpy()) for k in queries)
         assert all(saved[k].shape == pretrained[k].shape for k in saved)  # LoRA merged away
-        if rule.merges_into_base:  # each round's update reached the clients as factors or dense
+        if merges:  # each round's update reached the clients as factors or dense
             assert rows[2]["bytes_down"] > rows[1]["bytes_down"]
         return
     adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
-    if STRATEGIES[method].heterogeneous_ranks:  # client ranks 4 and 8; global factors, unit scale
-        rank = STRATEGIES[method].server_model_config(cfg).method.rank
+    if rule.heterogeneous_ranks:  # client ranks 4 and 8; global factors, unit scale
+        rank = rule.server_adapter(cfg).rank
         assert rank == (8 if method == "hetlora" else 12)  # max r_k vs Σ r_k
         assert all(v.shape[0] == rank for k, v in adapter.items() if k.endswith("lora_A.weight"))
         assert any(np.abs(v).sum() > 0 for k, v in adapter.items() if k.endswith("lora_B.weight"))
         sent = {row["bytes_down_per_client"][n] for row in rows[1:] for n in row["bytes_down_per_client"]}
         assert len(sent) >= 2  # two ranks, two payload sizes (HetLoRA may prune)
         return
-    init = trainable_state(build_model(cfg, hub_mirror))
+    adapter_spec = rule.client.default_adapter(cfg)
+    init = trainable_state(build_model(cfg, hub_mirror, adapter_spec))
     a_keys = [k for k in init if k.endswith("lora_A.weight")]
     assert set(a_keys) <= set(adapter)  # peft saves the keys of get_peft_model_state_dict
-    if STRATEGIES[method].freeze_lora_a:  # A never moved, on any client, in any round
+    if adapter_spec.freeze_lora_a:  # A never moved, on any client, in any round
         assert all(np.array_equal(adapter[k], init[k]) for k in a_keys)
         assert all(row["bytes_up"] < row["bytes_down"] * 1.01 for row in rows[1:])
     else:

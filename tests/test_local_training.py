@@ -4,7 +4,7 @@ and the centralized baseline running the same training function."""
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, adapter_of
 
 from finetune.config import compose_config
 from finetune.data import PartitionedDataset, load_train_split
@@ -19,7 +19,7 @@ from finetune.training import train_local
 def _setup(method, hub_mirror, overrides=()):
     cfg = compose_config({"model": "tiny_bert", "method": method}, [*TINY_OVERRIDES, *overrides])
     cfg.hub_mirror = str(hub_mirror)
-    model = build_model(cfg, hub_mirror)
+    model = build_model(cfg, hub_mirror, adapter_of(cfg))
     task = build_task(cfg, hub_mirror)
     train = load_train_split(cfg.dataset, hub_mirror, cfg.seed)
     part = PartitionedDataset(train, cfg).partition(0)
@@ -36,9 +36,9 @@ def _one_step(model, optimizer, collate, data):
 
 def test_galore_projects_the_targeted_weights_and_nothing_else(hub_mirror):
     cfg, model, collate, data = _setup("galore", hub_mirror, ["method.rank=4"])
-    optimizer = build_optimizer(model, 1e-3, cfg, kind="galore")
+    optimizer = build_optimizer(model, 1e-3, cfg, cfg.method.settings())
     _one_step(model, optimizer, collate, data)
-    targeted = set(galore_targets(model, cfg))
+    targeted = set(galore_targets(model, cfg, every_layer=False))
     assert len(targeted) == 2 * 2  # query and value weights of 2 layers
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -58,14 +58,14 @@ def test_galore_groups_without_rank_are_plain_adamw(hub_mirror):
     optimizer = GaLoreAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     _one_step(model, optimizer, collate, data)
     assert all("projector" not in s and s["exp_avg"].shape == p.shape for p, s in optimizer.state.items())
-    projected = build_optimizer(model, 1e-3, cfg, kind="galore")
+    projected = build_optimizer(model, 1e-3, cfg, cfg.method.settings())
     _one_step(model, projected, collate, data)
     assert optimizer_state_bytes(projected) < optimizer_state_bytes(optimizer)
 
 
 def test_kept_optimizer_state_resumes_where_the_last_round_stopped(hub_mirror):
     cfg, model, collate, data = _setup("galore", hub_mirror, ["train.keep_optimizer_state=true"])
-    factory = lambda m, lr: build_optimizer(m, lr, cfg, kind="galore")  # noqa: E731
+    factory = lambda m, lr: build_optimizer(m, lr, cfg, cfg.method.settings())  # noqa: E731
     first = train_local(model, data, collate, cfg.train, lr=1e-3, seed=1, optimizer=factory)
     assert first.optimizer_state is not None and first.optimizer_state_bytes > 0
     second = train_local(

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import adapter_of
 from peft import PeftModel
 
 from finetune.config import TrainConfig
@@ -18,7 +19,7 @@ from finetune.training import local_step_count, train_local
 
 @pytest.fixture
 def model(tiny_cfg, hub_mirror):
-    return build_model(tiny_cfg, hub_mirror)
+    return build_model(tiny_cfg, hub_mirror, adapter_of(tiny_cfg))
 
 
 @pytest.fixture
@@ -53,9 +54,9 @@ def test_state_round_trip_changes_the_model(model):
 
 
 def test_lora_init_is_identical_across_processes(tiny_cfg, hub_mirror):
-    a = trainable_state(build_model(tiny_cfg, hub_mirror))
+    a = trainable_state(build_model(tiny_cfg, hub_mirror, adapter_of(tiny_cfg)))
     torch.manual_seed(12345)  # whatever the global RNG did before
-    b = trainable_state(build_model(tiny_cfg, hub_mirror))
+    b = trainable_state(build_model(tiny_cfg, hub_mirror, adapter_of(tiny_cfg)))
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
 
@@ -151,7 +152,10 @@ def test_base_delta_in_math_layout_matches_the_lora_product(arch, tiny_cfg, hub_
         layer = next(iter(lora_base_layers(model).values()))
         assert layer.fan_in_fan_out and layer.get_base_layer().weight.shape == (16, 48)  # d_in × d_out
     else:
-        model, inputs = build_model(tiny_cfg, hub_mirror), {"input_ids": torch.tensor([[101, 2023, 102]])}
+        model, inputs = (
+            build_model(tiny_cfg, hub_mirror, adapter_of(tiny_cfg)),
+            {"input_ids": torch.tensor([[101, 2023, 102]])},
+        )
     model.eval()
     w0 = base_weights(model)
     state = trainable_state(model)
@@ -177,25 +181,23 @@ def test_full_fine_tuning_trains_the_targeted_weights_and_head(hub_mirror):
     from finetune.config import ConfigError, compose_config
 
     cfg = compose_config({"model": "tiny_bert", "method": "full"}, TINY_OVERRIDES)
-    model = build_model(cfg, hub_mirror)
+    model = build_model(cfg, hub_mirror, adapter_of(cfg))
     assert not isinstance(model, PeftModel)
     state = trainable_state(model)
     assert {k.split(".")[-2] for k in state} == {"query", "value", "classifier"}
     assert len([k for k in state if ".query." in k]) == 2 * 2  # weight + bias in 2 layers
     load_trainable_state(model, {k: v + 1.0 for k, v in state.items()})
     assert all(np.array_equal(trainable_state(model)[k], v + 1.0) for k, v in state.items())
-    everything = build_model(
-        compose_config({"model": "tiny_bert", "method": "full"}, [*TINY_OVERRIDES, "method.full_scope=all"]),
-        hub_mirror,
+    every_cfg = compose_config(
+        {"model": "tiny_bert", "method": "full"}, [*TINY_OVERRIDES, "method.full_scope=all"]
     )
+    everything = build_model(every_cfg, hub_mirror, adapter_of(every_cfg))
     assert all(p.requires_grad for p in everything.parameters())
     with pytest.raises(ConfigError, match="nope"):
-        build_model(
-            compose_config(
-                {"model": "tiny_bert", "method": "full"}, [*TINY_OVERRIDES, "model.lora_targets=[nope]"]
-            ),
-            hub_mirror,
+        nope = compose_config(
+            {"model": "tiny_bert", "method": "full"}, [*TINY_OVERRIDES, "model.lora_targets=[nope]"]
         )
+        build_model(nope, hub_mirror, adapter_of(nope))
 
 
 def test_fresh_adapter_is_seeded(model):

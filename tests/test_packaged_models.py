@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import adapter_of
 
 from finetune.config import compose_config
 from finetune.data import load_train_split
@@ -25,7 +26,7 @@ def test_packaged_model_loads_and_trains_one_step(model, dataset, extra, hub_mir
     cfg = compose_config(
         {"model": model, "dataset": dataset, "method": "fedit", "partition": "iid"}, overrides
     )
-    net = build_model(cfg, hub_mirror)
+    net = build_model(cfg, hub_mirror, adapter_of(cfg))
     assert sum(p.numel() for p in net.parameters()) > 3_000_000  # real weights, not a tiny test model
     task = build_task(cfg, hub_mirror)
     data = task.prepare(load_train_split(cfg.dataset, hub_mirror, 0).select(range(2)), client=0)

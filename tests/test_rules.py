@@ -3,16 +3,22 @@
 import numpy as np
 import pytest
 
+from finetune.lora import lora_layers
 from strategies.averaging import normalize_weights
-from strategies.fedex_lora import fedex_residual, fedex_residual_factors
+from strategies.fedex_lora import fedex_residual_factors
 from strategies.fedsa_lora import fedsa_aggregate
 from strategies.ffa_lora import ffa_aggregate
-from strategies.flexlora import flexlora_client_factors, flexlora_product
+from strategies.flexlora import (
+    flexlora_aggregate,
+    flexlora_client_factors,
+    flexlora_product,
+    redistribution_svd,
+)
 from strategies.flora import flora_stack
-from strategies.hetlora import hetlora_aggregate, hetlora_weights
-from strategies.hlora import hlora_client_factors, hlora_svd
+from strategies.hetlora import hetlora_aggregate, hetlora_client_factors, hetlora_weights
+from strategies.hlora import hlora_aggregate, hlora_svd
 from strategies.lora_fair import cosine, lora_fair_aggregate, lora_fair_correction
-from strategies.lowrank import lora_layers, truncated_factors, weighted_product
+from strategies.lowrank import factors_from_svd, weighted_product
 
 D_OUT, D_IN = 12, 10
 
@@ -68,30 +74,30 @@ def test_flora_stack_is_exact_for_mixed_ranks():
 # --- FedEx-LoRA ---------------------------------------------------------------------------
 
 
+def fedex_dense_residual(As, Bs, weights, scale):
+    """By hand: s (Σ p_k B_k A_k − B̄ Ā)."""
+    p = normalize_weights(weights)
+    A_bar = sum(pk * A for pk, A in zip(p, As, strict=True))
+    B_bar = sum(pk * B for pk, B in zip(p, Bs, strict=True))
+    return A_bar, B_bar, scale * (mean_product(As, Bs, weights) - B_bar @ A_bar)
+
+
 def test_fedex_base_plus_mean_product_is_exact():
     rng = np.random.default_rng(2)
     As, Bs = factors(rng, [4, 4, 4])
     W0, s = rng.normal(size=(D_OUT, D_IN)), 2.0
-    A_bar, B_bar, residual = fedex_residual(As, Bs, [1, 1, 2], s)
+    A_bar, B_bar, _ = fedex_dense_residual(As, Bs, [1, 1, 2], s)
+    L, R = fedex_residual_factors(As, Bs, [1, 1, 2], s)
     np.testing.assert_allclose(
-        W0 + residual + s * B_bar @ A_bar, W0 + s * mean_product(As, Bs, [1, 1, 2]), atol=1e-12
+        W0 + L @ R + s * B_bar @ A_bar, W0 + s * mean_product(As, Bs, [1, 1, 2]), atol=1e-12
     )
-    assert np.linalg.norm(residual) > 1e-3  # FedIT alone would be off by this much
-
-
-def test_fedex_residual_orientation_nn_linear_vs_conv1d():
-    rng = np.random.default_rng(3)
-    As, Bs = factors(rng, [3, 3])
-    _, _, linear = fedex_residual(As, Bs, [1, 1], 1.0)
-    _, _, conv1d = fedex_residual(As, Bs, [1, 1], 1.0, fan_in_fan_out=True)
-    assert linear.shape == (D_OUT, D_IN) and conv1d.shape == (D_IN, D_OUT)
-    np.testing.assert_array_equal(conv1d, linear.T)
+    assert np.linalg.norm(L @ R) > 1e-3  # FedIT alone would be off by this much
 
 
 def test_fedex_low_rank_residual_factors_are_exact():
     rng = np.random.default_rng(4)
     As, Bs = factors(rng, [2, 2, 2])
-    _, _, dense = fedex_residual(As, Bs, [3, 1, 1], 1.5)
+    _, _, dense = fedex_dense_residual(As, Bs, [3, 1, 1], 1.5)
     L, R = fedex_residual_factors(As, Bs, [3, 1, 1], 1.5)
     assert L.shape == (D_OUT, 6) and R.shape == (6, D_IN)  # K r
     np.testing.assert_allclose(L @ R, dense, atol=1e-12)
@@ -117,25 +123,36 @@ def test_flexlora_server_product_is_exact_with_scales():
     )
 
 
+def eckart_young(delta, rank):
+    """By hand: the best rank-r approximation of ``delta``."""
+    U, S, Vt = np.linalg.svd(delta)
+    return (U[:, :rank] * S[:rank]) @ Vt[:rank]
+
+
 @pytest.mark.parametrize("rank", [1, 2, 4])
 def test_flexlora_client_factors_are_the_truncated_svd(rank):
+    # Prepare: global factors holding the exact mean update (rank 9 = Σ r_k)
     rng = np.random.default_rng(6)
     As, Bs = factors(rng, [2, 3, 4])
-    delta = flexlora_product(As, Bs, [1, 1, 1], [8.0, 16 / 3, 4.0])
+    weights, scales = [1, 1, 1], [8.0, 16 / 3, 4.0]
+    A_g, B_g = flexlora_aggregate(As, Bs, weights, scales, global_rank=9)
     scale = 16 / rank
-    A, B = flexlora_client_factors(delta, rank, scale)
-    U, S, Vt = np.linalg.svd(delta)
-    best = (U[:, :rank] * S[:rank]) @ Vt[:rank]  # Eckart–Young
-    np.testing.assert_allclose(scale * B @ A, best, atol=1e-10)
+    # Execute: what the strategy hands a client of this rank
+    A, B = flexlora_client_factors(redistribution_svd(A_g, B_g), rank, scale)
+    # Assert
+    delta = mean_product(As, Bs, weights, scales)
+    np.testing.assert_allclose(B_g @ A_g, delta, atol=1e-10)
+    np.testing.assert_allclose(scale * B @ A, eckart_young(delta, rank), atol=1e-10)
     np.testing.assert_allclose(A @ A.T, np.eye(rank), atol=1e-10)  # singular values live in B
 
 
 def test_flexlora_is_exact_when_rank_covers_all_clients():
     rng = np.random.default_rng(7)
     As, Bs = factors(rng, [2, 2, 2])
-    delta = flexlora_product(As, Bs, [1, 2, 3], [1.0, 1.0, 1.0])
-    A, B = flexlora_client_factors(delta, 6, 1.0)  # r >= Σ r_k
-    np.testing.assert_allclose(B @ A, delta, atol=1e-10)
+    A_g, B_g = flexlora_aggregate(As, Bs, [1, 2, 3], [1.0, 1.0, 1.0], global_rank=6)  # r >= Σ r_k
+    np.testing.assert_allclose(B_g @ A_g, mean_product(As, Bs, [1, 2, 3]), atol=1e-10)
+    A_4, B_4 = flexlora_aggregate(As, Bs, [1, 2, 3], [1.0, 1.0, 1.0], global_rank=4)  # truncated
+    np.testing.assert_allclose(B_4 @ A_4, eckart_young(mean_product(As, Bs, [1, 2, 3]), 4), atol=1e-10)
 
 
 def test_hlora_qr_path_equals_dense_svd():
@@ -146,14 +163,15 @@ def test_hlora_qr_path_equals_dense_svd():
     U, S, Vt = hlora_svd(As, Bs, weights, scales)
     np.testing.assert_allclose((U * S) @ Vt, dense, atol=1e-10)
     np.testing.assert_allclose(S, np.linalg.svd(dense, compute_uv=False)[: len(S)], atol=1e-10)
-    for rank in (1, 3, 5):
-        A_q, B_q = hlora_client_factors((U, S, Vt), rank, 16 / rank)
-        A_d, B_d = flexlora_client_factors(dense, rank, 16 / rank)
+    for rank in (1, 3, 5, 9):
+        A_q, B_q = hlora_aggregate(As, Bs, weights, scales, rank)
+        A_d, B_d = flexlora_aggregate(As, Bs, weights, scales, rank)
         np.testing.assert_allclose(B_q @ A_q, B_d @ A_d, atol=1e-10)
+        np.testing.assert_allclose(B_q @ A_q, eckart_young(dense, rank), atol=1e-10)
 
 
 def test_truncation_pads_ranks_beyond_the_matrix():
-    A, B = truncated_factors(np.eye(3), 5, 1.0)
+    A, B = factors_from_svd(*np.linalg.svd(np.eye(3)), 5, 1.0)
     assert A.shape == (5, 3) and B.shape == (3, 5)
     np.testing.assert_allclose(B @ A, np.eye(3), atol=1e-12)
 
@@ -172,6 +190,20 @@ def test_hetlora_pads_and_norm_weights():
     np.testing.assert_allclose(w, [0.25, 0.75])
     np.testing.assert_allclose(A_bar, [[1.0, 0.0], [0.0, 0.75]])
     np.testing.assert_allclose(B_bar, [[0.25 + 2.25, 0.0], [0.0, 0.0]])
+
+
+def test_hetlora_scales_uploads_to_unit_scale_and_hands_out_truncations():
+    # Prepare: clients at rank 1 (s = 2) and rank 2 (s = 1), both with B A = the same matrix
+    A1, B1 = np.array([[1.0, 0.0]]), np.array([[0.5], [0.0]])  # s B A = [[1, 0], [0, 0]]
+    A2, B2 = np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[1.0, 0.0], [0.0, 0.0]])
+    # Execute
+    A_g, B_g = hetlora_aggregate([A1, A2], [B1, B2], [1, 1], [2.0, 1.0], max_rank=2)
+    A_r1, B_r1 = hetlora_client_factors(A_g, B_g, 1, 2.0)
+    # Assert: equal norms -> equal weights; the global product is unit scale; a rank-1 client
+    # gets the first component divided by its scale
+    np.testing.assert_allclose(B_g @ A_g, [[1.0, 0.0], [0.0, 0.0]])
+    np.testing.assert_allclose(A_r1, A_g[:1])
+    np.testing.assert_allclose(2.0 * B_r1, B_g[:, :1])
 
 
 # --- LoRA-FAIR ----------------------------------------------------------------------------

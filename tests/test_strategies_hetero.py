@@ -3,13 +3,23 @@
 import numpy as np
 import pytest
 from fakes import FakeGrid
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.app import MetricRecord, RecordDict
 
 from finetune.config import compose_config
 from finetune.records import from_record, to_record
 from server_app.loop import exchange
-from strategies.flexlora import FlexLoRA, global_rank
+from strategies.client import NodeFacts
+from strategies.flexlora import FlexLoRA, FlexLoRAConfig
+from strategies.hetlora import HetLoRAConfig
 from strategies.hlora import HLoRA
+from strategies.protocol import RANK, Instruction
+from strategies.ranks import configured_rank
+
+
+def global_rank(cfg):
+    """The global rank the strategy of ``cfg`` is built with."""
+    return FlexLoRA.resolve(cfg).global_rank
+
 
 D_OUT, D_IN, ALPHA = 7, 9, 16.0
 RANKS = {11: 2, 22: 4, 33: 3}
@@ -36,7 +46,8 @@ def respond(message):
 
 def run_round(strategy, global_state, server_round=1):
     grid = FakeGrid(RANKS, respond)
-    messages = list(strategy.configure_train(server_round, to_record(global_state), ConfigRecord(), grid))
+    config = Instruction("{}", lr=0.1).to_config()
+    messages = list(strategy.configure_train(server_round, to_record(global_state), config, grid))
     arrays, _ = strategy.aggregate_train(server_round, exchange(grid, messages, timeout=1.0))
     return messages, from_record(arrays)
 
@@ -51,19 +62,22 @@ def initial_global(rank=9):
 
 @pytest.mark.parametrize("rule", [FlexLoRA, HLoRA])
 def test_each_node_gets_factors_at_its_own_rank(rule):
-    strategy = rule(alpha=ALPHA, global_rank=9, fraction_train=1.0, min_train_nodes=3)
+    strategy = rule(FlexLoRAConfig(alpha=ALPHA, global_rank=9), fraction_train=1.0, min_train_nodes=3)
     messages, _ = run_round(strategy, initial_global())
     assert strategy.node_ranks == RANKS
     for message in messages:
         arrays = from_record(message.content.array_records["arrays"])
         r = RANKS[message.metadata.dst_node_id]
         assert arrays[A_KEY].shape == (r, D_IN) and arrays[B_KEY].shape == (D_OUT, r)
+        assert message.content.config_records["config"][RANK] == r  # told, never inferred from shapes
         assert strategy.rounds[1].bytes_down[message.metadata.dst_node_id] == to_record(arrays).count_bytes()
 
 
 @pytest.mark.parametrize("rule", [FlexLoRA, HLoRA])
 def test_global_product_is_exact_and_head_averaged(rule):
-    strategy = rule(alpha=ALPHA, global_rank=9, fraction_train=1.0, min_train_nodes=3)  # 9 = Σ r_k
+    strategy = rule(
+        FlexLoRAConfig(alpha=ALPHA, global_rank=9), fraction_train=1.0, min_train_nodes=3
+    )  # 9 = Σ r_k
     _, new = run_round(strategy, initial_global())
     p = {n: SIZES[n] / 100 for n in RANKS}
     ideal = sum(p[n] * (ALPHA / r) * CLIENT[n][B_KEY] @ CLIENT[n][A_KEY] for n, r in RANKS.items())
@@ -74,7 +88,7 @@ def test_global_product_is_exact_and_head_averaged(rule):
 def test_next_round_hands_out_truncated_svds_and_hlora_matches_flexlora():
     payloads = {}
     for rule in (FlexLoRA, HLoRA):
-        strategy = rule(alpha=ALPHA, global_rank=9, fraction_train=1.0, min_train_nodes=3)
+        strategy = rule(FlexLoRAConfig(alpha=ALPHA, global_rank=9), fraction_train=1.0, min_train_nodes=3)
         _, new = run_round(strategy, initial_global())
         messages, _ = run_round(strategy, new, server_round=2)
         payloads[rule.name] = {
@@ -92,15 +106,17 @@ def test_next_round_hands_out_truncated_svds_and_hlora_matches_flexlora():
 def test_global_rank_defaults_to_the_sum_of_client_ranks():
     cfg = compose_config({"method": "flexlora"}, "partition.num_clients=4")
     assert cfg.method.client_ranks == [4, 8, 16]
-    assert [cfg.client_rank(p) for p in range(4)] == [4, 8, 16, 4]
+    assert [cfg.method.client_rank(p, cfg.seed) for p in range(4)] == [4, 8, 16, 4]
     assert global_rank(cfg) == 32
-    server = FlexLoRA.server_model_config(cfg)
-    assert server.method.rank == 32 and server.method.alpha == 32.0  # unit scale
+    from strategies import get_rule
+
+    server = get_rule("flexlora").server_adapter(cfg)
+    assert server.rank == 32 and server.alpha == 32.0  # unit scale
     assert global_rank(compose_config({"method": "hlora"}, "method.global_rank=12")) == 12
 
 
 def test_node_without_a_rank_is_an_error():
-    strategy = FlexLoRA(alpha=ALPHA, global_rank=9)
+    strategy = FlexLoRA(FlexLoRAConfig(alpha=ALPHA, global_rank=9))
     with pytest.raises(RuntimeError, match="did not report its LoRA rank"):
         strategy.payload(99, initial_global())
 
@@ -108,7 +124,7 @@ def test_node_without_a_rank_is_an_error():
 def test_hetlora_truncates_pads_and_norm_weights():
     from strategies.hetlora import HetLoRA, hetlora_weights
 
-    strategy = HetLoRA(alpha=ALPHA, global_rank=4, fraction_train=1.0, min_train_nodes=3)
+    strategy = HetLoRA(HetLoRAConfig(alpha=ALPHA, global_rank=4), fraction_train=1.0, min_train_nodes=3)
     global_state = initial_global(rank=4)
     global_state[B_KEY] = rng.normal(size=(D_OUT, 4)).astype(np.float32)
     messages, new = run_round(strategy, global_state)
@@ -135,12 +151,13 @@ def test_hetlora_takes_pruned_ranks_from_replies():
     def respond_pruned(message):
         reply = respond(message)
         if message.metadata.message_type == "train":
-            reply.metric_records["metrics"]["lora-rank"] = pruned[message.metadata.dst_node_id]
+            reply.metric_records["metrics"]["next-rank"] = pruned[message.metadata.dst_node_id]
         return reply
 
-    strategy = HetLoRA(alpha=ALPHA, global_rank=4, fraction_train=1.0, min_train_nodes=3)
+    strategy = HetLoRA(HetLoRAConfig(alpha=ALPHA, global_rank=4), fraction_train=1.0, min_train_nodes=3)
     grid = FakeGrid(RANKS, respond_pruned)
-    messages = list(strategy.configure_train(1, to_record(initial_global(rank=4)), ConfigRecord(), grid))
+    config = Instruction("{}").to_config()
+    messages = list(strategy.configure_train(1, to_record(initial_global(rank=4)), config, grid))
     strategy.aggregate_train(1, exchange(grid, messages, timeout=1.0))
     assert strategy.node_ranks == pruned
 
@@ -148,20 +165,26 @@ def test_hetlora_takes_pruned_ranks_from_replies():
 def test_rank_from_a_distribution_is_seeded_per_partition():
     overrides = "partition.num_clients=40 method.client_ranks=[2,8] method.client_rank_probs=[0.25,0.75]"
     cfg = compose_config({"method": "flexlora"}, overrides)
-    ranks = [cfg.client_rank(p) for p in range(40)]
-    assert ranks == [compose_config({"method": "flexlora"}, overrides).client_rank(p) for p in range(40)]
+    ranks = [cfg.method.client_rank(p, cfg.seed) for p in range(40)]
+    again = compose_config({"method": "flexlora"}, overrides)
+    assert ranks == [again.method.client_rank(p, again.seed) for p in range(40)]
     assert set(ranks) == {2, 8} and 20 <= ranks.count(8) <= 38  # ~30 of 40 expected
     assert global_rank(cfg) == sum(ranks)
 
 
 def test_rank_from_the_nodes_memory():
-    from client_app.node import node_rank
+    from client_app.node import node_facts
 
     cfg = compose_config({"method": "flexlora"}, "method.rank_by_memory_gb=[[0,4],[16,8],[40,16]]")
-    assert [cfg.memory_rank(gb) for gb in (8, 16, 24, 80)] == [4, 8, 8, 16]
-    assert node_rank({"memory-gb": 24}, cfg, 0) == 8
-    assert node_rank({"memory-gb": 24, "lora-rank": 2}, cfg, 0) == 2  # the node's own rank wins
-    assert node_rank({}, cfg, 0) in (4, 8, 16)  # this machine's GPU memory or RAM
+    assert [cfg.method.memory_rank(gb) for gb in (8, 16, 24, 80)] == [4, 8, 8, 16]
+
+    def rank(node_config):
+        return configured_rank(cfg.method, cfg.seed, 0, node_facts(node_config))
+
+    assert rank({"memory-gb": 24}) == 8
+    assert rank({"memory-gb": 24, "lora-rank": 2}) == 2  # the node's own rank wins
+    assert rank({}) in (4, 8, 16)  # this machine's GPU memory or RAM
+    assert configured_rank(cfg.method, 0, 0, NodeFacts({}, lambda: 17.0)) == 8
     assert global_rank(cfg) == 16 * cfg.partition.num_clients  # room for every node at its largest
 
 

@@ -5,12 +5,14 @@ import pytest
 from fakes import FakeGrid
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
+from finetune.config import compose_config
+from finetune.lora import is_lora_a
 from finetune.records import from_record, to_record
 from server_app.loop import exchange
-from strategies import STRATEGIES
+from strategies import RULES
+from strategies.fedit import FedIT
 from strategies.ffa_lora import FFALoRA
 from strategies.lora_fair import LoRAFAIR, cosine
-from strategies.lowrank import is_lora_a
 
 rng = np.random.default_rng(0)
 A0 = rng.normal(size=(4, 6)).astype(np.float32)
@@ -34,20 +36,26 @@ def one_round(strategy, global_state, respond, nodes=(1, 2, 3)):
 
 def test_upload_keys_per_method():
     keys = list(FULL)
-    uploads = {name: sorted(k for k in keys if rule.client_uploads(k)) for name, rule in STRATEGIES.items()}
+    for name, rule in RULES.items():  # the client uploads exactly what the server holds as global
+        assert [k for k in keys if rule.client.uploads(k)] == [k for k in keys if rule.strategy.shares(k)], (
+            name
+        )
+    uploads = {name: sorted(k for k in keys if rule.client.uploads(k)) for name, rule in RULES.items()}
     assert uploads["fedit"] == sorted(keys)
     assert uploads["lora_fair"] == sorted(keys)
     assert uploads["ffa_lora"] == ["m.classifier.weight", "m.q.lora_B.weight"]
     assert uploads["fedsa_lora"] == ["m.q.lora_A.weight"]
-    assert [k for k in keys if STRATEGIES["fedsa_lora"].client_keeps(k)] == [
+    assert [k for k in keys if RULES["fedsa_lora"].client.keeps(k)] == [
         "m.q.lora_B.weight",
         "m.classifier.weight",
     ]
-    assert STRATEGIES["ffa_lora"].freeze_lora_a and not STRATEGIES["fedit"].freeze_lora_a
+    cfg = compose_config({"method": "ffa_lora"})
+    assert RULES["ffa_lora"].client.default_adapter(cfg).freeze_lora_a
+    assert not RULES["fedit"].client.default_adapter(cfg).freeze_lora_a
 
 
 def test_ffa_round_moves_no_A_and_is_exact():
-    global_state = {k: v for k, v in FULL.items() if FFALoRA.client_uploads(k)}
+    global_state = {k: v for k, v in FULL.items() if FFALoRA.shares(k)}
     Bs = {n: rng.normal(size=(5, 4)).astype(np.float32) for n in (1, 2, 3)}
     sizes = {1: 10, 2: 20, 3: 70}
 
@@ -62,7 +70,7 @@ def test_ffa_round_moves_no_A_and_is_exact():
 
 
 def test_ffa_upload_is_about_half_of_fedit():
-    fedit = STRATEGIES["fedit"](fraction_train=1.0, min_train_nodes=1)
+    fedit = FedIT(fraction_train=1.0, min_train_nodes=1)
     ffa = FFALoRA(fraction_train=1.0, min_train_nodes=1)
     big = {
         "l.lora_A.weight": np.zeros((8, 768), np.float32),
@@ -70,9 +78,7 @@ def test_ffa_upload_is_about_half_of_fedit():
     }
     grid = FakeGrid([1], lambda m: None)
     fedit.configure_train(1, to_record(big), ConfigRecord(), grid)
-    ffa.configure_train(
-        1, to_record({k: v for k, v in big.items() if ffa.client_uploads(k)}), ConfigRecord(), grid
-    )
+    ffa.configure_train(1, to_record({k: v for k, v in big.items() if ffa.shares(k)}), ConfigRecord(), grid)
     ratio = sum(ffa.rounds[1].bytes_down.values()) / sum(fedit.rounds[1].bytes_down.values())
     assert 0.49 < ratio < 0.51
 
@@ -106,14 +112,7 @@ def test_personalised_rules_evaluate_on_every_client():
 
     grid = FakeGrid([1, 2, 3], lambda m: None)
     state = {"m.q.lora_A.weight": A0}
-    assert (
-        list(
-            STRATEGIES["fedit"](fraction_train=1.0).configure_evaluate(
-                1, to_record(state), ConfigRecord(), grid
-            )
-        )
-        == []
-    )
+    assert list(FedIT(fraction_train=1.0).configure_evaluate(1, to_record(state), ConfigRecord(), grid)) == []
     messages = list(
         FedSALoRA(fraction_train=0.3).configure_evaluate(1, to_record(state), ConfigRecord(), grid)
     )

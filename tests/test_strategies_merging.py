@@ -6,13 +6,15 @@ import pytest
 from fakes import FakeGrid
 from flwr.app import ConfigRecord, Error, MetricRecord, RecordDict
 
+from finetune.lora import split_base_deltas
 from finetune.records import from_record, to_record
 from server_app.loop import exchange
-from strategies.fedex_lora import FedExLoRA
-from strategies.flora import FLoRA
+from strategies.fedex_lora import FedExLoRA, FedExLoRAConfig
+from strategies.flora import FLoRA, FLoRAConfig
 from strategies.full import FullFineTuning
-from strategies.lowrank import split_base_deltas
-from strategies.merging import FROM_KEY, UPDATE_INFIX, VERSION_KEY, catch_up
+from strategies.merging import UPDATE_INFIX, catch_up
+from strategies.protocol import BASE_FROM as FROM_KEY
+from strategies.protocol import BASE_VERSION as VERSION_KEY
 
 D_OUT, D_IN, RANK, ALPHA = 16, 12, 2, 4.0
 PREFIX = "m.q"
@@ -98,7 +100,7 @@ def ideal_update(clients, server_round, weights_of, scale_of):
 
 def test_fedex_global_model_is_exact():
     clients = Clients({1: RANK, 2: RANK, 3: RANK})
-    strategy = FedExLoRA(scale=ALPHA / RANK, min_train_nodes=3)
+    strategy = FedExLoRA(FedExLoRAConfig(rank=RANK, alpha=ALPHA), min_train_nodes=3)
     new = run_rounds(strategy, clients, strategy.initial_state(trainable()), rounds=1)
     ideal = ideal_update(clients, 1, clients.sizes, lambda r: ALPHA / r)
     effective = new[DELTA].astype(np.float64) + ALPHA / RANK * new[B_KEY] @ new[A_KEY]
@@ -109,7 +111,7 @@ def test_fedex_global_model_is_exact():
 
 def test_flora_stacks_mixed_ranks_exactly_and_keeps_no_global_adapter():
     clients = Clients({1: 1, 2: 3, 3: 2})
-    strategy = FLoRA(alpha=ALPHA, min_train_nodes=3)
+    strategy = FLoRA(FLoRAConfig(alpha=ALPHA), min_train_nodes=3)
     new = run_rounds(strategy, clients, strategy.initial_state(trainable()), rounds=1)
     assert set(new) == {HEAD, DELTA}
     assert strategy.node_ranks == clients.ranks
@@ -120,7 +122,7 @@ def test_flora_stacks_mixed_ranks_exactly_and_keeps_no_global_adapter():
 
 def test_flora_rejects_an_adapter_of_the_wrong_rank():
     clients = Clients({1: 1, 2: 3, 3: 2})
-    strategy = FLoRA(alpha=ALPHA, min_train_nodes=3)
+    strategy = FLoRA(FLoRAConfig(alpha=ALPHA), min_train_nodes=3)
     strategy.node_ranks = {1: 1, 2: 3, 3: 4}  # node 3 registered rank 4, trains at 2
     run_rounds(strategy, clients, strategy.initial_state(trainable()), rounds=1)
     assert "shape" in strategy.rounds[1].rejected[3]
@@ -131,9 +133,8 @@ def test_flora_rejects_an_adapter_of_the_wrong_rank():
 def test_partial_participation_every_client_trains_on_the_servers_base(base_sync):
     nodes = {n: RANK for n in range(1, 7)}
     clients = Clients(nodes)
-    strategy = FedExLoRA(
-        scale=ALPHA / RANK, fraction_train=0.34, min_train_nodes=2, seed=0, base_sync=base_sync
-    )
+    method = FedExLoRAConfig(rank=RANK, alpha=ALPHA, base_sync=base_sync)
+    strategy = FedExLoRA(method, fraction_train=0.34, min_train_nodes=2, seed=0)
     run_rounds(strategy, clients, strategy.initial_state(trainable()), rounds=12)
     assert len({node for node, _, _ in clients.seen_bases}) == 6
     stale = [
@@ -154,7 +155,7 @@ def test_partial_participation_every_client_trains_on_the_servers_base(base_sync
 
 def test_auto_sends_factors_one_round_behind_and_dense_far_behind():
     clients = Clients({1: RANK, 2: RANK, 3: RANK})
-    strategy = FedExLoRA(scale=ALPHA / RANK, min_train_nodes=3)
+    strategy = FedExLoRA(FedExLoRAConfig(rank=RANK, alpha=ALPHA), min_train_nodes=3)
     strategy._global = run_rounds(strategy, clients, strategy.initial_state(trainable()), rounds=2)
     assert strategy.version == 2 and strategy.node_version == {1: 1, 2: 1, 3: 1}  # what they trained on
     # One round of rank-K·r factors: 3·2·(12 + 16) = 168 values < 16·12 = 192 dense; two: 336.
@@ -172,7 +173,7 @@ def test_auto_sends_factors_one_round_behind_and_dense_far_behind():
 
 def test_failed_node_gets_the_dense_base_next_time():
     clients = Clients({1: RANK, 2: RANK, 3: RANK})
-    strategy = FedExLoRA(scale=ALPHA / RANK, min_train_nodes=3, base_sync="factors")
+    strategy = FedExLoRA(FedExLoRAConfig(rank=RANK, alpha=ALPHA, base_sync="factors"), min_train_nodes=3)
     clients.fail = {2}
     state = run_rounds(strategy, clients, strategy.initial_state(trainable()), rounds=1)
     assert strategy.node_version[2] == -1 and "simulated crash" in strategy.rounds[1].rejected[2]
@@ -185,7 +186,7 @@ def test_failed_node_gets_the_dense_base_next_time():
 
 def test_client_that_lost_its_base_is_refused_then_resynced():
     clients = Clients({1: RANK, 2: RANK, 3: RANK})
-    strategy = FedExLoRA(scale=ALPHA / RANK, min_train_nodes=3, base_sync="factors")
+    strategy = FedExLoRA(FedExLoRAConfig(rank=RANK, alpha=ALPHA, base_sync="factors"), min_train_nodes=3)
     state = run_rounds(strategy, clients, strategy.initial_state(trainable()), rounds=2)
     clients.held[3] = (0, {})  # e.g. a restarted SuperNode: empty context
     state = run_rounds_from(strategy, clients, state, server_round=3)
@@ -224,4 +225,3 @@ def test_full_fine_tuning_averages_every_weight():
     new = from_record(strategy.aggregate_train(1, exchange(grid, messages, timeout=1.0))[0])
     np.testing.assert_allclose(new["m.q.weight"], 1 + (1 * 1 + 2 * 3) / 4)
     np.testing.assert_allclose(new["m.q.bias"], (1 * 1 + 2 * 3) / 4)
-    assert FullFineTuning.full_finetune

@@ -5,6 +5,7 @@ import pytest
 from fakes import FakeGrid
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
+from finetune.config import MethodConfig
 from finetune.records import from_record, to_record
 from server_app.loop import exchange
 from strategies.base import aggregate_metrics
@@ -219,8 +220,8 @@ def test_metrics_aggregation_sums_counts_and_takes_maxima():
 
 def test_wire_dtype_float16_halves_bytes_down():
     grid = FakeGrid([1, 2], lambda m: None)
-    fp32 = FedIT(fraction_train=1.0, wire_dtype="float32")
-    fp16 = FedIT(fraction_train=1.0, wire_dtype="float16")
+    fp32 = FedIT(MethodConfig(wire_dtype="float32"), fraction_train=1.0)
+    fp16 = FedIT(MethodConfig(wire_dtype="float16"), fraction_train=1.0)
     fp32.configure_train(1, to_record(GLOBAL), ConfigRecord(), grid)
     fp16.configure_train(1, to_record(GLOBAL), ConfigRecord(), grid)
     payload = sum(v.size for v in GLOBAL.values())

@@ -22,10 +22,10 @@ def _preset(name):
 
 
 def test_cpu_small_grid_is_every_method_on_two_datasets_and_seeds():
-    from strategies import STRATEGIES
+    from strategies import RULES
 
     grid = _preset("cpu_small").hydra.sweeper.params
-    assert set(grid["method"].split(",")) == set(STRATEGIES)
+    assert set(grid["method"].split(",")) == set(RULES)
     assert grid["dataset"] == "sst2,rte" and grid["seed"] == "0,1"
     iid = _preset("cpu_small_iid")
     # centralized trains on the union: its IID row is the Dirichlet grid's runs, not new ones

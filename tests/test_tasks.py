@@ -7,7 +7,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, adapter_of
 from PIL import Image
 
 from finetune.config import ConfigError, compose_config
@@ -89,7 +89,7 @@ def test_predicted_answer(generation, expected):
 def test_exact_match_scores_generations_against_the_reference(llama_cfg, hub_mirror, monkeypatch):
     task = build_task(llama_cfg, hub_mirror)
     data = task.prepare(load_eval_split(llama_cfg.dataset, hub_mirror, 0).select(range(4)))
-    model = build_model(llama_cfg, hub_mirror)
+    model = build_model(llama_cfg, hub_mirror, adapter_of(llama_cfg))
     order = np.argsort(data["prompt_length"], kind="stable")
     by_prompt = [data["reference"][i] for i in order]
     monkeypatch.setattr(task, "generate", lambda m, prompts: [f"#### {r}" for r in by_prompt[: len(prompts)]])
@@ -153,7 +153,7 @@ def test_efficientnet_gets_lora_on_its_pointwise_layers_and_keeps_batchnorm_stat
     cfg = _cfg(
         hub_mirror, "efficientnet_lite0", "cifar10", "iid", "model.random_init=true", "model.image_size=32"
     )
-    model = build_model(cfg, hub_mirror)
+    model = build_model(cfg, hub_mirror, adapter_of(cfg))
     state = trainable_state(model)
     a_keys = [k for k in state if k.endswith("lora_A.weight")]
     assert len(a_keys) == 16 + 1  # every block's projection + the head convolution

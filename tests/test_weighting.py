@@ -5,9 +5,10 @@ import pytest
 from fakes import FakeGrid
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
+from finetune.config import compose_config
 from finetune.records import from_record, to_record
 from server_app.loop import exchange
-from strategies import STRATEGIES
+from strategies import RULES
 
 D_OUT, D_IN, RANK = 6, 5, 2
 TRAINABLE = {
@@ -18,7 +19,11 @@ TRAINABLE = {
 
 
 def aggregate_once(name, weighting, sizes):
-    strategy = STRATEGIES[name](weighting=weighting, min_train_nodes=len(sizes))
+    overrides = [f"method.weighting={weighting}", f"partition.num_clients={len(sizes)}"]
+    overrides += [f"federation.min_train_clients={len(sizes)}", f"method.rank={RANK}"]
+    if RULES[name].heterogeneous_ranks:
+        overrides.append(f"method.client_ranks=[{RANK}]")
+    strategy = RULES[name].build_strategy(compose_config({"method": name}, overrides))
 
     def respond(message):
         node = message.metadata.dst_node_id
@@ -40,7 +45,7 @@ def aggregate_once(name, weighting, sizes):
     return from_record(arrays)
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
+@pytest.mark.parametrize("name", sorted(RULES))
 def test_uniform_weighting_ignores_example_counts(name):
     uniform = aggregate_once(name, "uniform", {1: 1, 2: 500})
     equal = aggregate_once(name, "examples", {1: 7, 2: 7})
