@@ -42,7 +42,8 @@ sweep: $(STAMP)
 report: $(STAMP)
 	$(PY) -m benchmarks.report --preset $(subst _,-,$(PRESET))
 
-test: $(STAMP)
+# Lint and type-check first (seconds to a minute), then the tests.
+test: lint
 	$(PY) -m pytest -q tests
 
 # Figures, not pass/fail: aggregation cost (QR-compact vs dense SVD), bytes per rule, and the
@@ -53,6 +54,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # Fill a local Hub mirror (for air-gapped nodes) on a connected machine:
 #   make data MIRROR=/path/to/mirror DATASETS="nyu-mll/glue:sst2 nyu-mll/glue:mrpc"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -18,13 +19,16 @@ from strategies import get_rule
 from strategies.flexlora import flexlora_aggregate
 from strategies.hlora import hlora_aggregate
 
+Factors = tuple[np.ndarray, np.ndarray]
 
-def _best_of(repeat: int, fn) -> tuple[float, object]:  # noqa: ANN001
+
+def _best_of(repeat: int, fn: Callable[[], Factors]) -> tuple[float, Factors]:
     best, result = float("inf"), None
     for _ in range(repeat):
         start = time.perf_counter()
         result = fn()
         best = min(best, time.perf_counter() - start)
+    assert result is not None
     return best, result
 
 

@@ -141,7 +141,7 @@ def summarize(records: list[dict[str, Any]], parallel: int) -> MethodRow:
         if row.get("peak_client_memory_mb")
     ]
     framework = [x for r in records if (x := framework_overhead(r, parallel)) is not None]
-    later = [float(np.mean(x[1:])) for r in records if len(x := framework_ratios(r, parallel)) > 1]
+    later = [float(np.mean(rs[1:])) for r in records if len(rs := framework_ratios(r, parallel)) > 1]
     wire = [x for r in records if (x := wire_overhead(r)) is not None]
     final = mean_std(finals)
     known = next((r["chance"] for r in records if r.get("chance")), None)
@@ -244,8 +244,9 @@ def markdown_table(rows: list[MethodRow], metric: str) -> str:
     scored = [r for r in rows if r.chance is not None]
     if scored:
         usual = Counter((r.chance, r.eval_examples) for r in scored).most_common(1)[0][0]
+        assert usual[0] is not None
         others = [
-            f"`{r.method}`: {r.chance * scale:.1f} % of its clients' own shares"  # type: ignore[operator]
+            f"`{r.method}`: {(r.chance or 0.0) * scale:.1f} % of its clients' own shares"
             for r in scored
             if (r.chance, r.eval_examples) != usual
         ]

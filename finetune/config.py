@@ -534,4 +534,4 @@ def compose_config(
         GlobalHydra.instance().clear()
     data = OmegaConf.to_container(composed, resolve=True)
     assert isinstance(data, dict)
-    return ExperimentConfig.from_dict(data)
+    return ExperimentConfig.from_dict({str(k): v for k, v in data.items()})

@@ -250,7 +250,7 @@ class PartitionedDataset:
                     if len(parts[donor]) > 1:
                         parts[client], parts[donor] = parts[donor][:1], parts[donor][1:]
         return [
-            other.select(sorted(np.concatenate([p[i] for p in pools.values()] or [[]]).astype(int)))
+            other.select(sorted(np.concatenate([p[i] for p in pools.values()] or [np.zeros(0)]).astype(int)))
             for i in range(n)
         ]
 

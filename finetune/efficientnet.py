@@ -46,7 +46,7 @@ def replace_pointwise_convolutions(model: torch.nn.Module) -> int:
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if _is_pointwise(child):
+            if isinstance(child, torch.nn.Conv2d) and _is_pointwise(child):
                 setattr(parent, name, Pointwise(child))
                 swapped += 1
     return swapped

@@ -76,7 +76,7 @@ def dequantized_gguf(folder: str, gguf_file: str) -> Path:
     # Drop the GGUF marker so the copy is an ordinary checkpoint.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer, model.is_quantized = None, False
+    model.hf_quantizer, model.is_quantized = None, False  # type: ignore[assignment]
     partial = cached.with_name(f"{cached.name}.partial-{os.getpid()}")
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
@@ -157,7 +157,7 @@ def lora_config(cfg: ExperimentConfig, adapter: AdapterSpec) -> LoraConfig:
     return LoraConfig(
         task_type=task_type,
         r=adapter.rank,
-        lora_alpha=adapter.alpha,
+        lora_alpha=adapter.alpha,  # type: ignore[arg-type]  # peft reads a float as well
         lora_dropout=adapter.dropout,
         target_modules=list(cfg.model.lora_targets),
         modules_to_save=heads

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,7 +67,7 @@ def build_optimizer(
         raise ValueError(
             f"GaLore found no trainable 2-D weight in model.lora_targets {cfg.model.lora_targets}"
         )
-    groups = [
+    groups: list[dict[str, Any]] = [
         {"params": [p for n, p in named if n not in projected]},
         {
             "params": [p for n, p in named if n in projected],

@@ -62,11 +62,17 @@ def lora_base_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
 
 
+def base_layer_weight(layer: LoraLayer) -> torch.Tensor:
+    """The frozen weight under a LoRA layer."""
+    weight = layer.get_base_layer().weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
+
+
 def base_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the frozen weights under every LoRA layer (the ``W0`` that deltas add to)."""
     return {
-        prefix: layer.get_base_layer().weight.detach().clone()
-        for prefix, layer in lora_base_layers(model).items()
+        prefix: base_layer_weight(layer).detach().clone() for prefix, layer in lora_base_layers(model).items()
     }
 
 
@@ -80,7 +86,7 @@ def set_base_deltas(
         raise KeyError(f"base deltas for layers the model does not adapt: {unknown[:3]}")
     with torch.no_grad():
         for prefix, layer in layers.items():
-            weight = layer.get_base_layer().weight
+            weight = base_layer_weight(layer)
             w0 = base[prefix]
             if prefix not in deltas:
                 weight.copy_(w0)

@@ -34,14 +34,15 @@ def start_process(
     command: Sequence[str], env: dict[str, str], cwd: Path, log_file: Path | None = None
 ) -> subprocess.Popen[bytes]:
     """Start ``command`` in a new process group (so :func:`stop_process` can end its children)."""
-    output = open(log_file, "ab") if log_file is not None else subprocess.DEVNULL  # noqa: SIM115
-    try:
+    if log_file is None:
+        return subprocess.Popen(
+            list(command), env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    with open(log_file, "ab") as output:  # the child holds its own descriptor
         return subprocess.Popen(
             list(command), env=env, cwd=cwd, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
         )
-    finally:
-        if log_file is not None:
-            output.close()  # the child holds its own descriptor
 
 
 def stop_process(process: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:

@@ -191,7 +191,7 @@ def save_final_model(server: ServerModel, rule: Rule, recorder: RunRecorder) -> 
     else:
         folder = recorder.adapter_dir
     if hasattr(model, "save_pretrained"):
-        model.save_pretrained(folder)
+        model.save_pretrained(folder)  # type: ignore[operator]
     else:  # a plain torch model (EfficientNet-Lite0): its weights as safetensors
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -148,4 +148,6 @@ def evaluate_on_clients(
     )
     if metrics is None:
         raise RuntimeError(f"round {server_round}: no client returned evaluation metrics")
-    return {k: float(v) for k, v in metrics.items() if k != protocol.NUM_EXAMPLES}
+    return {
+        k: float(v) for k, v in metrics.items() if k != protocol.NUM_EXAMPLES and isinstance(v, int | float)
+    }

@@ -7,9 +7,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 State = Mapping[str, np.ndarray]
+Weights = Sequence[float] | np.ndarray  # one non-negative weight per client
 
 
-def normalize_weights(weights: Sequence[float]) -> np.ndarray:
+def normalize_weights(weights: Weights) -> np.ndarray:
     """Non-negative weights scaled to sum to one."""
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim != 1 or len(w) == 0:
@@ -19,7 +20,7 @@ def normalize_weights(weights: Sequence[float]) -> np.ndarray:
     return w / w.sum()
 
 
-def weighted_mean(states: Sequence[State], weights: Sequence[float]) -> dict[str, np.ndarray]:
+def weighted_mean(states: Sequence[State], weights: Weights) -> dict[str, np.ndarray]:
     """Key-wise ``sum_k p_k x_k`` with ``p = weights / sum(weights)``, accumulated in float64.
 
     Every state must hold the same keys with the same shapes; the result keeps the dtype of

@@ -11,12 +11,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    MetricRecordValues,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -24,7 +32,7 @@ from finetune.config import ExperimentConfig, MethodConfig, clients_per_round, m
 from finetune.models import AdapterSpec
 from finetune.records import from_record, to_record
 from strategies import protocol
-from strategies.averaging import State
+from strategies.averaging import State, Weights
 from strategies.protocol import ARRAYS, CONFIG, MAX_METRICS, METRICS, NUM_EXAMPLES, SUM_METRICS, Instruction
 from strategies.validation import reply_problem
 
@@ -146,8 +154,11 @@ class FederatedStrategy(Strategy):
     def node_failed(self, node_id: int) -> None:
         """Called for every sampled node whose reply was rejected or did not come."""
 
-    #: The rule's pure function of (client states, weights), for rules that need nothing more.
-    rule: ClassVar[Callable[[Sequence[State], Sequence[float]], dict[str, np.ndarray]] | None] = None
+    @staticmethod
+    def rule(states: Sequence[State], weights: Weights) -> dict[str, np.ndarray]:
+        """The rule's pure function of (client states, weights), for rules that need nothing more
+        (they set ``rule = staticmethod(<their function>)``); others override :meth:`aggregate`."""
+        raise NotImplementedError
 
     def aggregate(
         self,
@@ -158,8 +169,6 @@ class FederatedStrategy(Strategy):
         node_ids: Sequence[int],
     ) -> dict[str, np.ndarray]:
         """The new global state from the valid client states (weights sum to one)."""
-        if self.rule is None:
-            raise NotImplementedError(f"{type(self).__name__} defines neither `rule` nor `aggregate`")
         return self.rule(client_states, weights)
 
     # --- sampling ------------------------------------------------------------------------
@@ -305,9 +314,8 @@ class FederatedStrategy(Strategy):
             return None, None
         # Arrival order and fresh node ids must not change the float sums: sum in client order.
         order = sorted(range(len(node_ids)), key=lambda i: self.client_order(node_ids[i]))
-        states, weights, node_ids, metrics = (
-            [xs[i] for i in order] for xs in (states, weights, node_ids, metrics)
-        )
+        states, weights = [states[i] for i in order], [weights[i] for i in order]
+        node_ids, metrics = [node_ids[i] for i in order], [metrics[i] for i in order]
         stats.aggregated = node_ids
         new_state = self.aggregate(
             server_round, self._global, states, np.asarray(weights, dtype=np.float64), node_ids
@@ -391,11 +399,11 @@ def raw_bytes(record: ArrayRecord) -> int:
     return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in record.values())
 
 
-def aggregate_metrics(metrics: Sequence[dict[str, float]], weights: Sequence[float]) -> MetricRecord:
+def aggregate_metrics(metrics: Sequence[dict[str, float]], weights: Weights) -> MetricRecord:
     """Weighted mean of each reply metric; sums for counts, maxima for times and memory."""
     p = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
     keys = set().union(*metrics)
-    out: dict[str, float | int] = {}
+    out: dict[str, MetricRecordValues] = {}
     for key in sorted(keys):
         values = [(pk, m[key]) for pk, m in zip(p, metrics, strict=True) if key in m]
         if key in SUM_METRICS:

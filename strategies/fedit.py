@@ -12,13 +12,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from finetune.config import MethodConfig
-from strategies.averaging import State, weighted_mean
+from strategies.averaging import State, Weights, weighted_mean
 from strategies.base import FederatedStrategy
 from strategies.client import ClientRule
 from strategies.registry import Family, Rule, register
 
 
-def fedit_aggregate(states: Sequence[State], weights: Sequence[float]) -> dict[str, np.ndarray]:
+def fedit_aggregate(states: Sequence[State], weights: Weights) -> dict[str, np.ndarray]:
     """``Ā = Σ p_k A_k``, ``B̄ = Σ p_k B_k`` and the same for every other trained array."""
     return weighted_mean(states, weights)
 

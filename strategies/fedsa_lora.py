@@ -9,13 +9,13 @@ import numpy as np
 
 from finetune.config import MethodConfig
 from finetune.lora import is_lora_a
-from strategies.averaging import State, weighted_mean
+from strategies.averaging import State, Weights, weighted_mean
 from strategies.base import FederatedStrategy
 from strategies.client import ClientRule
 from strategies.registry import Family, Rule, register
 
 
-def fedsa_aggregate(states: Sequence[State], weights: Sequence[float]) -> dict[str, np.ndarray]:
+def fedsa_aggregate(states: Sequence[State], weights: Weights) -> dict[str, np.ndarray]:
     """``Ā = Σ p_k A_k``; anything but lora_A in an upload is a protocol error."""
     for state in states:
         extra = [k for k in state if not is_lora_a(k)]

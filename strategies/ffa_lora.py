@@ -12,13 +12,13 @@ import numpy as np
 from finetune.config import ExperimentConfig, MethodConfig
 from finetune.lora import is_lora_a
 from finetune.models import AdapterSpec
-from strategies.averaging import State, weighted_mean
+from strategies.averaging import State, Weights, weighted_mean
 from strategies.base import FederatedStrategy
 from strategies.client import ClientRule
 from strategies.registry import Family, Rule, register
 
 
-def ffa_aggregate(states: Sequence[State], weights: Sequence[float]) -> dict[str, np.ndarray]:
+def ffa_aggregate(states: Sequence[State], weights: Weights) -> dict[str, np.ndarray]:
     """``B̄ = Σ p_k B_k`` (and the head); a state carrying lora_A is a protocol error."""
     for state in states:
         carried = [k for k in state if is_lora_a(k)]

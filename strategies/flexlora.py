@@ -19,7 +19,7 @@ from finetune.config import ExperimentConfig
 from finetune.lora import is_lora, lora_layers, split_state
 from finetune.models import AdapterSpec
 from finetune.records import from_record
-from strategies.averaging import normalize_weights, weighted_mean
+from strategies.averaging import Weights, normalize_weights, weighted_mean
 from strategies.base import FederatedStrategy
 from strategies.lowrank import SVD, compact_svd, factors_from_svd, weighted_product
 from strategies.ranks import HeterogeneousRankConfig, RankedClient
@@ -37,7 +37,7 @@ class FlexLoRAConfig(HeterogeneousRankConfig):
 def flexlora_product(
     As: Sequence[np.ndarray],
     Bs: Sequence[np.ndarray],
-    weights: Sequence[float],
+    weights: Weights,
     scales: Sequence[float],
 ) -> np.ndarray:
     """The server's dense mean update ``Σ p_k s_k B_k A_k`` (d_out × d_in)."""
@@ -48,7 +48,7 @@ def flexlora_product(
 def flexlora_aggregate(
     As: Sequence[np.ndarray],
     Bs: Sequence[np.ndarray],
-    weights: Sequence[float],
+    weights: Weights,
     scales: Sequence[float],
     global_rank: int,
 ) -> tuple[np.ndarray, np.ndarray]:

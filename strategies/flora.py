@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from finetune.lora import lora_layers, lora_scale, split_state
-from strategies.averaging import normalize_weights, weighted_mean
+from strategies.averaging import Weights, normalize_weights, weighted_mean
 from strategies.merging import BaseMergingStrategy, Factors, MergedBaseClient, MergedBaseConfig
 from strategies.ranks import HeterogeneousRankConfig, RankedClient
 from strategies.registry import Family, Rule, register
@@ -26,7 +26,7 @@ class FLoRAConfig(HeterogeneousRankConfig, MergedBaseConfig):
 
 
 def flora_stack(
-    As: Sequence[np.ndarray], Bs: Sequence[np.ndarray], weights: Sequence[float]
+    As: Sequence[np.ndarray], Bs: Sequence[np.ndarray], weights: Weights
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(A_stack, B_stack)`` of rank Σ r_k with the client weights folded into A."""
     p = normalize_weights(weights)

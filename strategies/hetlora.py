@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from finetune.config import ExperimentConfig, require
-from strategies.averaging import normalize_weights
+from strategies.averaging import Weights, normalize_weights
 from strategies.client import NodeFacts, NodeState, Regularizer, State
 from strategies.flexlora import FlexLoRA
 from strategies.lowrank import pad_rank
@@ -45,7 +45,7 @@ class HetLoRAConfig(HeterogeneousRankConfig):
 
 
 def hetlora_weights(
-    As: Sequence[np.ndarray], Bs: Sequence[np.ndarray], weights: Sequence[float], scales: Sequence[float]
+    As: Sequence[np.ndarray], Bs: Sequence[np.ndarray], weights: Weights, scales: Sequence[float]
 ) -> np.ndarray:
     """Normalised ``p_k ‖s_k B_k A_k‖_F``; falls back to ``p_k`` when every update is zero."""
     p = normalize_weights(weights)
@@ -62,7 +62,7 @@ def hetlora_weights(
 def hetlora_aggregate(
     As: Sequence[np.ndarray],
     Bs: Sequence[np.ndarray],
-    weights: Sequence[float],
+    weights: Weights,
     scales: Sequence[float],
     max_rank: int,
 ) -> tuple[np.ndarray, np.ndarray]:

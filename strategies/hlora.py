@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from strategies.averaging import normalize_weights
+from strategies.averaging import Weights, normalize_weights
 from strategies.flexlora import FlexLoRA, FlexLoRAConfig
 from strategies.lowrank import SVD, compact_svd, factors_from_svd
 from strategies.ranks import RankedClient
@@ -27,7 +27,7 @@ class HLoRAConfig(FlexLoRAConfig):
 def hlora_svd(
     As: Sequence[np.ndarray],
     Bs: Sequence[np.ndarray],
-    weights: Sequence[float],
+    weights: Weights,
     scales: Sequence[float],
 ) -> SVD:
     """Thin SVD ``(U, S, Vt)`` of ``Σ p_k s_k B_k A_k``, of size Σ r_k."""
@@ -39,7 +39,7 @@ def hlora_svd(
 def hlora_aggregate(
     As: Sequence[np.ndarray],
     Bs: Sequence[np.ndarray],
-    weights: Sequence[float],
+    weights: Weights,
     scales: Sequence[float],
     global_rank: int,
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ import numpy as np
 
 from finetune.config import MethodConfig, require
 from finetune.lora import lora_layers, split_state
-from strategies.averaging import normalize_weights, weighted_mean
+from strategies.averaging import Weights, normalize_weights, weighted_mean
 from strategies.base import FederatedStrategy
 from strategies.client import ClientRule
 from strategies.lowrank import weighted_product
@@ -92,7 +92,7 @@ def lora_fair_correction(
 def lora_fair_aggregate(
     As: Sequence[np.ndarray],
     Bs: Sequence[np.ndarray],
-    weights: Sequence[float],
+    weights: Weights,
     lam: float = 0.01,
     steps: int = 100,
     lr: float = 0.01,

@@ -7,12 +7,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from strategies.averaging import Weights
+
 SVD = tuple[np.ndarray, np.ndarray, np.ndarray]  # (U, S, Vt)
 
 
-def weighted_product(
-    As: Sequence[np.ndarray], Bs: Sequence[np.ndarray], coefficients: Sequence[float]
-) -> np.ndarray:
+def weighted_product(As: Sequence[np.ndarray], Bs: Sequence[np.ndarray], coefficients: Weights) -> np.ndarray:
     """Dense ``Σ_k c_k B_k A_k`` (d_out × d_in), in float64."""
     out = np.zeros((Bs[0].shape[0], As[0].shape[1]), dtype=np.float64)
     for c, A, B in zip(coefficients, As, Bs, strict=True):

@@ -115,8 +115,8 @@ def catch_up(
     by_version: dict[int, dict[str, dict[str, np.ndarray]]] = {}
     for key, value in updates.items():
         prefix, rest = key.split(UPDATE_INFIX)
-        version, side = rest.split(".")
-        by_version.setdefault(int(version), {}).setdefault(prefix, {})[side] = value
+        version_text, side = rest.split(".")
+        by_version.setdefault(int(version_text), {}).setdefault(prefix, {})[side] = value
     out = dict(held)
     for version in sorted(by_version):
         for prefix, sides in by_version[version].items():

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
-from flwr.app import ConfigRecord, MetricRecord
+from flwr.app import ConfigRecord, ConfigRecordValues, MetricRecord, MetricRecordValues
 
 # --- records of a message ---------------------------------------------------------------------
 ARRAYS = "arrays"
@@ -46,8 +46,6 @@ NEXT_RANK = "next-rank"  # HetLoRA: the rank a node pruned itself to, from its n
 SUM_METRICS = frozenset({NUM_EXAMPLES, EXAMPLES_SEEN})
 MAX_METRICS = frozenset({TRAIN_SECONDS, HANDLER_SECONDS, PEAK_MEMORY_MB, OPTIMIZER_STATE_BYTES, DP_EPSILON})
 
-Scalar = int | float | str
-
 
 @dataclass(frozen=True)
 class Instruction:
@@ -61,7 +59,7 @@ class Instruction:
     base_from: int | None = None
 
     def to_config(self) -> ConfigRecord:
-        values: dict[str, Scalar] = {
+        values: dict[str, ConfigRecordValues] = {
             EXPERIMENT: self.experiment,
             SERVER_ROUND: self.server_round,
             LR: self.lr,
@@ -121,8 +119,11 @@ class TrainReport:
     }
 
     def to_metrics(self) -> MetricRecord:
-        values = {key: getattr(self, attr) for attr, key in self._KEYS.items()}
-        return MetricRecord({k: v for k, v in values.items() if v is not None})
+        values: dict[str, MetricRecordValues] = {}
+        for attr, key in self._KEYS.items():
+            if (value := getattr(self, attr)) is not None:
+                values[key] = value
+        return MetricRecord(values)
 
 
 def metric_int(metrics: Mapping[str, object], key: str) -> int | None:
@@ -140,7 +141,7 @@ class NodeDescription:
     rank: int | None = None
 
     def to_metrics(self) -> MetricRecord:
-        values: dict[str, int | float] = {PARTITION_ID: self.partition_id}
+        values: dict[str, MetricRecordValues] = {PARTITION_ID: self.partition_id}
         if self.rank is not None:
             values[RANK] = self.rank
         return MetricRecord(values)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,8 @@ class InstructionTuning(Task):
             encoded = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True
             )
-            return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+            ids = encoded["input_ids"] if isinstance(encoded, Mapping) else encoded
+            return [int(i) for i in ids]  # type: ignore[arg-type]
         return self.tokenizer(PLAIN_TEMPLATE.format(prompt=prompt), add_special_tokens=True)["input_ids"]
 
     def prepare(self, raw: datasets.Dataset, client: int | None = None) -> datasets.Dataset:
@@ -137,7 +139,7 @@ class InstructionTuning(Task):
         for i, prompt in enumerate(prompts):
             ids[i, width - len(prompt) :] = torch.tensor(prompt)
             mask[i, width - len(prompt) :] = 1
-        out = model.generate(
+        out = model.generate(  # type: ignore[operator]
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=self.cfg.dataset.max_new_tokens,

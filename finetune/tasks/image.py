@@ -51,7 +51,7 @@ class ImageSettings:
 
 
 # EfficientNet-Lite takes (x - 127) / 128 on 0..255 pixels.
-EFFICIENTNET_LITE = ImageSettings(224, (127 / 255,) * 3, (128 / 255,) * 3)  # type: ignore[arg-type]
+EFFICIENTNET_LITE = ImageSettings(224, (127 / 255,) * 3, (128 / 255,) * 3)
 
 
 def image_settings(cfg: ExperimentConfig, mirror: Path | None) -> ImageSettings:
