@@ -18,6 +18,7 @@ from finetune.memory import peak_memory_mb, reset_peak_memory
 from finetune.models import freeze_batch_norm_statistics
 from finetune.optim import load_optimizer_state, optimizer_state_bytes, save_optimizer_state
 from finetune.privacy import PrivateRound, PrivateTraining
+from finetune.tasks import Batch
 
 
 @dataclass
@@ -52,6 +53,7 @@ def _endless_batches(
 
 
 OptimizerFactory = Callable[[torch.nn.Module, float], torch.optim.Optimizer]
+Regularizer = Callable[[torch.nn.Module], torch.Tensor]
 
 
 def adamw(weight_decay: float) -> OptimizerFactory:
@@ -69,7 +71,7 @@ def train_local(
     cfg: TrainConfig,
     lr: float,
     seed: int,
-    regularizer: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+    regularizer: Regularizer | None = None,
     *,
     optimizer: OptimizerFactory | None = None,
     optimizer_state: np.ndarray | None = None,
@@ -92,48 +94,20 @@ def train_local(
     reset_peak_memory()
     torch.manual_seed(seed)  # dropout draws: the same whichever process trains this client
     start = time.perf_counter()
-    device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = (optimizer or adamw(cfg.weight_decay))(model, lr)
-    if optimizer_state is not None:
-        load_optimizer_state(opt, optimizer_state)
-        for group in opt.param_groups:
-            group["lr"] = lr  # this round's rate, not the one saved with the state
+    opt = open_optimizer(model, lr, optimizer or adamw(cfg.weight_decay), optimizer_state)
     private = PrivateTraining(model, opt, privacy, len(dataset)) if privacy is not None else None
-    step_optimizer = private.optimizer if private is not None else opt
-    if privacy is not None:
-        steps = privacy.steps
-        batches = poisson_batches(dataset, collate, privacy.sample_rate, seed)
-    else:
-        steps = local_step_count(cfg, len(dataset))
-        batches = _endless_batches(dataset, collate, cfg.batch_size, seed)
+    steps, batches = round_batches(dataset, collate, cfg, privacy, seed)
     model.train()
     freeze_batch_norm_statistics(model)
-    total_loss, seen, losses = 0.0, 0, 0
     try:
-        for _ in range(steps):
-            batch = next(batches)
-            if batch is None:  # an empty Poisson draw: nothing to learn from, the step still counts
-                continue
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = model(**batch).loss
-            if regularizer is not None:
-                loss = loss + regularizer(model)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {loss.item()} (lr={lr})")
-            loss.backward()
-            if private is None and cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            step_optimizer.step()
-            step_optimizer.zero_grad(set_to_none=True)
-            total_loss += loss.item()
-            losses += 1
-            seen += int(batch["labels"].shape[0])
+        clip = cfg.max_grad_norm if private is None else 0.0  # DP-SGD clips per sample itself
+        step_optimizer = private.optimizer if private is not None else opt
+        loss, seen = run_steps(model, step_optimizer, batches, steps, lr, clip, regularizer)
     finally:
         if private is not None:
             private.close()
     return TrainResult(
-        loss=total_loss / max(losses, 1),
+        loss=loss,
         steps=steps,
         examples_seen=seen,
         seconds=time.perf_counter() - start,
@@ -141,3 +115,58 @@ def train_local(
         optimizer_state_bytes=optimizer_state_bytes(opt),
         optimizer_state=save_optimizer_state(opt) if cfg.keep_optimizer_state else None,
     )
+
+
+def open_optimizer(
+    model: torch.nn.Module, lr: float, factory: OptimizerFactory, state: np.ndarray | None
+) -> torch.optim.Optimizer:
+    """A new optimizer at ``lr``, resumed from a saved ``state`` when given."""
+    opt = factory(model, lr)
+    if state is not None:
+        load_optimizer_state(opt, state)
+        for group in opt.param_groups:
+            group["lr"] = lr  # this round's rate, not the one saved with the state
+    return opt
+
+
+def round_batches(
+    dataset: datasets.Dataset, collate: Collate, cfg: TrainConfig, privacy: PrivateRound | None, seed: int
+) -> tuple[int, Iterator[Batch | None]]:
+    """The round's step count and batches: Poisson-sampled under DP-SGD, else shuffled epochs."""
+    if privacy is not None:
+        return privacy.steps, poisson_batches(dataset, collate, privacy.sample_rate, seed)
+    return local_step_count(cfg, len(dataset)), _endless_batches(dataset, collate, cfg.batch_size, seed)
+
+
+def run_steps(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[Batch | None],
+    steps: int,
+    lr: float,
+    clip_norm: float,
+    regularizer: Regularizer | None,
+) -> tuple[float, int]:
+    """``steps`` optimizer steps; the mean loss and the examples seen."""
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    total_loss, seen, losses = 0.0, 0, 0
+    for _ in range(steps):
+        batch = next(batches)
+        if batch is None:  # an empty Poisson draw: nothing to learn from, the step still counts
+            continue
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss = model(**batch).loss
+        if regularizer is not None:
+            loss = loss + regularizer(model)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} (lr={lr})")
+        loss.backward()
+        if clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        total_loss += loss.item()
+        losses += 1
+        seen += int(batch["labels"].shape[0])
+    return total_loss / max(losses, 1), seen

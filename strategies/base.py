@@ -29,10 +29,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from finetune.config import ExperimentConfig, MethodConfig, clients_per_round, method_config_type
+from finetune.lora import split_state
 from finetune.models import AdapterSpec
 from finetune.records import from_record, to_record
 from strategies import protocol
-from strategies.averaging import State, Weights
+from strategies.averaging import State, Weights, weighted_mean
 from strategies.protocol import ARRAYS, CONFIG, MAX_METRICS, METRICS, NUM_EXAMPLES, SUM_METRICS, Instruction
 from strategies.validation import reply_problem
 
@@ -53,6 +54,26 @@ class RoundStats:
     aggregated: list[int] = field(default_factory=list)
     rejected: dict[int, str] = field(default_factory=dict)
     kept_previous: bool = False
+
+
+@dataclass(frozen=True)
+class Replies:
+    """A round's valid replies in client order, with the global state they trained from."""
+
+    server_round: int
+    global_state: dict[str, np.ndarray]
+    states: list[dict[str, np.ndarray]]
+    weights: np.ndarray  # one per reply (example counts, or ones)
+    node_ids: list[int]
+
+    def factors(self, a_key: str, b_key: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Every client's ``(A, B)`` of one LoRA layer."""
+        return [s[a_key] for s in self.states], [s[b_key] for s in self.states]
+
+    def mean_of_heads(self) -> dict[str, np.ndarray]:
+        """The weighted mean of everything but the LoRA factors (the heads), {} when none."""
+        heads = [split_state(state)[1] for state in self.states]
+        return weighted_mean(heads, self.weights) if heads[0] else {}
 
 
 class FederatedStrategy(Strategy):
@@ -160,16 +181,9 @@ class FederatedStrategy(Strategy):
         (they set ``rule = staticmethod(<their function>)``); others override :meth:`aggregate`."""
         raise NotImplementedError
 
-    def aggregate(
-        self,
-        server_round: int,
-        global_state: dict[str, np.ndarray],
-        client_states: Sequence[dict[str, np.ndarray]],
-        weights: np.ndarray,
-        node_ids: Sequence[int],
-    ) -> dict[str, np.ndarray]:
-        """The new global state from the valid client states (weights sum to one)."""
-        return self.rule(client_states, weights)
+    def aggregate(self, replies: Replies) -> dict[str, np.ndarray]:
+        """The new global state from the round's valid replies."""
+        return self.rule(replies.states, replies.weights)
 
     # --- sampling ------------------------------------------------------------------------
     def connected_nodes(self, grid: Grid) -> list[int]:
@@ -318,7 +332,7 @@ class FederatedStrategy(Strategy):
         node_ids, metrics = [node_ids[i] for i in order], [metrics[i] for i in order]
         stats.aggregated = node_ids
         new_state = self.aggregate(
-            server_round, self._global, states, np.asarray(weights, dtype=np.float64), node_ids
+            Replies(server_round, self._global, states, np.asarray(weights, dtype=np.float64), node_ids)
         )
         return to_record(new_state), aggregate_metrics(metrics, weights)
 

@@ -30,10 +30,10 @@ from finetune.models import AdapterSpec
 from finetune.optim import GaLoreSettings
 from finetune.records import from_record, to_record
 from finetune.state import load_trainable_state
+from finetune.training import Regularizer
 from strategies.protocol import Instruction, TrainReport
 
 State = dict[str, np.ndarray]
-Regularizer = Callable[[torch.nn.Module], torch.Tensor]
 
 KEPT_ARRAYS = "local-arrays"  # node state: the arrays a rule keeps on the node between rounds
 OPTIMIZER_STATE = "optimizer-state"  # node state: the serialized optimizer (train.keep_optimizer_state)

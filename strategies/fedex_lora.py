@@ -16,6 +16,7 @@ import numpy as np
 
 from finetune.lora import lora_layers, lora_scale
 from strategies.averaging import Weights, normalize_weights, weighted_mean
+from strategies.base import Replies
 from strategies.merging import BaseMergingStrategy, Factors, MergedBaseClient, MergedBaseConfig
 from strategies.registry import Family, Rule, register
 
@@ -49,18 +50,12 @@ class FedExLoRA(BaseMergingStrategy):
         super().__init__(method, **kwargs)
         self.scale = lora_scale(self.method.alpha, self.method.rank)
 
-    def merge(
-        self,
-        global_trainable: dict[str, np.ndarray],
-        client_states: Sequence[dict[str, np.ndarray]],
-        weights: np.ndarray,
-    ) -> tuple[dict[str, np.ndarray], Factors]:
-        new = weighted_mean(client_states, weights)  # Ā, B̄ and the head
+    def merge(self, replies: Replies) -> tuple[dict[str, np.ndarray], Factors]:
+        new = weighted_mean(replies.states, replies.weights)  # Ā, B̄ and the head
         increment = {}
-        for prefix, (a_key, b_key) in lora_layers(global_trainable).items():
-            As = [state[a_key] for state in client_states]
-            Bs = [state[b_key] for state in client_states]
-            increment[prefix] = fedex_residual_factors(As, Bs, weights, self.scale)
+        for prefix, (a_key, b_key) in lora_layers(replies.states[0]).items():
+            As, Bs = replies.factors(a_key, b_key)
+            increment[prefix] = fedex_residual_factors(As, Bs, replies.weights, self.scale)
         return new, increment
 
 

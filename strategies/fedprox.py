@@ -34,7 +34,9 @@ class FedProxConfig(MethodConfig):
         )
 
 
-def proximal_term(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor], mu: float) -> torch.Tensor:
+def proximal_term(
+    params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor], mu: float
+) -> torch.Tensor:
     """``μ/2 Σ ‖p − anchor_p‖²`` over the named parameters."""
     total = sum(((params[name] - anchor[name]) ** 2).sum() for name in anchor)
     return 0.5 * mu * torch.as_tensor(total)

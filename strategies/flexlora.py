@@ -16,11 +16,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from finetune.config import ExperimentConfig
-from finetune.lora import is_lora, lora_layers, split_state
+from finetune.lora import is_lora, lora_layers
 from finetune.models import AdapterSpec
 from finetune.records import from_record
-from strategies.averaging import Weights, normalize_weights, weighted_mean
-from strategies.base import FederatedStrategy
+from strategies.averaging import Weights, normalize_weights
+from strategies.base import FederatedStrategy, Replies
 from strategies.lowrank import SVD, compact_svd, factors_from_svd, weighted_product
 from strategies.ranks import HeterogeneousRankConfig, RankedClient
 from strategies.registry import Family, Rule, register
@@ -128,20 +128,11 @@ class FlexLoRA(FederatedStrategy):
             out[a_key], out[b_key] = A.astype(np.float32), B.astype(np.float32)
         return out
 
-    def aggregate(
-        self,
-        server_round: int,
-        global_state: dict[str, np.ndarray],
-        client_states: Sequence[dict[str, np.ndarray]],
-        weights: np.ndarray,
-        node_ids: Sequence[int],
-    ) -> dict[str, np.ndarray]:
-        heads = [split_state(state)[1] for state in client_states]
-        out = weighted_mean(heads, weights) if heads[0] else {}
-        for a_key, b_key in lora_layers(global_state).values():
-            As = [state[a_key] for state in client_states]
-            Bs = [state[b_key] for state in client_states]
-            A_g, B_g = self.layer_aggregate(As, Bs, weights, [self.alpha / A.shape[0] for A in As])
+    def aggregate(self, replies: Replies) -> dict[str, np.ndarray]:
+        out = replies.mean_of_heads()
+        for a_key, b_key in lora_layers(replies.global_state).values():
+            As, Bs = replies.factors(a_key, b_key)
+            A_g, B_g = self.layer_aggregate(As, Bs, replies.weights, [self.alpha / A.shape[0] for A in As])
             out[a_key], out[b_key] = A_g.astype(np.float32), B_g.astype(np.float32)
         return out
 

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from finetune.lora import lora_layers, lora_scale, split_state
-from strategies.averaging import Weights, normalize_weights, weighted_mean
+from finetune.lora import lora_layers, lora_scale
+from strategies.averaging import Weights, normalize_weights
+from strategies.base import Replies
 from strategies.merging import BaseMergingStrategy, Factors, MergedBaseClient, MergedBaseConfig
 from strategies.ranks import HeterogeneousRankConfig, RankedClient
 from strategies.registry import Family, Rule, register
@@ -50,22 +51,13 @@ class FLoRA(BaseMergingStrategy):
         super().__init__(method, **kwargs)
         self.alpha = self.method.alpha
 
-    def merge(
-        self,
-        global_trainable: dict[str, np.ndarray],
-        client_states: Sequence[dict[str, np.ndarray]],
-        weights: np.ndarray,
-    ) -> tuple[dict[str, np.ndarray], Factors]:
-        heads = [split_state(state)[1] for state in client_states]
-        new = weighted_mean(heads, weights) if heads[0] else {}
+    def merge(self, replies: Replies) -> tuple[dict[str, np.ndarray], Factors]:
+        new = replies.mean_of_heads()
         increment = {}
-        for prefix, (a_key, b_key) in lora_layers(client_states[0]).items():
-            As = [state[a_key] for state in client_states]
-            Bs = [
-                lora_scale(self.alpha, A.shape[0]) * state[b_key]
-                for A, state in zip(As, client_states, strict=True)
-            ]
-            R, L = flora_stack(As, Bs, weights)
+        for prefix, (a_key, b_key) in lora_layers(replies.states[0]).items():
+            As, Bs = replies.factors(a_key, b_key)
+            scaled = [lora_scale(self.alpha, A.shape[0]) * B for A, B in zip(As, Bs, strict=True)]
+            R, L = flora_stack(As, scaled, replies.weights)
             increment[prefix] = (L, R)
         return new, increment
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from finetune.config import MethodConfig, require
-from finetune.lora import lora_layers, split_state
-from strategies.averaging import Weights, normalize_weights, weighted_mean
-from strategies.base import FederatedStrategy
+from finetune.lora import lora_layers
+from strategies.averaging import Weights, normalize_weights
+from strategies.base import FederatedStrategy, Replies
 from strategies.client import ClientRule
 from strategies.lowrank import weighted_product
 from strategies.registry import Family, Rule, register
@@ -111,23 +111,14 @@ class LoRAFAIR(FederatedStrategy):
     name = "lora_fair"
     method: LoRAFAIRConfig
 
-    def aggregate(
-        self,
-        server_round: int,
-        global_state: dict[str, np.ndarray],
-        client_states: Sequence[dict[str, np.ndarray]],
-        weights: np.ndarray,
-        node_ids: Sequence[int],
-    ) -> dict[str, np.ndarray]:
-        lora, _ = split_state(client_states[0])
-        others = [split_state(state)[1] for state in client_states]
-        out = weighted_mean(others, weights) if others[0] else {}
+    def aggregate(self, replies: Replies) -> dict[str, np.ndarray]:
+        out = replies.mean_of_heads()
         fair = self.method
-        for a_key, b_key in lora_layers(lora).values():
+        for a_key, b_key in lora_layers(replies.states[0]).values():
+            As, Bs = replies.factors(a_key, b_key)
             A, B = lora_fair_aggregate(
-                [s[a_key] for s in client_states], [s[b_key] for s in client_states], weights,
-                fair.fair_lambda, fair.fair_steps, fair.fair_lr,
-            )  # fmt: skip
+                As, Bs, replies.weights, fair.fair_lambda, fair.fair_steps, fair.fair_lr
+            )
             out[a_key], out[b_key] = A.astype(np.float32), B.astype(np.float32)
         return out
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -44,7 +44,7 @@ from finetune.lora import (
 from finetune.models import reinitialize_lora
 from finetune.records import to_record
 from finetune.state import set_base_deltas
-from strategies.base import FederatedStrategy
+from strategies.base import FederatedStrategy, Replies
 from strategies.client import ClientRule, ModelBaseline, State
 from strategies.protocol import BASE_VERSION, Instruction, TrainReport, metric_int
 
@@ -147,12 +147,7 @@ class BaseMergingStrategy(FederatedStrategy):
     def version(self) -> int:
         return self.merged[-1] if self.merged else 0
 
-    def merge(
-        self,
-        global_trainable: dict[str, np.ndarray],
-        client_states: Sequence[dict[str, np.ndarray]],
-        weights: np.ndarray,
-    ) -> tuple[dict[str, np.ndarray], Factors]:
+    def merge(self, replies: Replies) -> tuple[dict[str, np.ndarray], Factors]:
         """The new global trainable state and ``{prefix: (L, R)}``, ``L R`` = this round's
         base increment."""
         raise NotImplementedError
@@ -225,25 +220,18 @@ class BaseMergingStrategy(FederatedStrategy):
         self.node_version[node_id] = -1
 
     # --- aggregation ---------------------------------------------------------------------
-    def aggregate(
-        self,
-        server_round: int,
-        global_state: dict[str, np.ndarray],
-        client_states: Sequence[dict[str, np.ndarray]],
-        weights: np.ndarray,
-        node_ids: Sequence[int],
-    ) -> dict[str, np.ndarray]:
-        trainable, deltas = split_base_deltas(global_state)
-        new_trainable, increment = self.merge(trainable, client_states, weights)
+    def aggregate(self, replies: Replies) -> dict[str, np.ndarray]:
+        deltas = split_base_deltas(replies.global_state)[1]
+        new_trainable, increment = self.merge(replies)
         # The increment is applied as it travels (float32), so clients reproduce D bit for bit.
         increment = {p: (L.astype(np.float32), R.astype(np.float32)) for p, (L, R) in increment.items()}
         new_deltas = dict(deltas)
         for prefix, (L, R) in increment.items():
             new_deltas[prefix] = apply_increment(deltas[prefix], L, R)
-        self.merged.append(server_round)
-        self.history[server_round] = increment
+        self.merged.append(replies.server_round)
+        self.history[replies.server_round] = increment
         if self.base_sync == "auto":  # increments beyond a dense D's worth are never sent
-            limit = _nbytes_dense(global_state)
+            limit = _nbytes_dense(replies.global_state)
             while len(self.history) > 1 and sum(map(_nbytes, self.history.values())) > limit:
                 self.history.popitem(last=False)
         return with_base_deltas(new_trainable, new_deltas)
