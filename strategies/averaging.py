@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -18,6 +18,16 @@ def normalize_weights(weights: Weights) -> np.ndarray:
     if (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
         raise ValueError(f"weights must be finite, non-negative and not all zero: {w.tolist()}")
     return w / w.sum()
+
+
+def mean_of_allowed(
+    states: Sequence[State], weights: Weights, allowed: Callable[[str], bool], rule: str
+) -> dict[str, np.ndarray]:
+    """:func:`weighted_mean`, refusing states that hold a key the rule's uploads never carry."""
+    for state in states:
+        if bad := [k for k in state if not allowed(k)]:
+            raise ValueError(f"{rule}: unexpected arrays in an upload {bad[:2]}")
+    return weighted_mean(states, weights)
 
 
 def weighted_mean(states: Sequence[State], weights: Weights) -> dict[str, np.ndarray]:

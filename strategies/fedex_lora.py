@@ -9,7 +9,6 @@ nn.Linear too, which silently corrupts square query/value weights.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +16,7 @@ import numpy as np
 from finetune.lora import lora_layers, lora_scale
 from strategies.averaging import Weights, normalize_weights, weighted_mean
 from strategies.base import Replies
+from strategies.lowrank import Matrices
 from strategies.merging import BaseMergingStrategy, Factors, MergedBaseClient, MergedBaseConfig
 from strategies.registry import Family, Rule, register
 
@@ -27,7 +27,7 @@ class FedExLoRAConfig(MergedBaseConfig):
 
 
 def fedex_residual_factors(
-    As: Sequence[np.ndarray], Bs: Sequence[np.ndarray], weights: Weights, scale: float
+    As: Matrices, Bs: Matrices, weights: Weights, scale: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """The residual as exact low-rank factors ``(L, R)`` in nn.Linear layout, from the identity
     ``Σ p_k B_k A_k − B̄Ā = Σ p_k (B_k − B̄)(A_k − Ā)`` (Σ p_k = 1): ``L = s[p_1(B_1 − B̄) …]``,

@@ -9,7 +9,7 @@ import numpy as np
 
 from finetune.config import MethodConfig
 from finetune.lora import is_lora_a
-from strategies.averaging import State, Weights, weighted_mean
+from strategies.averaging import State, Weights, mean_of_allowed
 from strategies.base import FederatedStrategy
 from strategies.client import ClientRule
 from strategies.registry import Family, Rule, register
@@ -17,11 +17,7 @@ from strategies.registry import Family, Rule, register
 
 def fedsa_aggregate(states: Sequence[State], weights: Weights) -> dict[str, np.ndarray]:
     """``Ā = Σ p_k A_k``; anything but lora_A in an upload is a protocol error."""
-    for state in states:
-        extra = [k for k in state if not is_lora_a(k)]
-        if extra:
-            raise ValueError(f"FedSA-LoRA uploads carry only lora_A, got {extra[:2]}")
-    return weighted_mean(states, weights)
+    return mean_of_allowed(states, weights, is_lora_a, "FedSA-LoRA uploads carry only lora_A")
 
 
 def personal(key: str) -> bool:

@@ -12,7 +12,7 @@ import numpy as np
 from finetune.config import ExperimentConfig, MethodConfig
 from finetune.lora import is_lora_a
 from finetune.models import AdapterSpec
-from strategies.averaging import State, Weights, weighted_mean
+from strategies.averaging import State, Weights, mean_of_allowed
 from strategies.base import FederatedStrategy
 from strategies.client import ClientRule
 from strategies.registry import Family, Rule, register
@@ -20,11 +20,7 @@ from strategies.registry import Family, Rule, register
 
 def ffa_aggregate(states: Sequence[State], weights: Weights) -> dict[str, np.ndarray]:
     """``B̄ = Σ p_k B_k`` (and the head); a state carrying lora_A is a protocol error."""
-    for state in states:
-        carried = [k for k in state if is_lora_a(k)]
-        if carried:
-            raise ValueError(f"FFA-LoRA uploads carry no lora_A, got {carried[:2]}")
-    return weighted_mean(states, weights)
+    return mean_of_allowed(states, weights, shared, "FFA-LoRA uploads carry no lora_A")
 
 
 def shared(key: str) -> bool:

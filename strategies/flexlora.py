@@ -21,7 +21,7 @@ from finetune.models import AdapterSpec
 from finetune.records import from_record
 from strategies.averaging import Weights, normalize_weights
 from strategies.base import FederatedStrategy, Replies
-from strategies.lowrank import SVD, compact_svd, factors_from_svd, weighted_product
+from strategies.lowrank import SVD, Matrices, Scales, compact_svd, factors_from_svd, weighted_product
 from strategies.ranks import HeterogeneousRankConfig, RankedClient
 from strategies.registry import Family, Rule, register
 
@@ -34,23 +34,14 @@ class FlexLoRAConfig(HeterogeneousRankConfig):
     name: str = "flexlora"
 
 
-def flexlora_product(
-    As: Sequence[np.ndarray],
-    Bs: Sequence[np.ndarray],
-    weights: Weights,
-    scales: Sequence[float],
-) -> np.ndarray:
+def flexlora_product(As: Matrices, Bs: Matrices, weights: Weights, scales: Scales) -> np.ndarray:
     """The server's dense mean update ``Σ p_k s_k B_k A_k`` (d_out × d_in)."""
     p = normalize_weights(weights)
     return weighted_product(As, Bs, [pk * sk for pk, sk in zip(p, scales, strict=True)])
 
 
 def flexlora_aggregate(
-    As: Sequence[np.ndarray],
-    Bs: Sequence[np.ndarray],
-    weights: Weights,
-    scales: Sequence[float],
-    global_rank: int,
+    As: Matrices, Bs: Matrices, weights: Weights, scales: Scales, global_rank: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Unit-scale global factors ``(A_g, B_g)`` at ``global_rank``: the truncated (dense) SVD of
     ``Σ p_k s_k B_k A_k``, exact while ``global_rank >= Σ r_k``."""
@@ -143,7 +134,7 @@ class FlexLoRA(FederatedStrategy):
         return flexlora_client_factors(self._svd[prefix], rank, self.alpha / rank)
 
     def layer_aggregate(
-        self, As: Sequence[np.ndarray], Bs: Sequence[np.ndarray], weights: np.ndarray, scales: Sequence[float]
+        self, As: Matrices, Bs: Matrices, weights: np.ndarray, scales: Scales
     ) -> tuple[np.ndarray, np.ndarray]:
         return flexlora_aggregate(As, Bs, weights, scales, self.global_rank)
 

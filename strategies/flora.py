@@ -5,7 +5,6 @@ update into their base weights and start a fresh LoRA each round."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +12,7 @@ import numpy as np
 from finetune.lora import lora_layers, lora_scale
 from strategies.averaging import Weights, normalize_weights
 from strategies.base import Replies
+from strategies.lowrank import Matrices
 from strategies.merging import BaseMergingStrategy, Factors, MergedBaseClient, MergedBaseConfig
 from strategies.ranks import HeterogeneousRankConfig, RankedClient
 from strategies.registry import Family, Rule, register
@@ -26,9 +26,7 @@ class FLoRAConfig(HeterogeneousRankConfig, MergedBaseConfig):
     name: str = "flora"
 
 
-def flora_stack(
-    As: Sequence[np.ndarray], Bs: Sequence[np.ndarray], weights: Weights
-) -> tuple[np.ndarray, np.ndarray]:
+def flora_stack(As: Matrices, Bs: Matrices, weights: Weights) -> tuple[np.ndarray, np.ndarray]:
     """``(A_stack, B_stack)`` of rank Σ r_k with the client weights folded into A."""
     p = normalize_weights(weights)
     A_stack = np.concatenate([pk * A.astype(np.float64) for pk, A in zip(p, As, strict=True)], axis=0)

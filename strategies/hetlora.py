@@ -15,7 +15,7 @@ from finetune.config import ExperimentConfig, require
 from strategies.averaging import Weights, normalize_weights
 from strategies.client import NodeFacts, NodeState, Regularizer, State
 from strategies.flexlora import FlexLoRA
-from strategies.lowrank import pad_rank
+from strategies.lowrank import Matrices, Scales, pad_rank
 from strategies.protocol import NEXT_RANK, TrainReport, metric_int
 from strategies.ranks import HeterogeneousRankConfig, RankedClient
 from strategies.registry import Family, Rule, register
@@ -44,9 +44,7 @@ class HetLoRAConfig(HeterogeneousRankConfig):
         )
 
 
-def hetlora_weights(
-    As: Sequence[np.ndarray], Bs: Sequence[np.ndarray], weights: Weights, scales: Sequence[float]
-) -> np.ndarray:
+def hetlora_weights(As: Matrices, Bs: Matrices, weights: Weights, scales: Scales) -> np.ndarray:
     """Normalised ``p_k ‖s_k B_k A_k‖_F``; falls back to ``p_k`` when every update is zero."""
     p = normalize_weights(weights)
     norms = np.array(
@@ -60,11 +58,7 @@ def hetlora_weights(
 
 
 def hetlora_aggregate(
-    As: Sequence[np.ndarray],
-    Bs: Sequence[np.ndarray],
-    weights: Weights,
-    scales: Sequence[float],
-    max_rank: int,
+    As: Matrices, Bs: Matrices, weights: Weights, scales: Scales, max_rank: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Global unit-scale ``(A, B)`` at ``max_rank``: the norm-weighted mean of the zero-padded
     factors, each client's B first multiplied by its scale ``s_k``."""
@@ -133,7 +127,7 @@ class HetLoRA(FlexLoRA):
         return hetlora_client_factors(A_g, B_g, rank, self.alpha / rank)
 
     def layer_aggregate(
-        self, As: Sequence[np.ndarray], Bs: Sequence[np.ndarray], weights: np.ndarray, scales: Sequence[float]
+        self, As: Matrices, Bs: Matrices, weights: np.ndarray, scales: Scales
     ) -> tuple[np.ndarray, np.ndarray]:
         return hetlora_aggregate(As, Bs, weights, scales, self.global_rank)
 

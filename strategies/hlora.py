@@ -7,14 +7,13 @@ both sides leaves a Σr × Σr core to decompose (the NVFlare re-implementation'
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from strategies.averaging import Weights, normalize_weights
 from strategies.flexlora import FlexLoRA, FlexLoRAConfig
-from strategies.lowrank import SVD, compact_svd, factors_from_svd
+from strategies.lowrank import SVD, Matrices, Scales, compact_svd, factors_from_svd
 from strategies.ranks import RankedClient
 from strategies.registry import Family, Rule, register
 
@@ -24,12 +23,7 @@ class HLoRAConfig(FlexLoRAConfig):
     name: str = "hlora"
 
 
-def hlora_svd(
-    As: Sequence[np.ndarray],
-    Bs: Sequence[np.ndarray],
-    weights: Weights,
-    scales: Sequence[float],
-) -> SVD:
+def hlora_svd(As: Matrices, Bs: Matrices, weights: Weights, scales: Scales) -> SVD:
     """Thin SVD ``(U, S, Vt)`` of ``Σ p_k s_k B_k A_k``, of size Σ r_k."""
     p = normalize_weights(weights)
     lefts = [pk * sk * B for pk, sk, B in zip(p, scales, Bs, strict=True)]
@@ -37,11 +31,7 @@ def hlora_svd(
 
 
 def hlora_aggregate(
-    As: Sequence[np.ndarray],
-    Bs: Sequence[np.ndarray],
-    weights: Weights,
-    scales: Sequence[float],
-    global_rank: int,
+    As: Matrices, Bs: Matrices, weights: Weights, scales: Scales, global_rank: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """FlexLoRA's global factors through the QR-compact SVD."""
     return factors_from_svd(*hlora_svd(As, Bs, weights, scales), global_rank, 1.0)
@@ -53,7 +43,7 @@ class HLoRA(FlexLoRA):
     name = "hlora"
 
     def layer_aggregate(
-        self, As: Sequence[np.ndarray], Bs: Sequence[np.ndarray], weights: np.ndarray, scales: Sequence[float]
+        self, As: Matrices, Bs: Matrices, weights: np.ndarray, scales: Scales
     ) -> tuple[np.ndarray, np.ndarray]:
         return hlora_aggregate(As, Bs, weights, scales, self.global_rank)
 

@@ -4,7 +4,6 @@ update; clients restart from ``(Ā, B̄ + ΔB)``. Cosine is scale-free, so λ ke
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +13,7 @@ from finetune.lora import lora_layers
 from strategies.averaging import Weights, normalize_weights
 from strategies.base import FederatedStrategy, Replies
 from strategies.client import ClientRule
-from strategies.lowrank import weighted_product
+from strategies.lowrank import Matrices, weighted_product
 from strategies.registry import Family, Rule, register
 
 
@@ -90,12 +89,7 @@ def lora_fair_correction(
 
 
 def lora_fair_aggregate(
-    As: Sequence[np.ndarray],
-    Bs: Sequence[np.ndarray],
-    weights: Weights,
-    lam: float = 0.01,
-    steps: int = 100,
-    lr: float = 0.01,
+    As: Matrices, Bs: Matrices, weights: Weights, lam: float = 0.01, steps: int = 100, lr: float = 0.01
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(Ā, B̄ + ΔB)`` for one layer."""
     p = normalize_weights(weights)

@@ -10,9 +10,11 @@ import numpy as np
 from strategies.averaging import Weights
 
 SVD = tuple[np.ndarray, np.ndarray, np.ndarray]  # (U, S, Vt)
+Matrices = Sequence[np.ndarray]  # one LoRA factor per client (all A, or all B, of a layer)
+Scales = Sequence[float]  # each client's LoRA scale alpha / r_k
 
 
-def weighted_product(As: Sequence[np.ndarray], Bs: Sequence[np.ndarray], coefficients: Weights) -> np.ndarray:
+def weighted_product(As: Matrices, Bs: Matrices, coefficients: Weights) -> np.ndarray:
     """Dense ``Σ_k c_k B_k A_k`` (d_out × d_in), in float64."""
     out = np.zeros((Bs[0].shape[0], As[0].shape[1]), dtype=np.float64)
     for c, A, B in zip(coefficients, As, Bs, strict=True):
