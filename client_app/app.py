@@ -91,7 +91,8 @@ def open_job(msg: Message, context: Context) -> Job:
         torch.set_num_threads(cfg.train.num_threads)
     rule = get_rule(cfg.method.name).client(job_round)
     mirror = node_hub_mirror(context.node_config, cfg.hub_mirror)
-    session = get_session(cfg, mirror, rule.adapter(), merges=rule.needs_base_weights)
+    owner = cfg.method.name if rule.private_model else ""
+    session = get_session(cfg, mirror, rule.adapter(), owner)
     received = from_record(msg.content.array_records[ARRAYS])
     rule.load(session.model, received, session.baseline(rule.needs_base_weights))
     return Job(job_round, rule, session, context)
@@ -160,6 +161,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     result = job.session.task.evaluate(job.model, data, job.cfg.train.eval_batch_size)
     metrics = MetricRecord({NUM_EXAMPLES: len(data), **result})
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
+
+
+@app.query("setup")
+def setup(msg: Message, context: Context) -> Message:
+    """A rule's one-off exchange before round 1 (Fed-SB: this node's gradient sums)."""
+    job = open_job(msg, context)
+    data = job.training_data()
+    arrays = job.rule.setup(job.model, data, job.session.task.collate)
+    metrics = MetricRecord({NUM_EXAMPLES: len(data)})
+    return Message(RecordDict({ARRAYS: to_record(arrays), METRICS: metrics}), reply_to=msg)
 
 
 @app.query()

@@ -70,13 +70,13 @@ class ClientSession:
         return self._prepared[partition_id]
 
 
-def session_key(cfg: ExperimentConfig, mirror: Path | None, adapter: AdapterSpec, merges: bool) -> str:
-    """Sessions are reused while model, adapter, data and partitioning stay the same; a model
-    whose base weights a rule merges updates into is never handed to a rule that expects them
-    pristine."""
+def session_key(cfg: ExperimentConfig, mirror: Path | None, adapter: AdapterSpec, owner: str) -> str:
+    """Sessions are reused while model, adapter, data and partitioning stay the same; a model that
+    a rule changes beyond its trainable arrays (``owner``: merged base weights, toggled factors) is
+    never handed to another rule."""
     parts = cfg.to_dict()
     keep = {k: parts[k] for k in ("seed", "model", "dataset", "partition")}
-    keep.update(mirror=str(mirror), adapter=dataclasses.asdict(adapter), merges=merges)
+    keep.update(mirror=str(mirror), adapter=dataclasses.asdict(adapter), owner=owner)
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
 
@@ -85,11 +85,12 @@ _SESSIONS: dict[str, ClientSession] = {}
 
 
 def get_session(
-    cfg: ExperimentConfig, mirror: Path | None, adapter: AdapterSpec, merges: bool = False
+    cfg: ExperimentConfig, mirror: Path | None, adapter: AdapterSpec, owner: str = ""
 ) -> ClientSession:
-    """The process-wide session for ``cfg`` and ``adapter`` (``merges``: the rule writes merged
-    updates into the base weights): built on first use, least recently used dropped."""
-    key = session_key(cfg, mirror, adapter, merges)
+    """The process-wide session for ``cfg`` and ``adapter`` (``owner``: the rule that changes the
+    model beyond its trainable arrays, if it does): built on first use, least recently used
+    dropped."""
+    key = session_key(cfg, mirror, adapter, owner)
     session = _SESSIONS.pop(key, None)
     if session is None:
         while len(_SESSIONS) >= MAX_SESSIONS:

@@ -32,6 +32,7 @@ FEATURE_SHIFTS = ("none", "grayscale", "invert", "hflip", "vflip", "rotate90", "
 LR_SCHEDULES = ("constant", "cosine", "linear")
 WEIGHTINGS = ("examples", "uniform")
 WIRE_DTYPES = ("float32", "float16")
+SERVER_OPTIMIZERS = ("none", "avgm", "adam", "yogi", "adagrad")
 
 
 class ConfigError(ValueError):
@@ -71,10 +72,20 @@ class MethodConfig:
     wire_dtype: str = "float32"  # dtype of arrays on the wire
     # The method's own peak learning rate (full fine-tuning wants far less than LoRA); 0 = train.lr.
     lr: float = 0.0
+    # A server-side optimizer on the pseudo-gradient (aggregate − previous global), Reddi et al.
+    # 2021: none | avgm | adam | yogi | adagrad (strategies/server_optim.py).
+    server_optimizer: str = "none"
+    server_lr: float = 1.0
+    server_momentum: float = 0.0  # avgm
+    server_beta1: float = 0.9  # adam, yogi, adagrad
+    server_beta2: float = 0.99  # adam, yogi
+    server_tau: float = 1e-3  # adam, yogi, adagrad
 
     #: A client's upload holds the global arrays themselves, so an update is upload − global
     #: (Flower's server-side clipping needs this); False where uploads differ in shape or meaning.
     uploads_are_global: ClassVar[bool] = True
+    #: Why a server optimizer cannot apply to this rule ("" = it can).
+    no_server_optimizer: ClassVar[str] = ""
 
     def validate(self) -> None:
         choice(self.name, tuple(method_names()), "method.name")
@@ -84,6 +95,18 @@ class MethodConfig:
         choice(self.weighting, WEIGHTINGS, "method.weighting")
         choice(self.wire_dtype, WIRE_DTYPES, "method.wire_dtype")
         require(self.lr >= 0, f"method.lr must be >= 0 (0 = train.lr), got {self.lr}")
+        choice(self.server_optimizer, SERVER_OPTIMIZERS, "method.server_optimizer")
+        if self.server_optimizer != "none":
+            require(
+                not self.no_server_optimizer,
+                f"method.server_optimizer={self.server_optimizer} does not apply to {self.name}: "
+                f"{self.no_server_optimizer}",
+            )
+            require(self.server_lr > 0, f"method.server_lr must be > 0, got {self.server_lr}")
+            require(0 <= self.server_momentum < 1, "method.server_momentum must be in [0, 1)")
+            require(0 <= self.server_beta1 < 1, "method.server_beta1 must be in [0, 1)")
+            require(0 <= self.server_beta2 < 1, "method.server_beta2 must be in [0, 1)")
+            require(self.server_tau > 0, f"method.server_tau must be > 0, got {self.server_tau}")
 
     def check_experiment(self, cfg: ExperimentConfig) -> None:
         """Checks that need the rest of the experiment (a rule overrides it to add its own)."""

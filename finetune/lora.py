@@ -14,6 +14,7 @@ import numpy as np
 LORA_A_SUFFIX = ".lora_A.weight"
 LORA_B_SUFFIX = ".lora_B.weight"
 BASE_DELTA_SUFFIX = ".base_delta"  # a merged update of a layer's frozen weight, d_out × d_in
+LORA_LATENT_SUFFIX = ".lora_A.latent"  # LoRA-SB: the r × r matrix R between B and A (W0 + s B R A)
 
 
 def is_lora_a(key: str) -> bool:
@@ -26,6 +27,10 @@ def is_lora_b(key: str) -> bool:
 
 def is_lora(key: str) -> bool:
     return is_lora_a(key) or is_lora_b(key)
+
+
+def is_lora_latent(key: str) -> bool:
+    return key.endswith(LORA_LATENT_SUFFIX)
 
 
 def is_base_delta(key: str) -> bool:

@@ -34,10 +34,12 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class AdapterSpec:
     """What a model trains on top of its frozen pretrained weights: a LoRA adapter (rank, alpha,
-    dropout; A optionally frozen at its seeded init) or, for ``kind="full"``, the weights of the
-    LoRA target modules and the head (``full_scope="targets"``) or every weight (``"all"``)."""
+    dropout; A optionally frozen at its seeded init); for ``kind="lora_sb"`` (LoRA-SB) frozen A and
+    B with a trainable r × r matrix R between them, ``W0 + s B R A``; for ``kind="full"`` the
+    weights of the LoRA target modules and the head (``full_scope="targets"``) or every weight
+    (``"all"``)."""
 
-    kind: str = "lora"  # lora | full
+    kind: str = "lora"  # lora | lora_sb | full
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
@@ -181,7 +183,49 @@ def build_model(cfg: ExperimentConfig, mirror: Path | None, adapter: AdapterSpec
         for name, param in model.named_parameters():
             if ".lora_A." in name:
                 param.requires_grad_(False)
+    if adapter.kind == "lora_sb":
+        insert_latent(model, adapter.rank)
     return model
+
+
+class LatentFactor(torch.nn.Module):
+    """LoRA-SB's ``A`` followed by the trainable ``R``: stands in for peft's ``lora_A`` module, so
+    peft computes ``s B (R (A x))``. ``weight`` is A (frozen); ``latent`` is R."""
+
+    def __init__(self, lora_a: torch.nn.Linear, rank: int) -> None:
+        super().__init__()
+        self.weight = lora_a.weight
+        self.weight.requires_grad_(False)
+        self.latent = torch.nn.Parameter(
+            torch.eye(rank, dtype=lora_a.weight.dtype, device=lora_a.weight.device)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(torch.nn.functional.linear(x, self.weight), self.latent)
+
+
+def insert_latent(model: torch.nn.Module, rank: int) -> None:
+    """Turn every LoRA layer into LoRA-SB's: A and B frozen, an r × r R trained between them."""
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for adapter, factor in list(module.lora_A.items()):
+                assert isinstance(factor, torch.nn.Linear)
+                module.lora_A[adapter] = LatentFactor(factor, rank)
+                module.lora_B[adapter].weight.requires_grad_(False)
+
+
+def fold_latent(model: torch.nn.Module) -> None:
+    """Replace every LoRA-SB ``(A, R)`` by the plain LoRA factor ``R A``: the same function, and an
+    adapter any peft loads."""
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for adapter, factor in list(module.lora_A.items()):
+                if isinstance(factor, LatentFactor):
+                    plain = torch.nn.Linear(factor.weight.shape[1], factor.weight.shape[0], bias=False)
+                    plain = plain.to(device=factor.weight.device, dtype=factor.weight.dtype)
+                    with torch.no_grad():
+                        plain.weight.copy_(factor.latent @ factor.weight)
+                    module.lora_A[adapter] = plain
 
 
 def is_target(module: str, targets: list[str]) -> bool:

@@ -170,3 +170,42 @@ def run_steps(
         losses += 1
         seen += int(batch["labels"].shape[0])
     return total_loss / max(losses, 1), seen
+
+
+def base_weight_gradients(
+    model: torch.nn.Module,
+    dataset: datasets.Dataset,
+    collate: Collate,
+    batch_size: int,
+    examples: int,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """``Σ_i ∇_{W0} loss_i`` over ``examples`` seeded-random examples of ``dataset``, for the frozen
+    weight under every LoRA layer (layer prefix → d_out × d_in, the math layout of ``B A``): the
+    gradient full fine-tuning would take, which LoRA-SB's initialisation approximates."""
+    from finetune.state import base_layer_weight, lora_base_layers
+
+    layers = lora_base_layers(model)
+    weights = {prefix: base_layer_weight(layer) for prefix, layer in layers.items()}
+    sums = {prefix: torch.zeros_like(w, dtype=torch.float32) for prefix, w in weights.items()}
+    device = next(model.parameters()).device
+    chosen = np.random.default_rng(seed).permutation(len(dataset))[: min(examples, len(dataset))]
+    model.eval()  # no dropout: the gradient of the pretrained model itself
+    for weight in weights.values():
+        weight.requires_grad_(True)
+    try:
+        for batch in iterate_batches(dataset.select(chosen.tolist()), collate, batch_size):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            (model(**batch).loss * int(batch["labels"].shape[0])).backward()
+            for prefix, weight in weights.items():
+                assert weight.grad is not None
+                sums[prefix] += weight.grad.float()
+                weight.grad = None
+            model.zero_grad(set_to_none=True)
+    finally:
+        for weight in weights.values():
+            weight.requires_grad_(False)
+    return {
+        prefix: (total.T if getattr(layers[prefix], "fan_in_fan_out", False) else total).cpu().numpy()
+        for prefix, total in sums.items()
+    }

@@ -23,7 +23,7 @@ from finetune.data import PartitionedDataset, load_eval_split, load_train_split
 from finetune.hub import hub_mirror
 from finetune.logs import setup_logging
 from finetune.lora import is_base_delta
-from finetune.models import AdapterSpec, build_model, device, trainable_parameter_count
+from finetune.models import AdapterSpec, build_model, device, fold_latent, trainable_parameter_count
 from finetune.records import from_record, to_record
 from finetune.state import base_weights, load_global_state, trainable_state
 from finetune.tasks import Task, build_task
@@ -185,6 +185,8 @@ def save_final_model(server: ServerModel, rule: Rule, recorder: RunRecorder) -> 
         log.info("no global model saved: %s keeps part of each model on its client", rule.name)
         return None
     model = server.model
+    if server.adapter.kind == "lora_sb":
+        fold_latent(model)  # the same function as a plain LoRA adapter: (A, R) -> R A
     if server.adapter.kind == "full" or server.base:
         folder = recorder.model_dir
         model = model.merge_and_unload() if isinstance(model, PeftModel) else model

@@ -53,8 +53,19 @@ def run_federation(
     arrays = initial
     start = time.perf_counter()
     initial_metrics = evaluate(0, arrays)
-    elapsed = time.perf_counter() - start
-    recorder.log_round(RoundRecord(0, initial_metrics, eval_seconds=elapsed, seconds=elapsed))
+    eval_seconds = time.perf_counter() - start
+    arrays = strategy.setup(grid, arrays, Instruction(cfg.to_json()).to_config())  # a rule's one-off exchange
+    down, up = strategy.setup_bytes
+    recorder.log_round(
+        RoundRecord(
+            0,
+            initial_metrics,
+            bytes_down=down,
+            bytes_up=up,
+            eval_seconds=eval_seconds,
+            seconds=time.perf_counter() - start,
+        )
+    )
     for server_round in range(1, cfg.federation.num_rounds + 1):
         round_start = time.perf_counter()
         lr = round_lr(cfg.train, server_round, cfg.federation.num_rounds, peak=cfg.peak_lr)

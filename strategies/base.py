@@ -35,6 +35,7 @@ from finetune.records import from_record, to_record
 from strategies import protocol
 from strategies.averaging import State, Weights, weighted_mean
 from strategies.protocol import ARRAYS, CONFIG, MAX_METRICS, METRICS, NUM_EXAMPLES, SUM_METRICS, Instruction
+from strategies.server_optim import ServerOptimizer
 from strategies.validation import reply_problem
 
 log = logging.getLogger(__name__)
@@ -111,12 +112,14 @@ class FederatedStrategy(Strategy):
         self.seed = seed
         self.connect_timeout_s = connect_timeout_s
         self.query_timeout_s = query_timeout_s
+        self.server_optimizer = ServerOptimizer.of(self.method)
         self.node_ranks: dict[int, int] = {}
         self.node_partitions: dict[int, int] = {}
         self.rounds: dict[int, RoundStats] = {}
         self._outbox: list[Message] = []
         self._expected: dict[int, dict[str, tuple[int, ...]]] = {}
         self._global: dict[str, np.ndarray] = {}
+        self.server_round = 0  # the round configure_train last prepared
 
     @classmethod
     def from_experiment(cls, cfg: ExperimentConfig) -> FederatedStrategy:
@@ -143,6 +146,14 @@ class FederatedStrategy(Strategy):
         return client
 
     # --- hooks for the rules -------------------------------------------------------------
+    def setup(self, grid: Grid, arrays: ArrayRecord, config: ConfigRecord) -> ArrayRecord:
+        """A one-off exchange with the nodes before round 1, returning the global arrays round 1
+        starts from (Fed-SB estimates its initialisation); most rules have none."""
+        return arrays
+
+    #: (bytes down, bytes up) of :meth:`setup`'s messages.
+    setup_bytes: tuple[int, int] = (0, 0)
+
     def initial_state(self, trainable: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The global state before round 1, from the server model's trainable state."""
         return {key: value for key, value in trainable.items() if self.shares(key)}
@@ -182,8 +193,16 @@ class FederatedStrategy(Strategy):
         raise NotImplementedError
 
     def aggregate(self, replies: Replies) -> dict[str, np.ndarray]:
-        """The new global state from the round's valid replies."""
-        return self.rule(replies.states, replies.weights)
+        r"""The new global state from the round's valid replies: the rule's aggregate of what the
+        clients uploaded, stepped by the server optimizer when there is one, then
+        :meth:`finalize`\ d; arrays no client uploaded keep their global values."""
+        combined = self.rule(replies.states, replies.weights)
+        stepped = self.server_optimizer.step(replies.server_round, replies.global_state, combined)
+        return self.finalize(replies.server_round, {**replies.global_state, **stepped})
+
+    def finalize(self, server_round: int, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A last transformation of the new global state (FedSVD re-orthogonalises); none here."""
+        return state
 
     # --- sampling ------------------------------------------------------------------------
     def connected_nodes(self, grid: Grid) -> list[int]:
@@ -269,8 +288,9 @@ class FederatedStrategy(Strategy):
         nodes = self.connected_nodes(grid)
         self.learn_nodes(grid, nodes, config)
         self._global = from_record(arrays)
+        self.server_round = server_round
         stats = self.rounds[server_round] = RoundStats(sampled=self.sample_nodes(nodes, server_round))
-        common = dataclasses.replace(Instruction.from_config(config), server_round=server_round)
+        common = common_instruction(config, server_round)
         self._outbox, self._expected = [], {}
         for node_id in stats.sampled:
             payload = self.payload(node_id, self._global)
@@ -370,7 +390,7 @@ class FederatedStrategy(Strategy):
         nodes = list(grid.get_node_ids())
         self.learn_nodes(grid, nodes, config)  # round 0 evaluates before any training round
         state = from_record(arrays)
-        common = dataclasses.replace(Instruction.from_config(config), server_round=server_round)
+        common = common_instruction(config, server_round)
         return [
             self.node_message(
                 node_id,
@@ -406,6 +426,11 @@ class FederatedStrategy(Strategy):
             self.weighting,
             self.wire_dtype,
         )
+
+
+def common_instruction(config: ConfigRecord, server_round: int) -> Instruction:
+    """The round's instruction, common to every node (the loop's config record, this round)."""
+    return dataclasses.replace(Instruction.from_config(config), server_round=server_round)
 
 
 def raw_bytes(record: ArrayRecord) -> int:

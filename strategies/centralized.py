@@ -17,6 +17,8 @@ from strategies.registry import Family, Rule, register
 class CentralizedConfig(MethodConfig):
     name: str = "centralized"
 
+    no_server_optimizer = "there is no federation (the server trains on the union of the data)"
+
     def check_experiment(self, cfg: ExperimentConfig) -> None:
         require(not cfg.privacy.enabled, "privacy.enabled: the centralized baseline trains without DP")
 

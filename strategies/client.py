@@ -21,11 +21,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import datasets
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from finetune.config import ExperimentConfig
+from finetune.data import Collate
 from finetune.models import AdapterSpec
 from finetune.optim import GaLoreSettings
 from finetune.records import from_record, to_record
@@ -100,6 +102,9 @@ class ClientRule:
 
     #: Whether the node needs copies of the pretrained weights under the LoRA layers.
     needs_base_weights: ClassVar[bool] = False
+    #: The rule changes the model object beyond its trainable arrays (merged base weights, which
+    #: factors train): a process never hands such a model to another rule.
+    private_model: ClassVar[bool] = False
 
     def __init__(self, job: ClientRound) -> None:
         self.job = job
@@ -134,6 +139,11 @@ class ClientRule:
 
     def regularizer(self) -> Regularizer | None:
         return None
+
+    def setup(self, model: torch.nn.Module, data: datasets.Dataset, collate: Collate) -> State:
+        """What this node contributes to the rule's one-off set-up before round 1 (the server's
+        :meth:`~strategies.base.FederatedStrategy.setup`); rules without one never get asked."""
+        raise NotImplementedError(f"{self.cfg.method.name} has no set-up exchange")
 
     # --- after training -------------------------------------------------------------------
     @staticmethod

@@ -25,6 +25,8 @@ class FLoRAConfig(HeterogeneousRankConfig, MergedBaseConfig):
 
     name: str = "flora"
 
+    no_server_optimizer = MergedBaseConfig.no_server_optimizer
+
 
 def flora_stack(As: Matrices, Bs: Matrices, weights: Weights) -> tuple[np.ndarray, np.ndarray]:
     """``(A_stack, B_stack)`` of rank Σ r_k with the client weights folded into A."""

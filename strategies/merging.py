@@ -64,6 +64,7 @@ class MergedBaseConfig(MethodConfig):
     base_sync: str = "auto"
 
     uploads_are_global = False
+    no_server_optimizer = "each round's update is folded into the frozen base; no global array is stepped"
 
     def validate(self) -> None:
         super().validate()
@@ -250,6 +251,7 @@ class MergedBaseClient(ClientRule):
     server's version before training, and reports the version it trained on."""
 
     needs_base_weights = True
+    private_model = True
     #: FLoRA: a fresh adapter (seeded per round) every round instead of the received one.
     fresh_adapter: ClassVar[bool] = False
 

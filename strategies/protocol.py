@@ -19,6 +19,9 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 
+#: A rule's one-off exchange before round 1 (Fed-SB's gradient estimate), a QUERY with arrays.
+SETUP_MESSAGE = "query.setup"
+
 # --- config keys (server → client) --------------------------------------------------------------
 EXPERIMENT = "experiment"  # the resolved experiment config, as JSON
 LR = "lr"  # this round's learning rate

@@ -35,6 +35,9 @@ class HeterogeneousRankConfig(MethodConfig):
     global_rank: int = 0
 
     uploads_are_global = False
+    no_server_optimizer = (
+        "its global state is factors redistributed per node rank, not arrays the clients move"
+    )
 
     def validate(self) -> None:
         super().validate()

@@ -136,11 +136,33 @@ def test_every_method_runs_two_rounds(superlink, hub_mirror, tmp_path, method):
     init = trainable_state(build_model(cfg, hub_mirror, adapter_spec))
     a_keys = [k for k in init if k.endswith("lora_A.weight")]
     assert set(a_keys) <= set(adapter)  # peft saves the keys of get_peft_model_state_dict
-    if adapter_spec.freeze_lora_a:  # A never moved, on any client, in any round
+    if method == "fedsvd":  # A re-factored by the server every round: orthonormal rows
+        assert all(
+            np.allclose(adapter[k] @ adapter[k].T, np.eye(adapter[k].shape[0]), atol=1e-4) for k in a_keys
+        )
+        assert all(row["bytes_up"] < 0.6 * row["bytes_down"] for row in rows[1:])  # no A goes up
+    elif adapter_spec.freeze_lora_a:  # A never moved, on any client, in any round
         assert all(np.array_equal(adapter[k], init[k]) for k in a_keys)
         assert all(row["bytes_up"] < row["bytes_down"] * 1.01 for row in rows[1:])
+    elif method == "fed_sb":  # r × r matrices up; A and B once, then R and the head down
+        assert rows[0]["bytes_up"] > 0  # the one-off gradient exchange, recorded in round 0
+        assert all(row["bytes_up"] < 0.25 * rows[1]["bytes_down"] for row in rows[1:])
+        assert rows[2]["bytes_down"] < 0.25 * rows[1]["bytes_down"]
     else:
         assert any(not np.array_equal(adapter[k], init[k]) for k in a_keys)
+
+
+@pytest.mark.parametrize("optimizer", ["avgm", "adam", "yogi", "adagrad"])
+def test_every_server_optimizer_runs_two_rounds(superlink, hub_mirror, tmp_path, optimizer):
+    overrides = [*TINY_OVERRIDES, f"method.server_optimizer={optimizer}", "method.server_lr=0.1"]
+    outcome = _run(superlink, hub_mirror, tmp_path, " ".join(overrides))
+    assert outcome.status == COMPLETED, outcome
+    (run_dir,) = tmp_path.iterdir()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == [0, 1, 2]
+    assert all(row["clients_aggregated"] == 2 and np.isfinite(row["eval_loss"]) for row in rows[1:])
+    adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and np.abs(v).sum() > 0 for k, v in adapter.items())
 
 
 @pytest.mark.parametrize(

@@ -93,7 +93,8 @@ def test_kept_optimizer_state_resumes_where_the_last_round_stopped(hub_mirror):
     assert fresh.optimizer_state is None
 
 
-def test_dp_epsilon_equals_the_accountant_computed_independently(hub_mirror):
+@pytest.mark.parametrize("method", ["ffa_lora", "fedsvd"])  # both train B only (A frozen for the round)
+def test_dp_epsilon_equals_the_accountant_computed_independently(hub_mirror, method):
     """Two rounds of the real ClientApp with DP; ε recomputed from scratch with Opacus's RDP analysis."""
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
     from opacus.accountants.rdp import RDPAccountant
@@ -102,7 +103,7 @@ def test_dp_epsilon_equals_the_accountant_computed_independently(hub_mirror):
     from client_app.app import train
 
     cfg = compose_config(
-        {"model": "tiny_bert", "method": "ffa_lora"},
+        {"model": "tiny_bert", "method": method},
         [*TINY_OVERRIDES, "privacy.enabled=true", "privacy.noise_multiplier=1.3"],
     )
     cfg.hub_mirror = str(hub_mirror)
@@ -120,6 +121,7 @@ def test_dp_epsilon_equals_the_accountant_computed_independently(hub_mirror):
             .items()
         }
         assert all(np.isfinite(v).all() for v in upload.values())
+        assert upload and not any("lora_A" in k for k in upload)  # only B (and the head) go up
     n = int(metrics["num-examples"])
     q, steps = cfg.train.batch_size / n, cfg.train.local_steps
     orders = RDPAccountant.DEFAULT_ALPHAS
@@ -128,7 +130,7 @@ def test_dp_epsilon_equals_the_accountant_computed_independently(hub_mirror):
         expected, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=cfg.privacy.target_delta)
         assert got == pytest.approx(expected, rel=1e-9)
     assert reported[1] > reported[0] > 0
-    # FFA's A stays bit-identical under DP-SGD too (frozen: no per-sample gradient, no noise).
+    # A stays bit-identical under DP-SGD too (frozen: no per-sample gradient, no noise).
     from client_app.session import _SESSIONS
 
     after = trainable_state(next(reversed(_SESSIONS.values())).model)

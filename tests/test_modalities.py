@@ -9,11 +9,12 @@ from conftest import TINY_OVERRIDES
 from fakes import FakeGrid
 from flwr.app import Context, MessageType, RecordDict
 
-from client_app.app import evaluate, query, train
+from client_app.app import evaluate, query, setup, train
 from finetune.config import compose_config
 from server_app.app import run_experiment
 from server_app.results import RunRecorder
 from strategies import RULES
+from strategies.protocol import SETUP_MESSAGE
 
 MODALITIES = {
     "image": ({"model": "tiny_vit", "dataset": "cifar10", "partition": "feature_shift"}, []),
@@ -28,7 +29,12 @@ MODALITIES = {
         ],
     ),
 }
-HANDLERS = {MessageType.TRAIN: train, MessageType.EVALUATE: evaluate, MessageType.QUERY: query}
+HANDLERS = {
+    MessageType.TRAIN: train,
+    MessageType.EVALUATE: evaluate,
+    MessageType.QUERY: query,
+    SETUP_MESSAGE: setup,
+}
 
 
 def run_in_process(cfg, tmp_path):
