@@ -12,7 +12,18 @@ from strategies.registry import RULES, Family, Rule, get_rule
 
 #: Modules of this package that hold no rule.
 SUPPORT_MODULES = frozenset(
-    ["averaging", "base", "client", "lowrank", "merging", "protocol", "ranks", "registry", "server_optim", "validation"]
+    [
+        "averaging",
+        "base",
+        "client",
+        "lowrank",
+        "merging",
+        "protocol",
+        "ranks",
+        "registry",
+        "server_optim",
+        "validation",
+    ]
 )
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
