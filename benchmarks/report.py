@@ -400,6 +400,18 @@ CLAIMS = (
     ),
     Claim("HLoRA", "the QR-compact SVD gives FlexLoRA's result", _at_least("hlora", "flexlora")),
     Claim(
+        "FedSVD",
+        "re-factoring B̄A by its SVD is at least as good as FFA-LoRA",
+        _at_least("fedsvd", "ffa_lora"),
+    ),
+    Claim("RoLoRA", "alternating A and B is at least as good as FFA-LoRA", _at_least("rolora", "ffa_lora")),
+    Claim("RoLoRA", "... and as FedIT", _at_least("rolora", "fedit")),
+    Claim(
+        "Fed-SB",
+        "training only R is at least as good as FedIT, at a fraction of the upload",
+        _at_least("fed_sb", "fedit"),
+    ),
+    Claim(
         "Why Gradient Subspace?",
         "direct weight averaging (full fine-tuning) beats the LoRA family",
         _beats_lora_family("full"),
