@@ -6,7 +6,6 @@ import hashlib
 import logging
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,24 +26,9 @@ from finetune.config import ConfigError, ExperimentConfig
 from finetune.efficientnet import HEAD as EFFICIENTNET_HEAD
 from finetune.efficientnet import build_efficientnet_lite0
 from finetune.hub import resolve_model_source
+from finetune.spec import AdapterSpec
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    """What a model trains on top of its frozen pretrained weights: a LoRA adapter (rank, alpha,
-    dropout; A optionally frozen at its seeded init); for ``kind="lora_sb"`` (LoRA-SB) frozen A and
-    B with a trainable r × r matrix R between them, ``W0 + s B R A``; for ``kind="full"`` the
-    weights of the LoRA target modules and the head (``full_scope="targets"``) or every weight
-    (``"all"``)."""
-
-    kind: str = "lora"  # lora | lora_sb | full
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    freeze_lora_a: bool = False
-    full_scope: str = "targets"
 
 
 CACHE_ENV = "FEDSUBSPACE_CACHE"  # where de-quantized GGUF models are kept; else ~/.cache/fedsubspace

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,21 +17,7 @@ import torch
 
 from finetune.config import ExperimentConfig
 from finetune.models import head_modules, is_target
-
-
-@dataclass(frozen=True)
-class GaLoreSettings:
-    """GaLoreAdamW's projection: rank, subspace refresh period (optimizer steps), update scale,
-    projection side, and whether every 2-D layer weight is projected or only the LoRA targets'."""
-
-    rank: int
-    update_proj_gap: int = 50
-    scale: float = 4.0
-    proj_type: str = "std"
-    every_layer: bool = False
-
-
-GALORE_PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+from finetune.spec import GaLoreSettings
 
 
 def galore_targets(model: torch.nn.Module, cfg: ExperimentConfig, every_layer: bool) -> list[str]:

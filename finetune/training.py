@@ -18,6 +18,7 @@ from finetune.memory import peak_memory_mb, reset_peak_memory
 from finetune.models import freeze_batch_norm_statistics
 from finetune.optim import load_optimizer_state, optimizer_state_bytes, save_optimizer_state
 from finetune.privacy import PrivateRound, PrivateTraining
+from finetune.spec import Regularizer
 from finetune.tasks import Batch
 
 
@@ -53,7 +54,6 @@ def _endless_batches(
 
 
 OptimizerFactory = Callable[[torch.nn.Module, float], torch.optim.Optimizer]
-Regularizer = Callable[[torch.nn.Module], torch.Tensor]
 
 
 def adamw(weight_decay: float) -> OptimizerFactory:

@@ -23,8 +23,9 @@ from finetune.data import PartitionedDataset, load_eval_split, load_train_split
 from finetune.hub import hub_mirror
 from finetune.logs import setup_logging
 from finetune.lora import is_base_delta
-from finetune.models import AdapterSpec, build_model, device, fold_latent, trainable_parameter_count
+from finetune.models import build_model, device, fold_latent, trainable_parameter_count
 from finetune.records import from_record, to_record
+from finetune.spec import AdapterSpec
 from finetune.state import base_weights, load_global_state, trainable_state
 from finetune.tasks import Task, build_task
 from server_app.centralized import run_centralized

@@ -30,8 +30,8 @@ from flwr.serverapp.strategy import Strategy
 
 from finetune.config import ExperimentConfig, MethodConfig, clients_per_round, method_config_type
 from finetune.lora import split_state
-from finetune.models import AdapterSpec
 from finetune.records import from_record, to_record
+from finetune.spec import AdapterSpec
 from strategies import protocol
 from strategies.averaging import State, Weights, weighted_mean
 from strategies.protocol import ARRAYS, CONFIG, MAX_METRICS, METRICS, NUM_EXAMPLES, SUM_METRICS, Instruction

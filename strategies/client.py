@@ -19,21 +19,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import datasets
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from finetune.config import ExperimentConfig
-from finetune.data import Collate
-from finetune.models import AdapterSpec
-from finetune.optim import GaLoreSettings
 from finetune.records import from_record, to_record
-from finetune.state import load_trainable_state
-from finetune.training import Regularizer
+from finetune.spec import AdapterSpec, GaLoreSettings, Regularizer
 from strategies.protocol import Instruction, TrainReport
+
+if TYPE_CHECKING:  # the ML stack loads only where a client trains, not where configs compose
+    import datasets
+    import torch
+
+    from finetune.data import Collate
 
 State = dict[str, np.ndarray]
 
@@ -130,6 +130,8 @@ class ClientRule:
 
     def load(self, model: torch.nn.Module, received: State, baseline: ModelBaseline) -> None:
         """Overwrite every trainable array: the model object serves many clients in turn."""
+        from finetune.state import load_trainable_state
+
         load_trainable_state(model, {**baseline.initial, **self.node.arrays(KEPT_ARRAYS), **received})
 
     # --- training -------------------------------------------------------------------------

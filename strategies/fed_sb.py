@@ -21,24 +21,27 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from finetune.config import ExperimentConfig, MethodConfig, require
-from finetune.data import Collate
 from finetune.lora import LORA_LATENT_SUFFIX, is_lora, lora_layers
-from finetune.models import AdapterSpec
 from finetune.records import from_record, to_record
-from finetune.training import base_weight_gradients
+from finetune.spec import AdapterSpec
 from strategies.averaging import weighted_mean
 from strategies.base import FederatedStrategy, common_instruction
 from strategies.client import ClientRule, ModelBaseline, State
 from strategies.protocol import SETUP_MESSAGE
 from strategies.registry import Family, Rule, register
+
+if TYPE_CHECKING:
+    import datasets
+    import torch
+
+    from finetune.data import Collate
 
 log = logging.getLogger(__name__)
 FACTORS = "fed-sb-factors"  # node state: the fixed A and B this node received
@@ -163,6 +166,8 @@ class FedSBClient(ClientRule):
     uploads = staticmethod(travels)
 
     def setup(self, model: torch.nn.Module, data: datasets.Dataset, collate: Collate) -> State:
+        from finetune.training import base_weight_gradients
+
         assert isinstance(self.cfg.method, FedSBConfig)
         seed = self.cfg.seed * 1_000_003 + self.job.partition_id
         batch_size = self.cfg.train.batch_size

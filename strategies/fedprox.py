@@ -6,14 +6,16 @@ the server averages as FedIT does. With ``μ = 0`` it is FedIT."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from finetune.config import ExperimentConfig, MethodConfig, require
 from strategies.averaging import weighted_mean
 from strategies.base import FederatedStrategy
 from strategies.client import ClientRule, ModelBaseline, Regularizer, State
 from strategies.registry import Family, Rule, register
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -38,6 +40,8 @@ def proximal_term(
     params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor], mu: float
 ) -> torch.Tensor:
     """``μ/2 Σ ‖p − anchor_p‖²`` over the named parameters."""
+    import torch
+
     total = sum(((params[name] - anchor[name]) ** 2).sum() for name in anchor)
     return 0.5 * mu * torch.as_tensor(total)
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from finetune.config import ExperimentConfig, MethodConfig, require
 from finetune.lora import is_lora_a, lora_layers
-from finetune.models import AdapterSpec
+from finetune.spec import AdapterSpec
 from strategies.averaging import weighted_mean
 from strategies.base import FederatedStrategy
 from strategies.client import ClientRule

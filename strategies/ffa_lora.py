@@ -11,7 +11,7 @@ import numpy as np
 
 from finetune.config import ExperimentConfig, MethodConfig
 from finetune.lora import is_lora_a
-from finetune.models import AdapterSpec
+from finetune.spec import AdapterSpec
 from strategies.averaging import State, Weights, mean_of_allowed
 from strategies.base import FederatedStrategy
 from strategies.client import ClientRule

@@ -17,8 +17,8 @@ from flwr.serverapp import Grid
 
 from finetune.config import ExperimentConfig
 from finetune.lora import is_lora, lora_layers
-from finetune.models import AdapterSpec
 from finetune.records import from_record
+from finetune.spec import AdapterSpec
 from strategies.averaging import Weights, normalize_weights
 from strategies.base import FederatedStrategy, Replies
 from strategies.lowrank import SVD, Matrices, Scales, compact_svd, factors_from_svd, weighted_product

@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from finetune.config import ExperimentConfig, MethodConfig, choice
-from finetune.models import AdapterSpec
+from finetune.spec import AdapterSpec
 from strategies.averaging import weighted_mean
 from strategies.base import FederatedStrategy
 from strategies.client import ClientRule

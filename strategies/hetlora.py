@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from finetune.config import ExperimentConfig, require
 from strategies.averaging import Weights, normalize_weights
@@ -19,6 +19,9 @@ from strategies.lowrank import Matrices, Scales, pad_rank
 from strategies.protocol import NEXT_RANK, TrainReport, metric_int
 from strategies.ranks import HeterogeneousRankConfig, RankedClient
 from strategies.registry import Family, Rule, register
+
+if TYPE_CHECKING:
+    import torch
 
 PRUNING = "rank-pruning"  # node state: the rank this node pruned itself to and its tail's norm
 
@@ -87,6 +90,8 @@ def hetlora_penalty_tail(rank: int, gamma: float) -> int:
 
 def self_pruning_penalty(model: torch.nn.Module, gamma: float) -> torch.Tensor:
     """``Σ_layers ‖B[:, k:]‖_F ‖A[k:, :]‖_F`` with ``k = ceil(γ r)``: the tail HetLoRA prunes."""
+    import torch
+
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for name, param in model.named_parameters():
         for kind in ("lora_A", "lora_B"):
@@ -101,6 +106,8 @@ def self_pruning_penalty(model: torch.nn.Module, gamma: float) -> torch.Tensor:
 
 
 def _smooth_norm(x: torch.Tensor) -> torch.Tensor:
+    import torch
+
     # ‖x‖'s gradient x/‖x‖ is 0/0 at x = 0, where LoRA's B starts: keep it finite.
     return torch.sqrt((x * x).sum() + 1e-12)
 
@@ -164,6 +171,8 @@ class HetLoRAClient(RankedClient):
 
     def prune(self, model: torch.nn.Module) -> int:
         """``ceil(γ r)`` once the penalised tail shrank since this node's last round, else r."""
+        import torch
+
         rank, gamma = self.rank, self.method.prune_gamma
         with torch.no_grad():
             tail = float(self_pruning_penalty(model, gamma))

@@ -24,10 +24,9 @@ import logging
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord
 
 from finetune.config import MethodConfig, choice
@@ -41,12 +40,13 @@ from finetune.lora import (
     split_base_deltas,
     with_base_deltas,
 )
-from finetune.models import reinitialize_lora
 from finetune.records import to_record
-from finetune.state import set_base_deltas
 from strategies.base import FederatedStrategy, Replies
 from strategies.client import ClientRule, ModelBaseline, State
 from strategies.protocol import BASE_VERSION, Instruction, TrainReport, metric_int
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +256,9 @@ class MergedBaseClient(ClientRule):
     fresh_adapter: ClassVar[bool] = False
 
     def load(self, model: torch.nn.Module, received: State, baseline: ModelBaseline) -> None:
+        from finetune.models import reinitialize_lora
+        from finetune.state import set_base_deltas
+
         sync = {k: received.pop(k) for k in list(received) if is_sync_key(k)}
         super().load(model, received, baseline)
         set_base_deltas(model, baseline.base, self.update_merged_base(sync))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from finetune.config import ExperimentConfig, MethodConfig, require
-from finetune.models import AdapterSpec
+from finetune.spec import AdapterSpec
 from strategies.client import ClientRule, NodeFacts, NodeState
 
 NODE_RANK = "lora-rank"  # node config: the operator's choice of rank

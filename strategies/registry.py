@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from finetune.config import ExperimentConfig, MethodConfig, register_method_config
-from finetune.models import AdapterSpec
+from finetune.spec import AdapterSpec
 from strategies.base import FederatedStrategy
 from strategies.client import ClientRule
 

@@ -11,9 +11,9 @@ every other rule here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from finetune.config import MethodConfig
 from finetune.lora import is_lora_a, is_lora_b
@@ -22,6 +22,9 @@ from strategies.base import FederatedStrategy
 from strategies.client import ClientRule, ModelBaseline, State
 from strategies.protocol import TrainReport
 from strategies.registry import Family, Rule, register
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass

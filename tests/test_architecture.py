@@ -105,3 +105,19 @@ def test_a_rule_config_refuses_options_it_does_not_have(name):
 
     with pytest.raises(ConfigError, match="not_an_option"):
         compose_config({"method": name}, ["method.not_an_option=1"])
+
+
+def test_rules_and_configs_load_without_the_ml_stack():
+    """The command line validates a config in well under a second: composing it must not pull in
+    torch, transformers or peft (rules import those where a client trains, not at import)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, strategies\n"
+        "from finetune.config import compose_config\n"
+        "compose_config({'method': 'hlora'}, ['method.client_ranks=[2,4]'])\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'datasets') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout
