@@ -5,7 +5,7 @@ PYTHON ?= $(shell command -v python3.11 || echo python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Passed to `python -m launch.simulation`, e.g. make run ARGS="--run-config \"method='fedit' dataset='mrpc'\""
+# Passed to `fedsubspace run` (python -m launch.cli run), e.g. make run ARGS="method=hlora dataset=mrpc"
 ARGS ?=
 
 .PHONY: run test lint data clean venv bench cluster sweep report
@@ -24,11 +24,11 @@ $(STAMP): pyproject.toml
 
 # The default experiment: packaged MiniLM, SST-2, 10 clients, Dirichlet(0.5), FedIT.
 run: $(STAMP)
-	$(PY) -m launch.simulation --num-supernodes 10 $(ARGS)
+	$(PY) -m launch.cli run $(ARGS)
 
 # A real deployment on this machine: SuperLink + SuperNodes as processes (--tls, --auth available).
 cluster: $(STAMP)
-	$(PY) -m launch.cluster $(ARGS)
+	$(PY) -m launch.cli cluster $(ARGS)
 
 # Benchmark sweep (resumable): make sweep PRESET=cpu_small runs every grid conf/sweep/$(PRESET)*.yaml,
 # then `make report PRESET=cpu_small` writes docs/results/cpu-small/ (table, plots, claims).

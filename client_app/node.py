@@ -9,6 +9,7 @@ import psutil
 import torch
 from flwr.app import UserConfig
 
+from finetune.config import ConfigError
 from finetune.hub import HUB_MIRROR_ENV, hub_mirror
 from strategies.client import NodeFacts
 
@@ -18,14 +19,14 @@ NODE_MEMORY_GB = "memory-gb"  # node config: the memory a rank rule reads (else 
 def node_partition(node_config: UserConfig, num_clients: int) -> int:
     """This node's partition id; the federation must have as many partitions as clients."""
     if "partition-id" not in node_config:
-        raise ValueError(
+        raise ConfigError(
             "node config has no 'partition-id' (start the SuperNode with "
             "--node-config 'partition-id=<i> num-partitions=<n>')"
         )
     partition_id = int(node_config["partition-id"])
     num_partitions = int(node_config.get("num-partitions", num_clients))
     if num_partitions != num_clients:
-        raise ValueError(
+        raise ConfigError(
             f"the federation has {num_partitions} partitions (num-supernodes / num-partitions) "
             f"but the experiment expects partition.num_clients={num_clients}"
         )

@@ -385,6 +385,27 @@ class PrivacyConfig:
         )
 
 
+TRACKERS = ("none", "tensorboard", "mlflow", "wandb")
+
+
+@dataclass
+class LoggingConfig:
+    """What a run reports beyond its folder (``metrics.jsonl``, ``summary.*``, ``debug.log``)."""
+
+    # none | tensorboard (<run folder>/tensorboard) | mlflow | wandb (offline without a server)
+    tracker: str = "none"
+    # mlflow: a tracking server or store URI ("" = the file store <run folder>/mlruns)
+    tracking_uri: str = ""
+    project: str = "fedsubspace"  # mlflow experiment / wandb project
+    # A progress line (clients done / sampled, elapsed) every this many seconds of a round; 0: none.
+    progress_seconds: float = 15.0
+
+    def validate(self) -> None:
+        choice(self.tracker, TRACKERS, "logging.tracker")
+        require(self.progress_seconds >= 0, "logging.progress_seconds must be >= 0")
+        require(bool(self.project), "logging.project is empty")
+
+
 @dataclass
 class ExperimentConfig:
     """Everything one federated fine-tuning run needs."""
@@ -398,6 +419,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     hub_mirror: str = ""  # local Hub mirror root; "" = $FEDSUBSPACE_HUB_MIRROR, then the Hub
     output_dir: str = ""  # absolute folder that receives runs/<date-time>-<name>/
     save_adapter: bool = True
@@ -410,6 +432,7 @@ class ExperimentConfig:
         self.train.validate()
         self.federation.validate(self.partition.num_clients)
         self.privacy.validate()
+        self.logging.validate()
         if self.privacy.enabled and self.privacy.mode == "central":
             require(
                 self.method.uploads_are_global,
@@ -518,6 +541,29 @@ def register_schema() -> None:
         store.store(group="method", name=method_schema_name(name), node=config)
 
 
+def explain_override_error(message: str, overrides: list[str]) -> str:
+    """Hydra's composition error, with the valid keys where a key was unknown (Hydra itself
+    suggests ``+key=...``, which the schema would refuse anyway)."""
+    unknown = re.search(r"Could not override '([\w.]+)'", message)
+    if unknown is None:
+        return f"cannot compose config with overrides {overrides}: {message}"
+    key = unknown.group(1)
+    parent, _, leaf = key.rpartition(".")
+    schema: Any = OmegaConf.structured(ExperimentConfig)
+    for part in parent.split(".") if parent else []:
+        schema = schema.get(part) if hasattr(schema, "get") else None
+    if parent == "method":
+        chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("method=")]
+        name = chosen[-1] if chosen else MethodConfig.name
+        schema = {f.name: None for f in dataclasses.fields(_METHOD_CONFIGS.get(name, MethodConfig))}
+        parent = f"method {name}"
+    keys = sorted(schema.keys()) if hasattr(schema, "keys") else []
+    close = [k for k in keys if leaf[:3] in k] or keys
+    return (
+        f"unknown key {key!r}; {parent or 'the experiment'} has {close if len(close) < len(keys) else keys}"
+    )
+
+
 def available_choices(group: str) -> list[str]:
     """The option names of a config group (the YAML files in ``conf/<group>/``)."""
     return sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
@@ -552,7 +598,7 @@ def compose_config(
         with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
             composed = compose(config_name="config", overrides=hydra_overrides)
     except HydraException as error:
-        raise ConfigError(f"cannot compose config with overrides {hydra_overrides}: {error}") from error
+        raise ConfigError(explain_override_error(str(error), hydra_overrides)) from error
     finally:
         GlobalHydra.instance().clear()
     data = OmegaConf.to_container(composed, resolve=True)

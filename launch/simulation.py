@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -192,9 +194,12 @@ class LocalSuperLink:
             logger = subprocess.Popen(
                 [console_script("flwr"), "log", str(run_id), CONNECTION, "--stream"],
                 env=self.env(),
-                stdout=sys.stdout,
+                stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
             )
+            assert logger.stdout is not None
+            noise = self.flwr_home / "stream-noise.log"
+            threading.Thread(target=filter_stream, args=(logger.stdout, noise), daemon=True).start()
         # Each `flwr list` costs about a CPU-second: poll sparingly, the log shows progress.
         interval = 10.0 if stream else 5.0
         status = self.run_status(run_id)
@@ -207,6 +212,32 @@ class LocalSuperLink:
         if logger is not None:
             _finish(logger, grace=5.0)
         return RunOutcome(run_id, status, time.monotonic() - start)
+
+
+#: Lines of a run's log stream that are third-party noise, not the run's progress: warnings (and
+#: the source lines Python prints under them), Ray's tips, Flower's note on the default federation
+#: size (the launchers always set it), transformers' loading bars.
+NOISE = re.compile(
+    r"Warning: |warnings\.warn\(|^\s*$|Loading weights|Since flwr 1\.32|To change federation size"
+    r"|flwr federation simulation-config|gemm_4bit_forward|^\s+(?:\S+\s+)?[a-z_]+\(.*\)$"
+    r"|^\(\w+ pid=\d+\)\s*$"
+)
+
+
+def filter_stream(source: IO[bytes], noise_file: Path) -> None:
+    """Copy a log stream to stdout, third-party noise to ``noise_file`` instead."""
+    with noise_file.open("a") as dropped:
+        for raw in iter(source.readline, b""):
+            line = raw.decode(errors="replace")
+            plain = ANSI.sub("", line)
+            if NOISE.search(plain):
+                dropped.write(plain)
+            else:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _finish(process: subprocess.Popen[bytes], grace: float) -> None:

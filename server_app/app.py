@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from finetune.config import ConfigError, ExperimentConfig, higher_is_better
 from finetune.data import PartitionedDataset, load_eval_split, load_train_split
 from finetune.hub import hub_mirror
-from finetune.logs import setup_logging
+from finetune.logs import add_debug_file, setup_logging
 from finetune.lora import is_base_delta
 from finetune.models import build_model, device, fold_latent, trainable_parameter_count
 from finetune.records import from_record, to_record
@@ -48,6 +48,7 @@ def main(grid: Grid, context: Context) -> None:
     setup_logging()
     cfg = experiment_from_run_config(context.run_config)
     recorder = RunRecorder.create(cfg)
+    add_debug_file(recorder.folder / "debug.log")  # third-party warnings and log records, ours at DEBUG
     log.info("run folder %s", recorder.folder)
     try:
         run_experiment(grid, cfg, recorder)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 
@@ -17,23 +18,48 @@ from strategies import protocol
 from strategies.base import FederatedStrategy
 from strategies.protocol import Instruction
 
+log = logging.getLogger(__name__)
 Evaluate = Callable[[int, ArrayRecord], dict[str, float]]  # (server round, global arrays)
 POLL_SECONDS = 0.2  # Grid.send_and_receive polls every 3 s, which would idle whole rounds
 
 
-def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
-    """Push messages and pull their replies until all arrived or ``timeout`` seconds passed."""
+def exchange(
+    grid: Grid, messages: Iterable[Message], timeout: float, progress: Progress | None = None
+) -> list[Message]:
+    """Push messages and pull their replies until all arrived or ``timeout`` seconds passed;
+    ``progress(replied, sent, seconds)`` is called as replies arrive (it decides when to print)."""
     pending = {message_id for message_id in grid.push_messages(messages) if message_id}
-    deadline = time.monotonic() + timeout
+    sent, start = len(pending), time.monotonic()
+    deadline = start + timeout
     replies: list[Message] = []
     while pending:
         arrived = list(grid.pull_messages(pending))
         replies.extend(arrived)
         pending -= {reply.metadata.reply_to_message_id for reply in arrived}
+        if progress is not None:
+            progress(len(replies), sent, time.monotonic() - start)
         if not pending or time.monotonic() >= deadline:
             break
         time.sleep(POLL_SECONDS)
     return replies
+
+
+Progress = Callable[[int, int, float], None]
+
+
+def round_progress(server_round: int, every_seconds: float) -> Progress | None:
+    """A progress line (clients replied / sampled, elapsed) at most every ``every_seconds``."""
+    if every_seconds <= 0:
+        return None
+    printed = 0.0
+
+    def report(replied: int, sent: int, seconds: float) -> None:
+        nonlocal printed
+        if seconds - printed >= every_seconds and replied < sent:
+            log.info("round %d: %d/%d clients replied, %.0f s", server_round, replied, sent, seconds)
+            printed = seconds
+
+    return report
 
 
 def run_federation(
@@ -95,7 +121,8 @@ def train_round(
     driver = central_dp or strategy
     config = Instruction(cfg.to_json(), server_round=server_round, lr=lr).to_config()
     messages = list(driver.configure_train(server_round, arrays, config, grid))
-    replies = exchange(grid, messages, cfg.federation.round_timeout_s)
+    progress = round_progress(server_round, cfg.logging.progress_seconds)
+    replies = exchange(grid, messages, cfg.federation.round_timeout_s, progress)
     new_arrays, train_metrics = driver.aggregate_train(server_round, replies)
     train = {k: float(v) for k, v in (train_metrics or {}).items() if isinstance(v, int | float)}
     if new_arrays is not None:

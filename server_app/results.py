@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from finetune.config import ExperimentConfig
+from server_app.tracking import Tracker, open_tracker
 
 log = logging.getLogger(__name__)
 EVAL_PREFIX = "eval_"
@@ -81,10 +82,11 @@ TABLE_COLUMNS = ("round", "main", "eval_loss", "train_loss", "mb_down", "mb_up",
 class RunRecorder:
     """Writes ``<output_dir>/<date-time>-<name>/``: config.yaml, metrics.jsonl, summary.json."""
 
-    def __init__(self, folder: Path, main_metric: str) -> None:
+    def __init__(self, folder: Path, main_metric: str, tracker: Tracker | None = None) -> None:
         self.folder = folder
         self.main_metric = main_metric
         self.rows: list[dict[str, Any]] = []  # RoundRecord.to_row() of every round so far
+        self.tracker = tracker or Tracker()
 
     @classmethod
     def create(cls, cfg: ExperimentConfig) -> RunRecorder:
@@ -97,7 +99,7 @@ class RunRecorder:
             folder = root / f"{stamp}-{cfg.run_name}-{suffix}"
         folder.mkdir(parents=True)
         (folder / "config.yaml").write_text(cfg.to_yaml())
-        return cls(folder, cfg.dataset.main_metric)
+        return cls(folder, cfg.dataset.main_metric, open_tracker(cfg, folder))
 
     @property
     def adapter_dir(self) -> Path:
@@ -111,6 +113,7 @@ class RunRecorder:
     def log_round(self, record: RoundRecord) -> None:
         row = record.to_row()
         self.rows.append(row)
+        self.tracker.log_round(row)
         with (self.folder / "metrics.jsonl").open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         log.info(
@@ -128,6 +131,8 @@ class RunRecorder:
     def write_summary(self, summary: dict[str, Any]) -> None:
         (self.folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (self.folder / "summary.md").write_text(self.table() + "\n")
+        saved = summary.get("adapter_dir") or summary.get("model_dir")
+        self.tracker.finish(summary, Path(saved) if saved else None)
         log.info("results in %s\n%s", self.folder, self.table())
 
     def table(self) -> str:

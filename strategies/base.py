@@ -249,6 +249,7 @@ class FederatedStrategy(Strategy):
             )
             for n in unknown
         ]
+        refusals: dict[int, str] = {}
         for reply in grid.send_and_receive(messages, timeout=self.query_timeout_s):
             node_id = reply.metadata.src_node_id
             metrics = None if reply.has_error() else reply.content.metric_records.get(METRICS)
@@ -258,8 +259,10 @@ class FederatedStrategy(Strategy):
                 if described.rank is not None and self.heterogeneous_ranks:
                     self.node_ranks.setdefault(node_id, described.rank)  # keeps HetLoRA pruning
             if not self.described(node_id):
-                reason = reply.error.reason if reply.has_error() else "no partition id or LoRA rank"
+                reason = str(reply.error.reason) if reply.has_error() else "no partition id or LoRA rank"
+                refusals[node_id] = reason
                 log.warning("node %d did not describe itself: %s", node_id, reason)
+        fail_on_common_config_error(refusals, unknown, "describe itself")
         holders: dict[int, list[int]] = {}
         for node_id in nodes:
             if node_id in self.node_partitions:
@@ -336,6 +339,8 @@ class FederatedStrategy(Strategy):
                 stats.handler_seconds[node_id] = float(reply_metrics[protocol.HANDLER_SECONDS])
         self._outbox = []
         stats.aggregated = node_ids
+        if not states:
+            fail_on_common_config_error(stats.rejected, stats.sampled, f"train in round {server_round}")
         if len(states) < self.min_replies:
             stats.kept_previous = True
             log.warning(
@@ -425,6 +430,24 @@ class FederatedStrategy(Strategy):
             self.min_replies,
             self.weighting,
             self.wire_dtype,
+        )
+
+
+#: Errors a client raises for a configuration problem (its own, or the experiment's on its data).
+CONFIG_ERROR_TYPES = ("ConfigError", "DataNotFoundError")
+
+
+def fail_on_common_config_error(reasons: dict[int, str], nodes: Sequence[int], what: str) -> None:
+    """End the run when every node refused with a configuration error: no round can succeed, so
+    rejecting every reply of every round would only hide it. One bad node among good ones is left
+    out and named by the caller's log instead."""
+    if not nodes or set(nodes) - set(reasons):
+        return
+    config_errors = [r for r in reasons.values() if any(t in r for t in CONFIG_ERROR_TYPES)]
+    if len(config_errors) == len(reasons):
+        raise RuntimeError(
+            f"every node ({len(reasons)}) refused to {what} with a configuration error; the first said: "
+            f"{config_errors[0]}"
         )
 
 

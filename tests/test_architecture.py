@@ -119,5 +119,7 @@ def test_rules_and_configs_load_without_the_ml_stack():
         "compose_config({'method': 'hlora'}, ['method.client_ranks=[2,4]'])\n"
         "print(sorted(m for m in ('torch', 'transformers', 'peft', 'datasets') if m in sys.modules))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout

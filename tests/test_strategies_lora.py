@@ -36,10 +36,9 @@ def one_round(strategy, global_state, respond, nodes=(1, 2, 3)):
 
 def test_upload_keys_per_method():
     keys = list(FULL)
-    for name, rule in RULES.items():  # the client uploads exactly what the server holds as global
-        assert [k for k in keys if rule.client.uploads(k)] == [k for k in keys if rule.strategy.shares(k)], (
-            name
-        )
+    for name, rule in RULES.items():  # a client uploads only arrays of the global state
+        uploaded = {k for k in keys if rule.client.uploads(k)}
+        assert uploaded <= {k for k in keys if rule.strategy.shares(k)}, name
     uploads = {name: sorted(k for k in keys if rule.client.uploads(k)) for name, rule in RULES.items()}
     assert uploads["fedit"] == sorted(keys)
     assert uploads["lora_fair"] == sorted(keys)

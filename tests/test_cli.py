@@ -1,0 +1,112 @@
+"""The command line: plain overrides resolve to the same experiment as Flower's run config, and a bad
+config fails before any Flower process starts."""
+
+import pytest
+
+import launch.cli as cli
+from finetune.config import ConfigError
+from server_app.run_config import experiment_from_run_config
+
+
+@pytest.fixture
+def no_flower(monkeypatch):
+    """Records any attempt to start Flower; a bad config must never get there."""
+    started = []
+    import launch.cluster
+    import launch.simulation
+
+    monkeypatch.setattr(launch.simulation.LocalSuperLink, "start", lambda self, *a, **k: started.append(self))
+    monkeypatch.setattr(launch.cluster.LocalCluster, "start", lambda self: started.append(self))
+    return started
+
+
+def _legacy(run_config_line, tmp_path, hub_mirror):
+    from flwr.common.config import parse_config_args
+
+    parsed = parse_config_args([f"{run_config_line} output-dir='{tmp_path}' hub-mirror='{hub_mirror}'"])
+    return experiment_from_run_config(parsed)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "run_config_line"),
+    [
+        (
+            ["method=hlora", "method.client_ranks=[2,4,8,16]", "dataset=mrpc"],
+            "method='hlora' dataset='mrpc' overrides='method.client_ranks=[2,4,8,16]'",
+        ),
+        (
+            ["partition=iid", "partition.num_clients=4", "train.lr=1e-3", "name=my_run", "save_adapter=false"],
+            "partition='iid' overrides='partition.num_clients=4 train.lr=1e-3 name=my_run save_adapter=false'",
+        ),
+        (
+            ["method=flexlora", "method.rank_by_memory_gb=[[0,4],[16,8]]", "model.lora_targets=[query,key,value]"],
+            "method='flexlora' overrides='method.rank_by_memory_gb=[[0,4],[16,8]] model.lora_targets=[query,key,value]'",
+        ),
+    ],
+)
+def test_plain_overrides_resolve_to_the_same_experiment_as_the_run_config(
+    arguments, run_config_line, tmp_path, hub_mirror
+):
+    resolved = cli.resolve(arguments, [], str(tmp_path), str(hub_mirror))
+    assert resolved.cfg == _legacy(run_config_line, tmp_path, hub_mirror)
+    # and what it submits is what the ServerApp will read back from the TOML file
+    from flwr.common.config import parse_config_args
+
+    path = cli.write_run_config(resolved.run_config, tmp_path / "flwr")
+    assert experiment_from_run_config(parse_config_args([str(path)])) == resolved.cfg
+
+
+def test_the_legacy_run_config_flag_still_works(tmp_path, hub_mirror):
+    legacy = ["method='ffa_lora' overrides='method.rank=4'"]
+    resolved = cli.resolve(["train.lr=0.05"], legacy, str(tmp_path), str(hub_mirror))
+    assert resolved.cfg.method.name == "ffa_lora" and resolved.cfg.method.rank == 4
+    assert resolved.cfg.train.lr == 0.05
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["method=fedx"], "unknown method 'fedx'; valid choices"),
+        (["method.rank=0"], r"method.rank must be >= 1, got 0"),
+        (["train.lr=-1"], r"train.lr must be > 0"),
+        (["train.lrr=0.1"], r"unknown key 'train.lrr'; train has"),
+        (["--num-supernodes", "3", "partition.num_clients=2"], "starts 3 nodes but partition.num_clients=2"),
+        (["dataset.repo_id=nobody/nothing"], "is not in the mirror"),
+        (["logging.tracker=wandb"], "needs the wandb package"),
+        (["lr=3"], "unknown key 'lr'"),
+        (["noequals"], "is not an override"),
+    ],
+)
+def test_a_bad_config_fails_before_any_process_starts(arguments, message, no_flower, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli.main(["run", *arguments]) == 2
+    assert no_flower == []
+    assert message.replace("\\", "") in capsys.readouterr().err or pytest.fail(capsys.readouterr().err)
+
+
+def test_cluster_checks_the_federation_size_too(no_flower, capsys):
+    assert cli.main(["cluster", "--num-nodes", "2"]) == 2  # the default experiment has 10 clients
+    assert "partition.num_clients=10" in capsys.readouterr().err and no_flower == []
+
+
+def test_validate_prints_the_resolved_experiment(capsys):
+    assert cli.main(["validate", "method=fed_sb", "method.rank=16"]) == 0
+    printed = capsys.readouterr().out
+    assert "name: fed_sb" in printed and "alpha: 16.0" in printed  # alpha follows the rank
+
+
+def test_help_lists_the_groups_and_their_options(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    text = capsys.readouterr().out
+    for expected in ("method", "fedsvd", "partition", "dirichlet", "--num-supernodes", "train.*"):
+        assert expected in text
+
+
+def test_split_overrides_separates_group_selections():
+    assert cli.split_overrides(["method=hlora", "method.rank=4", "seed=1"]) == (
+        {"method": "hlora"},
+        ["method.rank=4", "seed=1"],
+    )
+    with pytest.raises(ConfigError):
+        cli.split_overrides(["hlora"])
