@@ -35,12 +35,24 @@ def _legacy(run_config_line, tmp_path, hub_mirror):
             "method='hlora' dataset='mrpc' overrides='method.client_ranks=[2,4,8,16]'",
         ),
         (
-            ["partition=iid", "partition.num_clients=4", "train.lr=1e-3", "name=my_run", "save_adapter=false"],
-            "partition='iid' overrides='partition.num_clients=4 train.lr=1e-3 name=my_run save_adapter=false'",
+            [
+                "partition=iid",
+                "partition.num_clients=4",
+                "train.lr=1e-3",
+                "name=my_run",
+                "save_adapter=false",
+            ],
+            "partition='iid' "
+            "overrides='partition.num_clients=4 train.lr=1e-3 name=my_run save_adapter=false'",
         ),
         (
-            ["method=flexlora", "method.rank_by_memory_gb=[[0,4],[16,8]]", "model.lora_targets=[query,key,value]"],
-            "method='flexlora' overrides='method.rank_by_memory_gb=[[0,4],[16,8]] model.lora_targets=[query,key,value]'",
+            [
+                "method=flexlora",
+                "method.rank_by_memory_gb=[[0,4],[16,8]]",
+                "model.lora_targets=[query,key,value]",
+            ],
+            "method='flexlora' "
+            "overrides='method.rank_by_memory_gb=[[0,4],[16,8]] model.lora_targets=[query,key,value]'",
         ),
     ],
 )

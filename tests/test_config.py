@@ -53,7 +53,11 @@ def test_every_shipped_option_composes():
 @pytest.mark.parametrize(
     ("selections", "overrides", "message"),
     [
-        ({"method": "nope"}, "", "unknown method 'nope'; valid choices: ['centralized', 'fed_sb', 'fedex_lora'"),
+        (
+            {"method": "nope"},
+            "",
+            "unknown method 'nope'; valid choices: ['centralized', 'fed_sb', 'fedex_lora'",
+        ),
         (
             {"dataset": "imagenet"},
             "",
