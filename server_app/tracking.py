@@ -78,9 +78,13 @@ class TensorBoardTracker(Tracker):
 
 class MLflowTracker(Tracker):
     """An MLflow run (parameters, metrics by round, the config and the final model as artifacts)
-    on ``logging.tracking_uri``, else a file store ``<run folder>/mlruns``."""
+    on ``logging.tracking_uri``, else a file store ``<run folder>/mlruns``. MLflow 3 keeps its file
+    store in maintenance mode and refuses it unless ``MLFLOW_ALLOW_FILE_STORE`` is set; a local run
+    sets it (a server or ``sqlite:///...`` URI is the choice for shared tracking)."""
 
     def __init__(self, cfg: ExperimentConfig, folder: Path) -> None:
+        if not cfg.logging.tracking_uri:
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         from mlflow.tracking import MlflowClient
 
         self.uri = cfg.logging.tracking_uri or (folder / "mlruns").resolve().as_uri()
