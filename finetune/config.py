@@ -583,6 +583,8 @@ def compose_config(
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
+    if not _METHOD_CONFIGS:
+        raise ConfigError("no rule is registered: import strategies (it registers every rule's config) first")
     selections = dict(selections or {})
     for group, option in selections.items():
         choice(group, CONFIG_GROUPS, "config group")

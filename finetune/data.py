@@ -197,10 +197,15 @@ class PartitionedDataset:
                 f"partition id {partition_id} is outside [0, {self.cfg.num_clients}) (partition.num_clients)"
             )
         try:
-            part = self.partitioner.load_partition(partition_id)
-        except ValueError as error:  # e.g. Dirichlet min_partition_size never met
-            raise ConfigError(f"cannot partition with {self.cfg}: {error}") from error
-        return part
+            return self.partitioner.load_partition(partition_id)
+        except ValueError as error:
+            if not (self.cfg.name == "dirichlet" and "max number of attempts" in str(error)):
+                raise ConfigError(f"cannot partition with {self.cfg}: {error}") from error
+        # flwr-datasets redraws until every client has min_partition_size examples and gives up
+        # after 10 draws, which for large federations is the rule: repair one draw instead.
+        data = self.partitioner.dataset
+        self.partitioner = RepairedDirichlet(data, self.field or "", self.cfg)
+        return self.partitioner.load_partition(partition_id)
 
     def sizes(self) -> list[int]:
         """Examples per client; raises ConfigError when a client would get no data."""
@@ -263,6 +268,53 @@ class PartitionedDataset:
             values, counts = np.unique(np.asarray(self.partition(i)[self.field]), return_counts=True)
             result.append({str(v): int(c) for v, c in zip(values, counts, strict=True)})
         return result
+
+
+class RepairedDirichlet(Partitioner):
+    """One Dirichlet(α) draw per value of the split field over the clients (the same label skew as
+    flwr-datasets' partitioner), then the clients below ``min_partition_size`` take examples from
+    the largest ones until every client has its minimum. Seeded: every process derives the same
+    split. Used where flwr-datasets' redraws give up."""
+
+    def __init__(self, data: datasets.Dataset, field: str, cfg: PartitionConfig) -> None:
+        super().__init__()
+        n, minimum = cfg.num_clients, cfg.min_partition_size
+        if n * minimum > len(data):
+            raise ConfigError(
+                f"partition.num_clients={n} clients of at least partition.min_partition_size={minimum} "
+                f"examples need {n * minimum} examples; the data has {len(data)}: lower "
+                "partition.min_partition_size or use fewer clients"
+            )
+        self.dataset = data
+        rng = np.random.default_rng(cfg.seed)
+        values = np.asarray([str(v) for v in data[field]])
+        assigned: list[list[int]] = [[] for _ in range(n)]
+        for value in sorted(set(values.tolist())):
+            rows = np.flatnonzero(values == value)
+            rng.shuffle(rows)
+            bounds = np.concatenate([[0], np.cumsum(_quotas(len(rows), rng.dirichlet([cfg.alpha] * n), rng))])
+            for client in range(n):
+                assigned[client].extend(rows[bounds[client] : bounds[client + 1]].tolist())
+        moved = 0
+        for client in np.argsort([len(a) for a in assigned], kind="stable"):
+            while len(assigned[client]) < minimum:
+                donor = max(range(n), key=lambda i: len(assigned[i]))
+                take = min(minimum - len(assigned[client]), len(assigned[donor]) - minimum)
+                assigned[client].extend(assigned[donor][-take:])
+                del assigned[donor][-take:]
+                moved += take
+        log.warning(
+            "Dirichlet(%.3g) over %d clients: %d examples moved from the largest clients so that each has "
+            "partition.min_partition_size=%d (flwr-datasets' redraws gave up)", cfg.alpha, n, moved, minimum,
+        )  # fmt: skip
+        self.indices = [sorted(a) for a in assigned]
+
+    @property
+    def num_partitions(self) -> int:
+        return len(self.indices)
+
+    def load_partition(self, partition_id: int) -> datasets.Dataset:
+        return self.dataset.select(self.indices[partition_id])
 
 
 Collate = Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]

@@ -12,6 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 
+import strategies  # noqa: F401  (registers every rule's config schema, as the apps do)
 from finetune.config import ExperimentConfig, compose_config
 from finetune.hub import default_hub_mirror
 

@@ -137,10 +137,27 @@ def test_more_clients_than_examples_is_refused(hub_mirror):
 
 def test_impossible_dirichlet_is_a_config_error(hub_mirror):
     _, _, parts = _partitions(
-        hub_mirror, "dirichlet", "partition.alpha=0.01 partition.min_partition_size=150"
+        hub_mirror, "dirichlet", "partition.alpha=0.01 partition.min_partition_size=250"
     )
-    with pytest.raises(ConfigError, match="cannot partition"):
+    with pytest.raises(
+        ConfigError, match="need 2500 examples; the data has 2000: lower partition.min_partition"
+    ):
         parts.sizes()
+
+
+def test_a_dirichlet_draw_flwr_datasets_gives_up_on_is_repaired_deterministically(hub_mirror):
+    # Prepare: a skew so sharp that 10 redraws never give every client 150 examples
+    overrides = "partition.alpha=0.01 partition.min_partition_size=150"
+    _, train, parts = _partitions(hub_mirror, "dirichlet", overrides)
+    # Execute
+    sizes = parts.sizes()
+    again = _partitions(hub_mirror, "dirichlet", overrides)[2]
+    # Assert: every client has its minimum, every example is used once, the same split twice,
+    # and the skew survives (most clients hold one label almost only)
+    assert min(sizes) >= 150 and sum(sizes) == len(train)
+    assert [parts.partition(i)["idx"] for i in range(10)] == [again.partition(i)["idx"] for i in range(10)]
+    dominant = [max(h.values()) / sum(h.values()) for h in parts.histograms()]
+    assert sum(d > 0.8 for d in dominant) >= 5
 
 
 def test_missing_data_names_mirror_and_hub(tmp_path):

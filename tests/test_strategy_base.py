@@ -254,3 +254,57 @@ def test_raw_payload_bytes_and_client_seconds_are_recorded():
     assert all(stats.bytes_down[n] > raw for n in (1, 2))  # numpy headers and keys on top
     assert stats.client_seconds == seconds
     assert stats.handler_seconds == {1: 3.5, 2: 5.0}
+
+
+def test_a_configuration_error_every_node_reports_ends_the_run():
+    from flwr.app import Error
+
+    reason = "<class 'finetune.config.ConfigError'>:<'the federation has 3 partitions but the experiment expects 2'>"
+    grid = FakeGrid([1, 2, 3], lambda m: Error(code=0, reason=reason))
+    with pytest.raises(RuntimeError, match=r"every node \(3\) refused to describe itself.*3 partitions"):
+        FedIT(min_train_nodes=3).configure_train(
+            1, to_record({"w": np.zeros(2, np.float32)}), ConfigRecord(), grid
+        )
+
+
+def test_one_misconfigured_node_among_good_ones_is_left_out_and_named():
+    from flwr.app import Error
+
+    reason = "<class 'finetune.config.ConfigError'>:<'node config has no partition-id'>"
+
+    def respond(message):
+        node = message.metadata.dst_node_id
+        if node == 3:
+            return Error(code=0, reason=reason)
+        if message.metadata.message_type == "query":
+            return RecordDict({"metrics": MetricRecord({"partition-id": node})})
+        upload = from_record(message.content.array_records["arrays"])
+        return RecordDict({"arrays": to_record(upload), "metrics": MetricRecord({"num-examples": 5})})
+
+    strategy = FedIT(min_train_nodes=3)
+    grid = FakeGrid([1, 2, 3], respond)
+    messages = list(
+        strategy.configure_train(1, to_record({"w": np.zeros(2, np.float32)}), ConfigRecord(), grid)
+    )
+    arrays, _ = strategy.aggregate_train(1, exchange(grid, messages, timeout=1.0))
+    assert arrays is not None and strategy.rounds[1].aggregated == [1, 2]
+    assert "no partition-id" in strategy.rounds[1].rejected[3]
+
+
+def test_a_round_where_every_node_refuses_its_config_ends_the_run():
+    from flwr.app import Error
+
+    reason = "<class 'finetune.data.DataNotFoundError'>:<'split train of x/y is not in the mirror'>"
+
+    def respond(message):
+        if message.metadata.message_type == "query":
+            return RecordDict({"metrics": MetricRecord({"partition-id": message.metadata.dst_node_id})})
+        return Error(code=0, reason=reason)
+
+    strategy = FedIT(min_train_nodes=2)
+    grid = FakeGrid([1, 2], respond)
+    messages = list(
+        strategy.configure_train(1, to_record({"w": np.zeros(2, np.float32)}), ConfigRecord(), grid)
+    )
+    with pytest.raises(RuntimeError, match="refused to train in round 1.*not in the mirror"):
+        strategy.aggregate_train(1, exchange(grid, messages, timeout=1.0))
