@@ -140,7 +140,7 @@ def test_impossible_dirichlet_is_a_config_error(hub_mirror):
         hub_mirror, "dirichlet", "partition.alpha=0.01 partition.min_partition_size=250"
     )
     with pytest.raises(
-        ConfigError, match="need 2500 examples; the data has 2000: lower partition.min_partition"
+        ConfigError, match=r"need 2500 examples; the data has 2000: lower partition\.min_partition"
     ):
         parts.sizes()
 

@@ -259,7 +259,7 @@ def test_raw_payload_bytes_and_client_seconds_are_recorded():
 def test_a_configuration_error_every_node_reports_ends_the_run():
     from flwr.app import Error
 
-    reason = "<class 'finetune.config.ConfigError'>:<'the federation has 3 partitions but the experiment expects 2'>"
+    reason = "<class 'finetune.config.ConfigError'>:<'the federation has 3 partitions, the experiment 2'>"
     grid = FakeGrid([1, 2, 3], lambda m: Error(code=0, reason=reason))
     with pytest.raises(RuntimeError, match=r"every node \(3\) refused to describe itself.*3 partitions"):
         FedIT(min_train_nodes=3).configure_train(
@@ -306,5 +306,5 @@ def test_a_round_where_every_node_refuses_its_config_ends_the_run():
     messages = list(
         strategy.configure_train(1, to_record({"w": np.zeros(2, np.float32)}), ConfigRecord(), grid)
     )
-    with pytest.raises(RuntimeError, match="refused to train in round 1.*not in the mirror"):
+    with pytest.raises(RuntimeError, match=r"refused to train in round 1.*not in the mirror"):
         strategy.aggregate_train(1, exchange(grid, messages, timeout=1.0))
