@@ -2,12 +2,44 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import functools
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 
+P = ParamSpec("P")
+R = TypeVar("R")
 State = Mapping[str, np.ndarray]
 Weights = Sequence[float] | np.ndarray  # one non-negative weight per client
+
+
+def _arrays_in(value: object) -> Iterator[np.ndarray]:
+    if isinstance(value, np.ndarray):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _arrays_in(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _arrays_in(item)
+
+
+def finite_inputs(function: Callable[P, R]) -> Callable[P, R]:
+    """Refuse NaN or Inf in any array argument (alone, in a sequence or in a state) with a clear
+    error: the rules' maths would pass it on, re-weight every client by it, or never return (a
+    dense SVD of an Inf matrix does not converge). Replies are validated before aggregation too;
+    this keeps the pure functions safe on their own."""
+
+    @functools.wraps(function)
+    def checked(*args: P.args, **kwargs: P.kwargs) -> R:
+        for position, value in enumerate([*args, *kwargs.values()]):
+            for array in _arrays_in(value):
+                if np.issubdtype(array.dtype, np.number) and not np.isfinite(array).all():
+                    raise ValueError(f"{function.__name__}: argument {position} holds NaN or Inf")
+        return function(*args, **kwargs)
+
+    return checked
 
 
 def normalize_weights(weights: Weights) -> np.ndarray:
@@ -20,6 +52,7 @@ def normalize_weights(weights: Weights) -> np.ndarray:
     return w / w.sum()
 
 
+@finite_inputs
 def mean_of_allowed(
     states: Sequence[State], weights: Weights, allowed: Callable[[str], bool], rule: str
 ) -> dict[str, np.ndarray]:
@@ -30,6 +63,7 @@ def mean_of_allowed(
     return weighted_mean(states, weights)
 
 
+@finite_inputs
 def weighted_mean(states: Sequence[State], weights: Weights) -> dict[str, np.ndarray]:
     """Key-wise ``sum_k p_k x_k`` with ``p = weights / sum(weights)``, accumulated in float64.
 

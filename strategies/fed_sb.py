@@ -31,7 +31,7 @@ from finetune.config import ExperimentConfig, MethodConfig, require
 from finetune.lora import LORA_LATENT_SUFFIX, is_lora, lora_layers
 from finetune.records import from_record, to_record
 from finetune.spec import AdapterSpec
-from strategies.averaging import weighted_mean
+from strategies.averaging import finite_inputs, weighted_mean
 from strategies.base import FederatedStrategy, common_instruction
 from strategies.client import ClientRule, ModelBaseline, State
 from strategies.protocol import SETUP_MESSAGE
@@ -72,6 +72,7 @@ class FedSBConfig(MethodConfig):
         )
 
 
+@finite_inputs
 def fed_sb_initialize(
     gradient_sum: np.ndarray, rank: int, step: float, scale: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

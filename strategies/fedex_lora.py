@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from finetune.lora import lora_layers, lora_scale
-from strategies.averaging import Weights, normalize_weights, weighted_mean
+from strategies.averaging import Weights, finite_inputs, normalize_weights, weighted_mean
 from strategies.base import Replies
 from strategies.lowrank import Matrices
 from strategies.merging import BaseMergingStrategy, Factors, MergedBaseClient, MergedBaseConfig
@@ -26,6 +26,7 @@ class FedExLoRAConfig(MergedBaseConfig):
     name: str = "fedex_lora"
 
 
+@finite_inputs
 def fedex_residual_factors(
     As: Matrices, Bs: Matrices, weights: Weights, scale: float
 ) -> tuple[np.ndarray, np.ndarray]:

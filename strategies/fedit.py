@@ -12,12 +12,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from finetune.config import MethodConfig
-from strategies.averaging import State, Weights, weighted_mean
+from strategies.averaging import State, Weights, finite_inputs, weighted_mean
 from strategies.base import FederatedStrategy
 from strategies.client import ClientRule
 from strategies.registry import Family, Rule, register
 
 
+@finite_inputs
 def fedit_aggregate(states: Sequence[State], weights: Weights) -> dict[str, np.ndarray]:
     """``Ā = Σ p_k A_k``, ``B̄ = Σ p_k B_k`` and the same for every other trained array."""
     return weighted_mean(states, weights)

@@ -9,12 +9,13 @@ import numpy as np
 
 from finetune.config import MethodConfig
 from finetune.lora import is_lora_a
-from strategies.averaging import State, Weights, mean_of_allowed
+from strategies.averaging import State, Weights, finite_inputs, mean_of_allowed
 from strategies.base import FederatedStrategy
 from strategies.client import ClientRule
 from strategies.registry import Family, Rule, register
 
 
+@finite_inputs
 def fedsa_aggregate(states: Sequence[State], weights: Weights) -> dict[str, np.ndarray]:
     """``Ā = Σ p_k A_k``; anything but lora_A in an upload is a protocol error."""
     return mean_of_allowed(states, weights, is_lora_a, "FedSA-LoRA uploads carry only lora_A")

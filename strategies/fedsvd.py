@@ -20,7 +20,7 @@ import numpy as np
 from finetune.config import ExperimentConfig, MethodConfig, require
 from finetune.lora import is_lora_a, lora_layers
 from finetune.spec import AdapterSpec
-from strategies.averaging import weighted_mean
+from strategies.averaging import finite_inputs, weighted_mean
 from strategies.base import FederatedStrategy
 from strategies.client import ClientRule
 from strategies.lowrank import compact_svd, factors_from_svd
@@ -46,6 +46,7 @@ class FedSVDConfig(MethodConfig):
     uploads_are_global = False  # clients upload B, the global state holds A too
 
 
+@finite_inputs
 def fedsvd_refactor(A: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(A_new, B_new)``: ``A_new`` the top-r right singular vectors of ``B A`` (orthonormal rows),
     ``B_new = U_r Σ_r``, so that ``B_new A_new = B A`` (rank of ``B A`` ≤ r). Through the QR-compact

@@ -12,12 +12,13 @@ import numpy as np
 from finetune.config import ExperimentConfig, MethodConfig
 from finetune.lora import is_lora_a
 from finetune.spec import AdapterSpec
-from strategies.averaging import State, Weights, mean_of_allowed
+from strategies.averaging import State, Weights, finite_inputs, mean_of_allowed
 from strategies.base import FederatedStrategy
 from strategies.client import ClientRule
 from strategies.registry import Family, Rule, register
 
 
+@finite_inputs
 def ffa_aggregate(states: Sequence[State], weights: Weights) -> dict[str, np.ndarray]:
     """``B̄ = Σ p_k B_k`` (and the head); a state carrying lora_A is a protocol error."""
     return mean_of_allowed(states, weights, shared, "FFA-LoRA uploads carry no lora_A")

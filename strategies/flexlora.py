@@ -19,7 +19,7 @@ from finetune.config import ExperimentConfig
 from finetune.lora import is_lora, lora_layers
 from finetune.records import from_record
 from finetune.spec import AdapterSpec
-from strategies.averaging import Weights, normalize_weights
+from strategies.averaging import Weights, finite_inputs, normalize_weights
 from strategies.base import FederatedStrategy, Replies
 from strategies.lowrank import SVD, Matrices, Scales, compact_svd, factors_from_svd, weighted_product
 from strategies.ranks import HeterogeneousRankConfig, RankedClient
@@ -34,12 +34,14 @@ class FlexLoRAConfig(HeterogeneousRankConfig):
     name: str = "flexlora"
 
 
+@finite_inputs
 def flexlora_product(As: Matrices, Bs: Matrices, weights: Weights, scales: Scales) -> np.ndarray:
     """The server's dense mean update ``Σ p_k s_k B_k A_k`` (d_out × d_in)."""
     p = normalize_weights(weights)
     return weighted_product(As, Bs, [pk * sk for pk, sk in zip(p, scales, strict=True)])
 
 
+@finite_inputs
 def flexlora_aggregate(
     As: Matrices, Bs: Matrices, weights: Weights, scales: Scales, global_rank: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -50,11 +52,13 @@ def flexlora_aggregate(
     )
 
 
+@finite_inputs
 def redistribution_svd(A_g: np.ndarray, B_g: np.ndarray) -> SVD:
     """The SVD of the global update ``B_g A_g`` from its factors (no dense matrix)."""
     return compact_svd([B_g], [A_g])
 
 
+@finite_inputs
 def flexlora_client_factors(svd: SVD, rank: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
     """A client's factors ``(A, B)``: ``scale · B A`` is the rank-``rank`` truncation of the global
     update whose SVD is ``svd`` (singular values in B, A with orthonormal rows)."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from finetune.lora import lora_layers, lora_scale
-from strategies.averaging import Weights, normalize_weights
+from strategies.averaging import Weights, finite_inputs, normalize_weights
 from strategies.base import Replies
 from strategies.lowrank import Matrices
 from strategies.merging import BaseMergingStrategy, Factors, MergedBaseClient, MergedBaseConfig
@@ -28,6 +28,7 @@ class FLoRAConfig(HeterogeneousRankConfig, MergedBaseConfig):
     no_server_optimizer = MergedBaseConfig.no_server_optimizer
 
 
+@finite_inputs
 def flora_stack(As: Matrices, Bs: Matrices, weights: Weights) -> tuple[np.ndarray, np.ndarray]:
     """``(A_stack, B_stack)`` of rank Σ r_k with the client weights folded into A."""
     p = normalize_weights(weights)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from finetune.config import ExperimentConfig, require
-from strategies.averaging import Weights, normalize_weights
+from strategies.averaging import Weights, finite_inputs, normalize_weights
 from strategies.client import NodeFacts, NodeState, Regularizer, State
 from strategies.flexlora import FlexLoRA
 from strategies.lowrank import Matrices, Scales, pad_rank
@@ -47,6 +47,7 @@ class HetLoRAConfig(HeterogeneousRankConfig):
         )
 
 
+@finite_inputs
 def hetlora_weights(As: Matrices, Bs: Matrices, weights: Weights, scales: Scales) -> np.ndarray:
     """Normalised ``p_k ‖s_k B_k A_k‖_F``; falls back to ``p_k`` when every update is zero."""
     p = normalize_weights(weights)
@@ -60,6 +61,7 @@ def hetlora_weights(As: Matrices, Bs: Matrices, weights: Weights, scales: Scales
     return mixed / mixed.sum() if mixed.sum() > 0 else p
 
 
+@finite_inputs
 def hetlora_aggregate(
     As: Matrices, Bs: Matrices, weights: Weights, scales: Scales, max_rank: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -76,6 +78,7 @@ def hetlora_aggregate(
     return A_bar, B_bar
 
 
+@finite_inputs
 def hetlora_client_factors(
     A_g: np.ndarray, B_g: np.ndarray, rank: int, scale: float
 ) -> tuple[np.ndarray, np.ndarray]:

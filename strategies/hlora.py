@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from strategies.averaging import Weights, normalize_weights
+from strategies.averaging import Weights, finite_inputs, normalize_weights
 from strategies.flexlora import FlexLoRA, FlexLoRAConfig
 from strategies.lowrank import SVD, Matrices, Scales, compact_svd, factors_from_svd
 from strategies.ranks import RankedClient
@@ -23,6 +23,7 @@ class HLoRAConfig(FlexLoRAConfig):
     name: str = "hlora"
 
 
+@finite_inputs
 def hlora_svd(As: Matrices, Bs: Matrices, weights: Weights, scales: Scales) -> SVD:
     """Thin SVD ``(U, S, Vt)`` of ``Σ p_k s_k B_k A_k``, of size Σ r_k."""
     p = normalize_weights(weights)
@@ -30,6 +31,7 @@ def hlora_svd(As: Matrices, Bs: Matrices, weights: Weights, scales: Scales) -> S
     return compact_svd(lefts, As)
 
 
+@finite_inputs
 def hlora_aggregate(
     As: Matrices, Bs: Matrices, weights: Weights, scales: Scales, global_rank: int
 ) -> tuple[np.ndarray, np.ndarray]:

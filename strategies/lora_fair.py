@@ -10,7 +10,7 @@ import numpy as np
 
 from finetune.config import MethodConfig, require
 from finetune.lora import lora_layers
-from strategies.averaging import Weights, normalize_weights
+from strategies.averaging import Weights, finite_inputs, normalize_weights
 from strategies.base import FederatedStrategy, Replies
 from strategies.client import ClientRule
 from strategies.lowrank import Matrices, weighted_product
@@ -38,6 +38,7 @@ def cosine(x: np.ndarray, y: np.ndarray) -> float:
     return float((x * y).sum() / denom) if denom > 0 else 0.0
 
 
+@finite_inputs
 def lora_fair_correction(
     A_bar: np.ndarray,
     B_bar: np.ndarray,
@@ -88,6 +89,7 @@ def lora_fair_correction(
     return delta
 
 
+@finite_inputs
 def lora_fair_aggregate(
     As: Matrices, Bs: Matrices, weights: Weights, lam: float = 0.01, steps: int = 100, lr: float = 0.01
 ) -> tuple[np.ndarray, np.ndarray]:

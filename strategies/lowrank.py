@@ -7,13 +7,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from strategies.averaging import Weights
+from strategies.averaging import Weights, finite_inputs
 
 SVD = tuple[np.ndarray, np.ndarray, np.ndarray]  # (U, S, Vt)
 Matrices = Sequence[np.ndarray]  # one LoRA factor per client (all A, or all B, of a layer)
 Scales = Sequence[float]  # each client's LoRA scale alpha / r_k
 
 
+@finite_inputs
 def weighted_product(As: Matrices, Bs: Matrices, coefficients: Weights) -> np.ndarray:
     """Dense ``Σ_k c_k B_k A_k`` (d_out × d_in), in float64."""
     out = np.zeros((Bs[0].shape[0], As[0].shape[1]), dtype=np.float64)
@@ -22,6 +23,7 @@ def weighted_product(As: Matrices, Bs: Matrices, coefficients: Weights) -> np.nd
     return out
 
 
+@finite_inputs
 def factors_from_svd(
     U: np.ndarray, S: np.ndarray, Vt: np.ndarray, rank: int, scale: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -35,6 +37,7 @@ def factors_from_svd(
     return A, B
 
 
+@finite_inputs
 def compact_svd(
     lefts: Sequence[np.ndarray], rights: Sequence[np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -41,6 +41,7 @@ from finetune.lora import (
     with_base_deltas,
 )
 from finetune.records import to_record
+from strategies.averaging import finite_inputs
 from strategies.base import FederatedStrategy, Replies
 from strategies.client import ClientRule, ModelBaseline, State
 from strategies.protocol import BASE_VERSION, Instruction, TrainReport, metric_int
@@ -74,6 +75,7 @@ class MergedBaseConfig(MethodConfig):
 Factors = dict[str, tuple[np.ndarray, np.ndarray]]  # layer prefix -> (L, R), L R = increment
 
 
+@finite_inputs
 def apply_increment(delta: np.ndarray, L: np.ndarray, R: np.ndarray) -> np.ndarray:
     """``D + L R`` in float64, stored as float32; server and clients both call exactly this."""
     return (delta.astype(np.float64) + L.astype(np.float64) @ R.astype(np.float64)).astype(np.float32)

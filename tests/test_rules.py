@@ -243,3 +243,46 @@ def test_lora_layers_pairs_factors():
     }
     with pytest.raises(ValueError, match="no matching"):
         lora_layers(["x.q.lora_A.weight"])
+
+
+# --- non-finite input -----------------------------------------------------------------------
+
+
+def _bad(kind):
+    rng = np.random.default_rng(20)
+    As, Bs = factors(rng, [2, 3])
+    As[1] = As[1].copy()
+    As[1][0, 0] = np.inf if kind == "inf" else np.nan
+    return As, Bs
+
+
+@pytest.mark.parametrize("kind", ["inf", "nan"])
+def test_every_pure_rule_refuses_non_finite_input(kind):
+    from strategies.fed_sb import fed_sb_initialize
+    from strategies.fedit import fedit_aggregate
+    from strategies.fedsvd import fedsvd_refactor
+    from strategies.flexlora import flexlora_aggregate
+
+    As, Bs = _bad(kind)
+    states = [{"w": As[0]}, {"w": np.full_like(As[0], np.inf if kind == "inf" else np.nan)}]
+    calls = {
+        "fedit": lambda: fedit_aggregate(states, [1, 1]),
+        "ffa": lambda: ffa_aggregate([{"l.lora_B.weight": Bs[0]}, {"l.lora_B.weight": Bs[0] * np.nan}], [1, 1]),
+        "fedsa": lambda: fedsa_aggregate(
+            [{"l.lora_A.weight": As[0]}, {"l.lora_A.weight": As[0] + np.inf}], [1, 1]
+        ),
+        "flexlora (its dense SVD would never return)": lambda: flexlora_aggregate(As, Bs, [1, 1], [1.0, 1.0], 5),
+        "hlora": lambda: hlora_svd(As, Bs, [1, 1], [1.0, 1.0]),
+        "hetlora (a NaN would re-weight every client)": lambda: hetlora_weights(As, Bs, [1, 1], [1.0, 1.0]),
+        "hetlora aggregate": lambda: hetlora_aggregate(As, Bs, [1, 1], [1.0, 1.0], 3),
+        "flora": lambda: flora_stack(As, Bs, [1, 1]),
+        "fedex": lambda: fedex_residual_factors([As[1], As[1]], [Bs[1][:, :3], Bs[1][:, :3]], [1, 1], 1.0),
+        "lora_fair": lambda: lora_fair_aggregate([As[1], As[1]], [Bs[1], Bs[1]], [1, 1]),
+        "fedsvd": lambda: fedsvd_refactor(As[1], Bs[1]),
+        "fed_sb": lambda: fed_sb_initialize(As[1], 2, 1e-3, 1.0),
+        "weighted_product": lambda: weighted_product(As, Bs, [0.5, 0.5]),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            call()
+            pytest.fail(name)
