@@ -7,6 +7,8 @@ import dataclasses
 import hashlib
 import json
 import logging
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,9 +37,9 @@ class ClientSession:
     partitions: PartitionedDataset
     initial_state: dict[str, np.ndarray]  # the seeded init: what a client starts from
     _base: dict[str, torch.Tensor] | None = None  # pretrained weights under the LoRA layers
-    _prepared: dict[int | str, datasets.Dataset] = field(default_factory=dict)
+    _prepared: OrderedDict[int | str, datasets.Dataset] = field(default_factory=OrderedDict)
     _eval_shares: list[datasets.Dataset] | None = None
-    _eval_prepared: dict[int, datasets.Dataset] = field(default_factory=dict)
+    _eval_prepared: OrderedDict[int | str, datasets.Dataset] = field(default_factory=OrderedDict)
 
     def baseline(self, with_base_weights: bool) -> ModelBaseline:
         """The seeded init and, when asked, the pristine weights under the LoRA layers (copied on
@@ -51,24 +53,42 @@ class ClientSession:
         if self._eval_shares is None:
             raw = load_eval_split(self.cfg.dataset, self.mirror, self.cfg.seed)
             self._eval_shares = self.partitions.shares_of(raw)
-        if partition_id not in self._eval_prepared:
-            raw = self._eval_shares[partition_id]
-            self._eval_prepared[partition_id] = self.task.prepare(raw, client=partition_id)
-        return self._eval_prepared[partition_id]
+        shares = self._eval_shares
+        return cached(
+            self._eval_prepared, partition_id, lambda: self.task.prepare(shares[partition_id], partition_id)
+        )
 
     def local_data(self, path: Path, partition_id: int) -> datasets.Dataset:
         """A node's own data file (node config ``data-path``), prepared once."""
-        key = f"local:{path}"
-        if key not in self._prepared:
-            raw = load_local_data(path, self.cfg.dataset)
-            self._prepared[key] = self.task.prepare(raw, client=partition_id)
-        return self._prepared[key]
+        return cached(
+            self._prepared,
+            f"local:{path}",
+            lambda: self.task.prepare(load_local_data(path, self.cfg.dataset), client=partition_id),
+        )
 
     def partition(self, partition_id: int) -> datasets.Dataset:
-        if partition_id not in self._prepared:
-            raw = self.partitions.partition(partition_id)
-            self._prepared[partition_id] = self.task.prepare(raw, client=partition_id)
-        return self._prepared[partition_id]
+        return cached(
+            self._prepared,
+            partition_id,
+            lambda: self.task.prepare(self.partitions.partition(partition_id), client=partition_id),
+        )
+
+
+#: Prepared partitions a process keeps (least recently used dropped): an actor that serves many of
+#: a large federation's clients in turn stays flat in memory.
+MAX_PREPARED = 32
+
+
+def cached(
+    store: OrderedDict[int | str, datasets.Dataset], key: int | str, make: Callable[[], datasets.Dataset]
+) -> datasets.Dataset:
+    if key in store:
+        store.move_to_end(key)
+        return store[key]
+    while len(store) >= MAX_PREPARED:
+        store.popitem(last=False)
+    store[key] = make()
+    return store[key]
 
 
 def session_key(cfg: ExperimentConfig, mirror: Path | None, adapter: AdapterSpec, owner: str) -> str:

@@ -327,6 +327,10 @@ class FederationConfig:
     round_timeout_s: float = 3600.0
     # How long the server waits for num_clients nodes to connect before the first round.
     connect_timeout_s: float = 300.0
+    # Ask every unknown node for its partition before sampling while at most this many are unknown
+    # (sampling then follows partition ids in any deployment); beyond, only the nodes a round
+    # samples are asked, picked in the order they registered (partition order in a simulation).
+    query_all_up_to: int = 100
 
     def clients_per_round(self, num_nodes: int) -> int:
         return clients_per_round(num_nodes, self.fraction_train, self.min_train_clients)
@@ -346,6 +350,7 @@ class FederationConfig:
         require(self.min_replies >= 1, "federation.min_replies must be >= 1")
         require(self.round_timeout_s > 0, "federation.round_timeout_s must be > 0")
         require(self.connect_timeout_s > 0, "federation.connect_timeout_s must be > 0")
+        require(self.query_all_up_to >= 0, "federation.query_all_up_to must be >= 0")
 
 
 @dataclass

@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cpus-per-client", type=int, default=1)
     run.add_argument("--gpus-per-client", type=float, default=0.0)
     run.add_argument("--flwr-home", type=Path, default=PROJECT_DIR / ".flwr")
+    run.add_argument(
+        "--ray-address", default="", help="join a running Ray cluster (head:6379) instead of starting one"
+    )
     cluster = experiment_command("cluster", "a real SuperLink and SuperNodes on this machine")
     cluster.add_argument("--num-nodes", type=int, default=None, help="default: partition.num_clients")
     cluster.add_argument("--tls", action="store_true", help="TLS with a fresh private CA (openssl)")
@@ -272,6 +275,7 @@ def launch(args: argparse.Namespace, experiment: Experiment, nodes: int) -> int:
         outcome = run_simulation(
             run_config, num_supernodes=nodes, cpus_per_client=args.cpus_per_client,
             gpus_per_client=args.gpus_per_client, flwr_home=args.flwr_home, timeout=args.timeout,
+            ray_address=args.ray_address,
         )  # fmt: skip
     else:
         from launch.cluster import LocalCluster

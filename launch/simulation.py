@@ -80,12 +80,14 @@ class LocalSuperLink:
         simulation: bool = True,
         tls: TLSFiles | None = None,
         node_auth: bool = False,
+        ray_address: str = "",
     ) -> None:
         if node_auth and tls is None:
             raise ValueError("SuperNode authentication needs TLS")
         self.flwr_home = flwr_home.resolve()
         self.port = port or free_port()
         self.simulation, self.tls, self.node_auth = simulation, tls, node_auth
+        self.ray_address = ray_address  # a running Ray cluster the simulation joins (RAY_ADDRESS)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -100,6 +102,8 @@ class LocalSuperLink:
         env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
         env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
         env.setdefault("RAY_DEDUP_LOGS", "0")
+        if self.ray_address:  # ray.init() in flwr-simulation joins this cluster instead of starting one
+            env["RAY_ADDRESS"] = self.ray_address
         return env
 
     def write_connection(self) -> None:
@@ -257,12 +261,13 @@ def run_simulation(
     app: Path = PROJECT_DIR,
     timeout: float = 3600.0,
     stream: bool = True,
+    ray_address: str = "",
 ) -> RunOutcome:
     federation_config = (
         f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client} "
         f"client-resources-num-gpus={gpus_per_client}"
     )
-    with LocalSuperLink(flwr_home) as superlink:
+    with LocalSuperLink(flwr_home, ray_address=ray_address) as superlink:
         run_id = superlink.submit(app, run_config, federation_config)
         log.info("run %d submitted to %s (FLWR_HOME=%s)", run_id, superlink.address, superlink.flwr_home)
         return superlink.follow(run_id, timeout, stream=stream)

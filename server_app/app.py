@@ -115,10 +115,16 @@ def load_server_data(cfg: ExperimentConfig) -> ServerData:
     train_raw = load_train_split(cfg.dataset, mirror, cfg.seed)
     partitions = PartitionedDataset(train_raw, cfg)
     sizes = partitions.sizes()
-    log.info(
-        "partition %s: examples per client %s; by %s: %s",
-        cfg.partition.name, sizes, partitions.field or "nothing (iid)", partitions.histograms(),
-    )  # fmt: skip
+    if len(sizes) <= 20:
+        log.info(
+            "partition %s: examples per client %s; by %s: %s",
+            cfg.partition.name, sizes, partitions.field or "nothing (iid)", partitions.histograms(),
+        )  # fmt: skip
+    else:  # a line per client would drown the log
+        log.info(
+            "partition %s over %d clients: examples per client min %d, median %d, max %d",
+            cfg.partition.name, len(sizes), min(sizes), int(np.median(sizes)), max(sizes),
+        )  # fmt: skip
     if cfg.partition.feature_shift:
         shifts = cfg.partition.feature_shift
         log.info("feature shift per client: %s", [shifts[i % len(shifts)] for i in range(len(sizes))])

@@ -102,6 +102,7 @@ class FederatedStrategy(Strategy):
         seed: int = 0,
         connect_timeout_s: float = 300.0,
         query_timeout_s: float = 120.0,
+        query_all_up_to: int = 100,
     ) -> None:
         self.method = method if method is not None else method_config_type(self.name)()
         self.fraction_train = fraction_train
@@ -112,6 +113,8 @@ class FederatedStrategy(Strategy):
         self.seed = seed
         self.connect_timeout_s = connect_timeout_s
         self.query_timeout_s = query_timeout_s
+        self.query_all_up_to = query_all_up_to
+        self.registration_rank: dict[int, int] = {}  # where a node's partition is not known yet
         self.server_optimizer = ServerOptimizer.of(self.method)
         self.node_ranks: dict[int, int] = {}
         self.node_partitions: dict[int, int] = {}
@@ -132,6 +135,7 @@ class FederatedStrategy(Strategy):
             min_replies=federation.min_replies,
             seed=cfg.seed,
             connect_timeout_s=federation.connect_timeout_s,
+            query_all_up_to=federation.query_all_up_to,
         )
 
     @classmethod
@@ -274,25 +278,49 @@ class FederatedStrategy(Strategy):
         if self.heterogeneous_ranks:
             log.info("LoRA rank per new node: %s", {n: self.node_ranks.get(n) for n in unknown})
 
+    def sample_learnt(
+        self, grid: Grid, nodes: Sequence[int], config: ConfigRecord, server_round: int
+    ) -> list[int]:
+        """This round's sample, every sampled node described (partition, rank): a small federation
+        is asked whole first; a large one only in the nodes the round samples."""
+        unknown = [n for n in nodes if not self.described(n)]
+        if len(unknown) <= self.query_all_up_to:
+            self.learn_nodes(grid, nodes, config)
+            return self.sample_nodes(nodes, server_round)
+        self.learn_registration_order(grid, unknown)
+        sampled = self.sample_nodes(nodes, server_round)
+        self.learn_nodes(grid, sampled, config)
+        return sampled
+
     def described(self, node_id: int) -> bool:
         """Whether the node told its partition id (and its rank, where ranks differ)."""
         has_rank = not self.heterogeneous_ranks or node_id in self.node_ranks
         return node_id in self.node_partitions and has_rank
 
     def client_order(self, node_id: int) -> tuple[int, int, int]:
-        """Sort key of a node: its partition id first (stable across runs), then its node id."""
-        partition = self.node_partitions.get(node_id)
+        """Sort key of a node: its partition id (stable across runs) — or, not asked yet, its rank
+        in registration order, which is its partition id in a simulation — then its node id."""
+        partition = self.node_partitions.get(node_id, self.registration_rank.get(node_id))
         return (0, partition, node_id) if partition is not None else (1, 0, node_id)
+
+    def learn_registration_order(self, grid: Grid, unknown: Sequence[int]) -> None:
+        """Rank the nodes not described yet by when they registered with the SuperLink."""
+        order = {info.node_id: (info.registered_at, info.node_id) for info in grid.get_nodes()} if hasattr(
+            grid, "get_nodes"
+        ) else {}  # fmt: skip
+        ranked = sorted(unknown, key=lambda n: order.get(n, ("", n)))
+        self.registration_rank.update({n: rank for rank, n in enumerate(ranked)})
 
     # --- Strategy API --------------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         nodes = self.connected_nodes(grid)
-        self.learn_nodes(grid, nodes, config)
         self._global = from_record(arrays)
         self.server_round = server_round
-        stats = self.rounds[server_round] = RoundStats(sampled=self.sample_nodes(nodes, server_round))
+        stats = self.rounds[server_round] = RoundStats(
+            sampled=self.sample_learnt(grid, nodes, config, server_round)
+        )
         common = common_instruction(config, server_round)
         self._outbox, self._expected = [], {}
         for node_id in stats.sampled:

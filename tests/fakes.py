@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from types import SimpleNamespace
 
 from flwr.app import Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
@@ -24,6 +25,13 @@ class FakeGrid:
 
     def get_node_ids(self) -> list[int]:
         return list(self.node_ids)
+
+    def get_nodes(self) -> list[SimpleNamespace]:
+        """Registered in the order given (as a simulation registers partition 0, 1, ...)."""
+        return [
+            SimpleNamespace(node_id=n, registered_at=f"2026-12-01T00:00:00.{i:06d}")
+            for i, n in enumerate(self.node_ids)
+        ]
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         ids = []

@@ -267,11 +267,15 @@ def test_every_pure_rule_refuses_non_finite_input(kind):
     states = [{"w": As[0]}, {"w": np.full_like(As[0], np.inf if kind == "inf" else np.nan)}]
     calls = {
         "fedit": lambda: fedit_aggregate(states, [1, 1]),
-        "ffa": lambda: ffa_aggregate([{"l.lora_B.weight": Bs[0]}, {"l.lora_B.weight": Bs[0] * np.nan}], [1, 1]),
+        "ffa": lambda: ffa_aggregate(
+            [{"l.lora_B.weight": Bs[0]}, {"l.lora_B.weight": Bs[0] * np.nan}], [1, 1]
+        ),
         "fedsa": lambda: fedsa_aggregate(
             [{"l.lora_A.weight": As[0]}, {"l.lora_A.weight": As[0] + np.inf}], [1, 1]
         ),
-        "flexlora (its dense SVD would never return)": lambda: flexlora_aggregate(As, Bs, [1, 1], [1.0, 1.0], 5),
+        "flexlora (its dense SVD would never return)": lambda: flexlora_aggregate(
+            As, Bs, [1, 1], [1.0, 1.0], 5
+        ),
         "hlora": lambda: hlora_svd(As, Bs, [1, 1], [1.0, 1.0]),
         "hetlora (a NaN would re-weight every client)": lambda: hetlora_weights(As, Bs, [1, 1], [1.0, 1.0]),
         "hetlora aggregate": lambda: hetlora_aggregate(As, Bs, [1, 1], [1.0, 1.0], 3),

@@ -308,3 +308,33 @@ def test_a_round_where_every_node_refuses_its_config_ends_the_run():
     )
     with pytest.raises(RuntimeError, match=r"refused to train in round 1.*not in the mirror"):
         strategy.aggregate_train(1, exchange(grid, messages, timeout=1.0))
+
+
+def test_a_large_federation_asks_only_the_nodes_it_samples():
+    # Prepare: 150 nodes registered in partition order, random node ids; 10 % sampled
+    rng = np.random.default_rng(5)
+    node_ids = [int(x) for x in rng.choice(2**40, size=150, replace=False)]
+    partition_of = {n: i for i, n in enumerate(node_ids)}
+    asked = []
+
+    def respond(message):
+        node = message.metadata.dst_node_id
+        if message.metadata.message_type == "query":
+            asked.append(node)
+            return RecordDict({"metrics": MetricRecord({"partition-id": partition_of[node]})})
+        return None
+
+    def sampled_partitions(query_all_up_to):
+        asked.clear()
+        strategy = FedIT(fraction_train=0.1, min_train_nodes=1, seed=3, query_all_up_to=query_all_up_to)
+        strategy.configure_train(
+            1, to_record({"w": np.zeros(2, np.float32)}), ConfigRecord(), FakeGrid(node_ids, respond)
+        )
+        return sorted(partition_of[n] for n in strategy.rounds[1].sampled), len(asked)
+
+    # Execute
+    lazy, lazily_asked = sampled_partitions(100)
+    whole, all_asked = sampled_partitions(1000)
+    # Assert: the same partitions either way (registration order is partition order), 15 nodes asked not 150
+    assert lazy == whole and len(lazy) == 15
+    assert lazily_asked == 15 and all_asked == 150
