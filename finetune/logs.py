@@ -66,3 +66,4 @@ def add_debug_file(path: Path) -> None:
         logger.setLevel(logging.DEBUG)
         logger.propagate = True
     root.setLevel(logging.INFO)  # libraries at INFO and above: their DEBUG chatter is not ours
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Flower runtime call
