@@ -18,7 +18,8 @@ import torch
 
 from finetune.config import ExperimentConfig
 from finetune.data import PartitionedDataset, load_eval_split, load_local_data, load_train_split
-from finetune.models import build_model, device
+from finetune.models import build_model
+from finetune.precision import device
 from finetune.spec import AdapterSpec
 from finetune.state import base_weights, trainable_state
 from finetune.tasks import Task, build_task

@@ -33,6 +33,9 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 WEIGHTINGS = ("examples", "uniform")
 WIRE_DTYPES = ("float32", "float16")
 SERVER_OPTIMIZERS = ("none", "avgm", "adam", "yogi", "adagrad")
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "nf4", "int8")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 class ConfigError(ValueError):
@@ -157,6 +160,14 @@ class ModelConfig:
     head_modules: list[str] = field(default_factory=list)
     max_length: int = 128  # tokens (text)
     image_size: int = 0  # pixels of the square input (images); 0 = what the model expects
+    # dtype of the frozen weights: float32 | bfloat16 | float16 | auto (float32 on CPU, bfloat16 on a
+    # GPU that has it, else float16); trainable parameters are float32 whatever this says.
+    dtype: str = "auto"
+    # A quantized frozen base (QLoRA): none | nf4 | int8 (bitsandbytes), with nf4's double
+    # quantization and the dtype its matmuls compute in.
+    quantization: str = "none"
+    quant_double: bool = True
+    quant_compute_dtype: str = "bfloat16"
 
     def validate(self) -> None:
         require(bool(self.source), "model.source is empty; give a Hub id or a local folder")
@@ -164,6 +175,14 @@ class ModelConfig:
         require(bool(self.lora_targets), "model.lora_targets is empty")
         require(self.max_length >= 8, f"model.max_length must be >= 8, got {self.max_length}")
         require(self.image_size >= 0, f"model.image_size must be >= 0, got {self.image_size}")
+        choice(self.dtype, ("auto", *WEIGHT_DTYPES), "model.dtype")
+        choice(self.quantization, QUANTIZATIONS, "model.quantization")
+        choice(self.quant_compute_dtype, WEIGHT_DTYPES, "model.quant_compute_dtype")
+        require(
+            self.quantization == "none" or self.builder == "auto",
+            f"model.quantization={self.quantization} quantizes transformers models; "
+            f"model.builder={self.builder!r} is not one",
+        )
         require(
             not (self.source.startswith("config:") and not self.random_init),
             f"model.source={self.source!r} has no weights: set model.random_init=true",
@@ -297,6 +316,14 @@ class TrainConfig:
     # Keep each client's optimizer state (AdamW moments, GaLore projectors) in its context between
     # the rounds it takes part in; false = a fresh optimizer every round (the default).
     keep_optimizer_state: bool = False
+    # Mixed precision: fp32 | bf16 | fp16 (autocast for compute; trainable parameters and optimizer
+    # state stay float32; fp16 scales the loss) | auto (bf16 where the device has it, else fp32).
+    precision: str = "auto"
+    # Recompute activations in the backward pass instead of keeping them (less memory, ~30 % more time).
+    gradient_checkpointing: bool = False
+    # Optimizer steps of grad_accum_steps micro-batches of batch_size each: an effective batch of
+    # batch_size x grad_accum_steps in the memory of one micro-batch (local_steps counts steps).
+    grad_accum_steps: int = 1
 
     def validate(self) -> None:
         require(self.local_steps >= 0, f"train.local_steps must be >= 0, got {self.local_steps}")
@@ -313,6 +340,10 @@ class TrainConfig:
         require(self.max_grad_norm >= 0, "train.max_grad_norm must be >= 0")
         require(self.eval_batch_size >= 1, "train.eval_batch_size must be >= 1")
         require(self.num_threads >= 0, "train.num_threads must be >= 0")
+        choice(self.precision, PRECISIONS, "train.precision")
+        require(
+            self.grad_accum_steps >= 1, f"train.grad_accum_steps must be >= 1, got {self.grad_accum_steps}"
+        )
 
 
 @dataclass
@@ -331,6 +362,10 @@ class FederationConfig:
     # (sampling then follows partition ids in any deployment); beyond, only the nodes a round
     # samples are asked, picked in the order they registered (partition order in a simulation).
     query_all_up_to: int = 100
+    # Fold replies into running sums as they arrive (weighted-mean rules), so the server holds the
+    # model's size rather than every reply: on | off | auto (on above a 256 MB global state).
+    # Early arrivals wait for their predecessors: the sums do not depend on arrival order.
+    stream_aggregation: str = "auto"
 
     def clients_per_round(self, num_nodes: int) -> int:
         return clients_per_round(num_nodes, self.fraction_train, self.min_train_clients)
@@ -351,6 +386,7 @@ class FederationConfig:
         require(self.round_timeout_s > 0, "federation.round_timeout_s must be > 0")
         require(self.connect_timeout_s > 0, "federation.connect_timeout_s must be > 0")
         require(self.query_all_up_to >= 0, "federation.query_all_up_to must be >= 0")
+        choice(self.stream_aggregation, ("auto", "on", "off"), "federation.stream_aggregation")
 
 
 @dataclass
@@ -448,6 +484,18 @@ class ExperimentConfig:
                 self.method.weighting == "uniform",
                 "privacy.mode=central bounds each client's influence on a uniform mean: "
                 "set method.weighting=uniform",
+            )
+        if self.privacy.enabled:
+            require(
+                self.train.precision in ("auto", "fp32"),
+                "privacy.enabled: DP-SGD trains in fp32 (Opacus's per-sample clipping is not checked "
+                f"under autocast here); train.precision={self.train.precision} is refused: set "
+                "train.precision=fp32",
+            )
+            require(
+                self.train.grad_accum_steps == 1,
+                "privacy.enabled: DP-SGD's Poisson batches define the batch; train.grad_accum_steps "
+                "must be 1",
             )
         self.method.check_experiment(self)
         part, data = self.partition, self.dataset

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
-from peft import LoraConfig, TaskType, get_peft_model
+from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 from peft.tuners.lora import LoraLayer
 from transformers import (
     AutoConfig,
@@ -17,6 +19,7 @@ from transformers import (
     AutoModelForImageClassification,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BitsAndBytesConfig,
     PretrainedConfig,
     PreTrainedTokenizerBase,
 )
@@ -26,6 +29,7 @@ from finetune.config import ConfigError, ExperimentConfig
 from finetune.efficientnet import HEAD as EFFICIENTNET_HEAD
 from finetune.efficientnet import build_efficientnet_lite0
 from finetune.hub import resolve_model_source
+from finetune.precision import DTYPES, device, weight_dtype
 from finetune.spec import AdapterSpec
 
 log = logging.getLogger(__name__)
@@ -110,17 +114,66 @@ def build_base_model(cfg: ExperimentConfig, mirror: Path | None) -> torch.nn.Mod
     if cfg.model.builder == "efficientnet_lite0":
         return build_efficientnet_lite0(cfg.dataset.num_labels, pretrained=not cfg.model.random_init)
     auto = AUTO_CLASSES[cfg.dataset.task]
+    dtype, quantization = weight_dtype(cfg.model), quantization_config(cfg)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized head" report is expected
     try:
         if cfg.model.random_init:
-            return auto.from_config(_model_config(cfg, mirror))
-        extra = {"num_labels": cfg.dataset.num_labels} if cfg.dataset.is_classification else {}
+            model = auto.from_config(_model_config(cfg, mirror))
+            if quantization is None:
+                return model.to(dtype)
+            folder = str(random_checkpoint(model, cfg))  # quantization happens while loading weights
+        else:
+            folder = model_folder(cfg, mirror)
+        extra: dict[str, Any] = (
+            {"num_labels": cfg.dataset.num_labels} if cfg.dataset.is_classification else {}
+        )
         if cfg.dataset.task == "image_classification":
             extra["ignore_mismatched_sizes"] = True  # an ImageNet head replaced by ours
-        return auto.from_pretrained(model_folder(cfg, mirror), dtype=torch.float32, **extra)
+        if quantization is not None:
+            extra.update(quantization_config=quantization, device_map={"": str(device())})
+        return auto.from_pretrained(folder, dtype=dtype, **extra)
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def quantization_config(cfg: ExperimentConfig) -> BitsAndBytesConfig | None:
+    """bitsandbytes' nf4 (QLoRA) or LLM.int8 for the frozen weights; the head stays unquantized."""
+    model = cfg.model
+    if model.quantization == "none":
+        return None
+    keep = [*head_modules(cfg), "lm_head"]  # trained (the head) or tied to the embeddings
+    if model.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=model.quant_double,
+        bnb_4bit_compute_dtype=DTYPES[model.quant_compute_dtype],
+        llm_int8_skip_modules=keep,
+    )
+
+
+def random_checkpoint(model: torch.nn.Module, cfg: ExperimentConfig) -> Path:
+    """A randomly initialised model saved once (keyed by its config and seed) so that it can be
+    loaded quantized: every process gets the same weights, quantized the same way."""
+    identity = [
+        cfg.model.source,
+        cfg.model.config_overrides,
+        cfg.seed,
+        cfg.dataset.num_labels,
+        cfg.dataset.task,
+    ]
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    folder = cache_root() / "random" / key
+    if not (folder / "config.json").is_file():
+        partial = folder.with_name(f"{key}.partial-{os.getpid()}")
+        model.save_pretrained(partial)  # type: ignore[operator]
+        try:
+            partial.rename(folder)
+        except OSError:  # another process finished first
+            shutil.rmtree(partial, ignore_errors=True)
+    return folder
 
 
 def head_modules(cfg: ExperimentConfig) -> list[str]:
@@ -156,6 +209,16 @@ def build_model(cfg: ExperimentConfig, mirror: Path | None, adapter: AdapterSpec
     """The model ``adapter`` describes: base + LoRA adapter (LoRA's random A seeded identically on
     every process), or the plain model with only the weights full fine-tuning trains unfrozen."""
     base = build_base_model(cfg, mirror)
+    checkpointing = cfg.train.gradient_checkpointing
+    if cfg.model.quantization != "none":  # float32 norms and head, inputs that carry gradients
+        base = prepare_model_for_kbit_training(
+            base,
+            use_gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
+        base.enable_input_require_grads()  # type: ignore[operator]
     if adapter.kind == "full":
         return select_full_finetune(base, cfg, every=adapter.full_scope == "all")
     try:
@@ -258,7 +321,3 @@ def freeze_batch_norm_statistics(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.eval()
-
-
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

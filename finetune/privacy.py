@@ -61,6 +61,23 @@ def epsilon(history: Sequence[tuple[float, float, int]], delta: float, accountan
     return float(acc.get_epsilon(delta=delta))
 
 
+def check_parameters_in_place(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse to wrap a model whose trainable parameters are not materialised on one device or are
+    not the very tensors the optimizer holds. Opacus registers per-parameter hooks: a model that is
+    moved (or lazily materialised) after them trains with stale references — every step "works",
+    ε is reported, and the LoRA weights never change (meta-pytorch/opacus#820). Our sessions move
+    the model before any optimizer or hook exists; this keeps it so."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    devices = {p.device for p in trainable}
+    if len(devices) != 1 or any(p.is_meta for p in trainable):
+        raise RuntimeError(
+            f"DP-SGD needs every trainable parameter materialised on one device, got {devices}"
+        )
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if held != {id(p) for p in trainable}:
+        raise RuntimeError("the optimizer holds other tensors than the model's trainable parameters")
+
+
 class PrivateTraining:
     """Opacus's per-sample gradients for ``model`` and a DP optimizer, undone by :meth:`close`
     (the model object is shared by every client a process serves)."""
@@ -71,6 +88,7 @@ class PrivateTraining:
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
+        check_parameters_in_place(model, optimizer)
         self.module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
         self.optimizer = DPOptimizer(
             optimizer,

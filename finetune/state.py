@@ -69,23 +69,64 @@ def base_layer_weight(layer: LoraLayer) -> torch.Tensor:
     return weight
 
 
+def writes_into_weight(layer: LoraLayer) -> bool:
+    """Whether a merged delta is written into the layer's frozen weight (float32, not quantized) or,
+    for a quantized or low-precision weight, kept beside it in float32 and added in the forward
+    pass: re-quantizing (or rounding to bf16) every round would drift between server and clients."""
+    weight = layer.get_base_layer().weight
+    return type(weight) is torch.nn.Parameter and weight.dtype == torch.float32
+
+
 def base_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of the frozen weights under every LoRA layer (the ``W0`` that deltas add to)."""
+    """Copies of the frozen float32 weights under the LoRA layers (the ``W0`` that deltas are
+    written onto); layers whose delta is added in the forward pass need none."""
     return {
-        prefix: base_layer_weight(layer).detach().clone() for prefix, layer in lora_base_layers(model).items()
+        prefix: base_layer_weight(layer).detach().clone()
+        for prefix, layer in lora_base_layers(model).items()
+        if writes_into_weight(layer)
     }
+
+
+def set_additive_delta(layer: LoraLayer, delta: torch.Tensor | None) -> None:
+    """``y = base(x) + x Dᵀ`` with ``D`` (d_out × d_in, float32) kept beside the frozen weight."""
+    base_layer = layer.get_base_layer()
+    if not hasattr(base_layer, "_merged_delta_hook"):
+
+        def add_delta(
+            module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+        ) -> torch.Tensor:
+            extra = getattr(module, "_merged_delta", None)
+            if not isinstance(extra, torch.Tensor):
+                return output
+            return output + torch.nn.functional.linear(inputs[0].to(extra.dtype), extra).to(output.dtype)
+
+        base_layer._merged_delta_hook = base_layer.register_forward_hook(add_delta)  # type: ignore[assignment]
+    base_layer._merged_delta = delta  # type: ignore[assignment]
+
+
+def merged_delta(layer: LoraLayer) -> torch.Tensor | None:
+    """The delta added in the forward pass of a quantized / low-precision layer, if any."""
+    return getattr(layer.get_base_layer(), "_merged_delta", None)
 
 
 def set_base_deltas(
     model: torch.nn.Module, base: Mapping[str, torch.Tensor], deltas: Mapping[str, np.ndarray]
 ) -> None:
-    """Set every LoRA layer's frozen weight to ``W0 + D`` (``D`` = 0 where none is given)."""
+    """Every LoRA layer's frozen weight becomes ``W0 + D`` (``D`` = 0 where none is given): written
+    into float32 weights, added in the forward pass of the others."""
     layers = lora_base_layers(model)
     unknown = sorted(set(deltas) - set(layers))
     if unknown:
         raise KeyError(f"base deltas for layers the model does not adapt: {unknown[:3]}")
     with torch.no_grad():
         for prefix, layer in layers.items():
+            if not writes_into_weight(layer):
+                device = base_layer_weight(layer).device
+                given = deltas.get(prefix)
+                set_additive_delta(
+                    layer, None if given is None else torch.from_numpy(np.ascontiguousarray(given)).to(device)
+                )
+                continue
             weight = base_layer_weight(layer)
             w0 = base[prefix]
             if prefix not in deltas:
@@ -108,5 +149,5 @@ def load_global_state(
     """Load a global state (trainable arrays, possibly partial, plus base deltas) into ``model``."""
     trainable, deltas = split_base_deltas(state)
     load_trainable_state(model, {**initial, **trainable})
-    if base:
+    if deltas or base:
         set_base_deltas(model, base, deltas)

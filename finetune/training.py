@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import datasets
@@ -17,6 +17,7 @@ from finetune.data import Collate, iterate_batches, poisson_batches
 from finetune.memory import peak_memory_mb, reset_peak_memory
 from finetune.models import freeze_batch_norm_statistics
 from finetune.optim import load_optimizer_state, optimizer_state_bytes, save_optimizer_state
+from finetune.precision import autocast, grad_scaler, training_precision
 from finetune.privacy import PrivateRound, PrivateTraining
 from finetune.spec import Regularizer
 from finetune.tasks import Batch
@@ -100,9 +101,14 @@ def train_local(
     model.train()
     freeze_batch_norm_statistics(model)
     try:
-        clip = cfg.max_grad_norm if private is None else 0.0  # DP-SGD clips per sample itself
         step_optimizer = private.optimizer if private is not None else opt
-        loss, seen = run_steps(model, step_optimizer, batches, steps, lr, clip, regularizer)
+        plan = StepPlan(
+            steps=steps,
+            micro_batches=cfg.grad_accum_steps,
+            clip_norm=cfg.max_grad_norm if private is None else 0.0,  # DP-SGD clips per sample itself
+            precision=training_precision(cfg, private=privacy is not None),
+        )
+        loss, seen = run_steps(model, step_optimizer, batches, plan, lr, regularizer)
     finally:
         if private is not None:
             private.close()
@@ -138,38 +144,73 @@ def round_batches(
     return local_step_count(cfg, len(dataset)), _endless_batches(dataset, collate, cfg.batch_size, seed)
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """How a round's optimizer steps run."""
+
+    steps: int
+    micro_batches: int = 1  # gradient accumulation: micro-batches per optimizer step
+    clip_norm: float = 0.0  # 0: no clipping
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 scales the loss)
+
+
 def run_steps(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     batches: Iterator[Batch | None],
-    steps: int,
+    plan: StepPlan,
     lr: float,
-    clip_norm: float,
     regularizer: Regularizer | None,
 ) -> tuple[float, int]:
-    """``steps`` optimizer steps; the mean loss and the examples seen."""
+    """``plan.steps`` optimizer steps, each over ``plan.micro_batches`` batches; the mean loss per
+    optimizer step and the examples seen."""
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
+    scaler = grad_scaler(plan.precision, device)
     total_loss, seen, losses = 0.0, 0, 0
-    for _ in range(steps):
-        batch = next(batches)
-        if batch is None:  # an empty Poisson draw: nothing to learn from, the step still counts
+    for _ in range(plan.steps):
+        step_loss, stepped = 0.0, False
+        for _ in range(plan.micro_batches):
+            batch = next(batches)
+            if batch is None:  # an empty Poisson draw: nothing to learn from, the step still counts
+                continue
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast(plan.precision, device):
+                loss = model(**batch).loss
+                if regularizer is not None:
+                    loss = loss + regularizer(model)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()} (lr={lr})")
+            scaled = loss / plan.micro_batches
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            step_loss += loss.item() / plan.micro_batches
+            seen += int(batch["labels"].shape[0])
+            stepped = True
+        if not stepped:
             continue
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss = model(**batch).loss
-        if regularizer is not None:
-            loss = loss + regularizer(model)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} (lr={lr})")
-        loss.backward()
-        if clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, clip_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        total_loss += loss.item()
+        optimizer_step(optimizer, params, plan.clip_norm, scaler)
+        total_loss += step_loss
         losses += 1
-        seen += int(batch["labels"].shape[0])
     return total_loss / max(losses, 1), seen
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[torch.Tensor],
+    clip_norm: float,
+    scaler: torch.amp.GradScaler | None,
+) -> None:
+    """Clip (on the unscaled gradients), step and clear; fp16's scaler skips a step that overflowed."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, clip_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def base_weight_gradients(

@@ -22,11 +22,12 @@ from finetune.config import ConfigError, ExperimentConfig, higher_is_better
 from finetune.data import PartitionedDataset, load_eval_split, load_train_split
 from finetune.hub import hub_mirror
 from finetune.logs import add_debug_file, setup_logging
-from finetune.lora import is_base_delta
-from finetune.models import build_model, device, fold_latent, trainable_parameter_count
+from finetune.lora import BASE_DELTA_SUFFIX, is_base_delta
+from finetune.models import build_model, fold_latent, trainable_parameter_count
+from finetune.precision import device
 from finetune.records import from_record, to_record
 from finetune.spec import AdapterSpec
-from finetune.state import base_weights, load_global_state, trainable_state
+from finetune.state import base_weights, load_global_state, lora_base_layers, merged_delta, trainable_state
 from finetune.tasks import Task, build_task
 from server_app.centralized import run_centralized
 from server_app.loop import Evaluate, evaluate_on_clients, run_federation
@@ -206,6 +207,13 @@ def save_final_model(server: ServerModel, rule: Rule, recorder: RunRecorder) -> 
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(tensors, str(folder / "model.safetensors"))
+    additive = {
+        prefix + BASE_DELTA_SUFFIX: delta.cpu().contiguous()
+        for prefix, layer in lora_base_layers(server.model).items()
+        if (delta := merged_delta(layer)) is not None
+    }
+    if additive:  # a quantized / low-precision base keeps its merged updates beside the weights
+        save_file(additive, str(folder / "base_deltas.safetensors"))
     server.task.save(folder)
     return folder
 

@@ -24,20 +24,31 @@ POLL_SECONDS = 0.2  # Grid.send_and_receive polls every 3 s, which would idle wh
 
 
 def exchange(
-    grid: Grid, messages: Iterable[Message], timeout: float, progress: Progress | None = None
+    grid: Grid,
+    messages: Iterable[Message],
+    timeout: float,
+    progress: Progress | None = None,
+    on_reply: Callable[[Message], None] | None = None,
 ) -> list[Message]:
     """Push messages and pull their replies until all arrived or ``timeout`` seconds passed;
-    ``progress(replied, sent, seconds)`` is called as replies arrive (it decides when to print)."""
+    ``progress(replied, sent, seconds)`` is called as replies arrive (it decides when to print).
+    With ``on_reply`` every reply is handed over as it arrives instead of being returned."""
     pending = {message_id for message_id in grid.push_messages(messages) if message_id}
-    sent, start = len(pending), time.monotonic()
+    sent, start, received = len(pending), time.monotonic(), 0
     deadline = start + timeout
     replies: list[Message] = []
     while pending:
         arrived = list(grid.pull_messages(pending))
-        replies.extend(arrived)
+        received += len(arrived)
         pending -= {reply.metadata.reply_to_message_id for reply in arrived}
+        for reply in arrived:
+            if on_reply is not None:
+                on_reply(reply)
+            else:
+                replies.append(reply)
+        del arrived
         if progress is not None:
-            progress(len(replies), sent, time.monotonic() - start)
+            progress(received, sent, time.monotonic() - start)
         if not pending or time.monotonic() >= deadline:
             break
         time.sleep(POLL_SECONDS)
@@ -122,7 +133,11 @@ def train_round(
     config = Instruction(cfg.to_json(), server_round=server_round, lr=lr).to_config()
     messages = list(driver.configure_train(server_round, arrays, config, grid))
     progress = round_progress(server_round, cfg.logging.progress_seconds)
-    replies = exchange(grid, messages, cfg.federation.round_timeout_s, progress)
+    streaming = central_dp is None and strategy.start_streaming(
+        server_round, cfg.federation.stream_aggregation
+    )
+    on_reply = strategy.receive if streaming else None
+    replies = exchange(grid, messages, cfg.federation.round_timeout_s, progress, on_reply)
     new_arrays, train_metrics = driver.aggregate_train(server_round, replies)
     train = {k: float(v) for k, v in (train_metrics or {}).items() if isinstance(v, int | float)}
     if new_arrays is not None:

@@ -55,6 +55,68 @@ class RoundStats:
     aggregated: list[int] = field(default_factory=list)
     rejected: dict[int, str] = field(default_factory=dict)
     kept_previous: bool = False
+    peak_held_replies: int = 0  # aggregating as replies arrive: the most replies held at once
+
+
+#: ``stream_aggregation=auto`` folds replies as they arrive above this global-state size.
+STREAM_ABOVE_BYTES = 256 * 2**20
+
+
+@dataclass
+class StreamFold:
+    """``Σ w_k x_k`` of the replies, folded in client order: a reply that arrives before the ones
+    ahead of it waits, so the sums are the same whatever the arrival order, while the server holds
+    only the replies that arrived early (typically few) instead of all of them."""
+
+    order: list[int]  # the sampled nodes in client order
+    position: int = 0
+    pending: dict[int, tuple[dict[str, np.ndarray], float, dict[str, float]]] = field(default_factory=dict)
+    settled: set[int] = field(default_factory=set)  # rejected: never folded
+    sums: dict[str, np.ndarray] = field(default_factory=dict)
+    total: float = 0.0
+    folded: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    metrics: list[dict[str, float]] = field(default_factory=list)
+    peak_pending: int = 0
+
+    def add(
+        self, node_id: int, state: dict[str, np.ndarray], weight: float, metrics: dict[str, float]
+    ) -> None:
+        self.pending[node_id] = (state, weight, metrics)
+        self.peak_pending = max(self.peak_pending, len(self.pending))
+        self._advance(final=False)
+
+    def settle(self, node_id: int) -> None:
+        self.settled.add(node_id)
+        self._advance(final=False)
+
+    def finish(self) -> None:
+        """The round is over: fold what waits, skipping who never answered."""
+        self._advance(final=True)
+
+    def _advance(self, final: bool) -> None:
+        while self.position < len(self.order):
+            node = self.order[self.position]
+            if node in self.pending:
+                self._fold(node, *self.pending.pop(node))
+            elif not (final or node in self.settled):
+                return
+            self.position += 1
+
+    def _fold(
+        self, node: int, state: dict[str, np.ndarray], weight: float, metrics: dict[str, float]
+    ) -> None:
+        for key, value in state.items():
+            if key not in self.sums:
+                self.sums[key] = np.zeros(value.shape, dtype=np.float64)
+            self.sums[key] += weight * value.astype(np.float64)
+        self.total += weight
+        self.folded.append(node)
+        self.weights.append(weight)
+        self.metrics.append(metrics)
+
+    def mean(self) -> dict[str, np.ndarray]:
+        return {key: (acc / self.total).astype(np.float32) for key, acc in self.sums.items()}
 
 
 @dataclass(frozen=True)
@@ -86,6 +148,8 @@ class FederatedStrategy(Strategy):
     evaluate_on_clients: ClassVar[bool] = False
     #: Each node trains at its own LoRA rank: the server learns it and tells the node every round.
     heterogeneous_ranks: ClassVar[bool] = False
+    #: The aggregate is a weighted mean of the uploads, so replies can be folded as they arrive.
+    streamable: ClassVar[bool] = False
 
     @staticmethod
     def shares(key: str) -> bool:
@@ -123,6 +187,7 @@ class FederatedStrategy(Strategy):
         self._expected: dict[int, dict[str, tuple[int, ...]]] = {}
         self._global: dict[str, np.ndarray] = {}
         self.server_round = 0  # the round configure_train last prepared
+        self._stream: StreamFold | None = None
 
     @classmethod
     def from_experiment(cls, cfg: ExperimentConfig) -> FederatedStrategy:
@@ -338,14 +403,45 @@ class FederatedStrategy(Strategy):
         content = RecordDict({ARRAYS: record, CONFIG: self.instruction(node_id, common).to_config()})
         return Message(content, dst_node_id=node_id, message_type=kind, group_id=str(common.server_round))
 
+    # --- aggregating as replies arrive ----------------------------------------------------
+    def start_streaming(self, server_round: int, mode: str) -> bool:
+        """Whether this round folds replies into running sums as they arrive (``receive``) instead
+        of holding them all: ``on``, or ``auto`` for a global state over ``STREAM_ABOVE_BYTES``;
+        only rules whose aggregate is a weighted mean of the uploads can."""
+        size = sum(a.nbytes for a in self._global.values())
+        self._stream = None
+        if self.streamable and (mode == "on" or (mode == "auto" and size > STREAM_ABOVE_BYTES)):
+            stats = self.rounds[server_round]
+            self._stream = StreamFold(sorted(stats.sampled, key=self.client_order))
+        return self._stream is not None
+
+    def receive(self, reply: Message) -> None:
+        """Validate one reply and fold it into the round's sums (the reply is not kept)."""
+        assert self._stream is not None
+        node_id = self._node_of(reply)
+        parsed = self._parse_reply(self.server_round, node_id, reply, self.rounds[self.server_round])
+        if parsed is None:
+            self._stream.settle(node_id)
+            return
+        state, metrics = parsed
+        self._stream.add(node_id, state, self._weight(metrics), metrics)
+
+    def _node_of(self, reply: Message) -> int:
+        node_of_message = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outbox}
+        return node_of_message.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+    def _weight(self, metrics: dict[str, float]) -> float:
+        return float(metrics[NUM_EXAMPLES]) if self.weighting == "examples" else 1.0
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.rounds.setdefault(server_round, RoundStats())
-        node_of_message = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outbox}
+        if self._stream is not None:
+            return self._aggregate_stream(server_round, replies, stats)
         states, weights, node_ids, metrics = [], [], [], []
         for reply in replies:
-            node_id = node_of_message.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            node_id = self._node_of(reply)
             parsed = self._parse_reply(server_round, node_id, reply, stats)
             if parsed is None:
                 continue
@@ -353,7 +449,42 @@ class FederatedStrategy(Strategy):
             states.append(state)
             metrics.append(reply_metrics)
             node_ids.append(node_id)
-            weights.append(reply_metrics[NUM_EXAMPLES] if self.weighting == "examples" else 1.0)
+            weights.append(self._weight(reply_metrics))
+        if not self._settle_round(server_round, stats, node_ids, metrics):
+            return None, None
+        # Arrival order and fresh node ids must not change the float sums: sum in client order.
+        order = sorted(range(len(node_ids)), key=lambda i: self.client_order(node_ids[i]))
+        states, weights = [states[i] for i in order], [weights[i] for i in order]
+        node_ids, metrics = [node_ids[i] for i in order], [metrics[i] for i in order]
+        stats.aggregated = node_ids
+        new_state = self.aggregate(
+            Replies(server_round, self._global, states, np.asarray(weights, dtype=np.float64), node_ids)
+        )
+        return to_record(new_state), aggregate_metrics(metrics, weights)
+
+    def _aggregate_stream(
+        self, server_round: int, replies: Iterable[Message], stats: RoundStats
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        stream = self._stream
+        assert stream is not None
+        for reply in replies:  # any the loop did not hand over as they arrived
+            self.receive(reply)
+        stream.finish()
+        self._stream = None
+        stats.peak_held_replies = stream.peak_pending
+        if not self._settle_round(server_round, stats, stream.folded, stream.metrics):
+            return None, None
+        stats.aggregated = list(stream.folded)
+        combined = stream.mean()
+        stepped = self.server_optimizer.step(server_round, self._global, combined)
+        new_state = self.finalize(server_round, {**self._global, **stepped})
+        return to_record(new_state), aggregate_metrics(stream.metrics, stream.weights)
+
+    def _settle_round(
+        self, server_round: int, stats: RoundStats, node_ids: list[int], metrics: list[dict[str, float]]
+    ) -> bool:
+        """Record who was left out and why, tell the rule; False when the round keeps the previous
+        global state (fewer valid replies than the quorum)."""
         for node_id in stats.sampled:
             if node_id not in node_ids and node_id not in stats.rejected:
                 stats.rejected[node_id] = "no reply (not delivered, or none before the round timeout)"
@@ -367,27 +498,19 @@ class FederatedStrategy(Strategy):
                 stats.handler_seconds[node_id] = float(reply_metrics[protocol.HANDLER_SECONDS])
         self._outbox = []
         stats.aggregated = node_ids
-        if not states:
+        if not node_ids:
             fail_on_common_config_error(stats.rejected, stats.sampled, f"train in round {server_round}")
-        if len(states) < self.min_replies:
+        if len(node_ids) < self.min_replies:
             stats.kept_previous = True
             log.warning(
                 "round %d: %d valid repl%s < min_replies=%d; keeping the previous global state",
                 server_round,
-                len(states),
-                "y" if len(states) == 1 else "ies",
+                len(node_ids),
+                "y" if len(node_ids) == 1 else "ies",
                 self.min_replies,
             )
-            return None, None
-        # Arrival order and fresh node ids must not change the float sums: sum in client order.
-        order = sorted(range(len(node_ids)), key=lambda i: self.client_order(node_ids[i]))
-        states, weights = [states[i] for i in order], [weights[i] for i in order]
-        node_ids, metrics = [node_ids[i] for i in order], [metrics[i] for i in order]
-        stats.aggregated = node_ids
-        new_state = self.aggregate(
-            Replies(server_round, self._global, states, np.asarray(weights, dtype=np.float64), node_ids)
-        )
-        return to_record(new_state), aggregate_metrics(metrics, weights)
+            return False
+        return True
 
     def _parse_reply(
         self, server_round: int, node_id: int, reply: Message, stats: RoundStats

@@ -66,6 +66,11 @@ class FedSBConfig(MethodConfig):
 
     def check_experiment(self, cfg: ExperimentConfig) -> None:
         require(
+            cfg.model.quantization == "none",
+            "fed_sb initialises A and B from the gradient of the base weights, which a quantized base "
+            f"(model.quantization={cfg.model.quantization}) has none of: set model.quantization=none",
+        )
+        require(
             not cfg.privacy.enabled,
             "privacy.enabled: fed_sb's initialisation uploads each node's gradient sums, which DP-SGD "
             "does not cover",
@@ -101,6 +106,7 @@ class FedSB(FederatedStrategy):
     """The weighted mean of R (and the head); A and B are set once, from the nodes' gradients."""
 
     name = "fed_sb"
+    streamable = True
     method: FedSBConfig
     rule = staticmethod(weighted_mean)
 

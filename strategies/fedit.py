@@ -28,6 +28,7 @@ class FedIT(FederatedStrategy):
     """Weighted mean of every trainable array (LoRA A, B, classifier head)."""
 
     name = "fedit"
+    streamable = True
     rule = staticmethod(fedit_aggregate)
 
 

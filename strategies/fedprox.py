@@ -50,6 +50,7 @@ class FedProx(FederatedStrategy):
     """The weighted mean of every trainable array, as FedIT."""
 
     name = "fedprox"
+    streamable = True
     rule = staticmethod(weighted_mean)
 
 

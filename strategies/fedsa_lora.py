@@ -31,6 +31,7 @@ class FedSALoRA(FederatedStrategy):
     own validation share."""
 
     name = "fedsa_lora"
+    streamable = True
     evaluate_on_clients = True
     shares = staticmethod(is_lora_a)
     rule = staticmethod(fedsa_aggregate)

@@ -64,6 +64,7 @@ class FedSVD(FederatedStrategy):
     """FFA-LoRA's mean of B (and the head), then the SVD re-factoring of every LoRA layer."""
 
     name = "fedsvd"
+    streamable = True
     method: FedSVDConfig
     rule = staticmethod(weighted_mean)
 

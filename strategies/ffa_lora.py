@@ -33,6 +33,7 @@ class FFALoRA(FederatedStrategy):
     """The weighted mean of B and the head; A is not part of the global state."""
 
     name = "ffa_lora"
+    streamable = True
     shares = staticmethod(shared)
     rule = staticmethod(ffa_aggregate)
 

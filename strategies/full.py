@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from finetune.config import ExperimentConfig, MethodConfig, choice
+from finetune.config import ExperimentConfig, MethodConfig, choice, require
 from finetune.spec import AdapterSpec
 from strategies.averaging import weighted_mean
 from strategies.base import FederatedStrategy
@@ -29,11 +29,20 @@ class FullConfig(MethodConfig):
         super().validate()
         choice(self.full_scope, FULL_SCOPES, "method.full_scope")
 
+    def check_experiment(self, cfg: ExperimentConfig) -> None:
+        require(
+            cfg.model.quantization == "none",
+            f"method={self.name} trains the base weights themselves, which a quantized base "
+            f"(model.quantization={cfg.model.quantization}) cannot: set model.quantization=none, or train "
+            "an adapter on the quantized base (method=fedit, ffa_lora, ...)",
+        )
+
 
 class FullFineTuning(FederatedStrategy):
     """Weighted mean of every trained weight."""
 
     name = "full"
+    streamable = True
     rule = staticmethod(weighted_mean)
 
 

@@ -47,6 +47,7 @@ class RoLoRA(FederatedStrategy):
     """The weighted mean of the round's factor and the head; the other factor stays."""
 
     name = "rolora"
+    streamable = True
     rule = staticmethod(weighted_mean)
 
     def expected_reply_shapes(

@@ -338,3 +338,57 @@ def test_a_large_federation_asks_only_the_nodes_it_samples():
     # Assert: the same partitions either way (registration order is partition order), 15 nodes asked not 150
     assert lazy == whole and len(lazy) == 15
     assert lazily_asked == 15 and all_asked == 150
+
+
+def _streamed_round(uploads, sizes, arrival, stream="on", fail=()):
+    """One FedIT round whose replies the loop hands over one by one, in ``arrival`` order."""
+    from flwr.app import Error
+
+    def respond(message):
+        node = message.metadata.dst_node_id
+        if message.metadata.message_type == "query":
+            return RecordDict({"metrics": MetricRecord({"partition-id": node})})
+        if node in fail:
+            return Error(code=0, reason="boom")
+        return RecordDict(
+            {"arrays": to_record(uploads[node]), "metrics": MetricRecord({"num-examples": sizes[node]})}
+        )
+
+    strategy = FedIT(min_train_nodes=len(sizes))
+    grid = FakeGrid(list(sizes), respond)
+    messages = list(
+        strategy.configure_train(1, to_record({"w": np.zeros(3, np.float32)}), ConfigRecord(), grid)
+    )
+    replies = {m.metadata.src_node_id: m for m in exchange(grid, messages, timeout=1.0)}
+    assert strategy.start_streaming(1, stream) == (stream == "on")
+    for node in arrival:
+        if node in replies:
+            if stream == "on":
+                strategy.receive(replies[node])
+    leftover = [] if stream == "on" else [replies[n] for n in arrival if n in replies]
+    arrays, _ = strategy.aggregate_train(1, leftover)
+    return strategy, from_record(arrays)["w"]
+
+
+def test_streamed_sums_do_not_depend_on_arrival_order_and_hold_few_replies():
+    rng = np.random.default_rng(11)
+    sizes = {n: int(rng.integers(1, 100)) for n in range(1, 7)}
+    uploads = {n: {"w": (rng.normal(size=3) * 10.0 ** rng.integers(-8, 8)).astype(np.float32)} for n in sizes}
+    in_order, reversed_order = list(sizes), list(reversed(sizes))
+    a, first = _streamed_round(uploads, sizes, in_order)
+    b, second = _streamed_round(uploads, sizes, reversed_order)
+    _, held = _streamed_round(uploads, sizes, in_order, stream="off")
+    np.testing.assert_array_equal(first, second)  # bit for bit, whatever the arrival order
+    np.testing.assert_allclose(first, held, rtol=1e-6)  # and the mean the held replies give
+    assert a.rounds[1].peak_held_replies == 1 and b.rounds[1].peak_held_replies == 6  # worst case: all wait
+    assert a.rounds[1].aggregated == in_order
+
+
+def test_a_streamed_round_skips_rejected_and_silent_nodes():
+    sizes = {1: 10, 2: 20, 3: 30, 4: 40}
+    uploads = {n: {"w": np.full(3, float(n), np.float32)} for n in sizes}
+    # 2 answers with an error, 4 never answers
+    strategy, mean = _streamed_round(uploads, sizes, [3, 2, 1], fail={2})
+    np.testing.assert_allclose(mean, (1 * 10 + 3 * 30) / 40)
+    stats = strategy.rounds[1]
+    assert stats.aggregated == [1, 3] and "boom" in stats.rejected[2] and "no reply" in stats.rejected[4]

@@ -1,0 +1,229 @@
+"""Large models on small memory, tested on a tiny Llama on CPU: mixed precision, activation
+checkpointing, gradient accumulation, a 4-bit (nf4) or 8-bit frozen base, merged updates kept exact
+on a quantized base, and Opacus on a peft model."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_OVERRIDES, adapter_of
+
+from finetune.config import ConfigError, compose_config
+from finetune.models import build_model
+from finetune.tasks import build_task
+
+LLAMA = {"model": "tiny_llama", "dataset": "gsm8k", "partition": "iid"}
+LLAMA_OVERRIDES = [*TINY_OVERRIDES, "dataset.max_eval_examples=16", "dataset.generate_examples=0"]
+
+
+def _llama(hub_mirror, *overrides, method="fedit"):
+    cfg = compose_config({**LLAMA, "method": method}, [*LLAMA_OVERRIDES, *overrides])
+    cfg.hub_mirror = str(hub_mirror)
+    return cfg
+
+
+def _batch(cfg, hub_mirror, size=4):
+    from finetune.data import load_train_split
+
+    task = build_task(cfg, hub_mirror)
+    data = task.prepare(load_train_split(cfg.dataset, hub_mirror, cfg.seed).select(range(size)))
+    return task.collate([data[i] for i in range(size)])
+
+
+def _grads(model, batch, precision="fp32"):
+    from finetune.precision import autocast
+
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    with autocast(precision, torch.device("cpu")):
+        loss = model(**batch).loss
+    loss.backward()
+    return float(loss), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_bf16_autocast_matches_fp32_within_tolerance(hub_mirror):
+    cfg = _llama(hub_mirror, "method.dropout=0")
+    model = build_model(cfg, hub_mirror, adapter_of(cfg))
+    batch = _batch(cfg, hub_mirror)
+    loss32, _ = _grads(model, batch, "fp32")
+    loss16, grads16 = _grads(model, batch, "bf16")
+    assert loss16 == pytest.approx(loss32, rel=2e-2)  # bf16 keeps 8 bits of mantissa
+    assert all(g.dtype == torch.float32 for g in grads16.values())  # trainable parameters stay float32
+
+
+def saved_activation_bytes(model, batch):
+    """Bytes autograd keeps for the backward pass during one forward."""
+    total = [0]
+
+    def pack(tensor):
+        total[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch).loss
+    loss.backward()
+    return total[0]
+
+
+def test_checkpointing_gives_the_same_gradients_with_less_activation_memory(hub_mirror):
+    plain_cfg = _llama(hub_mirror, "method.dropout=0")
+    ckpt_cfg = _llama(hub_mirror, "method.dropout=0", "train.gradient_checkpointing=true")
+    plain = build_model(plain_cfg, hub_mirror, adapter_of(plain_cfg))
+    ckpt = build_model(ckpt_cfg, hub_mirror, adapter_of(ckpt_cfg))
+    batch = _batch(plain_cfg, hub_mirror)
+    loss_a, grads_a = _grads(plain, batch)
+    loss_b, grads_b = _grads(ckpt, batch)
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-7)
+    plain.train(), ckpt.train()
+    assert saved_activation_bytes(ckpt, batch) < 0.7 * saved_activation_bytes(plain, batch)
+
+
+def test_gradient_accumulation_equals_one_large_batch(hub_mirror):
+    from finetune.training import StepPlan, run_steps
+
+    cfg = _llama(hub_mirror, "method.dropout=0")
+    batch = _batch(cfg, hub_mirror, size=8)
+    halves = [{k: v[:4] for k, v in batch.items()}, {k: v[4:] for k, v in batch.items()}]
+    results = {}
+    for name, batches, micro in (("one batch of 8", [batch], 1), ("2 x 4 accumulated", halves, 2)):
+        model = build_model(cfg, hub_mirror, adapter_of(cfg))
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+        run_steps(model, optimizer, iter(batches), StepPlan(steps=1, micro_batches=micro), 1.0, None)
+        results[name] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    # each half's loss is its own mean over answer tokens: equal halves (same token counts) → same step
+    for key, value in results["one batch of 8"].items():
+        torch.testing.assert_close(results["2 x 4 accumulated"][key], value, rtol=5e-2, atol=1e-5)
+
+
+def test_fp16_loss_scaling_trains(hub_mirror):
+    from finetune.data import load_train_split
+    from finetune.training import train_local
+
+    cfg = _llama(hub_mirror, "train.precision=fp16", "train.local_steps=2")
+    model = build_model(cfg, hub_mirror, adapter_of(cfg))
+    task = build_task(cfg, hub_mirror)
+    data = task.prepare(load_train_split(cfg.dataset, hub_mirror, cfg.seed).select(range(16)))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    result = train_local(model, data, task.collate, cfg.train, lr=1e-2, seed=0)
+    assert np.isfinite(result.loss)
+    moved = [not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before]
+    assert any(moved)  # fp16's scaler may skip an overflowing step, not every step
+
+
+# --- a quantized frozen base ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_a_quantized_base_trains_a_lora_round_and_the_adapter_loads_in_plain_peft(
+    quantization, hub_mirror, tmp_path
+):
+    import bitsandbytes as bnb
+    from peft import PeftModel
+    from test_client_protocol import _context, _global, _message
+
+    from client_app.app import train
+    from finetune.models import build_base_model
+    from finetune.records import from_record
+
+    cfg = _llama(hub_mirror, f"model.quantization={quantization}", "train.precision=bf16")
+    init, global_state = _global(cfg, hub_mirror)
+    reply = train(_message(cfg, global_state), _context(0))
+    upload = from_record(reply.content.array_records["arrays"])
+    assert set(upload) == set(init) and any(not np.array_equal(upload[k], init[k]) for k in upload)
+    # the adapter, as the server saves it, on a base quantized the same way in plain peft
+    model = build_model(cfg, hub_mirror, adapter_of(cfg))
+    layer_type = bnb.nn.Linear4bit if quantization == "nf4" else bnb.nn.Linear8bitLt
+    assert any(isinstance(m, layer_type) for m in model.modules())
+    from finetune.state import load_trainable_state
+
+    load_trainable_state(model, upload)
+    model.save_pretrained(tmp_path / "adapter")
+    plain = PeftModel.from_pretrained(build_base_model(cfg, hub_mirror), tmp_path / "adapter")
+    batch = _batch(cfg, hub_mirror)
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).logits, model(**batch).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_full_fine_tuning_on_a_quantized_base_is_refused_naming_the_fix():
+    for method in ("full", "galore"):
+        with pytest.raises(ConfigError, match=r"set model.quantization=none, or train an adapter"):
+            compose_config({**LLAMA, "method": method}, ["model.quantization=nf4"])
+    with pytest.raises(ConfigError, match="gradient of the base weights"):
+        compose_config({**LLAMA, "method": "fed_sb"}, ["model.quantization=nf4"])
+
+
+@pytest.mark.parametrize("method", ["flora", "fedex_lora"])
+def test_merged_updates_stay_exact_on_a_4bit_base(method, hub_mirror, tmp_path):
+    """Three rounds in process: the server's and every client's effective weights agree."""
+    from test_modalities import run_in_process
+
+    from client_app.session import _SESSIONS
+    from finetune.lora import split_base_deltas
+    from finetune.state import lora_base_layers, merged_delta
+
+    cfg = _llama(hub_mirror, "model.quantization=nf4", "federation.num_rounds=3", method=method)
+    if method == "flora":
+        cfg.method.client_ranks = [2, 4]
+    recorder = run_in_process(cfg, tmp_path)
+    assert [row["round"] for row in recorder.rows] == [0, 1, 2, 3]
+    assert all(row["clients_aggregated"] == 2 for row in recorder.rows[1:])
+    saved = recorder.folder / "adapter" / "base_deltas.safetensors"
+    from safetensors.numpy import load_file
+
+    server_deltas = split_base_deltas(load_file(str(saved)))[1]
+    assert server_deltas and all(np.abs(d).max() > 0 for d in server_deltas.values())
+    session = next(s for s in reversed(_SESSIONS.values()) if s.cfg.method.name == method)
+    for prefix, layer in lora_base_layers(session.model).items():
+        held = merged_delta(layer)
+        assert held is not None and held.dtype == torch.float32  # beside the 4-bit weight, never in it
+        np.testing.assert_array_equal(held.numpy(), server_deltas[prefix])  # bit for bit
+
+
+def test_dp_step_applies_the_sum_of_clipped_per_sample_gradients_on_a_peft_model(hub_mirror):
+    """No noise: Opacus's step must be (Σ clip(g_i)) / B, on the very parameters peft trains."""
+    from finetune.privacy import PrivateRound, PrivateTraining
+
+    cfg = compose_config({"model": "tiny_bert", "method": "ffa_lora"}, [*TINY_OVERRIDES, "method.dropout=0"])
+    cfg.hub_mirror = str(hub_mirror)
+    model = build_model(cfg, hub_mirror, adapter_of(cfg))
+    task = build_task(cfg, hub_mirror)
+    from finetune.data import load_train_split
+
+    data = task.prepare(load_train_split(cfg.dataset, hub_mirror, cfg.seed).select(range(6)))
+    rows = [data[i] for i in range(6)]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    clip = 0.01
+    # by hand: each example's gradient alone, clipped to `clip` over all trainable parameters
+    clipped_sum = [torch.zeros_like(p) for p in trainable]
+    model.eval()
+    for row in rows:
+        model.zero_grad(set_to_none=True)
+        model(**task.collate([row])).loss.backward()
+        grads = [p.grad.detach().clone() for p in trainable]
+        norm = torch.sqrt(sum((g * g).sum() for g in grads))
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        for acc, g in zip(clipped_sum, grads, strict=True):
+            acc += factor * g
+    model.zero_grad(set_to_none=True)
+    optimizer = torch.optim.SGD(trainable, lr=1.0)
+    private = PrivateTraining(model, optimizer, PrivateRound(0.0, clip, 1.0, 1, 1e-5, "rdp"), num_examples=6)
+    before = [p.detach().clone() for p in trainable]
+    private.module(**task.collate(rows)).loss.backward()
+    private.optimizer.step()
+    private.close()
+    for p, start, expected in zip(trainable, before, clipped_sum, strict=True):
+        torch.testing.assert_close(start - p.detach(), expected / 6, rtol=1e-3, atol=1e-7)  # lr 1, B = 6
+    assert any(not torch.equal(start, p) for p, start in zip(trainable, before, strict=True))
+
+
+def test_dp_refuses_a_model_whose_parameters_the_optimizer_does_not_hold(hub_mirror):
+    from finetune.privacy import PrivateRound, PrivateTraining
+
+    cfg = compose_config({"model": "tiny_bert", "method": "fedit"}, TINY_OVERRIDES)
+    model = build_model(cfg, hub_mirror, adapter_of(cfg))
+    stale = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+    with pytest.raises(RuntimeError, match="other tensors than the model's trainable parameters"):
+        PrivateTraining(model, stale, PrivateRound(1.0, 1.0, 0.5, 1, 1e-5, "rdp"), num_examples=4)
