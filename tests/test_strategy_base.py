@@ -362,9 +362,8 @@ def _streamed_round(uploads, sizes, arrival, stream="on", fail=()):
     replies = {m.metadata.src_node_id: m for m in exchange(grid, messages, timeout=1.0)}
     assert strategy.start_streaming(1, stream) == (stream == "on")
     for node in arrival:
-        if node in replies:
-            if stream == "on":
-                strategy.receive(replies[node])
+        if node in replies and stream == "on":
+            strategy.receive(replies[node])
     leftover = [] if stream == "on" else [replies[n] for n in arrival if n in replies]
     arrays, _ = strategy.aggregate_train(1, leftover)
     return strategy, from_record(arrays)["w"]
