@@ -426,6 +426,23 @@ class PrivacyConfig:
         )
 
 
+@dataclass
+class EvaluationConfig:
+    """Where the global model is scored. ``server``: the ServerApp evaluates it on the validation
+    split after every round; ``clients``: every client evaluates it on its own validation share and
+    the server averages (for a model the server cannot hold, or to score it where the data is).
+    The metrics are the dataset's: loss only, or loss and generation (``dataset.generate_examples``)."""
+
+    where: str = "server"  # server | clients
+    # The device the ServerApp's model lives on: auto (the GPU when there is one) | cpu (keep the
+    # GPU for the clients: simulation, or a server that shares a machine with a node).
+    server_device: str = "auto"
+
+    def validate(self) -> None:
+        choice(self.where, ("server", "clients"), "evaluation.where")
+        choice(self.server_device, ("auto", "cpu"), "evaluation.server_device")
+
+
 TRACKERS = ("none", "tensorboard", "mlflow", "wandb")
 
 
@@ -461,6 +478,7 @@ class ExperimentConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     hub_mirror: str = ""  # local Hub mirror root; "" = $FEDSUBSPACE_HUB_MIRROR, then the Hub
     output_dir: str = ""  # absolute folder that receives runs/<date-time>-<name>/
     save_adapter: bool = True
@@ -474,6 +492,7 @@ class ExperimentConfig:
         self.federation.validate(self.partition.num_clients)
         self.privacy.validate()
         self.logging.validate()
+        self.evaluation.validate()
         if self.privacy.enabled and self.privacy.mode == "central":
             require(
                 self.method.uploads_are_global,

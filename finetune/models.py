@@ -107,7 +107,9 @@ def _model_config(cfg: ExperimentConfig, mirror: Path | None) -> PretrainedConfi
     return config
 
 
-def build_base_model(cfg: ExperimentConfig, mirror: Path | None) -> torch.nn.Module:
+def build_base_model(
+    cfg: ExperimentConfig, mirror: Path | None, on: torch.device | None = None
+) -> torch.nn.Module:
     """The task model (a fresh ``num_labels`` head for classification), seeded so every process
     agrees: pretrained weights, or random ones built from the config (``model.random_init``)."""
     torch.manual_seed(cfg.seed)
@@ -131,7 +133,7 @@ def build_base_model(cfg: ExperimentConfig, mirror: Path | None) -> torch.nn.Mod
         if cfg.dataset.task == "image_classification":
             extra["ignore_mismatched_sizes"] = True  # an ImageNet head replaced by ours
         if quantization is not None:
-            extra.update(quantization_config=quantization, device_map={"": str(device())})
+            extra.update(quantization_config=quantization, device_map={"": str(on or device())})
         return auto.from_pretrained(folder, dtype=dtype, **extra)
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -205,10 +207,12 @@ def lora_config(cfg: ExperimentConfig, adapter: AdapterSpec) -> LoraConfig:
     )
 
 
-def build_model(cfg: ExperimentConfig, mirror: Path | None, adapter: AdapterSpec) -> torch.nn.Module:
+def build_model(
+    cfg: ExperimentConfig, mirror: Path | None, adapter: AdapterSpec, on: torch.device | None = None
+) -> torch.nn.Module:
     """The model ``adapter`` describes: base + LoRA adapter (LoRA's random A seeded identically on
     every process), or the plain model with only the weights full fine-tuning trains unfrozen."""
-    base = build_base_model(cfg, mirror)
+    base = build_base_model(cfg, mirror, on)
     checkpointing = cfg.train.gradient_checkpointing
     if cfg.model.quantization != "none":  # float32 norms and head, inputs that carry gradients
         base = prepare_model_for_kbit_training(

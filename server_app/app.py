@@ -135,7 +135,8 @@ def load_server_data(cfg: ExperimentConfig) -> ServerData:
 def build_server_model(cfg: ExperimentConfig, rule: Rule) -> ServerModel:
     mirror = hub_mirror(cfg.hub_mirror)
     adapter = rule.server_adapter(cfg)
-    model = build_model(cfg, mirror, adapter).to(device())
+    on = torch.device("cpu") if cfg.evaluation.server_device == "cpu" else device()
+    model = build_model(cfg, mirror, adapter, on=on).to(on)
     trainable, total = trainable_parameter_count(model)
     log.info(
         "%s: %d trainable of %d parameters (%.2f%%); server evaluates with %d torch threads",
@@ -154,7 +155,7 @@ def make_evaluator(
 ) -> Evaluate:
     """Server-side evaluation of the global model, or — for personalised rules, where part of
     every model never leaves its client — the clients' evaluation of their own models."""
-    if rule.personalised:
+    if strategy.evaluate_on_clients:  # personalised rules, or evaluation.where=clients
         eval_sizes = [len(share) for share in data.partitions.shares_of(data.eval_raw)]
         if empty := [client for client, size in enumerate(eval_sizes) if not size]:
             raise ConfigError(

@@ -193,7 +193,7 @@ class FederatedStrategy(Strategy):
     def from_experiment(cls, cfg: ExperimentConfig) -> FederatedStrategy:
         """The strategy of ``cfg``: the rule's own config (resolved) and the federation settings."""
         federation = cfg.federation
-        return cls(
+        strategy = cls(
             cls.resolve(cfg),
             fraction_train=federation.fraction_train,
             min_train_nodes=federation.min_train_clients,
@@ -202,6 +202,9 @@ class FederatedStrategy(Strategy):
             connect_timeout_s=federation.connect_timeout_s,
             query_all_up_to=federation.query_all_up_to,
         )
+        if cfg.evaluation.where == "clients":
+            strategy.evaluate_on_clients = True  # type: ignore[misc]
+        return strategy
 
     @classmethod
     def resolve(cls, cfg: ExperimentConfig) -> MethodConfig:

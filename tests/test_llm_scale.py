@@ -227,3 +227,16 @@ def test_dp_refuses_a_model_whose_parameters_the_optimizer_does_not_hold(hub_mir
     stale = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
     with pytest.raises(RuntimeError, match="other tensors than the model's trainable parameters"):
         PrivateTraining(model, stale, PrivateRound(1.0, 1.0, 0.5, 1, 1e-5, "rdp"), num_examples=4)
+
+
+def test_the_clients_can_evaluate_the_global_model_instead_of_the_server(hub_mirror, tmp_path):
+    from test_modalities import run_in_process
+
+    cfg = compose_config({"model": "tiny_bert"}, [*TINY_OVERRIDES, "evaluation.where=clients"])
+    cfg.hub_mirror = str(hub_mirror)
+    recorder = run_in_process(cfg, tmp_path)
+    assert [row["round"] for row in recorder.rows] == [0, 1, 2]
+    assert all(0 <= row["eval_accuracy"] <= 1 and np.isfinite(row["eval_loss"]) for row in recorder.rows)
+    server_side = run_in_process(compose_config({"model": "tiny_bert"}, TINY_OVERRIDES), tmp_path / "server")
+    # the clients' validation shares together are the validation split: round 0 scores the same model
+    assert recorder.rows[0]["eval_loss"] == pytest.approx(server_side.rows[0]["eval_loss"], rel=1e-4)
