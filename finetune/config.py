@@ -238,6 +238,11 @@ class DatasetConfig:
             require(self.num_labels >= 2, f"dataset.num_labels must be >= 2, got {self.num_labels}")
         else:
             require(self.generate_examples >= 0, "dataset.generate_examples must be >= 0")
+            require(
+                self.generate_examples > 0 or "exact_match" not in self.metrics,
+                "dataset.generate_examples=0 evaluates the loss alone: also set dataset.metrics=[loss] "
+                "dataset.main_metric=loss",
+            )
             require(self.max_new_tokens >= 1, "dataset.max_new_tokens must be >= 1")
             try:
                 groups = re.compile(self.answer_pattern).groups

@@ -16,7 +16,12 @@ def reset_peak_memory() -> None:
     """Start a new measurement window (GPU allocator peak, or the Linux RSS high-water mark)."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    # Resets VmHWM to the current RSS; elsewhere the peak covers the process lifetime.
+    reset_peak_rss()
+
+
+def reset_peak_rss() -> None:
+    """Reset the Linux RSS high-water mark (VmHWM) to the current RSS; elsewhere the peak covers
+    the process lifetime."""
     with contextlib.suppress(OSError):
         _CLEAR_REFS.write_text("5")
 
@@ -25,6 +30,11 @@ def peak_memory_mb() -> float:
     """Peak since the last reset: GPU memory allocated when on GPU, else peak RSS."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory since the last reset (host memory, not the GPU's)."""
     try:
         for line in _STATUS.read_text().splitlines():
             if line.startswith("VmHWM:"):

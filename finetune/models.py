@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
 from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -29,8 +30,10 @@ from finetune.config import ConfigError, ExperimentConfig
 from finetune.efficientnet import HEAD as EFFICIENTNET_HEAD
 from finetune.efficientnet import build_efficientnet_lite0
 from finetune.hub import resolve_model_source
+from finetune.lora import BASE_DELTA_SUFFIX
 from finetune.precision import DTYPES, device, weight_dtype
 from finetune.spec import AdapterSpec
+from finetune.state import lora_base_layers, set_additive_delta
 
 log = logging.getLogger(__name__)
 
@@ -325,3 +328,22 @@ def freeze_batch_norm_statistics(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.eval()
+
+
+BASE_DELTAS_FILE = "base_deltas.safetensors"
+
+
+def load_trained_adapter(cfg: ExperimentConfig, folder: Path, mirror: Path | None) -> torch.nn.Module:
+    """A run's saved adapter on its base, as the run's config builds it (quantized where it was),
+    with the merged updates of ``base_deltas.safetensors`` (FLoRA / FedEx-LoRA on a quantized or
+    low-precision base) added in the forward pass, as during training."""
+    model = PeftModel.from_pretrained(build_base_model(cfg, mirror), folder)
+    deltas_file = folder / BASE_DELTAS_FILE
+    if deltas_file.exists():
+        layers = lora_base_layers(model)
+        for key, delta in load_file(str(deltas_file)).items():
+            prefix = key.removesuffix(BASE_DELTA_SUFFIX)
+            if prefix not in layers:
+                raise KeyError(f"{deltas_file}: a delta for {prefix!r}, a layer the adapter does not adapt")
+            set_additive_delta(layers[prefix], delta.to(layers[prefix].get_base_layer().weight.device))
+    return model

@@ -23,7 +23,7 @@ from finetune.data import PartitionedDataset, load_eval_split, load_train_split
 from finetune.hub import hub_mirror
 from finetune.logs import add_debug_file, setup_logging
 from finetune.lora import BASE_DELTA_SUFFIX, is_base_delta
-from finetune.models import build_model, fold_latent, trainable_parameter_count
+from finetune.models import BASE_DELTAS_FILE, build_model, fold_latent, trainable_parameter_count
 from finetune.precision import device
 from finetune.records import from_record, to_record
 from finetune.spec import AdapterSpec
@@ -197,7 +197,14 @@ def save_final_model(server: ServerModel, rule: Rule, recorder: RunRecorder) -> 
     model = server.model
     if server.adapter.kind == "lora_sb":
         fold_latent(model)  # the same function as a plain LoRA adapter: (A, R) -> R A
-    if server.adapter.kind == "full" or server.base:
+    additive = {
+        prefix + BASE_DELTA_SUFFIX: delta.cpu().contiguous()
+        for prefix, layer in lora_base_layers(server.model).items()
+        if (delta := merged_delta(layer)) is not None
+    }
+    # a quantized / low-precision base keeps its merged updates beside the weights: merging them
+    # in would re-round them, so the result is the adapter plus those deltas
+    if server.adapter.kind == "full" or (server.base and not additive):
         folder = recorder.model_dir
         model = model.merge_and_unload() if isinstance(model, PeftModel) else model
     else:
@@ -208,13 +215,8 @@ def save_final_model(server: ServerModel, rule: Rule, recorder: RunRecorder) -> 
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(tensors, str(folder / "model.safetensors"))
-    additive = {
-        prefix + BASE_DELTA_SUFFIX: delta.cpu().contiguous()
-        for prefix, layer in lora_base_layers(server.model).items()
-        if (delta := merged_delta(layer)) is not None
-    }
-    if additive:  # a quantized / low-precision base keeps its merged updates beside the weights
-        save_file(additive, str(folder / "base_deltas.safetensors"))
+    if additive:
+        save_file(additive, str(folder / BASE_DELTAS_FILE))
     server.task.save(folder)
     return folder
 
@@ -246,6 +248,7 @@ def summarize(
         "total_bytes_down": sum(row["bytes_down"] for row in rows),
         "total_bytes_up": sum(row["bytes_up"] for row in rows),
         "trainable_parameters": trainable,
+        "server_peak_rss_mb": max((row.get("server_peak_rss_mb") or 0.0 for row in rows), default=None),
         "partition_sizes": sizes,
         "wall_seconds": seconds,
         "adapter_dir": str(saved) if saved == recorder.adapter_dir else None,

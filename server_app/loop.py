@@ -11,6 +11,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from finetune.config import ExperimentConfig
+from finetune.memory import peak_rss_mb, reset_peak_rss
 from finetune.privacy import epsilon
 from finetune.schedule import round_lr
 from server_app.results import RoundRecord, RunRecorder
@@ -106,10 +107,12 @@ def run_federation(
     for server_round in range(1, cfg.federation.num_rounds + 1):
         round_start = time.perf_counter()
         lr = round_lr(cfg.train, server_round, cfg.federation.num_rounds, peak=cfg.peak_lr)
+        reset_peak_rss()
         arrays, train = train_round(grid, strategy, cfg, arrays, server_round, lr, central_dp, releases)
-        train_end = time.perf_counter()
+        train_end, server_peak = time.perf_counter(), peak_rss_mb()
         eval_metrics = evaluate(server_round, arrays)
         record = round_record(strategy, server_round, eval_metrics, train, lr)
+        record.server_peak_rss_mb = round(server_peak, 1)
         record.train_phase_seconds = train_end - round_start
         record.eval_seconds = time.perf_counter() - train_end
         record.seconds = time.perf_counter() - round_start

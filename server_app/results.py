@@ -42,6 +42,7 @@ class RoundRecord:
     client_seconds: list[float] = field(default_factory=list)  # each client's training time
     client_handler_seconds: list[float] = field(default_factory=list)  # ... and its whole handler
     peak_client_memory_mb: float | None = None
+    server_peak_rss_mb: float | None = None  # the ServerApp process while it trains and aggregates
     examples_seen: int | None = None
     optimizer_state_bytes: int | None = None
     dp_epsilon: float | None = None
@@ -54,7 +55,7 @@ class RoundRecord:
         "round", "eval_loss", "train_loss", "bytes_down", "bytes_up", "payload_bytes_down",
         "payload_bytes_up", "clients_sampled", "clients_aggregated", "slowest_client_seconds",
         "client_seconds_total", "client_seconds", "client_handler_seconds", "train_phase_seconds",
-        "eval_seconds", "seconds", "peak_client_memory_mb",
+        "eval_seconds", "seconds", "peak_client_memory_mb", "server_peak_rss_mb",
     )  # fmt: skip
 
     def to_row(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 #: The round fields every tracker logs as metrics (besides the evaluation's ``eval_*``).
 ROUND_METRICS = (
     "train_loss", "lr", "bytes_down", "bytes_up", "clients_aggregated", "dp_epsilon",
-    "peak_client_memory_mb", "train_phase_seconds", "eval_seconds", "seconds",
+    "peak_client_memory_mb", "server_peak_rss_mb", "train_phase_seconds", "eval_seconds", "seconds",
 )  # fmt: skip
 
 

@@ -34,6 +34,7 @@ from finetune.spec import AdapterSpec
 from strategies.averaging import finite_inputs, weighted_mean
 from strategies.base import FederatedStrategy, common_instruction
 from strategies.client import ClientRule, ModelBaseline, State
+from strategies.lowrank import dense_dtype, top_singular_triplets
 from strategies.protocol import SETUP_MESSAGE
 from strategies.registry import Family, Rule, register
 
@@ -83,7 +84,8 @@ def fed_sb_initialize(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(A, B, R₀)`` with ``scale · B R₀ A`` the rank-r truncated SVD of ``−step · sign(gradient_sum)``
     (B and A with orthonormal columns / rows)."""
-    U, S, Vt = np.linalg.svd(-step * np.sign(gradient_sum.astype(np.float64)), full_matrices=False)
+    target = -step * np.sign(gradient_sum.astype(dense_dtype(*gradient_sum.shape)))
+    U, S, Vt = top_singular_triplets(target, rank)
     k = min(rank, len(S))
     A = np.zeros((rank, gradient_sum.shape[1]))
     B = np.zeros((gradient_sum.shape[0], rank))
@@ -130,7 +132,7 @@ class FedSB(FederatedStrategy):
         state = from_record(arrays)
         scale = self.method.alpha / self.method.rank
         for prefix, (a_key, b_key) in lora_layers(state).items():
-            total = np.sum([u[prefix + GRAD_SUFFIX].astype(np.float64) for u in uploads], axis=0)
+            total = np.sum([u[prefix + GRAD_SUFFIX] for u in uploads], axis=0, dtype=np.float64)
             A, B, R = fed_sb_initialize(total, self.method.rank, self.method.init_lr, scale)
             state[a_key], state[b_key], state[latent_key(prefix)] = (x.astype(np.float32) for x in (A, B, R))
         log.info("fed_sb: A, B and R initialised from the gradients of %d node(s)", len(uploads))

@@ -46,7 +46,8 @@ def flexlora_aggregate(
     As: Matrices, Bs: Matrices, weights: Weights, scales: Scales, global_rank: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Unit-scale global factors ``(A_g, B_g)`` at ``global_rank``: the truncated (dense) SVD of
-    ``Σ p_k s_k B_k A_k``, exact while ``global_rank >= Σ r_k``."""
+    ``Σ p_k s_k B_k A_k``, exact while ``global_rank >= Σ r_k``. The paper's dense SVD (float32 for
+    large layers); HLoRA computes the same factors without the dense matrix."""
     return factors_from_svd(
         *np.linalg.svd(flexlora_product(As, Bs, weights, scales), full_matrices=False), global_rank, 1.0
     )

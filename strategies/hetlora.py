@@ -15,7 +15,7 @@ from finetune.config import ExperimentConfig, require
 from strategies.averaging import Weights, finite_inputs, normalize_weights
 from strategies.client import NodeFacts, NodeState, Regularizer, State
 from strategies.flexlora import FlexLoRA
-from strategies.lowrank import Matrices, Scales, pad_rank
+from strategies.lowrank import Matrices, Scales, pad_rank, product_norm
 from strategies.protocol import NEXT_RANK, TrainReport, metric_int
 from strategies.ranks import HeterogeneousRankConfig, RankedClient
 from strategies.registry import Family, Rule, register
@@ -51,12 +51,7 @@ class HetLoRAConfig(HeterogeneousRankConfig):
 def hetlora_weights(As: Matrices, Bs: Matrices, weights: Weights, scales: Scales) -> np.ndarray:
     """Normalised ``p_k ‖s_k B_k A_k‖_F``; falls back to ``p_k`` when every update is zero."""
     p = normalize_weights(weights)
-    norms = np.array(
-        [
-            sk * np.linalg.norm(B.astype(np.float64) @ A.astype(np.float64))
-            for A, B, sk in zip(As, Bs, scales, strict=True)
-        ]
-    )
+    norms = np.array([sk * product_norm(A, B) for A, B, sk in zip(As, Bs, scales, strict=True)])
     mixed = p * norms
     return mixed / mixed.sum() if mixed.sum() > 0 else p
 

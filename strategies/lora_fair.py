@@ -13,7 +13,7 @@ from finetune.lora import lora_layers
 from strategies.averaging import Weights, finite_inputs, normalize_weights
 from strategies.base import FederatedStrategy, Replies
 from strategies.client import ClientRule
-from strategies.lowrank import Matrices, weighted_product
+from strategies.lowrank import Matrices, dense_dtype, weighted_product
 from strategies.registry import Family, Rule, register
 
 
@@ -52,9 +52,8 @@ def lora_fair_correction(
     Gradient of ``f(ΔB) = 1 − ⟨D, M⟩/(‖D‖‖M‖) + λ‖ΔB‖`` with ``M = (B̄ + ΔB) Ā``:
     ``∂f/∂M = −(D/(‖D‖‖M‖) − ⟨D,M⟩ M/(‖D‖‖M‖³))`` and ``∂f/∂ΔB = (∂f/∂M) Āᵀ + λ ΔB/‖ΔB‖``.
     """
-    A = A_bar.astype(np.float64)
-    B = B_bar.astype(np.float64)
-    D = ideal.astype(np.float64)
+    dtype = dense_dtype(*ideal.shape)  # M and D are dense: float32 for large layers
+    A, B, D = A_bar.astype(dtype), B_bar.astype(dtype), ideal.astype(dtype)
     d_norm = np.linalg.norm(D)
     delta = np.zeros_like(B)
     if d_norm == 0 or np.linalg.norm(A) == 0:

@@ -12,15 +12,31 @@ from strategies.averaging import Weights, finite_inputs
 SVD = tuple[np.ndarray, np.ndarray, np.ndarray]  # (U, S, Vt)
 Matrices = Sequence[np.ndarray]  # one LoRA factor per client (all A, or all B, of a layer)
 Scales = Sequence[float]  # each client's LoRA scale alpha / r_k
+# Dense d_out × d_in matrices above this many entries (a 2048 × 2048 layer) are formed in float32:
+# a 4096² float64 matrix is 134 MB per layer and per copy; small layers keep float64's exactness.
+LARGE_LAYER_ENTRIES = 1 << 22
+
+
+def dense_dtype(d_out: int, d_in: int) -> type[np.floating]:
+    """The dtype a rule forms a dense d_out × d_in matrix in: float64, float32 for large layers."""
+    return np.float64 if d_out * d_in <= LARGE_LAYER_ENTRIES else np.float32
 
 
 @finite_inputs
 def weighted_product(As: Matrices, Bs: Matrices, coefficients: Weights) -> np.ndarray:
-    """Dense ``Σ_k c_k B_k A_k`` (d_out × d_in), in float64."""
-    out = np.zeros((Bs[0].shape[0], As[0].shape[1]), dtype=np.float64)
+    """Dense ``Σ_k c_k B_k A_k`` (d_out × d_in), in float64 (float32 for large layers)."""
+    dtype = dense_dtype(Bs[0].shape[0], As[0].shape[1])
+    out = np.zeros((Bs[0].shape[0], As[0].shape[1]), dtype=dtype)
     for c, A, B in zip(coefficients, As, Bs, strict=True):
-        out += c * (B.astype(np.float64) @ A.astype(np.float64))
+        out += dtype(c) * (B.astype(dtype) @ A.astype(dtype))
     return out
+
+
+@finite_inputs
+def product_norm(A: np.ndarray, B: np.ndarray) -> float:
+    """``‖B A‖_F`` from r × r Gram matrices, without forming B A: ``‖BA‖² = Σ (BᵀB) ∘ (AAᵀ)``."""
+    A64, B64 = A.astype(np.float64), B.astype(np.float64)
+    return float(np.sqrt(max(float(((B64.T @ B64) * (A64 @ A64.T)).sum()), 0.0)))
 
 
 @finite_inputs
@@ -53,6 +69,19 @@ def compact_svd(
     q_right, r_right = np.linalg.qr(R.T)
     u, s, vt = np.linalg.svd(r_left @ r_right.T)
     return q_left @ u, s, vt @ q_right.T
+
+
+def top_singular_triplets(matrix: np.ndarray, rank: int) -> SVD:
+    """The ``rank`` largest singular triplets, largest first: a full SVD for small layers, ARPACK's
+    truncated one for large ones (a full SVD of a 4096² matrix costs ~a minute per layer)."""
+    if matrix.size <= LARGE_LAYER_ENTRIES or rank >= min(matrix.shape) - 1:
+        U, S, Vt = np.linalg.svd(matrix, full_matrices=False)
+        return U[:, :rank], S[:rank], Vt[:rank]
+    from scipy.sparse.linalg import svds
+
+    U, S, Vt = svds(matrix, k=rank, random_state=0)
+    order = np.argsort(S)[::-1]
+    return U[:, order], S[order], Vt[order]
 
 
 def pad_rank(A: np.ndarray, B: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:

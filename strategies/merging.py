@@ -44,6 +44,7 @@ from finetune.records import to_record
 from strategies.averaging import finite_inputs
 from strategies.base import FederatedStrategy, Replies
 from strategies.client import ClientRule, ModelBaseline, State
+from strategies.lowrank import dense_dtype
 from strategies.protocol import BASE_VERSION, Instruction, TrainReport, metric_int
 
 if TYPE_CHECKING:
@@ -77,8 +78,10 @@ Factors = dict[str, tuple[np.ndarray, np.ndarray]]  # layer prefix -> (L, R), L 
 
 @finite_inputs
 def apply_increment(delta: np.ndarray, L: np.ndarray, R: np.ndarray) -> np.ndarray:
-    """``D + L R`` in float64, stored as float32; server and clients both call exactly this."""
-    return (delta.astype(np.float64) + L.astype(np.float64) @ R.astype(np.float64)).astype(np.float32)
+    """``D + L R`` in float64 (float32 for large layers), stored as float32; server and clients both
+    call exactly this."""
+    dtype = dense_dtype(*delta.shape)
+    return (delta.astype(dtype) + L.astype(dtype) @ R.astype(dtype)).astype(np.float32)
 
 
 def is_sync_key(key: str) -> bool:

@@ -13,8 +13,8 @@ from peft import PeftModel
 from safetensors.numpy import load_file
 
 from finetune.config import compose_config
-from finetune.models import build_base_model, build_model
-from finetune.state import trainable_state
+from finetune.models import build_base_model, build_model, load_trained_adapter
+from finetune.state import lora_base_layers, merged_delta, trainable_state
 from launch.simulation import COMPLETED, PROJECT_DIR, LocalSuperLink
 from strategies import RULES, Family
 
@@ -187,3 +187,31 @@ def test_image_and_causal_lm_runs_complete(superlink, hub_mirror, tmp_path, grou
     assert all(row["train_loss"] > 0 and np.isfinite(row["eval_loss"]) for row in rows[1:])
     adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     assert any(k.endswith("lora_B.weight") and np.abs(v).sum() > 0 for k, v in adapter.items())
+
+
+@pytest.mark.parametrize("method", ["fedit", "flora"])
+def test_a_4bit_llama_trains_in_bf16_with_checkpointing(superlink, hub_mirror, tmp_path, method):
+    """QLoRA as users run it: an nf4 base, bf16 autocast, activation checkpointing, 2 micro-batches."""
+    qlora = [
+        "model.quantization=nf4", "model.quant_compute_dtype=bfloat16", "train.precision=bf16",
+        "train.gradient_checkpointing=true", "train.grad_accum_steps=2", "dataset.generate_examples=0",
+        "dataset.metrics=[loss]", "dataset.main_metric=loss", "dataset.max_eval_examples=16",
+        # bitsandbytes' CPU kernels quantize in blocks of 64 inputs
+        "model.config_overrides.hidden_size=64", "model.config_overrides.intermediate_size=128",
+    ]  # fmt: skip
+    groups = {"model": "tiny_llama", "dataset": "gsm8k", "partition": "iid"}
+    overrides = " ".join([*TINY_OVERRIDES, *qlora])
+    outcome = _run(superlink, hub_mirror, tmp_path, overrides, method=method, **groups)
+    assert outcome.status == COMPLETED, outcome
+    (run_dir,) = tmp_path.iterdir()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == [0, 1, 2]
+    assert all(row["clients_aggregated"] == 2 and np.isfinite(row["eval_loss"]) for row in rows[1:])
+    assert rows[2]["eval_loss"] < rows[0]["eval_loss"]
+    if method == "flora":  # merged into a 4-bit base: the merged delta is saved beside the adapter
+        deltas = load_file(str(run_dir / "adapter" / "base_deltas.safetensors"))
+        assert deltas and all(np.isfinite(v).all() and np.abs(v).sum() > 0 for v in deltas.values())
+        cfg = compose_config({**groups, "method": method}, [*TINY_OVERRIDES, *qlora])
+        cfg.hub_mirror = str(hub_mirror)
+        model = load_trained_adapter(cfg, run_dir / "adapter", hub_mirror)
+        assert {merged_delta(layer) is not None for layer in lora_base_layers(model).values()} == {True}

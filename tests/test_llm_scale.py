@@ -12,7 +12,12 @@ from finetune.models import build_model
 from finetune.tasks import build_task
 
 LLAMA = {"model": "tiny_llama", "dataset": "gsm8k", "partition": "iid"}
-LLAMA_OVERRIDES = [*TINY_OVERRIDES, "dataset.max_eval_examples=16", "dataset.generate_examples=0"]
+LLAMA_OVERRIDES = [
+    *TINY_OVERRIDES, "dataset.max_eval_examples=16", "dataset.generate_examples=0", "dataset.metrics=[loss]",
+    "dataset.main_metric=loss",
+]  # fmt: skip
+# bitsandbytes' CPU kernels quantize in blocks of 64 inputs: a 4-bit layer needs at least that many
+WIDE = ["model.config_overrides.hidden_size=64", "model.config_overrides.intermediate_size=128"]
 
 
 def _llama(hub_mirror, *overrides, method="fedit"):
@@ -38,7 +43,8 @@ def _grads(model, batch, precision="fp32"):
     with autocast(precision, torch.device("cpu")):
         loss = model(**batch).loss
     loss.backward()
-    return float(loss), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return float(loss.detach()), grads
 
 
 def test_bf16_autocast_matches_fp32_within_tolerance(hub_mirror):
@@ -52,16 +58,18 @@ def test_bf16_autocast_matches_fp32_within_tolerance(hub_mirror):
 
 
 def saved_activation_bytes(model, batch):
-    """Bytes autograd keeps for the backward pass during one forward."""
+    """Bytes autograd keeps for the backward pass during one forward of the decoder layers (the
+    LM head's logits, which checkpointing does not touch, are left out)."""
     total = [0]
 
     def pack(tensor):
         total[0] += tensor.numel() * tensor.element_size()
         return tensor
 
+    decoder = model.get_base_model().model  # LlamaModel: embeddings and the decoder layers
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(**batch).loss
-    loss.backward()
+        hidden = decoder(input_ids=batch["input_ids"]).last_hidden_state
+    hidden.float().pow(2).mean().backward()
     return total[0]
 
 
@@ -83,18 +91,23 @@ def test_checkpointing_gives_the_same_gradients_with_less_activation_memory(hub_
 def test_gradient_accumulation_equals_one_large_batch(hub_mirror):
     from finetune.training import StepPlan, run_steps
 
-    cfg = _llama(hub_mirror, "method.dropout=0")
-    batch = _batch(cfg, hub_mirror, size=8)
+    # a classifier: its loss is the mean over examples, so two halves of 4 average to the batch of 8
+    cfg = compose_config({"model": "tiny_bert"}, [*TINY_OVERRIDES, "method.dropout=0"])
+    cfg.hub_mirror = str(hub_mirror)
+    task = build_task(cfg, hub_mirror)
+    from finetune.data import load_train_split
+
+    data = task.prepare(load_train_split(cfg.dataset, hub_mirror, cfg.seed).select(range(8)))
+    batch = task.collate([data[i] for i in range(8)])
     halves = [{k: v[:4] for k, v in batch.items()}, {k: v[4:] for k, v in batch.items()}]
     results = {}
     for name, batches, micro in (("one batch of 8", [batch], 1), ("2 x 4 accumulated", halves, 2)):
-        model = build_model(cfg, hub_mirror, adapter_of(cfg))
+        model = build_model(cfg, hub_mirror, adapter_of(cfg)).eval()  # no dropout anywhere
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
         run_steps(model, optimizer, iter(batches), StepPlan(steps=1, micro_batches=micro), 1.0, None)
         results[name] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    # each half's loss is its own mean over answer tokens: equal halves (same token counts) → same step
     for key, value in results["one batch of 8"].items():
-        torch.testing.assert_close(results["2 x 4 accumulated"][key], value, rtol=5e-2, atol=1e-5)
+        torch.testing.assert_close(results["2 x 4 accumulated"][key], value, rtol=1e-4, atol=1e-6)
 
 
 def test_fp16_loss_scaling_trains(hub_mirror):
@@ -127,7 +140,7 @@ def test_a_quantized_base_trains_a_lora_round_and_the_adapter_loads_in_plain_pef
     from finetune.models import build_base_model
     from finetune.records import from_record
 
-    cfg = _llama(hub_mirror, f"model.quantization={quantization}", "train.precision=bf16")
+    cfg = _llama(hub_mirror, f"model.quantization={quantization}", "train.precision=bf16", *WIDE)
     init, global_state = _global(cfg, hub_mirror)
     reply = train(_message(cfg, global_state), _context(0))
     upload = from_record(reply.content.array_records["arrays"])
@@ -156,37 +169,76 @@ def test_full_fine_tuning_on_a_quantized_base_is_refused_naming_the_fix():
 
 
 @pytest.mark.parametrize("method", ["flora", "fedex_lora"])
-def test_merged_updates_stay_exact_on_a_4bit_base(method, hub_mirror, tmp_path):
-    """Three rounds in process: the server's and every client's effective weights agree."""
-    from test_modalities import run_in_process
+def test_merged_updates_stay_exact_on_a_4bit_base(method, hub_mirror):
+    """Three rounds of the real Strategy and ClientApp: after every round, the base delta each
+    client trains on is bit-identical to the server's, and both hold the same 4-bit weights."""
+    import bitsandbytes.functional as bnbf
+    from fakes import FakeGrid
+    from flwr.app import Context, RecordDict
+    from test_modalities import HANDLERS
 
     from client_app.session import _SESSIONS
     from finetune.lora import split_base_deltas
-    from finetune.state import lora_base_layers, merged_delta
+    from finetune.records import from_record, to_record
+    from finetune.state import lora_base_layers, merged_delta, trainable_state
+    from server_app.loop import exchange
+    from strategies import get_rule
+    from strategies.protocol import Instruction
 
-    cfg = _llama(hub_mirror, "model.quantization=nf4", "federation.num_rounds=3", method=method)
+    cfg = _llama(hub_mirror, "model.quantization=nf4", *WIDE, method=method)
     if method == "flora":
         cfg.method.client_ranks = [2, 4]
-    recorder = run_in_process(cfg, tmp_path)
-    assert [row["round"] for row in recorder.rows] == [0, 1, 2, 3]
-    assert all(row["clients_aggregated"] == 2 for row in recorder.rows[1:])
-    saved = recorder.folder / "adapter" / "base_deltas.safetensors"
-    from safetensors.numpy import load_file
+    rule = get_rule(method)
+    server = build_model(cfg, hub_mirror, rule.server_adapter(cfg))
+    strategy = rule.build_strategy(cfg)
+    state = strategy.initial_state(trainable_state(server))
+    contexts = {
+        100 + p: Context(
+            run_id=1, node_id=100 + p, node_config={"partition-id": p, "num-partitions": 2},
+            state=RecordDict(), run_config={},
+        )
+        for p in range(2)
+    }  # fmt: skip
 
-    server_deltas = split_base_deltas(load_file(str(saved)))[1]
-    assert server_deltas and all(np.abs(d).max() > 0 for d in server_deltas.values())
-    session = next(s for s in reversed(_SESSIONS.values()) if s.cfg.method.name == method)
-    for prefix, layer in lora_base_layers(session.model).items():
-        held = merged_delta(layer)
-        assert held is not None and held.dtype == torch.float32  # beside the 4-bit weight, never in it
-        np.testing.assert_array_equal(held.numpy(), server_deltas[prefix])  # bit for bit
+    def respond(message):
+        handler = HANDLERS[message.metadata.message_type]
+        return handler(message, contexts[message.metadata.dst_node_id]).content
+
+    grid = FakeGrid(list(contexts), respond)
+    for server_round in (1, 2, 3):
+        before = split_base_deltas(state)[1]  # the base every client must train on this round
+        config = Instruction(cfg.to_json(), server_round=server_round, lr=1e-2).to_config()
+        messages = list(strategy.configure_train(server_round, to_record(state), config, grid))
+        arrays, _ = strategy.aggregate_train(server_round, exchange(grid, messages, timeout=60))
+        assert strategy.rounds[server_round].aggregated == list(contexts), strategy.rounds[
+            server_round
+        ].rejected
+        session = next(s for s in reversed(_SESSIONS.values()) if s.cfg.method.name == method)
+        for prefix, layer in lora_base_layers(session.model).items():
+            held = merged_delta(layer)
+            if held is None:  # round 1: nothing merged yet
+                assert not np.any(before[prefix])
+                continue
+            assert held.dtype == torch.float32  # kept beside the 4-bit weight, never in it
+            np.testing.assert_array_equal(held.numpy(), before[prefix])  # bit for bit
+        state = from_record(arrays)
+        assert all(np.abs(d).max() > 0 for d in split_base_deltas(state)[1].values())
+    client_layers, server_layers = lora_base_layers(session.model), lora_base_layers(server)
+    for prefix in client_layers:
+        weights = [layers[prefix].get_base_layer().weight for layers in (client_layers, server_layers)]
+        dequantized = [bnbf.dequantize_4bit(w.data, w.quant_state) for w in weights]
+        torch.testing.assert_close(dequantized[0], dequantized[1], rtol=0, atol=0)  # the same 4-bit base
 
 
 def test_dp_step_applies_the_sum_of_clipped_per_sample_gradients_on_a_peft_model(hub_mirror):
     """No noise: Opacus's step must be (Σ clip(g_i)) / B, on the very parameters peft trains."""
     from finetune.privacy import PrivateRound, PrivateTraining
 
-    cfg = compose_config({"model": "tiny_bert", "method": "ffa_lora"}, [*TINY_OVERRIDES, "method.dropout=0"])
+    no_dropout = [
+        "method.dropout=0", "+model.config_overrides.hidden_dropout_prob=0",
+        "+model.config_overrides.attention_probs_dropout_prob=0",
+    ]  # fmt: skip
+    cfg = compose_config({"model": "tiny_bert", "method": "ffa_lora"}, [*TINY_OVERRIDES, *no_dropout])
     cfg.hub_mirror = str(hub_mirror)
     model = build_model(cfg, hub_mirror, adapter_of(cfg))
     task = build_task(cfg, hub_mirror)
@@ -208,6 +260,7 @@ def test_dp_step_applies_the_sum_of_clipped_per_sample_gradients_on_a_peft_model
         for acc, g in zip(clipped_sum, grads, strict=True):
             acc += factor * g
     model.zero_grad(set_to_none=True)
+    model.train()  # Opacus records activations in training mode only (no dropout anywhere here)
     optimizer = torch.optim.SGD(trainable, lr=1.0)
     private = PrivateTraining(model, optimizer, PrivateRound(0.0, clip, 1.0, 1, 1e-5, "rdp"), num_examples=6)
     before = [p.detach().clone() for p in trainable]
@@ -215,7 +268,7 @@ def test_dp_step_applies_the_sum_of_clipped_per_sample_gradients_on_a_peft_model
     private.optimizer.step()
     private.close()
     for p, start, expected in zip(trainable, before, clipped_sum, strict=True):
-        torch.testing.assert_close(start - p.detach(), expected / 6, rtol=1e-3, atol=1e-7)  # lr 1, B = 6
+        torch.testing.assert_close(start - p.detach(), expected / 6, rtol=1e-3, atol=2e-6)  # lr 1, B = 6
     assert any(not torch.equal(start, p) for p, start in zip(trainable, before, strict=True))
 
 
