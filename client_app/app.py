@@ -17,8 +17,9 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client_app.durable import DurableState, node_state_dir, restore_once
 from client_app.node import node_data_path, node_facts, node_hub_mirror, node_partition
-from client_app.privacy import plan_private_round, record_private_round
+from client_app.privacy import PrivacyLedger, ledger_key, plan_private_round
 from client_app.session import ClientSession, get_session
 from finetune.config import ExperimentConfig
 from finetune.optim import build_optimizer
@@ -65,6 +66,14 @@ class Job:
             return self.session.local_data(own, self.round.partition_id)
         return self.session.partition(self.round.partition_id)
 
+    def durable(self) -> DurableState | None:
+        return durable_state(self.round, self.context)
+
+    def ledger(self) -> PrivacyLedger:
+        root = node_state_dir(self.context.node_config, self.cfg)
+        key = ledger_key(self.cfg, self.round.partition_id, node_data_path(self.context.node_config))
+        return PrivacyLedger(root, key)
+
     def seed(self) -> int:
         """Dropout and batch order: the same whichever process trains this client this round."""
         return (
@@ -73,11 +82,24 @@ class Job:
 
 
 def read_round(msg: Message, context: Context) -> ClientRound:
-    """The message's instruction and experiment, and this node's partition and state."""
+    """The message's instruction and experiment, and this node's partition and state (on a
+    resumed run's first message, restored from what the node kept on disk)."""
     instruction = Instruction.from_config(msg.content.config_records[CONFIG])
     cfg = ExperimentConfig.from_json(instruction.experiment)
     partition_id = node_partition(context.node_config, cfg.partition.num_clients)
-    return ClientRound(cfg, instruction, partition_id, NodeState(context.state))
+    job_round = ClientRound(cfg, instruction, partition_id, NodeState(context.state))
+    durable = durable_state(job_round, context)
+    if durable is not None:
+        restore_once(context.state, durable, instruction.server_round)
+    return job_round
+
+
+def durable_state(job_round: ClientRound, context: Context) -> DurableState | None:
+    """This node's on-disk copy of its rule state for the experiment (None outside a recorded run)."""
+    if not job_round.cfg.experiment_id:
+        return None
+    root = node_state_dir(context.node_config, job_round.cfg)
+    return DurableState(root, job_round.cfg.experiment_id, job_round.partition_id)
 
 
 def open_job(msg: Message, context: Context) -> Job:
@@ -103,13 +125,17 @@ def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     job = open_job(msg, context)
     data = job.training_data()
-    privacy = plan_private_round(job.cfg, job.round.node, len(data))
+    server_round = job.round.instruction.server_round
+    planned = plan_private_round(job.cfg, job.ledger(), len(data), server_round)
+    privacy = planned[0] if planned is not None else None
     result = train_round(job, data, privacy)
     report = train_report(job, result, len(data))
-    if privacy is not None:
-        report.dp_epsilon = record_private_round(job.round.node, privacy)
-        report.dp_noise_multiplier = privacy.noise_multiplier
+    if planned is not None:
+        report.dp_noise_multiplier, report.dp_epsilon = planned[0].noise_multiplier, planned[1]
     upload = job.rule.finish(job.model, trainable_state(job.model), report)
+    durable = job.durable()
+    if durable is not None:
+        durable.save(context.state, server_round, skip=job.rule.resynced_state)
     arrays = to_record(upload, job.cfg.method.wire_dtype)
     # the whole handler (model set-up, data preparation, training, serialization): the part of a
     # round's wall time that is neither Flower's transport nor its scheduling

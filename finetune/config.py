@@ -404,11 +404,14 @@ class PrivacyConfig:
     # (each client's update clipped to clip_norm, Gaussian noise on the uniform mean), for rules
     # whose clients upload the global arrays themselves.
     mode: str = "local"
-    noise_multiplier: float = 1.0  # σ; ignored when target_epsilon > 0 (calibrated instead)
+    noise_multiplier: float = 1.0  # σ; calibrated instead when target_epsilon > 0 and calibrate_noise
     clip_norm: float = 1.0  # per-sample gradient norm bound C
-    # > 0: calibrate σ so that a client taking part in every round ends at (target_epsilon,
-    # target_delta), and refuse to train once another round would exceed it.
+    # > 0: the data owner's budget. A node refuses a round that would take the ε of its privacy
+    # ledger (every DP round ever trained on its data, across runs) past it; and, with
+    # calibrate_noise, σ is calibrated so that a client taking part in every round of this run
+    # ends at (target_epsilon, target_delta), counting what earlier runs on its data spent.
     target_epsilon: float = 0.0
+    calibrate_noise: bool = True
     target_delta: float = 1e-5
     accountant: str = "rdp"  # rdp | prv
 
@@ -470,6 +473,21 @@ class LoggingConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Server checkpoints in ``<run folder>/checkpoints/round-<n>/``: the global arrays, every piece
+    of strategy state and the metrics so far, written atomically after every ``every`` rounds; the
+    last ``keep`` are kept. ``fedsubspace resume <run folder>`` continues from the newest valid one."""
+
+    enabled: bool = True
+    every: int = 1
+    keep: int = 2
+
+    def validate(self) -> None:
+        require(self.every >= 1, f"checkpoint.every must be >= 1, got {self.every}")
+        require(self.keep >= 1, f"checkpoint.keep must be >= 1, got {self.keep}")
+
+
+@dataclass
 class ExperimentConfig:
     """Everything one federated fine-tuning run needs."""
 
@@ -484,8 +502,16 @@ class ExperimentConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     hub_mirror: str = ""  # local Hub mirror root; "" = $FEDSUBSPACE_HUB_MIRROR, then the Hub
     output_dir: str = ""  # absolute folder that receives runs/<date-time>-<name>/
+    # Where nodes keep state that outlives a run (rule state of resumable runs, privacy ledgers)
+    # when their own node config names no `state-dir`: "" = $FEDSUBSPACE_STATE_DIR, then
+    # ~/.cache/fedsubspace/node-state. For simulations; a real node's operator decides its own.
+    node_state_dir: str = ""
+    # Set by the ServerApp: the run folder's name and the experiment's hash, which names what the
+    # nodes keep for this experiment on their disks (the same when a run is resumed).
+    experiment_id: str = ""
     save_adapter: bool = True
 
     def validate(self) -> ExperimentConfig:
@@ -498,6 +524,7 @@ class ExperimentConfig:
         self.privacy.validate()
         self.logging.validate()
         self.evaluation.validate()
+        self.checkpoint.validate()
         if self.privacy.enabled and self.privacy.mode == "central":
             require(
                 self.method.uploads_are_global,
@@ -596,6 +623,49 @@ class ExperimentConfig:
     @classmethod
     def from_json(cls, text: str) -> ExperimentConfig:
         return cls.from_dict(json.loads(text))
+
+
+#: What a resumed run may change from its checkpoint: its length, its patience, where files are
+#: and what it reports. Anything else would make the resumed run a different experiment.
+RESUMABLE_CHANGES = (
+    "federation.num_rounds", "federation.round_timeout_s", "federation.connect_timeout_s",
+    "logging.", "checkpoint.", "hub_mirror", "output_dir", "node_state_dir", "experiment_id",
+    "train.num_threads",
+)  # fmt: skip
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resumable(key: str) -> bool:
+    """Whether a resumed run may change the setting ``key`` (dotted)."""
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES)
+
+
+def resume_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: saved -> new`` for every setting that differs and a resume may not change."""
+    old, current = flatten(saved), flatten(new)
+    return [
+        f"{key}: {old.get(key, '<unset>')!r} -> {current.get(key, '<unset>')!r}"
+        for key in sorted(set(old) | set(current))
+        if old.get(key) != current.get(key) and not resumable(key)
+    ]
+
+
+def experiment_hash(cfg: ExperimentConfig) -> str:
+    """A digest of the settings that define the experiment (all but :data:`RESUMABLE_CHANGES`)."""
+    import hashlib
+
+    kept = {k: v for k, v in flatten(cfg.to_dict()).items() if not resumable(k)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
 SCHEMA_NAME = "experiment_schema"

@@ -345,5 +345,7 @@ def load_trained_adapter(cfg: ExperimentConfig, folder: Path, mirror: Path | Non
             prefix = key.removesuffix(BASE_DELTA_SUFFIX)
             if prefix not in layers:
                 raise KeyError(f"{deltas_file}: a delta for {prefix!r}, a layer the adapter does not adapt")
-            set_additive_delta(layers[prefix], delta.to(layers[prefix].get_base_layer().weight.device))
+            weight = layers[prefix].get_base_layer().weight
+            assert isinstance(weight, torch.Tensor)
+            set_additive_delta(layers[prefix], delta.to(weight.device))
     return model

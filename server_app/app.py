@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import traceback
@@ -18,7 +19,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 from peft import PeftModel
 from safetensors.torch import save_file
 
-from finetune.config import ConfigError, ExperimentConfig, higher_is_better
+from finetune.config import ConfigError, ExperimentConfig, higher_is_better, resume_differences
 from finetune.data import PartitionedDataset, load_eval_split, load_train_split
 from finetune.hub import hub_mirror
 from finetune.logs import add_debug_file, setup_logging
@@ -30,9 +31,10 @@ from finetune.spec import AdapterSpec
 from finetune.state import base_weights, load_global_state, lora_base_layers, merged_delta, trainable_state
 from finetune.tasks import Task, build_task
 from server_app.centralized import run_centralized
+from server_app.checkpoint import Checkpoint, latest_checkpoint
 from server_app.loop import Evaluate, evaluate_on_clients, run_federation
 from server_app.results import RunRecorder
-from server_app.run_config import experiment_from_run_config
+from server_app.run_config import RESUME_KEY, experiment_from_run_config
 from strategies import Rule, get_rule
 from strategies.base import FederatedStrategy
 
@@ -48,11 +50,16 @@ def build_strategy(cfg: ExperimentConfig) -> FederatedStrategy:
 def main(grid: Grid, context: Context) -> None:
     setup_logging()
     cfg = experiment_from_run_config(context.run_config)
-    recorder = RunRecorder.create(cfg)
+    resume_from = str(context.run_config.get(RESUME_KEY, ""))
+    resume = resumable_checkpoint(Path(resume_from), cfg) if resume_from else None
+    if resume is None:
+        recorder = RunRecorder.create(cfg)
+    else:
+        recorder = RunRecorder.reopen(Path(resume_from), cfg, rows_through(Path(resume_from), resume))
     add_debug_file(recorder.folder / "debug.log")  # third-party warnings and log records, ours at DEBUG
     log.info("run folder %s", recorder.folder)
     try:
-        run_experiment(grid, cfg, recorder)
+        run_experiment(grid, cfg, recorder, resume)
     except BaseException as error:
         (recorder.folder / "error.txt").write_text("".join(traceback.format_exception(error)))
         raise
@@ -82,7 +89,42 @@ class ServerModel:
         load_global_state(self.model, from_record(arrays), self.initial, self.base)
 
 
-def run_experiment(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder) -> None:
+def resumable_checkpoint(folder: Path, cfg: ExperimentConfig) -> Checkpoint:
+    """The newest intact checkpoint of ``folder``, refused when ``cfg`` is another experiment."""
+    checkpoint = latest_checkpoint(folder)
+    differences = resume_differences(checkpoint.config, cfg.to_dict())
+    if differences:
+        raise ConfigError(
+            f"cannot resume {folder}: this config differs from its checkpoint's in "
+            + "; ".join(differences)
+            + " (a resume may change only the number of rounds, timeouts, logging and paths)"
+        )
+    if checkpoint.round >= cfg.federation.num_rounds:
+        raise ConfigError(
+            f"cannot resume {folder}: its checkpoint is after round {checkpoint.round}, and the run has "
+            f"{cfg.federation.num_rounds} rounds; pass federation.num_rounds=<more> to continue it"
+        )
+    return checkpoint
+
+
+def rows_through(folder: Path, checkpoint: Checkpoint) -> list[dict[str, object]]:
+    """The metrics rows up to the checkpoint's round: ``metrics.jsonl``'s (they carry the
+    checkpoint's own cost), else the checkpoint's copy."""
+    logged: dict[int, dict[str, object]] = {}
+    metrics = folder / "metrics.jsonl"
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the crash
+                continue
+            logged[int(row["round"])] = row
+    return [logged.get(int(row["round"]), row) for row in checkpoint.rows]
+
+
+def run_experiment(
+    grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, resume: Checkpoint | None = None
+) -> None:
     """Everything that can fail on bad input happens before the first round."""
     start = time.perf_counter()
     rule = get_rule(cfg.method.name)
@@ -100,7 +142,9 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder) -> 
         final = run_centralized(cfg, server.model, server.task.collate, union, evaluate, recorder)
     else:
         central_dp = central_dp_wrapper(cfg, strategy)
-        final = run_federation(grid, strategy, cfg, to_record(initial), evaluate, recorder, central_dp)
+        final = run_federation(
+            grid, strategy, cfg, to_record(initial), evaluate, recorder, central_dp, resume
+        )
     server.load(final)
     saved = save_final_model(server, rule, recorder) if cfg.save_adapter else None
     trainable, _ = trainable_parameter_count(server.model)

@@ -10,10 +10,12 @@ from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from finetune.config import ExperimentConfig
+from finetune.config import ExperimentConfig, experiment_hash
 from finetune.memory import peak_rss_mb, reset_peak_rss
 from finetune.privacy import epsilon
+from finetune.records import from_record, to_record
 from finetune.schedule import round_lr
+from server_app.checkpoint import Checkpoint, write_checkpoint
 from server_app.results import RoundRecord, RunRecorder
 from strategies import protocol
 from strategies.base import FederatedStrategy
@@ -82,29 +84,24 @@ def run_federation(
     evaluate: Evaluate,
     recorder: RunRecorder,
     central_dp: Strategy | None = None,
+    resume: Checkpoint | None = None,
 ) -> ArrayRecord:
-    """Run ``cfg.federation.num_rounds`` rounds and return the final global arrays.
+    """Run ``cfg.federation.num_rounds`` rounds (those after ``resume``'s round, when resuming)
+    and return the final global arrays; a checkpoint follows every ``checkpoint.every`` rounds.
 
     ``central_dp`` (Flower's server-side fixed-clipping wrapper around ``strategy``) moves the
     messages instead when central DP is on; its ε is composed here, one release per aggregate."""
     releases: list[tuple[float, float, int]] = []
-    arrays = initial
-    start = time.perf_counter()
-    initial_metrics = evaluate(0, arrays)
-    eval_seconds = time.perf_counter() - start
-    arrays = strategy.setup(grid, arrays, Instruction(cfg.to_json()).to_config())  # a rule's one-off exchange
-    down, up = strategy.setup_bytes
-    recorder.log_round(
-        RoundRecord(
-            0,
-            initial_metrics,
-            bytes_down=down,
-            bytes_up=up,
-            eval_seconds=eval_seconds,
-            seconds=time.perf_counter() - start,
-        )
-    )
-    for server_round in range(1, cfg.federation.num_rounds + 1):
+    if resume is None:
+        arrays = start_federation(grid, strategy, cfg, initial, evaluate, recorder)
+        first = 1
+    else:
+        arrays = to_record(resume.arrays)
+        strategy.restore_state(resume.strategy_arrays, resume.strategy_state)
+        releases = list(resume.releases)
+        first = resume.round + 1
+        log.info("resuming after round %d of %d", resume.round, cfg.federation.num_rounds)
+    for server_round in range(first, cfg.federation.num_rounds + 1):
         round_start = time.perf_counter()
         lr = round_lr(cfg.train, server_round, cfg.federation.num_rounds, peak=cfg.peak_lr)
         reset_peak_rss()
@@ -116,8 +113,66 @@ def run_federation(
         record.train_phase_seconds = train_end - round_start
         record.eval_seconds = time.perf_counter() - train_end
         record.seconds = time.perf_counter() - round_start
+        if checkpoint_due(cfg, server_round):
+            size, seconds = save_checkpoint(cfg, strategy, recorder, arrays, releases, record)
+            record.checkpoint_mb, record.checkpoint_seconds = round(size / 1e6, 3), round(seconds, 3)
         recorder.log_round(record)
     return arrays
+
+
+def start_federation(
+    grid: Grid,
+    strategy: FederatedStrategy,
+    cfg: ExperimentConfig,
+    initial: ArrayRecord,
+    evaluate: Evaluate,
+    recorder: RunRecorder,
+) -> ArrayRecord:
+    """Round 0: the initial model's evaluation and a rule's one-off exchange with the nodes."""
+    start = time.perf_counter()
+    initial_metrics = evaluate(0, initial)
+    eval_seconds = time.perf_counter() - start
+    arrays = strategy.setup(grid, initial, Instruction(cfg.to_json()).to_config())
+    down, up = strategy.setup_bytes
+    recorder.log_round(
+        RoundRecord(
+            0,
+            initial_metrics,
+            bytes_down=down,
+            bytes_up=up,
+            eval_seconds=eval_seconds,
+            seconds=time.perf_counter() - start,
+        )
+    )
+    return arrays
+
+
+def checkpoint_due(cfg: ExperimentConfig, server_round: int) -> bool:
+    every = cfg.checkpoint
+    return every.enabled and (server_round % every.every == 0 or server_round == cfg.federation.num_rounds)
+
+
+def save_checkpoint(
+    cfg: ExperimentConfig,
+    strategy: FederatedStrategy,
+    recorder: RunRecorder,
+    arrays: ArrayRecord,
+    releases: list[tuple[float, float, int]],
+    record: RoundRecord,
+) -> tuple[int, float]:
+    """The run after ``record``'s round, atomically in ``<run folder>/checkpoints/``; (bytes, s)."""
+    strategy_arrays, strategy_state = strategy.checkpoint_state()
+    checkpoint = Checkpoint(
+        round=record.round,
+        arrays=from_record(arrays),
+        config=cfg.to_dict(),
+        config_hash=experiment_hash(cfg),
+        strategy_arrays=strategy_arrays,
+        strategy_state=strategy_state,
+        releases=releases,
+        rows=[*recorder.rows, record.to_row()],
+    )
+    return write_checkpoint(recorder.folder, checkpoint, cfg.checkpoint.keep)
 
 
 def train_round(

@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
-from finetune.config import ExperimentConfig
+from finetune.config import ExperimentConfig, experiment_hash
 from server_app.tracking import Tracker, open_tracker
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ class RoundRecord:
     client_handler_seconds: list[float] = field(default_factory=list)  # ... and its whole handler
     peak_client_memory_mb: float | None = None
     server_peak_rss_mb: float | None = None  # the ServerApp process while it trains and aggregates
+    checkpoint_mb: float | None = None  # this round's server checkpoint, and the time to write it
+    checkpoint_seconds: float | None = None
     examples_seen: int | None = None
     optimizer_state_bytes: int | None = None
     dp_epsilon: float | None = None
@@ -77,6 +79,18 @@ class RoundRecord:
         return {**{key: row.get(key) for key in self.COMPACT}, "metric": self.eval.get(main_metric)}
 
 
+def yaml_config(folder: Path) -> dict[str, Any]:
+    """A run folder's resolved ``config.yaml`` as a plain dict."""
+    from omegaconf import OmegaConf
+
+    path = folder / "config.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{folder} is not a run folder: it has no config.yaml")
+    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    assert isinstance(data, dict)
+    return {str(k): v for k, v in data.items()}
+
+
 TABLE_COLUMNS = ("round", "main", "eval_loss", "train_loss", "mb_down", "mb_up", "clients", "seconds")
 
 
@@ -99,8 +113,24 @@ class RunRecorder:
             suffix += 1
             folder = root / f"{stamp}-{cfg.run_name}-{suffix}"
         folder.mkdir(parents=True)
+        cfg.experiment_id = f"{folder.name}-{experiment_hash(cfg)[:8]}"
         (folder / "config.yaml").write_text(cfg.to_yaml())
         return cls(folder, cfg.dataset.main_metric, open_tracker(cfg, folder))
+
+    @classmethod
+    def reopen(cls, folder: Path, cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> RunRecorder:
+        """A resumed run's folder: ``metrics.jsonl`` rewritten to ``rows`` (the rounds its checkpoint
+        covers; rounds logged after it are dropped, as they will be run again), then appended to."""
+        saved = yaml_config(folder)
+        cfg.experiment_id = str(saved.get("experiment_id") or f"{folder.name}-{experiment_hash(cfg)[:8]}")
+        (folder / "config.yaml").write_text(cfg.to_yaml())
+        metrics = folder / "metrics.jsonl"
+        partial = metrics.with_suffix(".jsonl.partial")
+        partial.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        partial.replace(metrics)
+        recorder = cls(folder, cfg.dataset.main_metric, open_tracker(cfg, folder))
+        recorder.rows = list(rows)
+        return recorder
 
     @property
     def adapter_dir(self) -> Path:

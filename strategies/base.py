@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from flwr.app import (
@@ -182,6 +182,7 @@ class FederatedStrategy(Strategy):
         self.server_optimizer = ServerOptimizer.of(self.method)
         self.node_ranks: dict[int, int] = {}
         self.node_partitions: dict[int, int] = {}
+        self.restored_ranks: dict[int, int] = {}  # partition -> rank, from a checkpoint
         self.rounds: dict[int, RoundStats] = {}
         self._outbox: list[Message] = []
         self._expected: dict[int, dict[str, tuple[int, ...]]] = {}
@@ -276,6 +277,22 @@ class FederatedStrategy(Strategy):
         """A last transformation of the new global state (FedSVD re-orthogonalises); none here."""
         return state
 
+    # --- checkpoints ---------------------------------------------------------------------
+    def checkpoint_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """What the strategy carries from round to round besides the global arrays (arrays, and
+        JSON-able values); facts about nodes are keyed by partition id, which outlives node ids."""
+        state: dict[str, Any] = {}
+        if self.heterogeneous_ranks:
+            known = {n: r for n, r in self.node_ranks.items() if n in self.node_partitions}
+            ranks = {**self.restored_ranks, **{self.node_partitions[n]: r for n, r in known.items()}}
+            state["partition_ranks"] = {str(p): r for p, r in sorted(ranks.items())}
+        return self.server_optimizer.state_arrays(), state
+
+    def restore_state(self, arrays: Mapping[str, np.ndarray], state: Mapping[str, Any]) -> None:
+        """The inverse of :meth:`checkpoint_state`, before the first resumed round."""
+        self.server_optimizer.load_state_arrays(arrays)
+        self.restored_ranks = {int(p): int(r) for p, r in state.get("partition_ranks", {}).items()}
+
     # --- sampling ------------------------------------------------------------------------
     def connected_nodes(self, grid: Grid) -> list[int]:
         """The nodes connected now; waits (bounded) for ``min_train_nodes`` of them."""
@@ -330,6 +347,9 @@ class FederatedStrategy(Strategy):
                 self.node_partitions.setdefault(node_id, described.partition_id)
                 if described.rank is not None and self.heterogeneous_ranks:
                     self.node_ranks.setdefault(node_id, described.rank)  # keeps HetLoRA pruning
+                    restored = self.restored_ranks.get(self.node_partitions[node_id])
+                    if restored is not None:  # a resumed run: the rank the checkpoint held
+                        self.node_ranks[node_id] = restored
             if not self.described(node_id):
                 reason = str(reply.error.reason) if reply.has_error() else "no partition id or LoRA rank"
                 refusals[node_id] = reason
@@ -588,7 +608,7 @@ class FederatedStrategy(Strategy):
 
 
 #: Errors a client raises for a configuration problem (its own, or the experiment's on its data).
-CONFIG_ERROR_TYPES = ("ConfigError", "DataNotFoundError")
+CONFIG_ERROR_TYPES = ("ConfigError", "DataNotFoundError", "PrivacyBudgetExhausted")
 
 
 def fail_on_common_config_error(reasons: dict[int, str], nodes: Sequence[int], what: str) -> None:

@@ -105,6 +105,9 @@ class ClientRule:
     #: The rule changes the model object beyond its trainable arrays (merged base weights, which
     #: factors train): a process never hands such a model to another rule.
     private_model: ClassVar[bool] = False
+    #: Node-state records the server resends after a resume (large, and rebuilt exactly): not
+    #: kept on the node's disk between runs.
+    resynced_state: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, job: ClientRound) -> None:
         self.job = job

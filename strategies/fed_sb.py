@@ -132,7 +132,7 @@ class FedSB(FederatedStrategy):
         state = from_record(arrays)
         scale = self.method.alpha / self.method.rank
         for prefix, (a_key, b_key) in lora_layers(state).items():
-            total = np.sum([u[prefix + GRAD_SUFFIX] for u in uploads], axis=0, dtype=np.float64)
+            total = np.asarray(np.sum([u[prefix + GRAD_SUFFIX] for u in uploads], axis=0, dtype=np.float64))
             A, B, R = fed_sb_initialize(total, self.method.rank, self.method.init_lr, scale)
             state[a_key], state[b_key], state[latent_key(prefix)] = (x.astype(np.float32) for x in (A, B, R))
         log.info("fed_sb: A, B and R initialised from the gradients of %d node(s)", len(uploads))

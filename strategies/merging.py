@@ -24,7 +24,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from flwr.app import ArrayRecord
@@ -225,6 +225,16 @@ class BaseMergingStrategy(FederatedStrategy):
     def node_failed(self, node_id: int) -> None:
         self.node_version[node_id] = -1
 
+    # A resumed run knows its merges but not what its (new) node ids hold, nor past increments:
+    # every node gets the dense D once, which reproduces its base bit for bit.
+    def checkpoint_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays, state = super().checkpoint_state()
+        return arrays, {**state, "merged": list(self.merged)}
+
+    def restore_state(self, arrays: Mapping[str, np.ndarray], state: Mapping[str, Any]) -> None:
+        super().restore_state(arrays, state)
+        self.merged = [int(v) for v in state.get("merged", [])]
+
     # --- aggregation ---------------------------------------------------------------------
     def aggregate(self, replies: Replies) -> dict[str, np.ndarray]:
         deltas = split_base_deltas(replies.global_state)[1]
@@ -257,6 +267,7 @@ class MergedBaseClient(ClientRule):
 
     needs_base_weights = True
     private_model = True
+    resynced_state = (MERGED_BASE, MERGED_BASE_VERSION)  # a resumed server sends every node the dense D
     #: FLoRA: a fresh adapter (seeded per round) every round instead of the received one.
     fresh_adapter: ClassVar[bool] = False
 

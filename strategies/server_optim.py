@@ -44,6 +44,14 @@ class ServerOptimizer:
             method.server_beta1, method.server_beta2, method.server_tau,
         )  # fmt: skip
 
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """The moments, for a checkpoint: ``m/<key>`` and ``v/<key>``."""
+        return {**{f"m/{k}": v for k, v in self.m.items()}, **{f"v/{k}": v for k, v in self.v.items()}}
+
+    def load_state_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
+        self.m = {k[2:]: np.array(v) for k, v in arrays.items() if k.startswith("m/")}
+        self.v = {k[2:]: np.array(v) for k, v in arrays.items() if k.startswith("v/")}
+
     def step(
         self, server_round: int, current: Mapping[str, np.ndarray], aggregate: Mapping[str, np.ndarray]
     ) -> dict[str, np.ndarray]:

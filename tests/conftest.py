@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 # Tests never reach the Hub: fail fast instead of waiting on the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Node state and privacy ledgers of the tests' nodes (the Flower processes they start inherit it)
+# never touch the user's own ~/.cache/fedsubspace/node-state.
+os.environ["FEDSUBSPACE_STATE_DIR"] = tempfile.mkdtemp(prefix="fedsubspace-node-state-")
 
 import pytest
 
@@ -25,6 +29,14 @@ TINY_OVERRIDES = [
     "train.local_steps=2",
     "train.batch_size=8",
 ]
+
+
+@pytest.fixture(autouse=True)
+def node_state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh node-state folder (ledgers included) for each in-process test."""
+    folder = tmp_path_factory.mktemp("node-state")
+    monkeypatch.setenv("FEDSUBSPACE_STATE_DIR", str(folder))
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -158,7 +158,9 @@ def test_dp_target_calibrates_noise_and_stops_the_client(hub_mirror):
         ).content.metric_records["metrics"]
         spent.append(metrics["dp-epsilon"])
     assert spent[-1] == pytest.approx(2.0, abs=0.02)  # calibrated for 3 rounds: ends at the target
-    with pytest.raises(RuntimeError, match="privacy budget exhausted"):
+    from client_app.privacy import PrivacyBudgetExhausted
+
+    with pytest.raises(PrivacyBudgetExhausted, match="privacy budget exhausted"):
         train(_message(cfg, global_state, server_round=4), context)
     plan = plan_round(cfg.privacy, 100, 8, 2, 3)
     assert epsilon([(plan.noise_multiplier, plan.sample_rate, 2)] * 3, 1e-5) == pytest.approx(2.0, abs=0.02)
