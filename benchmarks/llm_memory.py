@@ -52,7 +52,8 @@ def one_round(option: str, rank: int, steps: int, batch: int, length: int, model
     overrides = [
         *OPTIONS[option], f"method.rank={rank}", f"method.alpha={2 * rank}", f"train.local_steps={steps}",
         f"train.batch_size={batch}", f"model.max_length={length}", "partition.num_clients=10",
-        f"hub_mirror={default_hub_mirror()}", "dataset.generate_examples=0",
+        f"hub_mirror={default_hub_mirror()}", "dataset.generate_examples=0", "dataset.metrics=[loss]",
+        "dataset.main_metric=loss",
     ]  # fmt: skip
     cfg = compose_config(
         {"model": model, "dataset": "gsm8k", "partition": "iid", "method": "fedit"}, overrides

@@ -5,6 +5,8 @@ and validated here, with the same code the ServerApp runs, before any Flower pro
     fedsubspace run --num-supernodes 4 partition=iid partition.num_clients=4 train.lr=1e-3
     fedsubspace cluster --num-nodes 2 --tls federation.num_rounds=3
     fedsubspace validate method=fedx            # the config alone: fails in well under a second
+    fedsubspace resume runs/20261201-093000-fedit-sst2-minilm           # after a crash or a stop
+    fedsubspace resume runs/20261201-093000-fedit-sst2-minilm federation.num_rounds=20   # longer
     fedsubspace sweep cpu_small method=fedit,full seed=0
     fedsubspace report cpu_small
 
@@ -18,6 +20,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import math
 import os
 import shlex
 import subprocess
@@ -66,13 +69,21 @@ def legacy_run_config(items: list[str]) -> dict[str, str]:
     return {k: str(v) for k, v in parse_config_args(items).items()}
 
 
-def resolve(arguments: list[str], legacy: list[str], output_dir: str, hub_mirror: str | None) -> Experiment:
+def resolve(
+    arguments: list[str],
+    legacy: list[str],
+    output_dir: str,
+    hub_mirror: str | None,
+    resume: Path | None = None,
+) -> Experiment:
     """Compose and validate the experiment exactly as the ServerApp will (same function, same
-    run config)."""
+    run config); a resumed one is checked against its newest checkpoint too."""
     import strategies  # noqa: F401  (registers every rule's config schema)
-    from server_app.run_config import experiment_from_run_config
+    from server_app.run_config import RESUME_KEY, experiment_from_run_config
 
     run_config = legacy_run_config(legacy)
+    if resume is not None:
+        run_config[RESUME_KEY] = str(resume.expanduser().resolve())
     selections, overrides = split_overrides(arguments)
     run_config.update(selections)
     if overrides:
@@ -82,7 +93,39 @@ def resolve(arguments: list[str], legacy: list[str], output_dir: str, hub_mirror
     mirror = default_hub_mirror() if hub_mirror is None else hub_mirror
     if mirror:
         run_config.setdefault("hub-mirror", str(Path(mirror).expanduser().resolve()))
-    return Experiment(run_config, experiment_from_run_config(dict(run_config)))
+    experiment = Experiment(run_config, experiment_from_run_config(dict(run_config)))
+    if resume is not None:
+        check_resumable(resume.expanduser().resolve(), experiment.cfg)
+    return experiment
+
+
+def check_resumable(folder: Path, cfg: ExperimentConfig) -> None:
+    """The folder has a checkpoint this config may continue (the ServerApp checks again)."""
+    from server_app.checkpoint import CheckpointError, newest_saved_config, refuse_unless_resumable
+
+    try:
+        saved_round, saved_config = newest_saved_config(folder)
+    except CheckpointError as error:
+        raise ConfigError(str(error)) from error
+    refuse_unless_resumable(folder, saved_round, saved_config, cfg)
+    log.info("resuming %s after round %d of %d", folder, saved_round, cfg.federation.num_rounds)
+
+
+def as_resumed_run(args: argparse.Namespace) -> argparse.Namespace:
+    """``resume FOLDER`` as the ``run`` (or ``cluster``) command it stands for."""
+    groups = [o for o in args.overrides if o.partition("=")[0] in CONFIG_GROUPS]
+    if groups:
+        raise SystemExit(
+            f"fedsubspace resume: {groups} would change the experiment; a resume takes key=value "
+            "changes of rounds and timeouts only"
+        )
+    home = PROJECT_DIR / (".flwr-cluster" if args.cluster else ".flwr")
+    as_run = {
+        "command": "cluster" if args.cluster else "run", "run_config": [], "resume": args.folder,
+        "output_dir": str(args.folder.expanduser().resolve().parent), "num_supernodes": None,
+        "num_nodes": None, "flwr_home": home, "tls": False, "auth": False,
+    }  # fmt: skip
+    return argparse.Namespace(**{**vars(args), **as_run})
 
 
 def check_sources(cfg: ExperimentConfig) -> None:
@@ -178,7 +221,14 @@ def common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--run-config", action="append", default=[], help=argparse.SUPPRESS
     )  # flwr-style, kept
-    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped")
+    parser.add_argument(
+        "--timeout", type=float, default=0.0, help="seconds before the run is stopped (default 0: never)"
+    )
+    parser.add_argument(
+        "--resume", type=Path, default=None, metavar="RUN_FOLDER",
+        help="continue this run folder from its newest checkpoint (the overrides must not change "
+        "the experiment; more rounds are fine)",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,6 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--auth", action="store_true", help="SuperNode authentication (implies --tls)")
     cluster.add_argument("--flwr-home", type=Path, default=PROJECT_DIR / ".flwr-cluster")
     experiment_command("validate", "compose and check the experiment, print it, start nothing")
+    resume = commands.add_parser(
+        "resume",
+        help="continue a run folder from its newest checkpoint, in a simulation (or --cluster)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    resume.add_argument("folder", type=Path, help="the run folder (runs/<date-time>-<name>/)")
+    resume.add_argument("overrides", nargs="*", help="key=value changes a resume allows (rounds, timeouts)")
+    resume.add_argument("--cluster", action="store_true", help="on a local SuperLink + SuperNodes")
+    resume.add_argument("--hub-mirror", default=None)
+    resume.add_argument("--timeout", type=float, default=0.0)
+    resume.add_argument("--cpus-per-client", type=int, default=1)
+    resume.add_argument("--gpus-per-client", type=float, default=0.0)
+    resume.add_argument("--ray-address", default="")
     sweep = commands.add_parser("sweep", help="a benchmark preset (conf/sweep/<preset>*.yaml), resumable")
     sweep.add_argument(
         "preset", choices=sorted({p.stem for p in (PROJECT_DIR / "conf" / "sweep").glob("*.yaml")})
@@ -246,8 +309,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.report import main as report_main
 
         return report_main(["--preset", args.preset.replace("_", "-")])
+    if args.command == "resume":
+        args = as_resumed_run(args)
     try:
-        experiment = resolve(args.overrides, args.run_config, args.output_dir, args.hub_mirror)
+        experiment = resolve(args.overrides, args.run_config, args.output_dir, args.hub_mirror, args.resume)
         check_sources(experiment.cfg)
         nodes = federation_size(
             getattr(args, "num_supernodes", None) or getattr(args, "num_nodes", None),
@@ -274,7 +339,7 @@ def launch(args: argparse.Namespace, experiment: Experiment, nodes: int) -> int:
 
         outcome = run_simulation(
             run_config, num_supernodes=nodes, cpus_per_client=args.cpus_per_client,
-            gpus_per_client=args.gpus_per_client, flwr_home=args.flwr_home, timeout=args.timeout,
+            gpus_per_client=args.gpus_per_client, flwr_home=args.flwr_home, timeout=args.timeout or math.inf,
             ray_address=args.ray_address,
         )  # fmt: skip
     else:
@@ -284,7 +349,7 @@ def launch(args: argparse.Namespace, experiment: Experiment, nodes: int) -> int:
         with LocalCluster(
             Path(args.flwr_home), nodes, tls=args.tls or args.auth, auth=args.auth, hub_mirror=mirror
         ) as cluster:
-            outcome = cluster.run(run_config, timeout=args.timeout)
+            outcome = cluster.run(run_config, timeout=args.timeout or math.inf)
     print(f"run {outcome.run_id}: {outcome.status} in {outcome.seconds:.0f} s", flush=True)
     return 0 if outcome.ok else 1
 

@@ -7,7 +7,8 @@ job, resumable — a job whose results folder already holds a completed summary 
 Results: ``<results_dir>/<method>-<dataset>-<partition>-s<seed>/<run folder>/`` (config, metrics,
 summary), plus ``sweep.jsonl``, one line per finished job. A job already in the preset's committed
 run records (``records``, written by ``python -m benchmarks.report``) is skipped too, so a sweep
-resumes from a fresh checkout.
+resumes from a fresh checkout. A job that was interrupted mid-run continues from its last round's
+checkpoint (``resume-from``) instead of starting again.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from omegaconf import DictConfig
 from benchmarks.results import code_commit, read_records
 from finetune.hub import default_hub_mirror
 from launch.simulation import PROJECT_DIR, run_simulation
+from server_app.checkpoint import round_folders
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +53,23 @@ def main(cfg: DictConfig) -> None:
     if completed(folder) or job_name(cfg) in recorded:
         log.info("%s: already completed, skipped", folder.name)
         return
-    for stale in folder.glob("*") if folder.exists() else []:  # an interrupted attempt
-        if stale.is_dir() and not (stale / "summary.json").exists():
+    mirror = default_hub_mirror()
+    run_config = None
+    for stale in sorted(folder.glob("*")) if folder.exists() else []:  # an interrupted attempt
+        if not stale.is_dir() or (stale / "summary.json").exists() or stale.name == "node-state":
+            continue
+        if run_config is None and round_folders(stale):  # continue it from its checkpoint
+            log.info("%s: resuming %s", folder.name, stale.name)
+            run_config = [f"resume-from='{stale}' hub-mirror='{mirror}'"]
+        else:
             stale.rename(stale.with_name(stale.name + ".interrupted"))
     folder.mkdir(parents=True, exist_ok=True)
-    overrides = f"{cfg.overrides} seed={cfg.seed} name={job_name(cfg)}".strip()
-    run_config = [
+    # the job's simulated data owners get their own node state (and privacy ledgers): a sweep
+    # repeats DP runs on the same partitions by design
+    overrides = f"{cfg.overrides} seed={cfg.seed} name={job_name(cfg)} node_state_dir={folder / 'node-state'}"
+    run_config = run_config or [
         f"method='{cfg.method}' model='{cfg.model}' dataset='{cfg.dataset}' partition='{cfg.partition}' "
-        f"overrides='{overrides}' output-dir='{folder}' hub-mirror='{default_hub_mirror()}'"
+        f"overrides='{overrides.strip()}' output-dir='{folder}' hub-mirror='{mirror}'"
     ]
     start = time.perf_counter()
     outcome = run_simulation(

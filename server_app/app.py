@@ -19,7 +19,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 from peft import PeftModel
 from safetensors.torch import save_file
 
-from finetune.config import ConfigError, ExperimentConfig, higher_is_better, resume_differences
+from finetune.config import ConfigError, ExperimentConfig, higher_is_better
 from finetune.data import PartitionedDataset, load_eval_split, load_train_split
 from finetune.hub import hub_mirror
 from finetune.logs import add_debug_file, setup_logging
@@ -31,7 +31,7 @@ from finetune.spec import AdapterSpec
 from finetune.state import base_weights, load_global_state, lora_base_layers, merged_delta, trainable_state
 from finetune.tasks import Task, build_task
 from server_app.centralized import run_centralized
-from server_app.checkpoint import Checkpoint, latest_checkpoint
+from server_app.checkpoint import Checkpoint, latest_checkpoint, refuse_unless_resumable
 from server_app.loop import Evaluate, evaluate_on_clients, run_federation
 from server_app.results import RunRecorder
 from server_app.run_config import RESUME_KEY, experiment_from_run_config
@@ -92,18 +92,7 @@ class ServerModel:
 def resumable_checkpoint(folder: Path, cfg: ExperimentConfig) -> Checkpoint:
     """The newest intact checkpoint of ``folder``, refused when ``cfg`` is another experiment."""
     checkpoint = latest_checkpoint(folder)
-    differences = resume_differences(checkpoint.config, cfg.to_dict())
-    if differences:
-        raise ConfigError(
-            f"cannot resume {folder}: this config differs from its checkpoint's in "
-            + "; ".join(differences)
-            + " (a resume may change only the number of rounds, timeouts, logging and paths)"
-        )
-    if checkpoint.round >= cfg.federation.num_rounds:
-        raise ConfigError(
-            f"cannot resume {folder}: its checkpoint is after round {checkpoint.round}, and the run has "
-            f"{cfg.federation.num_rounds} rounds; pass federation.num_rounds=<more> to continue it"
-        )
+    refuse_unless_resumable(folder, checkpoint.round, checkpoint.config, cfg)
     return checkpoint
 
 

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from finetune.config import ConfigError, ExperimentConfig, resume_differences
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1
@@ -157,3 +159,33 @@ def latest_checkpoint(run_folder: Path) -> Checkpoint:
             log.warning("resuming from %s, not the newest checkpoint %s", folder.name, folders[0].name)
         return checkpoint
     raise CheckpointError(f"every checkpoint in {checkpoint_root(run_folder)} is damaged")
+
+
+def newest_saved_config(run_folder: Path) -> tuple[int, dict[str, Any]]:
+    """(round, config) of the newest checkpoint whose state reads (no digests: a quick look for
+    the launcher; the ServerApp verifies the arrays)."""
+    for folder in round_folders(run_folder):
+        try:
+            state = json.loads((folder / STATE_FILE).read_text())
+            return int(state["round"]), state["config"]
+        except (OSError, ValueError, KeyError):
+            continue
+    raise CheckpointError(f"{run_folder} has no readable checkpoint ({FOLDER}/{PREFIX}<n>/state.json)")
+
+
+def refuse_unless_resumable(
+    run_folder: Path, saved_round: int, saved_config: dict[str, Any], cfg: ExperimentConfig
+) -> None:
+    """Raise a ConfigError naming why ``cfg`` cannot continue the checkpointed run."""
+    differences = resume_differences(saved_config, cfg.to_dict())
+    if differences:
+        raise ConfigError(
+            f"cannot resume {run_folder}: this config differs from its checkpoint's in "
+            + "; ".join(differences)
+            + " (a resume may change only the number of rounds, timeouts, logging and paths)"
+        )
+    if saved_round >= cfg.federation.num_rounds:
+        raise ConfigError(
+            f"cannot resume {run_folder}: its checkpoint is after round {saved_round}, and the run has "
+            f"{cfg.federation.num_rounds} rounds; pass federation.num_rounds=<more> to continue it"
+        )

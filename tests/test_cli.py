@@ -134,3 +134,48 @@ def test_a_simulation_can_join_a_running_ray_cluster(tmp_path):
     )
     parsed = cli.build_parser().parse_args(["run", "--ray-address", "head:6379", "method=fedit"])
     assert parsed.ray_address == "head:6379" and parsed.overrides == ["method=fedit"]
+
+
+def _checkpointed_run(folder, round_=2):
+    """A run folder as a crashed run leaves it: config.yaml and a checkpoint after ``round_``."""
+    import numpy as np
+
+    from finetune.config import compose_config
+    from server_app.checkpoint import Checkpoint, write_checkpoint
+
+    cfg = compose_config({"model": "tiny_bert"}, ["federation.num_rounds=4"])
+    folder.mkdir()
+    (folder / "config.yaml").write_text(cfg.to_yaml())
+    write_checkpoint(folder, Checkpoint(round_, {"w": np.zeros(2, np.float32)}, cfg.to_dict(), "h"), keep=2)
+    return folder
+
+
+def test_resume_refuses_another_experiment_before_any_process_starts(tmp_path, no_flower, capsys):
+    folder = _checkpointed_run(tmp_path / "run")
+    assert cli.main(["resume", str(folder), "method.rank=16"]) == 2
+    assert "method.rank: 8 -> 16" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="would change the experiment"):
+        cli.main(["resume", str(folder), "method=flora"])
+    assert cli.main(["validate", "--resume", str(folder), "model=tiny_bert", "federation.num_rounds=4"]) == 0
+    assert cli.main(["validate", "--resume", str(folder), "model=tiny_bert", "federation.num_rounds=2"]) == 2
+    assert "federation.num_rounds=<more>" in capsys.readouterr().err
+    assert cli.main(["resume", str(tmp_path / "nothing")]) == 2
+    assert "no config.yaml" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.yaml").write_text((folder / "config.yaml").read_text())
+    assert cli.main(["resume", str(tmp_path / "empty")]) == 2
+    assert "no readable checkpoint" in capsys.readouterr().err
+    assert no_flower == []
+
+
+def test_resume_submits_the_folder_and_the_allowed_changes(tmp_path, monkeypatch):
+    folder = _checkpointed_run(tmp_path / "run")
+    submitted = {}
+    monkeypatch.setattr(
+        cli, "launch", lambda args, experiment, nodes: submitted.update(vars(args), exp=experiment) or 0
+    )
+    assert cli.main(["resume", str(folder), "federation.num_rounds=6", "--timeout", "60"]) == 0
+    experiment = submitted["exp"]
+    assert experiment.run_config["resume-from"] == str(folder.resolve())
+    assert experiment.cfg.federation.num_rounds == 6 and experiment.cfg.output_dir == str(tmp_path.resolve())
+    assert submitted["command"] == "run" and submitted["timeout"] == 60
