@@ -113,23 +113,44 @@ def open_job(msg: Message, context: Context) -> Job:
         torch.set_num_threads(cfg.train.num_threads)
     rule = get_rule(cfg.method.name).client(job_round)
     mirror = node_hub_mirror(context.node_config, cfg.hub_mirror)
-    owner = cfg.method.name if rule.private_model else ""
+    # a model a rule changes beyond its trainable arrays serves one rule in one experiment only
+    owner = f"{cfg.method.name}:{cfg.experiment_id}" if rule.private_model else ""
     session = get_session(cfg, mirror, rule.adapter(), owner)
     received = from_record(msg.content.array_records[ARRAYS])
     rule.load(session.model, received, session.baseline(rule.needs_base_weights))
     return Job(job_round, rule, session, context)
 
 
+_SERVED_A_MESSAGE = False
+
+
+def startup_seconds() -> float:
+    """Seconds from this process's start to its first message's handler (interpreter, imports,
+    Flower pulling the task); 0 for every later message of a process that stays (Ray actors, the
+    warm node runtime)."""
+    global _SERVED_A_MESSAGE
+    if _SERVED_A_MESSAGE:
+        return 0.0
+    _SERVED_A_MESSAGE = True
+    import psutil
+
+    return max(time.time() - psutil.Process().create_time(), 0.0)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    started = time.perf_counter()
+    started, startup = time.perf_counter(), startup_seconds()
     job = open_job(msg, context)
+    opened = time.perf_counter()
     data = job.training_data()
+    prepared = time.perf_counter()
     server_round = job.round.instruction.server_round
     planned = plan_private_round(job.cfg, job.ledger(), len(data), server_round)
     privacy = planned[0] if planned is not None else None
     result = train_round(job, data, privacy)
     report = train_report(job, result, len(data))
+    report.startup_seconds, report.setup_seconds = startup, opened - started
+    report.data_seconds = prepared - opened
     if planned is not None:
         report.dp_noise_multiplier, report.dp_epsilon = planned[0].noise_multiplier, planned[1]
     upload = job.rule.finish(job.model, trainable_state(job.model), report)
@@ -182,6 +203,7 @@ def train_report(job: Job, result: TrainResult, num_examples: int) -> TrainRepor
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Personalised evaluation: this client's model on its own share of the validation split."""
+    startup_seconds()  # a later train message of this process starts warm
     job = open_job(msg, context)
     data = job.session.eval_partition(job.round.partition_id)
     result = job.session.task.evaluate(job.model, data, job.cfg.train.eval_batch_size)
@@ -192,6 +214,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query("setup")
 def setup(msg: Message, context: Context) -> Message:
     """A rule's one-off exchange before round 1 (Fed-SB: this node's gradient sums)."""
+    startup_seconds()
     job = open_job(msg, context)
     data = job.training_data()
     arrays = job.rule.setup(job.model, data, job.session.task.collate)
@@ -202,6 +225,7 @@ def setup(msg: Message, context: Context) -> Message:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """What the server asks before training: this node's partition and (where ranks differ) rank."""
+    startup_seconds()
     job_round = read_round(msg, context)
     rule = get_rule(job_round.cfg.method.name).client
     rank = rule.describe(

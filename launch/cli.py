@@ -123,7 +123,7 @@ def as_resumed_run(args: argparse.Namespace) -> argparse.Namespace:
     as_run = {
         "command": "cluster" if args.cluster else "run", "run_config": [], "resume": args.folder,
         "output_dir": str(args.folder.expanduser().resolve().parent), "num_supernodes": None,
-        "num_nodes": None, "flwr_home": home, "tls": False, "auth": False,
+        "num_nodes": None, "flwr_home": home, "tls": False, "auth": False, "cold": False,
     }  # fmt: skip
     return argparse.Namespace(**{**vars(args), **as_run})
 
@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--tls", action="store_true", help="TLS with a fresh private CA (openssl)")
     cluster.add_argument("--auth", action="store_true", help="SuperNode authentication (implies --tls)")
     cluster.add_argument("--flwr-home", type=Path, default=PROJECT_DIR / ".flwr-cluster")
+    cluster.add_argument(
+        "--cold", action="store_true", help="Flower's own SuperExec: a fresh ClientApp process per message"
+    )
     experiment_command("validate", "compose and check the experiment, print it, start nothing")
     resume = commands.add_parser(
         "resume",
@@ -347,8 +350,9 @@ def launch(args: argparse.Namespace, experiment: Experiment, nodes: int) -> int:
 
         mirror = experiment.run_config.get("hub-mirror", "")
         with LocalCluster(
-            Path(args.flwr_home), nodes, tls=args.tls or args.auth, auth=args.auth, hub_mirror=mirror
-        ) as cluster:
+            Path(args.flwr_home), nodes, tls=args.tls or args.auth, auth=args.auth, hub_mirror=mirror,
+            warm=not getattr(args, "cold", False),
+        ) as cluster:  # fmt: skip
             outcome = cluster.run(run_config, timeout=args.timeout or math.inf)
     print(f"run {outcome.run_id}: {outcome.status} in {outcome.seconds:.0f} s", flush=True)
     return 0 if outcome.ok else 1

@@ -12,11 +12,15 @@ every process started is stopped by PID on exit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
 
 from finetune.hub import default_hub_mirror
 from launch.processes import console_script, free_port, start_process, stop_process
@@ -38,6 +42,9 @@ class SuperNode:
     private_key: Path | None = None
     process: subprocess.Popen[bytes] | None = None
     log_file: Path | None = None
+    runtime_port: int = 0
+    runtime: subprocess.Popen[bytes] | None = None  # the warm SuperExec (launch/warm_node.py)
+    runtime_log: Path | None = None
 
 
 @dataclass
@@ -49,7 +56,14 @@ class LocalCluster:
     tls: bool = False
     auth: bool = False
     hub_mirror: str = ""
+    #: The warm node runtime (a long-lived worker per node); False: Flower's own SuperExec, one
+    #: fresh ClientApp process per message.
+    warm: bool = True
+    #: torch threads per node (0: the machine's cores shared out between the nodes)
+    threads_per_node: int = 0
+    worker_options: list[str] = field(default_factory=list)  # more launch/warm_node.py options
     nodes: list[SuperNode] = field(default_factory=list)
+    strays: list[SuperNode] = field(default_factory=list)  # nodes started beside the cluster's own
     superlink: LocalSuperLink | None = None
 
     def start(self) -> None:
@@ -91,8 +105,9 @@ class LocalCluster:
         assert self.superlink is not None
         command = [
             console_script("flower-supernode"), "--superlink", self.superlink.address,
-            "--port", str(free_port()), "--node-config", node.node_config, "--max-retries", "0",
+            "--port", str(node.runtime_port), "--node-config", node.node_config, "--max-retries", "0",
         ]  # fmt: skip
+        command += ["--isolation", "process"] if self.warm else []
         command += (
             ["--insecure"]
             if self.superlink.tls is None
@@ -104,9 +119,38 @@ class LocalCluster:
     def start_node(self, node: SuperNode) -> None:
         assert self.superlink is not None
         node.log_file = self.flwr_home / f"supernode-{node.index}.log"
+        node.runtime_port = node.runtime_port or free_port()
+        if node not in self.nodes and node not in self.strays:
+            self.strays.append(node)
         node.process = start_process(
             self.node_command(node), self.superlink.env(), self.flwr_home, node.log_file
         )
+        if self.warm:
+            self.start_runtime(node)
+
+    def runtime_command(self, node: SuperNode) -> list[str]:
+        threads = self.threads_per_node or max(1, (os.cpu_count() or 1) // max(self.num_nodes, 1))
+        return [
+            sys.executable, "-m", "launch.warm_node", "--runtime-api-address",
+            f"127.0.0.1:{node.runtime_port}", "--insecure", "--threads", str(threads), *self.worker_options,
+        ]  # fmt: skip
+
+    def start_runtime(self, node: SuperNode) -> None:
+        """The node's warm SuperExec (its worker dies with it)."""
+        assert self.superlink is not None
+        node.runtime_log = self.flwr_home / f"supernode-{node.index}-runtime.log"
+        env = {**self.superlink.env(), "PYTHONPATH": str(PROJECT_DIR)}
+        node.runtime = start_process(self.runtime_command(node), env, self.flwr_home, node.runtime_log)
+
+    def worker_pids(self, index: int) -> list[int]:
+        """The warm worker process(es) of node ``index``."""
+        runtime = self.nodes[index].runtime
+        if runtime is None:
+            return []
+        with contextlib.suppress(psutil.NoSuchProcess):
+            children = psutil.Process(runtime.pid).children(recursive=True)
+            return [p.pid for p in children if "multiprocessing" in " ".join(p.cmdline())]
+        return []
 
     def kill_node(self, index: int) -> None:
         """Stop one SuperNode abruptly (SIGKILL), as a crashed machine would."""
@@ -115,9 +159,10 @@ class LocalCluster:
         stop_process(self.nodes[index].process, sig=signal.SIGKILL)
 
     def stop(self) -> None:
-        for node in self.nodes:
+        for node in [*self.nodes, *self.strays]:
+            stop_process(node.runtime)
             stop_process(node.process)
-            node.process = None
+            node.process = node.runtime = None
         if self.superlink is not None:
             self.superlink.stop()
 
@@ -139,6 +184,14 @@ class LocalCluster:
         return self.superlink.follow(run_id, timeout, stream=stream)
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (``kill``, a CI timeout) unwinds like Ctrl-C, so ``LocalCluster.__exit__`` stops
+    every process it started, by PID."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -151,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hub-mirror", default=default_hub_mirror())
     parser.add_argument("--flwr-home", default=str(PROJECT_DIR / ".flwr-cluster"))
     parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument("--cold", action="store_true", help="Flower's SuperExec: a process per message")
     args = parser.parse_args(argv)
+    stop_on_sigterm()
     logging.basicConfig(level=logging.INFO, format="%(levelname)-7s %(name)s: %(message)s")
     output = Path(args.output_dir).resolve()
     output.mkdir(parents=True, exist_ok=True)
@@ -162,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         tls=args.tls or args.auth,
         auth=args.auth,
         hub_mirror=args.hub_mirror,
+        warm=not args.cold,
     )
     with cluster:
         outcome = cluster.run(run_config, timeout=args.timeout)

@@ -41,6 +41,10 @@ class RoundRecord:
     client_seconds_total: float = 0.0
     client_seconds: list[float] = field(default_factory=list)  # each client's training time
     client_handler_seconds: list[float] = field(default_factory=list)  # ... and its whole handler
+    # the slowest client's process start (first message only), model set-up and data preparation
+    slowest_startup_seconds: float | None = None
+    slowest_setup_seconds: float | None = None
+    slowest_data_seconds: float | None = None
     peak_client_memory_mb: float | None = None
     server_peak_rss_mb: float | None = None  # the ServerApp process while it trains and aggregates
     checkpoint_mb: float | None = None  # this round's server checkpoint, and the time to write it

@@ -36,6 +36,11 @@ EXAMPLES_SEEN = "examples-seen"
 TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
 HANDLER_SECONDS = "handler-seconds"
+# where a round's time goes before training: the process's own start (interpreter, imports, Flower
+# pulling the task) when this is its first message, else 0; the model and rule set-up; the data
+STARTUP_SECONDS = "startup-seconds"
+SETUP_SECONDS = "setup-seconds"
+DATA_SECONDS = "data-seconds"
 SAMPLES_PER_SECOND = "samples-per-second"
 PEAK_MEMORY_MB = "peak-memory-mb"
 PARTITION_ID = "partition-id"
@@ -47,7 +52,10 @@ NEXT_RANK = "next-rank"  # HetLoRA: the rank a node pruned itself to, from its n
 
 #: Reply metrics combined by sum or max instead of the example-weighted mean.
 SUM_METRICS = frozenset({NUM_EXAMPLES, EXAMPLES_SEEN})
-MAX_METRICS = frozenset({TRAIN_SECONDS, HANDLER_SECONDS, PEAK_MEMORY_MB, OPTIMIZER_STATE_BYTES, DP_EPSILON})
+MAX_METRICS = frozenset(
+    {TRAIN_SECONDS, HANDLER_SECONDS, STARTUP_SECONDS, SETUP_SECONDS, DATA_SECONDS, PEAK_MEMORY_MB,
+     OPTIMIZER_STATE_BYTES, DP_EPSILON}
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,9 @@ class TrainReport:
     partition_id: int
     optimizer_state_bytes: int
     handler_seconds: float = 0.0
+    startup_seconds: float | None = None
+    setup_seconds: float | None = None
+    data_seconds: float | None = None
     dp_epsilon: float | None = None
     dp_noise_multiplier: float | None = None
     next_rank: int | None = None
@@ -115,6 +126,9 @@ class TrainReport:
         "partition_id": PARTITION_ID,
         "optimizer_state_bytes": OPTIMIZER_STATE_BYTES,
         "handler_seconds": HANDLER_SECONDS,
+        "startup_seconds": STARTUP_SECONDS,
+        "setup_seconds": SETUP_SECONDS,
+        "data_seconds": DATA_SECONDS,
         "dp_epsilon": DP_EPSILON,
         "dp_noise_multiplier": DP_NOISE_MULTIPLIER,
         "next_rank": NEXT_RANK,

@@ -1,0 +1,93 @@
+"""Deployed vs simulated, side by side in one sitting: the default recipe (MiniLM, SST-2, FedIT) with
+2 clients on a 2-node loopback cluster — warm node runtime and Flower's cold process-per-message —
+and in a 2-client simulation; seconds per round, the deployed/simulated ratio, and where a
+client's round goes before training (process start, model set-up, data preparation).
+
+    python -m benchmarks.deployment [--rounds 4] [--modes warm,cold,simulation] [overrides ...]
+
+Each mode is one ``fedsubspace`` run (real processes). Prints figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+COMMANDS = {"simulation": ["run"], "warm": ["cluster"], "cold": ["cluster", "--cold"]}
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    rows: list[dict[str, Any]]
+    wall_seconds: float
+
+    def series(self, key: str) -> list[float]:
+        return [float(r.get(key) or 0.0) for r in self.rows]
+
+    def later(self, key: str) -> float:
+        """The median over rounds 2+ (round 1 loads models and prepares data everywhere)."""
+        values = self.series(key)[1:]
+        return statistics.median(values) if values else float("nan")
+
+
+def measure(mode: str, rounds: int, extra: list[str]) -> ModeResult:
+    output = Path(tempfile.mkdtemp(prefix=f"deployment-{mode}-"))
+    command = [
+        sys.executable, "-m", "launch.cli", *COMMANDS[mode], "partition.num_clients=2",
+        f"federation.num_rounds={rounds}", "save_adapter=false", "--output-dir", str(output), *extra,
+    ]  # fmt: skip
+    start = time.perf_counter()
+    code = subprocess.call(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    if code != 0:
+        raise SystemExit(f"{mode}: the run failed (exit {code}); see {output}")
+    (metrics,) = output.glob("*/metrics.jsonl")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()][1:]
+    return ModeResult(mode, rows, time.perf_counter() - start)
+
+
+PHASES = ("slowest_startup_seconds", "slowest_setup_seconds", "slowest_data_seconds")
+
+
+def table(results: list[ModeResult], rounds: int) -> str:
+    simulated = next((r.later("seconds") for r in results if r.mode == "simulation"), float("nan"))
+    lines = [
+        f"Default recipe, 2 clients, {rounds} rounds; medians over rounds 2+:",
+        "",
+        "| mode | s / round, rounds 2+ (each round) | deployed / simulated | slowest client, round 1: "
+        "process start / model set-up / data (s) | the same, rounds 2+ | accuracy after the last round |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        each = ", ".join(f"{s:.1f}" for s in r.series("seconds"))
+        first = " / ".join(f"{r.series(k)[0]:.1f}" for k in PHASES)
+        rest = " / ".join(f"{r.later(k):.2f}" for k in PHASES)
+        ratio, accuracy = r.later("seconds") / simulated, r.series("eval_accuracy")[-1]
+        cells = [r.mode, f"{r.later('seconds'):.1f} ({each})", f"{ratio:.2f}", first, rest, f"{accuracy:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--modes", default="simulation,warm,cold")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    results = [measure(m, args.rounds, args.overrides) for m in args.modes.split(",")]
+    print("\n" + table(results, args.rounds) + "\n")
+    print(json.dumps([{"mode": r.mode, "rows": r.rows, "wall_seconds": r.wall_seconds} for r in results]))
+
+
+if __name__ == "__main__":
+    main()
