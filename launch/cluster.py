@@ -148,8 +148,8 @@ class LocalCluster:
         if runtime is None:
             return []
         with contextlib.suppress(psutil.NoSuchProcess):
-            children = psutil.Process(runtime.pid).children(recursive=True)
-            return [p.pid for p in children if "multiprocessing" in " ".join(p.cmdline())]
+            children = psutil.Process(runtime.pid).children()
+            return [p.pid for p in children if "spawn_main" in " ".join(p.cmdline())]
         return []
 
     def kill_node(self, index: int) -> None:
