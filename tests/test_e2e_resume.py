@@ -17,7 +17,7 @@ from server_app.checkpoint import round_folders
 
 pytestmark = pytest.mark.e2e
 FEDERATION = "num-supernodes=2 client-resources-num-cpus=1 client-resources-num-gpus=0.0"
-ROUNDS = 5
+ROUNDS = 4
 EXTRA = {"hetlora": ["method.prune_gamma=0.5", "method.prune_lambda=1.0"]}  # it prunes in the run
 
 
@@ -76,7 +76,9 @@ def _eval(rows):
     return [{k: v for k, v in r.items() if k.startswith("eval_") and k != "eval_seconds"} for r in rows]
 
 
-@pytest.mark.parametrize("method", ["fedit", "fedsa_lora", "flora", "hetlora"])
+# private client state, a merged base, server state with per-client ranks (FedIT's stateless resume
+# is covered in-process by test_resume.py)
+@pytest.mark.parametrize("method", ["fedsa_lora", "flora", "hetlora"])
 def test_a_killed_server_resumes_to_the_uninterrupted_result(superlink, hub_mirror, tmp_path, method):
     whole_id = _submit(superlink, hub_mirror, tmp_path / "whole", method)
     assert superlink.follow(whole_id, timeout=600, stream=False).status == COMPLETED
