@@ -125,7 +125,7 @@ def summarize(records: list[dict[str, Any]], parallel: int) -> MethodRow:
     main = records[0]["main_metric"]
     pick = max if higher_is_better(main) else min
     finals = [r["rounds"][-1]["metric"] for r in records]
-    bests = [pick(row["metric"] for row in r["rounds"]) for r in records]
+    bests = [pick(row["metric"] for row in r["rounds"] if row["metric"] is not None) for r in records]
     per_client = [r["num_clients"] for r in records]
     down = [
         sum(row["bytes_down"] or 0 for row in r["rounds"]) / n
@@ -476,20 +476,28 @@ def plot(records: list[dict[str, Any]], folder: Path) -> list[Path]:
         curves = {**methods, **({"centralized": shared[1]} if shared else {})}
         for method, runs in sorted(curves.items(), key=lambda kv: _order(kv[0])):
             length = min(len(r["rounds"]) for r in runs)
-            metric = np.mean([[row["metric"] for row in r["rounds"][:length]] for r in runs], axis=0)
+            metric = np.mean(
+                [
+                    [np.nan if row["metric"] is None else row["metric"] for row in r["rounds"][:length]]
+                    for r in runs
+                ],
+                axis=0,
+            )
+            scored = ~np.isnan(metric)  # evaluation.every > 1 leaves rounds unscored
             per_client = [
                 np.cumsum([(row["bytes_down"] or 0) + (row["bytes_up"] or 0) for row in r["rounds"][:length]])
                 / r["num_clients"]
                 / MB
                 for r in runs
             ]
-            rounds = [row["round"] for row in runs[0]["rounds"][:length]]
+            rounds = np.asarray([row["round"] for row in runs[0]["rounds"][:length]])
             style = {"label": method, "marker": ".", "color": PALETTE[_order(method) % len(PALETTE)]}
             if method == "centralized":
-                by_round.plot(rounds, metric, "--", **style)
+                by_round.plot(rounds[scored], metric[scored], "--", **style)
                 continue
-            by_round.plot(rounds, metric, "-", **style)
-            by_bytes.plot(np.mean(per_client, axis=0)[1:], metric[1:], "-", **style)  # from round 1
+            by_round.plot(rounds[scored], metric[scored], "-", **style)
+            sent, from_one = np.mean(per_client, axis=0), scored & (rounds >= 1)
+            by_bytes.plot(sent[from_one], metric[from_one], "-", **style)
         main = records[0]["main_metric"]
         by_round.set(xlabel="round", ylabel=main, title=f"{dataset} / {partition}: {main} vs round")
         by_bytes.set(xlabel="MB communicated per client (down + up, cumulative)", ylabel=main, xscale="log")

@@ -75,10 +75,13 @@ class Job:
         return PrivacyLedger(root, key)
 
     def seed(self) -> int:
-        """Dropout and batch order: the same whichever process trains this client this round."""
-        return (
-            self.cfg.seed * 1_000_003 + self.round.instruction.server_round * 1009 + self.round.partition_id
-        )
+        return training_seed(self.cfg, self.round.instruction.server_round, self.round.partition_id)
+
+
+def training_seed(cfg: ExperimentConfig, server_round: int, partition_id: int) -> int:
+    """Dropout and batch order: the same whichever process trains this client this round, and the
+    same for every method (a benchmark seed pairs the methods' runs)."""
+    return cfg.seed * 1_000_003 + server_round * 1009 + partition_id
 
 
 def read_round(msg: Message, context: Context) -> ClientRound:

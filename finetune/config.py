@@ -216,6 +216,14 @@ class DatasetConfig:
     # Subsample (seeded) before partitioning / evaluating; None keeps the whole split.
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
+    # A tuning split carved from the training split (before any subsampling) and held out of every
+    # client's partition; the same rows for every seed (drawn with tuning_seed), so runs with and
+    # without tuning train on the same pool. 0 = none.
+    tuning_examples: int = 0
+    tuning_seed: int = 0
+    # What the global model is scored on: validation (eval_split) | tuning (the tuning split, for
+    # choosing hyperparameters without looking at the reported split).
+    evaluate_on: str = "validation"
 
     @property
     def is_classification(self) -> bool:
@@ -264,6 +272,14 @@ class DatasetConfig:
         for key in ("max_train_examples", "max_eval_examples"):
             value = getattr(self, key)
             require(value is None or value >= 1, f"dataset.{key} must be >= 1, got {value}")
+        choice(self.evaluate_on, ("validation", "tuning"), "dataset.evaluate_on")
+        require(
+            self.tuning_examples >= 0, f"dataset.tuning_examples must be >= 0, got {self.tuning_examples}"
+        )
+        require(
+            self.evaluate_on != "tuning" or self.tuning_examples > 0,
+            "dataset.evaluate_on=tuning scores on the tuning split: set dataset.tuning_examples > 0",
+        )
 
 
 @dataclass
@@ -442,12 +458,16 @@ class EvaluationConfig:
     The metrics are the dataset's: loss only, or loss and generation (``dataset.generate_examples``)."""
 
     where: str = "server"  # server | clients
+    # Score the global model every this many rounds (and always before round 1 and after the last):
+    # evaluation is time not spent training; rounds in between record no eval_* metrics.
+    every: int = 1
     # The device the ServerApp's model lives on: auto (the GPU when there is one) | cpu (keep the
     # GPU for the clients: simulation, or a server that shares a machine with a node).
     server_device: str = "auto"
 
     def validate(self) -> None:
         choice(self.where, ("server", "clients"), "evaluation.where")
+        require(self.every >= 1, f"evaluation.every must be >= 1, got {self.every}")
         choice(self.server_device, ("auto", "cpu"), "evaluation.server_device")
 
 
@@ -513,6 +533,11 @@ class ExperimentConfig:
     # nodes keep for this experiment on their disks (the same when a run is resumed).
     experiment_id: str = ""
     save_adapter: bool = True
+
+    def evaluation_due(self, server_round: int) -> bool:
+        """Whether the global model is scored after ``server_round`` (0: the initial model)."""
+        last = self.federation.num_rounds
+        return server_round in (0, last) or server_round % self.evaluation.every == 0
 
     def validate(self) -> ExperimentConfig:
         self.method.validate()

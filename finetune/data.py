@@ -70,8 +70,26 @@ def subsample(dataset: datasets.Dataset, limit: int | None, seed: int) -> datase
     return dataset.shuffle(seed=seed).select(range(limit))
 
 
+def split_off_tuning(
+    dataset: datasets.Dataset, cfg: DatasetConfig
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The training split without its tuning rows, and the tuning rows (``cfg.tuning_examples`` of
+    them, drawn with ``cfg.tuning_seed``; the same for every run seed)."""
+    if cfg.tuning_examples >= len(dataset):
+        raise ConfigError(
+            f"dataset.tuning_examples={cfg.tuning_examples} leaves nothing of the {len(dataset)} "
+            f"training examples of {cfg.name!r} to train on"
+        )
+    order = np.random.default_rng(cfg.tuning_seed).permutation(len(dataset))
+    tuning, rest = np.sort(order[: cfg.tuning_examples]), np.sort(order[cfg.tuning_examples :])
+    return dataset.select(rest), dataset.select(tuning)
+
+
 def load_train_split(cfg: DatasetConfig, mirror: Path | None, seed: int) -> datasets.Dataset:
+    """The training split (less the tuning split, when there is one), seeded-subsampled."""
     dataset = load_split(cfg, cfg.train_split, mirror)
+    if cfg.tuning_examples:
+        dataset, _ = split_off_tuning(dataset, cfg)
     return subsample(dataset, cfg.max_train_examples, seed)
 
 
@@ -96,6 +114,11 @@ def load_local_data(path: Path, cfg: DatasetConfig) -> datasets.Dataset:
 
 
 def load_eval_split(cfg: DatasetConfig, mirror: Path | None, seed: int) -> datasets.Dataset:
+    """What the global model is scored on: the validation split, or the tuning split
+    (``dataset.evaluate_on``), seeded-subsampled to ``max_eval_examples``."""
+    if cfg.evaluate_on == "tuning":
+        _, tuning = split_off_tuning(load_split(cfg, cfg.train_split, mirror), cfg)
+        return subsample(tuning, cfg.max_eval_examples, seed)
     dataset = load_split(cfg, cfg.eval_split, mirror)
     if cfg.is_classification and (np.asarray(dataset[cfg.label_field]) < 0).all():
         raise ConfigError(

@@ -265,7 +265,7 @@ def summarize(
     key = f"eval_{cfg.dataset.main_metric}"
     rows = recorder.rows
     pick = max if higher_is_better(cfg.dataset.main_metric) else min
-    best = pick(rows, key=lambda row: row[key])
+    best = pick((row for row in rows if row.get(key) is not None), key=lambda row: row[key])
     return {
         "status": "completed",
         "run_dir": str(recorder.folder),

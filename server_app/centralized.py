@@ -58,7 +58,11 @@ def run_centralized(
         )  # fmt: skip
         optimizer_state = result.optimizer_state
         train_end = time.perf_counter()
-        metrics = evaluate(server_round, to_record(trainable_state(model)))
+        metrics = (
+            evaluate(server_round, to_record(trainable_state(model)))
+            if cfg.evaluation_due(server_round)
+            else {}
+        )
         recorder.log_round(
             RoundRecord(
                 server_round,

@@ -107,7 +107,7 @@ def run_federation(
         reset_peak_rss()
         arrays, train = train_round(grid, strategy, cfg, arrays, server_round, lr, central_dp, releases)
         train_end, server_peak = time.perf_counter(), peak_rss_mb()
-        eval_metrics = evaluate(server_round, arrays)
+        eval_metrics = evaluate(server_round, arrays) if cfg.evaluation_due(server_round) else {}
         record = round_record(strategy, server_round, eval_metrics, train, lr)
         record.server_peak_rss_mb = round(server_peak, 1)
         record.train_phase_seconds = train_end - round_start

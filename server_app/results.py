@@ -95,6 +95,11 @@ def yaml_config(folder: Path) -> dict[str, Any]:
     return {str(k): v for k, v in data.items()}
 
 
+def _shown(value: float | None) -> str:
+    """A metric in a log line or table; "-" for a round that did not record it."""
+    return "-" if value is None else f"{value:.4f}"
+
+
 TABLE_COLUMNS = ("round", "main", "eval_loss", "train_loss", "mb_down", "mb_up", "clients", "seconds")
 
 
@@ -152,12 +157,12 @@ class RunRecorder:
         with (self.folder / "metrics.jsonl").open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         log.info(
-            "round %d | %s %.4f | eval loss %.4f | train loss %s | down %.2f MB up %.2f MB | %.1f s",
+            "round %d | %s %s | eval loss %s | train loss %s | down %.2f MB up %.2f MB | %.1f s",
             row["round"],
             self.main_metric,
-            row[f"eval_{self.main_metric}"],
-            row["eval_loss"],
-            "-" if row.get("train_loss") is None else f"{row['train_loss']:.4f}",
+            _shown(row.get(f"eval_{self.main_metric}")),
+            _shown(row.get("eval_loss")),
+            _shown(row.get("train_loss")),
             row["bytes_down"] / 1e6,
             row["bytes_up"] / 1e6,
             row["seconds"],
@@ -177,10 +182,9 @@ class RunRecorder:
             "|" + "---|" * len(TABLE_COLUMNS),
         ]
         for row in self.rows:
-            train_loss = row.get("train_loss")
             lines.append(
-                f"| {row['round']} | {row[f'eval_{self.main_metric}']:.4f} | {row['eval_loss']:.4f} | "
-                f"{'-' if train_loss is None else f'{train_loss:.4f}'} | "
+                f"| {row['round']} | {_shown(row.get(f'eval_{self.main_metric}'))} | "
+                f"{_shown(row.get('eval_loss'))} | {_shown(row.get('train_loss'))} | "
                 f"{row['bytes_down'] / 1e6:.2f} | {row['bytes_up'] / 1e6:.2f} | "
                 f"{row['clients_aggregated']}/{row['clients_sampled']} | {row['seconds']:.1f} |"
             )
