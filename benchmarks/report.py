@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.results import code_commit, merge_records, read_records, run_record, write_records
+from benchmarks.stats import Interval, Verdict, advise, mean_interval, paired_difference, verdict
 from finetune.config import higher_is_better
 from strategies import RULES, Family
 
@@ -108,6 +109,12 @@ class MethodRow:
     chance: float | None = None  # accuracy of always answering the evaluation set's commonest label
     eval_examples: int | None = None
     sampling_se: float = 0.0  # standard error of the final accuracy from the evaluation set's size
+    per_seed: dict[int, float] = dataclasses.field(default_factory=dict)  # final metric by seed
+    mb_per_seed: dict[int, float] = dataclasses.field(default_factory=dict)  # MB down + up per client
+
+    @property
+    def interval(self) -> Interval:
+        return mean_interval(list(self.per_seed.values()))
 
     @property
     def noise(self) -> float:
@@ -164,6 +171,8 @@ def summarize(records: list[dict[str, Any]], parallel: int) -> MethodRow:
         chance=chance,
         eval_examples=examples,
         sampling_se=sampling_se,
+        per_seed={int(r["seed"]): f for r, f in zip(records, finals, strict=True)},
+        mb_per_seed={int(r["seed"]): (d + u) / MB for r, d, u in zip(records, down, up, strict=True)},
     )
 
 
@@ -303,16 +312,18 @@ def efficiency_table(records: list[dict[str, Any]], parallel: int) -> str:
     return "\n".join(lines)
 
 
-# A claim's verdict on one table: held (True), did not hold (False), inconclusive (None: both
-# sides score like a model that learned nothing), with the numbers in words; None if not run.
-Verdict = tuple[bool | None, str] | None
+# A claim's verdict on one table, with the numbers in words; None if not run. With two or more seeds
+# both sides ran, the paired interval of the difference decides (held / did not hold only when it
+# excludes zero); a single seed falls back to the noise band. Both sides at chance: inconclusive.
+Outcome = Verdict | None  # None: both sides score like a model that learned nothing
+ClaimResult = tuple[Outcome, str] | None
 
 
 @dataclass
 class Claim:
     paper: str
     claim: str
-    test: Callable[[dict[str, MethodRow]], Verdict]
+    test: Callable[[dict[str, MethodRow]], ClaimResult]
 
 
 @dataclass
@@ -321,12 +332,23 @@ class Comparison:
     noise: float  # the larger of the two rows' noise levels
     words: str
     both_at_chance: bool
+    paired: Interval | None = None  # a − b over the seeds both ran
 
-    def verdict(self, held: bool, extra: str = "") -> Verdict:
-        if held and self.diff < 0 and not self.both_at_chance:
-            # "At least as good" that rests only on the noise band: say so rather than imply a tie.
-            extra += "; lower, but within the noise"
-        return (None if self.both_at_chance else held), self.words + extra
+    def verdict(self, held_in_noise: bool, extra: str = "", required: bool = True) -> ClaimResult:
+        """The outcome: by the paired interval when there is one (``held_in_noise`` is the
+        single-seed rule), and never held when a ``required`` side condition fails."""
+        if self.both_at_chance:
+            return None, self.words + extra
+        if self.paired is not None and self.paired.n >= 2:
+            outcome = verdict(self.paired)
+        else:
+            if held_in_noise and self.diff < 0:
+                # "At least as good" that rests only on the noise band: say so rather than imply a tie.
+                extra += "; lower, but within the noise"
+            outcome = Verdict.HELD if held_in_noise else Verdict.DID_NOT_HOLD
+        if not required:
+            outcome = Verdict.DID_NOT_HOLD
+        return outcome, self.words + extra
 
 
 def _compare(rows: dict[str, MethodRow], a: str, b: str) -> Comparison | None:
@@ -334,32 +356,33 @@ def _compare(rows: dict[str, MethodRow], a: str, b: str) -> Comparison | None:
         return None
     ra, rb = rows[a], rows[b]
     noise = max(ra.noise, rb.noise)
-    return Comparison(
-        diff=ra.final[0] - rb.final[0],
-        noise=noise,
-        words=f"{a} {ra.final[0] * 100:.1f} vs {b} {rb.final[0] * 100:.1f} (± {noise * 100:.1f})",
-        both_at_chance=ra.at_chance and rb.at_chance,
-    )
+    paired = paired_difference(ra.per_seed, rb.per_seed)
+    words = f"{a} {ra.final[0] * 100:.1f} vs {b} {rb.final[0] * 100:.1f}"
+    if paired is not None and paired.n >= 2:
+        words += f": paired difference {paired.bounds()} pp over {paired.n} seeds"
+    else:
+        words += f" (± {noise * 100:.1f})"
+    return Comparison(ra.final[0] - rb.final[0], noise, words, ra.at_chance and rb.at_chance, paired)
 
 
-def _at_least(a: str, b: str) -> Callable[[dict[str, MethodRow]], Verdict]:
-    def test(rows: dict[str, MethodRow]) -> Verdict:
+def _at_least(a: str, b: str) -> Callable[[dict[str, MethodRow]], ClaimResult]:
+    def test(rows: dict[str, MethodRow]) -> ClaimResult:
         found = _compare(rows, a, b)
         return None if found is None else found.verdict(found.diff >= -found.noise)
 
     return test
 
 
-def _half_upload(rows: dict[str, MethodRow]) -> Verdict:
+def _half_upload(rows: dict[str, MethodRow]) -> ClaimResult:
     found = _compare(rows, "ffa_lora", "fedit")
     if found is None:
         return None
     ratio = rows["ffa_lora"].mb_up / rows["fedit"].mb_up
-    return found.verdict(found.diff >= -found.noise and ratio < 0.6, f"; upload ratio {ratio:.2f}")
+    return found.verdict(found.diff >= -found.noise, f"; upload ratio {ratio:.2f}", required=ratio < 0.6)
 
 
-def _beats_lora_family(method: str) -> Callable[[dict[str, MethodRow]], Verdict]:
-    def test(rows: dict[str, MethodRow]) -> Verdict:
+def _beats_lora_family(method: str) -> Callable[[dict[str, MethodRow]], ClaimResult]:
+    def test(rows: dict[str, MethodRow]) -> ClaimResult:
         family = [m for m in LORA_FAMILY if m in rows]
         if method not in rows or not family:
             return None
@@ -371,7 +394,7 @@ def _beats_lora_family(method: str) -> Callable[[dict[str, MethodRow]], Verdict]
     return test
 
 
-def _upper_bound(rows: dict[str, MethodRow]) -> Verdict:
+def _upper_bound(rows: dict[str, MethodRow]) -> ClaimResult:
     others = [m for m in rows if m != "centralized" and m not in PERSONALISED]
     if "centralized" not in rows or not others:
         return None
@@ -435,7 +458,12 @@ def claims_text(table: dict[tuple[str, str], list[MethodRow]]) -> list[str]:
             outcome = claim.test({r.method: r for r in rows})
             if outcome is not None:
                 held, words = outcome
-                said = {True: "held", False: "**did not hold**", None: "inconclusive (both at chance)"}[held]
+                said = {
+                    Verdict.HELD: "held",
+                    Verdict.DID_NOT_HOLD: "**did not hold**",
+                    Verdict.NOT_RESOLVED: "not resolved",
+                    None: "inconclusive (both at chance)",
+                }[held]
                 verdicts.append(f"{dataset}/{partition}: {said} — {words}")
         if verdicts:
             lines.append(f"- **{claim.paper}**: {claim.claim}.")
@@ -457,6 +485,76 @@ def claims_text(table: dict[tuple[str, str], list[MethodRow]]) -> list[str]:
                 f"  - {dataset}/{partition}: {row.final[0] * 100:.1f} vs {row.chance * 100:.1f} "
                 f"(± {row.noise * 100:.1f}): "
                 + ("no better than that" if row.at_chance else f"{gain * 100:+.1f} pp of learning beyond it")
+            )
+    return lines
+
+
+def _contenders(rows: list[MethodRow]) -> list[MethodRow]:
+    """The federated rules scored on the common evaluation set."""
+    return [r for r in rows if r.method != "centralized" and r.method not in PERSONALISED]
+
+
+def paired_table(rows: list[MethodRow]) -> str:
+    """Per rule: the final metric's mean ± 95 % interval over seeds, and its paired difference to
+    FedIT and to the best LoRA rule (best by mean, other than itself), with the verdict."""
+    contenders = _contenders(rows)
+    by_name = {r.method: r for r in contenders}
+    lora = [r for r in contenders if r.method in LORA_FAMILY]
+    lines = [
+        "| method | seeds | final (mean ± 95 % CI) | − `fedit` (pp, paired, 95 % CI) | − best LoRA rule |",
+        "|---|---|---|---|---|",
+    ]
+
+    def against(row: MethodRow, other: MethodRow | None) -> str:
+        if other is None or other is row:
+            return "—"
+        found = paired_difference(row.per_seed, other.per_seed)
+        if found is None:
+            return "no shared seeds"
+        return f"{found.bounds()} {verdict(found).value}" + (
+            f" (`{other.method}`)" if other.method != "fedit" else ""
+        )
+
+    for row in contenders:
+        best_other = max((r for r in lora if r is not row), key=lambda r: r.final[0], default=None)
+        lines.append(
+            f"| `{row.method}` | {row.seeds} | {row.interval.points()} "
+            f"| {against(row, by_name.get('fedit'))} | {against(row, best_other)} |"
+        )
+    return "\n".join(lines)
+
+
+def decision_guide(table: dict[tuple[str, str], list[MethodRow]]) -> list[str]:
+    """Per dataset and setting: which rule to use for accuracy (and by how much it leads the
+    runner-up, paired) and, for tight bandwidth, the cheapest rule not resolved below the best."""
+    lines = []
+    for (dataset, setting), rows in table.items():
+        contenders = [r for r in _contenders(rows) if r.per_seed]
+        if not contenders:
+            continue
+        cell = f"{dataset} / {setting}"
+        if all(r.at_chance for r in contenders):
+            lines.append(f"- **{cell}**: every rule is at chance; these runs cannot guide a choice.")
+            continue
+        advice = advise(cell, {r.method: r.per_seed for r in contenders})
+        assert advice is not None
+        lines.append(f"- {advice.text()}")
+        best = next(r for r in contenders if r.method == advice.best)
+        close = [
+            r
+            for r in contenders
+            if r is best or not ((d := paired_difference(r.per_seed, best.per_seed)) and d.resolved)
+        ]
+        cheapest = min(close, key=lambda r: r.mb_down + r.mb_up)
+        if cheapest is not best:
+            sent, most = cheapest.mb_down + cheapest.mb_up, best.mb_down + best.mb_up
+            lines.append(
+                f"  - tight bandwidth: `{cheapest.method}` sends {sent:.1f} MB per client (vs {most:.1f} MB "
+                f"for `{best.method}`) at {cheapest.interval.points()} %, not resolved below the best."
+            )
+        else:
+            lines.append(
+                f"  - tight bandwidth: `{best.method}` is also the cheapest of the rules that match it."
             )
     return lines
 
@@ -535,9 +633,26 @@ def write_report(records: list[dict[str, Any]], out: Path, preset: str, parallel
         "(target ≤ 1.05).",
         "",
     ]
+    guide = decision_guide(table)
+    if guide:
+        lines += [
+            "## Decision guide",
+            "",
+            "Generated from the numbers below: a seed fixes the partition, the client draws and the data "
+            "order for every rule of a cell, so rules are compared by their paired per-seed differences "
+            "(t interval, 95 %); a lead whose interval spans zero is *not resolved*.",
+            "",
+            *guide,
+            "",
+        ]
+    tuning = out / "tuning.md"
+    if tuning.is_file():
+        lines += [tuning.read_text().strip(), ""]
     for (dataset, partition), rows in table.items():
         metric = next(r for r in records if r["dataset"] == dataset)["main_metric"]
         lines += [f"## {dataset} / {partition}", "", markdown_table(rows, metric), ""]
+        if any(r.seeds >= 2 for r in rows):
+            lines += ["Paired comparison:", "", paired_table(rows), ""]
         lrs = {
             r["method"]: r.get("lr")
             for r in records
@@ -552,9 +667,11 @@ def write_report(records: list[dict[str, Any]], out: Path, preset: str, parallel
     lines += [
         "## Which claims held",
         "",
-        "A comparison counts a difference of final means only beyond the noise (± below): the larger of "
-        "the sample std over seeds and the standard error an accuracy has on this many evaluation "
-        "examples. Where both sides are at chance (°), the runs say nothing about the claim.",
+        "Where both sides ran two or more seeds, the paired difference of their final metrics decides "
+        "(95 % t interval over the shared seeds): held or did not hold only when the interval excludes "
+        "zero, else not resolved. A single seed counts a difference of final means only beyond the noise "
+        "(± below): the standard error an accuracy has on this many evaluation examples. Where both sides "
+        "are at chance (°), the runs say nothing about the claim.",
         "",
         *claims_text(table),
         "",

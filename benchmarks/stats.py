@@ -38,9 +38,15 @@ class Interval:
         return f"{self.mean * scale:.1f} ± {(self.high - self.mean) * scale:.1f}"
 
     def bounds(self, scale: float = 100.0) -> str:
+        mean = _signed(self.mean * scale)
         if self.n < 2:
-            return f"{self.mean * scale:+.1f} (1 seed, no interval)"
-        return f"{self.mean * scale:+.1f} [{self.low * scale:+.1f}, {self.high * scale:+.1f}]"
+            return f"{mean} (1 seed, no interval)"
+        return f"{mean} [{_signed(self.low * scale)}, {_signed(self.high * scale)}]"
+
+
+def _signed(value: float) -> str:
+    """``+1.2`` / ``-0.3``; a difference that rounds to nothing is ``±0.0``, not ``-0.0``."""
+    return "±0.0" if abs(value) < 0.05 else f"{value:+.1f}"
 
 
 def mean_interval(values: Sequence[float], level: float = LEVEL) -> Interval:

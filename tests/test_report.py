@@ -15,6 +15,7 @@ from benchmarks.report import (
     wire_overhead,
 )
 from benchmarks.results import merge_records, read_records, run_record
+from benchmarks.stats import Verdict
 
 
 def _record(method, seed, finals, dataset="sst2", partition="dirichlet", up=100.0, seconds=(10.0, 4.0, 12.0)):
@@ -89,7 +90,13 @@ def test_report_command_writes_table_plots_and_claims(tmp_path):
     assert "| `fedit` | 2 | 81.0 ± 1.4 | 81.0 ± 1.4 | -4.0 | 0.0 / 0.0 |" in text
     assert "Peak learning rates: `centralized` 0.001, `fedit` 0.005, `ffa_lora` 0.005, `full` 0.001." in text
     assert "FFA-LoRA**: freezing A matches FedIT with half the upload" in text
-    assert "held — ffa_lora 81.0 vs fedit 81.0 (± 1.4); upload ratio 0.50" in text
+    # two paired seeds: differences +1 and -1 pp, t_{0.975, 1} = 12.706 → ±12.7 pp
+    assert (
+        "not resolved — ffa_lora 81.0 vs fedit 81.0: paired difference ±0.0 [-12.7, +12.7] pp over 2 seeds; "
+        "upload ratio 0.50" in text
+    )
+    assert "| `ffa_lora` | 2 | 81.0 ± 0.0 | ±0.0 [-12.7, +12.7] not resolved |" in text
+    assert "- **sst2 / dirichlet**: not resolved — `fedit` leads `ffa_lora`" in text
     assert "**did not hold** — full 70.0 vs fedit 81.0" in text  # full did not beat LoRA here
     assert (out / "sst2-dirichlet.png").stat().st_size > 10_000
     # per run: round 1 and rounds 2+ (10 / max(4, 12 / 2)), MB per round 300 / 285 bytes
@@ -158,9 +165,9 @@ def test_a_lower_mean_that_holds_only_within_the_noise_says_so():
     records = [_with_chance(_record("fedit", 0, [0.5, 0.80])), _with_chance(_record("flora", 0, [0.5, 0.78]))]
     rows = {r.method: r for r in method_rows(grouped(records), parallel=2)[("sst2", "dirichlet")]}
     held, words = _at_least("flora", "fedit")(rows)  # -2 pp, noise sqrt(.78 * .22 / 100) = 4.1 pp
-    assert held is True and words.endswith("(± 4.1); lower, but within the noise")
+    assert held is Verdict.HELD and words.endswith("(± 4.1); lower, but within the noise")
     held, words = _at_least("fedit", "flora")(rows)
-    assert held is True and words.endswith("(± 4.1)")
+    assert held is Verdict.HELD and words.endswith("(± 4.1)")
 
 
 def test_chance_level_of_a_run_from_the_mirror(tiny_cfg):
@@ -199,3 +206,25 @@ def test_partition_independent_centralized_row_is_repeated_in_other_partitions(t
     text = (out / "report.md").read_text().split("## sst2 / iid")[1]
     assert "| `centralized` (the dirichlet runs) | 2 | 85.0 ± 1.4 |" in text
     assert "| `fedit` | 1 | 83.0 ± 0.0 | 83.0 ± 0.0 | -2.0 |" in text
+
+
+def test_five_paired_seeds_resolve_a_claim_and_the_guide_names_the_winner(tmp_path):
+    records = [
+        r
+        for seed in range(5)
+        for r in (
+            _record("fedit", seed, [0.7, 0.80 + 0.01 * seed]),
+            _record("full", seed, [0.7, 0.85 + 0.01 * seed + 0.002 * (seed % 2)]),
+        )
+    ]
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["--results", str(tmp_path / "none"), "--out", str(out), "--preset", "test"]) == 0
+    text = (out / "report.md").read_text()
+    # differences 5.0, 5.2, 5.0, 5.2, 5.0 pp: mean 5.08, s = 0.1095, t_{0.975, 4} s / sqrt 5 = 0.136
+    assert "full 87.1 vs fedit 82.0: paired difference +5.1 [+4.9, +5.2] pp over 5 seeds" in text
+    assert "sst2/dirichlet: held — full" in text
+    assert (
+        "- **sst2 / dirichlet**: use `full` — it beats the runner-up `fedit` by +5.1 [+4.9, +5.2] pp" in text
+    )
