@@ -33,9 +33,15 @@ cluster: $(STAMP)
 # Benchmark sweep (resumable): make sweep PRESET=cpu_small runs every grid conf/sweep/$(PRESET)*.yaml,
 # then `make report PRESET=cpu_small` writes docs/results/cpu-small/ (table, plots, claims).
 PRESET ?= cpu_small
+# A preset with a tuning stage ($(PRESET)_tune.yaml) runs it first and records its choice
+# (benchmarks.tuning → docs/results/<preset>/tuned.json) for the reported grids.
 sweep: $(STAMP)
+	if [ -f conf/sweep/$(PRESET)_tune.yaml ]; then \
+	  $(PY) -m launch.sweep --config-name $(PRESET)_tune $(ARGS) || exit 1; \
+	  $(PY) -m benchmarks.tuning --preset $(subst _,-,$(PRESET)) || exit 1; \
+	fi
 	for grid in conf/sweep/$(PRESET).yaml conf/sweep/$(PRESET)_*.yaml; do \
-	  [ -f $$grid ] || continue; \
+	  [ -f $$grid ] && [ $$grid != conf/sweep/$(PRESET)_tune.yaml ] || continue; \
 	  $(PY) -m launch.sweep --config-name $$(basename $$grid .yaml) $(ARGS) || exit 1; \
 	done
 

@@ -177,10 +177,12 @@ def summarize(records: list[dict[str, Any]], parallel: int) -> MethodRow:
 
 
 def grouped(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, list[dict[str, Any]]]]:
-    """``(dataset, partition) -> method -> runs`` (one run per seed)."""
+    """``(dataset, setting) -> method -> runs`` (one run per seed); a setting is a sweep's named
+    cell (a partition with its options, DP, ...), the partition for records without one."""
     groups: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for record in records:
-        groups[(record["dataset"], record["partition"])][record["method"]].append(record)
+        cell = (record["dataset"], record.get("setting") or record["partition"])
+        groups[cell][record["method"]].append(record)
     return groups
 
 
@@ -656,7 +658,7 @@ def write_report(records: list[dict[str, Any]], out: Path, preset: str, parallel
         lrs = {
             r["method"]: r.get("lr")
             for r in records
-            if (r["dataset"], r["partition"]) == (dataset, partition)
+            if (r["dataset"], r.get("setting") or r["partition"]) == (dataset, partition)
         }
         if any(lrs.values()):
             shown = ", ".join(

@@ -98,6 +98,12 @@ def _chance_level(config_json: str) -> dict[str, Any] | None:
     return {"eval_examples": examples, "majority_rate": sum(int(c.max()) for c in counts) / examples}
 
 
+def setting_of(job: str, partition: str) -> str:
+    """The cell a sweep job belongs to: ``<method>-<dataset>-<setting>[-lr<mult>]-s<seed>``."""
+    parts = job.rsplit("-s", 1)[0].split("-")
+    return parts[2] if len(parts) >= 3 else partition
+
+
 def run_record(run_dir: Path, job: str, seed: int, commit: str = "") -> dict[str, Any] | None:
     """The compact record of a completed run folder, None when it did not complete."""
     summary_path = run_dir / "summary.json"
@@ -116,6 +122,7 @@ def run_record(run_dir: Path, job: str, seed: int, commit: str = "") -> dict[str
         "model": summary["model"],
         "dataset": summary["dataset"],
         "partition": summary["partition"],
+        "setting": setting_of(job, summary["partition"]),
         "seed": seed,
         "main_metric": main,
         "num_clients": summary["num_clients"],

@@ -103,8 +103,11 @@ class LocalCluster:
 
     def node_command(self, node: SuperNode) -> list[str]:
         assert self.superlink is not None
+        # the warm runtime's SuperNode also polls sooner when idle (launch/supernode.py); --cold is
+        # stock Flower throughout
+        supernode = console_script("fedsubspace-supernode" if self.warm else "flower-supernode")
         command = [
-            console_script("flower-supernode"), "--superlink", self.superlink.address,
+            supernode, "--superlink", self.superlink.address,
             "--port", str(node.runtime_port), "--node-config", node.node_config, "--max-retries", "0",
         ]  # fmt: skip
         command += ["--isolation", "process"] if self.warm else []

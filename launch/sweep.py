@@ -5,10 +5,16 @@ job, resumable — a job whose results folder already holds a completed summary 
     python -m launch.sweep --config-name cpu_small method=fedit,full seed=0   # a sub-grid
 
 Results: ``<results_dir>/<method>-<dataset>-<partition>-s<seed>/<run folder>/`` (config, metrics,
-summary), plus ``sweep.jsonl``, one line per finished job. A job already in the preset's committed
-run records (``records``, written by ``python -m benchmarks.report``) is skipped too, so a sweep
-resumes from a fresh checkout. A job that was interrupted mid-run continues from its last round's
-checkpoint (``resume-from``) instead of starting again.
+summary), plus ``sweep.jsonl``, one line per finished job. A preset may name ``settings`` (a
+``setting`` name → its partition, extra overrides and the methods it applies to; the job is then
+``<method>-<dataset>-<setting>-s<seed>``), a tuning ``stage`` (``lr_mult`` times each method's own peak
+learning rate, scored on the tuning split: ``...-lr<mult>-s<seed>``) and a ``tuned`` file (written by
+``python -m benchmarks.tuning``) whose chosen values the reported jobs use.
+
+A job already in the preset's committed run records (``records``, written by
+``python -m benchmarks.report``) is skipped too, so a sweep resumes from a fresh checkout. A job that
+was interrupted mid-run continues from its last round's checkpoint (``resume-from``) instead of
+starting again.
 """
 
 from __future__ import annotations
@@ -30,7 +36,42 @@ log = logging.getLogger(__name__)
 
 
 def job_name(cfg: DictConfig) -> str:
-    return f"{cfg.method}-{cfg.dataset}-{cfg.partition}-s{cfg.seed}"
+    cell = cfg.get("setting") or cfg.partition
+    tuning = f"-lr{float(cfg.lr_mult):g}" if cfg.get("stage") == "tune" else ""
+    return f"{cfg.method}-{cfg.dataset}-{cell}{tuning}-s{cfg.seed}"
+
+
+def job_overrides(cfg: DictConfig) -> tuple[str, str] | None:
+    """The job's partition and its overrides beyond the preset's (its setting's, the tuning stage's
+    learning rate and split, or the tuned values); None when its setting leaves the method out."""
+    partition, extra = str(cfg.partition), []
+    if cfg.get("setting"):
+        setting = cfg.settings[cfg.setting]
+        if setting.get("methods") and cfg.method not in setting.methods:
+            return None
+        partition = str(setting.get("partition", partition))
+        extra.append(str(setting.get("overrides", "")))
+    if cfg.get("stage") == "tune":
+        from finetune.config import compose_config
+
+        chosen = {"method": str(cfg.method), "dataset": str(cfg.dataset), "partition": partition}
+        peak = compose_config(chosen, f"{cfg.overrides} {' '.join(extra)}").peak_lr
+        extra.append(f"method.lr={peak * float(cfg.lr_mult):.6g} dataset.evaluate_on=tuning")
+    elif cfg.get("tuned"):
+        extra.append(tuned_overrides(PROJECT_DIR / str(cfg.tuned), str(cfg.dataset), str(cfg.method)))
+    return partition, " ".join(e for e in extra if e)
+
+
+def tuned_overrides(path: Path, dataset: str, method: str) -> str:
+    """The values the tuning stage chose for ``method`` on ``dataset`` (``benchmarks.tuning``)."""
+    if not path.is_file():
+        raise SystemExit(
+            f"{path}: no tuned values; run the preset's tuning stage and benchmarks.tuning first"
+        )
+    chosen = json.loads(path.read_text()).get(dataset, {}).get(method)
+    if chosen is None:
+        raise SystemExit(f"{path}: the tuning stage chose nothing for {method} on {dataset}")
+    return " ".join(f"{key}={value}" for key, value in chosen["overrides"].items())
 
 
 def completed(folder: Path) -> bool:
@@ -49,6 +90,11 @@ def main(cfg: DictConfig) -> None:
     results = Path(cfg.results_dir)
     results = (results if results.is_absolute() else PROJECT_DIR / results).resolve()
     folder = results / job_name(cfg)
+    planned = job_overrides(cfg)
+    if planned is None:
+        log.info("%s: not part of setting %s, skipped", job_name(cfg), cfg.setting)
+        return
+    partition, extra = planned
     recorded = {r["job"] for r in read_records(PROJECT_DIR / cfg.records)} if cfg.get("records") else set()
     if completed(folder) or job_name(cfg) in recorded:
         log.info("%s: already completed, skipped", folder.name)
@@ -66,9 +112,11 @@ def main(cfg: DictConfig) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     # the job's simulated data owners get their own node state (and privacy ledgers): a sweep
     # repeats DP runs on the same partitions by design
-    overrides = f"{cfg.overrides} seed={cfg.seed} name={job_name(cfg)} node_state_dir={folder / 'node-state'}"
+    overrides = (
+        f"{cfg.overrides} {extra} seed={cfg.seed} name={job_name(cfg)} node_state_dir={folder / 'node-state'}"
+    )
     run_config = run_config or [
-        f"method='{cfg.method}' model='{cfg.model}' dataset='{cfg.dataset}' partition='{cfg.partition}' "
+        f"method='{cfg.method}' model='{cfg.model}' dataset='{cfg.dataset}' partition='{partition}' "
         f"overrides='{overrides.strip()}' output-dir='{folder}' hub-mirror='{mirror}'"
     ]
     start = time.perf_counter()

@@ -99,3 +99,97 @@ def test_every_job_of_every_preset_composes(preset):
         selections = {k: job[k] for k in ("method", "model", "dataset", "partition")}
         experiment = compose_config(selections, f"{cfg.overrides} seed=1")
         assert experiment.partition.num_clients == cfg.num_supernodes, (preset, job)
+
+
+PAIRED = ("cpu_paired", "cpu_paired_skew", "cpu_paired_dp", "cpu_paired_tune")
+
+
+def _tuned_file(tmp_path):
+    from strategies import RULES
+
+    chosen = {d: {m: {"overrides": {"method.lr": 0.002}} for m in RULES} for d in ("sst2", "mrpc")}
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps(chosen))
+    return path
+
+
+@pytest.mark.parametrize("preset", PAIRED)
+def test_every_job_of_the_paired_presets_is_a_valid_experiment_with_its_setting(preset, tmp_path):
+    from launch.sweep import job_overrides
+
+    cfg = _preset(preset)
+    cfg.hydra = None
+    cfg.tuned = str(_tuned_file(tmp_path))
+    grid = {k: str(v).split(",") for k, v in _preset(preset).hydra.sweeper.params.items() if k != "seed"}
+    if preset.endswith("tune"):  # every multiplier of three rules (the rest compose alike)
+        grid["method"] = ["fedit", "full", "centralized"]
+    ran = 0
+    for values in itertools.product(*grid.values()):
+        for key, value in zip(grid, values, strict=True):
+            cfg[key] = value
+        cfg.seed = 3
+        planned = job_overrides(cfg)
+        setting = cfg.settings[cfg.setting]
+        if planned is None:
+            assert cfg.method not in setting.methods
+            continue
+        partition, extra = planned
+        selections = {
+            "method": cfg.method,
+            "model": cfg.model,
+            "dataset": cfg.dataset,
+            "partition": partition,
+        }
+        experiment = compose_config(selections, f"{cfg.overrides} {extra} seed=3")
+        ran += 1
+        assert experiment.partition.seed == 3  # the seed fixes the partition too (paired design)
+        assert experiment.dataset.tuning_examples == 500 and experiment.partition.num_clients == 10
+        assert experiment.privacy.enabled == cfg.setting.startswith("dp")
+        if cfg.setting == "dir01":
+            assert experiment.partition.alpha == 0.1
+        if preset.endswith("tune"):
+            default = compose_config(selections, f"{cfg.overrides} seed=3").peak_lr
+            assert experiment.dataset.evaluate_on == "tuning"
+            assert experiment.peak_lr == pytest.approx(default * float(cfg.lr_mult), rel=1e-5)
+            assert job_name(cfg) == f"{cfg.method}-{cfg.dataset}-dir05-lr{float(cfg.lr_mult):g}-s3"
+        else:
+            assert experiment.dataset.evaluate_on == "validation" and experiment.peak_lr == 0.002
+            assert job_name(cfg) == f"{cfg.method}-{cfg.dataset}-{cfg.setting}-s3"
+    assert ran
+
+
+def test_a_reported_job_without_tuned_values_stops_before_running(tmp_path):
+    from launch.sweep import job_overrides
+
+    cfg = _preset("cpu_paired")
+    cfg.hydra = None
+    cfg.tuned = str(tmp_path / "missing.json")
+    with pytest.raises(SystemExit, match="run the preset's tuning stage"):
+        job_overrides(cfg)
+
+
+def test_the_tuning_choice_is_the_best_grid_point_and_flags_the_grid_edge(tmp_path):
+    from benchmarks.tuning import choose, tuning_curves, tuning_markdown
+    from launch.sweep import tuned_overrides
+
+    def record(method, lr, final, seed=0):
+        return {"dataset": "sst2", "method": method, "lr": lr, "seed": seed, "rounds": [{"metric": final}]}
+
+    records = [
+        record("fedit", 0.0016, 0.70), record("fedit", 0.005, 0.80), record("fedit", 0.016, 0.75),
+        record("ffa_lora", 0.0016, 0.60), record("ffa_lora", 0.005, 0.70), record("ffa_lora", 0.016, 0.78),
+        record("ffa_lora", 0.016, 0.76, seed=1),  # two seeds at one point: their mean
+    ]  # fmt: skip
+    curves = tuning_curves(records)
+    assert curves["sst2"]["ffa_lora"][0.016] == pytest.approx(0.77)
+    chosen = choose(curves, "accuracy")
+    assert chosen["sst2"]["fedit"]["overrides"] == {"method.lr": 0.005}
+    assert not chosen["sst2"]["fedit"]["at_grid_edge"]
+    assert chosen["sst2"]["ffa_lora"]["overrides"] == {"method.lr": 0.016}
+    assert chosen["sst2"]["ffa_lora"]["at_grid_edge"]  # the grid should have gone further
+    text = tuning_markdown(chosen, "accuracy")
+    assert "| `fedit` | 0.0016 → 70.0, **0.005 → 80.0**, 0.016 → 75.0 | 0.005 |" in text
+    assert "| 0.016 † |" in text
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps(chosen))
+    assert tuned_overrides(path, "sst2", "ffa_lora") == "method.lr=0.016"
