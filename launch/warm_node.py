@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import multiprocessing
 import os
@@ -88,6 +89,8 @@ def worker_main(connection: Connection, settings: WorkerSettings) -> None:
     """The worker: bind, import the heavy stack once, then run each task it is sent."""
     die_with_parent()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)-7s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         bind(settings)
         import datasets  # noqa: F401  (the imports a ClientApp task would otherwise pay each round)
@@ -109,12 +112,14 @@ def worker_main(connection: Connection, settings: WorkerSettings) -> None:
         exit_codes.append(int(code))
 
     flower_task.flwr_exit = finish_task  # type: ignore[assignment]
+    phases = time_phases(flower_task)
     connection.send(READY)
     while True:
         order: TaskOrder | None = connection.recv()
         if order is None:
             return
         started = time.monotonic()
+        phases.clear()
         try:
             flower_task.run_clientapp(
                 runtime_api_address=order.runtime_api_address,
@@ -130,7 +135,49 @@ def worker_main(connection: Connection, settings: WorkerSettings) -> None:
         except Exception:  # Flower's task function handles the ClientApp's own errors; this is ours
             log.exception("task %d failed in the warm worker", order.task_id)
             code = -1
+        spent = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in phases.items())
+        log.info("task %d: %s", order.task_id, spent)
         connection.send({"task_id": order.task_id, "exit_code": code, "seconds": time.monotonic() - started})
+
+
+def time_phases(flower_task: Any) -> dict[str, float]:
+    """Time the steps of Flower's task function (pull the inputs, install the FAB, load the app,
+    run it, push the reply) into the returned dict, which the worker logs per task."""
+    phases: dict[str, float] = {}
+
+    def timed(name: str, function: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.monotonic()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                phases[name] = phases.get(name, 0.0) + time.monotonic() - start
+
+        return wrapper
+
+    flower_get_load = flower_task.get_load_client_app_fn
+
+    def get_load_client_app_fn(*args: Any, **kwargs: Any) -> Any:
+        load = flower_get_load(*args, **kwargs)
+
+        def load_app(*a: Any, **k: Any) -> Any:
+            app = timed("load app", load)(*a, **k)
+            return timed("run app", app)
+
+        return load_app
+
+    flower_task.pull_task_input = timed("pull", flower_task.pull_task_input)
+    # The SuperExec (polled every 0.1 s here) can start a task before its SuperNode holds all of the
+    # message's objects; Flower then waits 1 s, 2 s, ... per missing object. Retry sooner: each
+    # retry is one loopback request.
+    flower_pull = flower_task.pull_and_inflate_object_from_tree
+    flower_task.pull_and_inflate_object_from_tree = timed(
+        "inflate", functools.partial(flower_pull, initial_backoff=0.05, backoff_cap=2.0)
+    )
+    flower_task.install_from_fab = timed("install fab", flower_task.install_from_fab)
+    flower_task.get_load_client_app_fn = get_load_client_app_fn
+    flower_task.push_message = timed("push", flower_task.push_message)
+    return phases
 
 
 class Worker:
@@ -297,6 +344,7 @@ def parse_own_arguments(argv: list[str]) -> tuple[WorkerSettings, list[str]]:
 def main(argv: list[str] | None = None) -> None:
     """``flower-superexec`` with the warm executor (same arguments, plus ours)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)-7s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per Runtime API poll otherwise
     settings, rest = parse_own_arguments(list(sys.argv[1:] if argv is None else argv))
     # Flower polls its own SuperNode's Runtime API for tasks every 1 s; on loopback a tenth costs
     # nothing and starts each round's task sooner.
@@ -309,6 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     def get_executor(executor_type: Any, *args: Any, **kwargs: Any) -> Any:
         from flwr.supercore.constant import ExecutorType
 
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # after Flower's logging set-up
         if executor_type == ExecutorType.SUBPROCESS:
             return WarmExecutor(settings)
         return flower_get_executor(executor_type, *args, **kwargs)
