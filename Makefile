@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # Passed to `fedsubspace run` (python -m launch.cli run), e.g. make run ARGS="method=hlora dataset=mrpc"
 ARGS ?=
 
-.PHONY: run test lint data clean venv bench cluster sweep report
+.PHONY: run test test-all lint data clean venv bench cluster sweep report
 
 venv: $(STAMP)
 
@@ -51,6 +51,10 @@ report: $(STAMP)
 # Lint and type-check first (seconds to a minute), then the tests.
 test: lint
 	$(PY) -m pytest -q tests
+
+# ... plus the exhaustive real-process runs (every rule end to end; ~3 min more on 2 cores).
+test-all: lint
+	FEDSUBSPACE_EXHAUSTIVE=1 $(PY) -m pytest -q tests
 
 # Figures, not pass/fail: aggregation cost (QR-compact vs dense SVD), bytes per rule, and the
 # memory of one client round per training mode (LoRA, AdamW full fine-tuning, GaLore).

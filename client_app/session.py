@@ -20,6 +20,7 @@ from finetune.config import ExperimentConfig
 from finetune.data import PartitionedDataset, load_eval_split, load_local_data, load_train_split
 from finetune.models import build_model
 from finetune.precision import device
+from finetune.prepared_cache import cached_on_disk, file_digest, prepared_key
 from finetune.spec import AdapterSpec
 from finetune.state import base_weights, trainable_state
 from finetune.tasks import Task, build_task
@@ -56,23 +57,38 @@ class ClientSession:
             self._eval_shares = self.partitions.shares_of(raw)
         shares = self._eval_shares
         return cached(
-            self._eval_prepared, partition_id, lambda: self.task.prepare(shares[partition_id], partition_id)
+            self._eval_prepared,
+            partition_id,
+            lambda: self.on_disk(
+                f"eval-{partition_id}", lambda: self.task.prepare(shares[partition_id], partition_id)
+            ),
         )
 
     def local_data(self, path: Path, partition_id: int) -> datasets.Dataset:
         """A node's own data file (node config ``data-path``), prepared once."""
+
+        def make() -> datasets.Dataset:
+            return self.task.prepare(load_local_data(path, self.cfg.dataset), client=partition_id)
+
         return cached(
             self._prepared,
             f"local:{path}",
-            lambda: self.task.prepare(load_local_data(path, self.cfg.dataset), client=partition_id),
+            lambda: self.on_disk(f"local-{partition_id}", make, {"file": file_digest(path)}),
         )
 
     def partition(self, partition_id: int) -> datasets.Dataset:
-        return cached(
-            self._prepared,
-            partition_id,
-            lambda: self.task.prepare(self.partitions.partition(partition_id), client=partition_id),
-        )
+        def make() -> datasets.Dataset:
+            return self.task.prepare(self.partitions.partition(partition_id), client=partition_id)
+
+        return cached(self._prepared, partition_id, lambda: self.on_disk(f"train-{partition_id}", make))
+
+    def on_disk(
+        self, share: str, make: Callable[[], datasets.Dataset], extra: dict[str, str] | None = None
+    ) -> datasets.Dataset:
+        """``make()``'s prepared data, from the node's disk cache when an earlier process stored it."""
+        if not self.task.cache_prepared:
+            return make()
+        return cached_on_disk(prepared_key(self.cfg, share, extra), make)
 
 
 #: Prepared partitions a process keeps (least recently used dropped): an actor that serves many of

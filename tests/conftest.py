@@ -13,12 +13,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Node state and privacy ledgers of the tests' nodes (the Flower processes they start inherit it)
 # never touch the user's own ~/.cache/fedsubspace/node-state.
 os.environ["FEDSUBSPACE_STATE_DIR"] = tempfile.mkdtemp(prefix="fedsubspace-node-state-")
+# ... nor its cache of prepared partitions (shared by the session's tests: its keys cover the data)
+os.environ["FEDSUBSPACE_CACHE_DIR"] = tempfile.mkdtemp(prefix="fedsubspace-prepared-")
 
 import pytest
 
 import strategies  # noqa: F401  (registers every rule's config schema, as the apps do)
 from finetune.config import ExperimentConfig, compose_config
 from finetune.hub import default_hub_mirror
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``exhaustive`` tests run only with FEDSUBSPACE_EXHAUSTIVE=1 (``make test-all``)."""
+    if os.environ.get("FEDSUBSPACE_EXHAUSTIVE") == "1":
+        return
+    skip = pytest.mark.skip(reason="exhaustive: set FEDSUBSPACE_EXHAUSTIVE=1 (make test-all)")
+    for item in items:
+        if "exhaustive" in item.keywords:
+            item.add_marker(skip)
+
 
 TINY_OVERRIDES = [
     "partition.num_clients=2",

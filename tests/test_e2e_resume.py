@@ -76,9 +76,12 @@ def _eval(rows):
     return [{k: v for k, v in r.items() if k.startswith("eval_") and k != "eval_seconds"} for r in rows]
 
 
-# private client state, a merged base, server state with per-client ranks (FedIT's stateless resume
-# is covered in-process by test_resume.py)
-@pytest.mark.parametrize("method", ["fedsa_lora", "flora", "hetlora"])
+# private client state on the nodes' disks, server state with per-client ranks; a merged base
+# (FLoRA) with `make test-all` (its resync is covered in process by test_resume.py, as is FedIT's
+# stateless resume)
+@pytest.mark.parametrize(
+    "method", ["fedsa_lora", pytest.param("flora", marks=pytest.mark.exhaustive), "hetlora"]
+)
 def test_a_killed_server_resumes_to_the_uninterrupted_result(superlink, hub_mirror, tmp_path, method):
     whole_id = _submit(superlink, hub_mirror, tmp_path / "whole", method)
     assert superlink.follow(whole_id, timeout=600, stream=False).status == COMPLETED

@@ -25,6 +25,9 @@ Batch = dict[str, torch.Tensor]
 class Task(ABC):
     """One modality's data preparation, batching and evaluation for an experiment."""
 
+    #: Whether prepared data is worth keeping on disk (tokenizing is; selecting image columns is not).
+    cache_prepared = True
+
     def __init__(self, cfg: ExperimentConfig, mirror: Path | None) -> None:
         self.cfg = cfg
         self.mirror = mirror

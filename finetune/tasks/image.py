@@ -90,6 +90,8 @@ class ImageClassification(Task):
         self.settings = image_settings(cfg, mirror)
         self.shifts = list(cfg.partition.feature_shift)
 
+    cache_prepared = False
+
     def prepare(self, raw: datasets.Dataset, client: int | None = None) -> datasets.Dataset:
         """The image and label columns (decoded per batch), plus each example's feature shift:
         the client's own, or for evaluation a mix of all of them."""
