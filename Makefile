@@ -52,7 +52,7 @@ report: $(STAMP)
 test: lint
 	$(PY) -m pytest -q tests
 
-# ... plus the exhaustive real-process runs (every rule end to end; ~3 min more on 2 cores).
+# ... plus the exhaustive real-process runs (every rule end to end; ~3.5 min more on 2 cores).
 test-all: lint
 	FEDSUBSPACE_EXHAUSTIVE=1 $(PY) -m pytest -q tests
 

@@ -91,7 +91,7 @@ def test_a_worker_that_cannot_start_leaves_the_node_training_cold(tmp_path, hub_
         tmp_path / "flwr", 2, hub_mirror=str(hub_mirror), worker_options=["--gpu", "0"]
     ) as cluster:
         outcome = cluster.run(
-            _run_config(tmp_path / "out", hub_mirror, ["federation.num_rounds=2"]), timeout=600
+            _run_config(tmp_path / "out", hub_mirror, ["federation.num_rounds=1"]), timeout=600
         )
         assert outcome.status == COMPLETED, outcome
         log = cluster.nodes[0].runtime_log.read_text()
