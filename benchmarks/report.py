@@ -715,6 +715,15 @@ def collect(results: Path, commit: str) -> list[dict[str, Any]]:
     return records
 
 
+def gather_records(results: Path, stored: Path) -> list[dict[str, Any]]:
+    """The records in ``stored``, merged with (and updated by) the completed runs under ``results``."""
+    records = read_records(stored)
+    if results.is_dir():
+        records = merge_records(records, collect(results, code_commit(PROJECT_DIR)))
+        write_records(stored, records)
+    return records
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -727,10 +736,7 @@ def main(argv: list[str] | None = None) -> int:
     results = args.results or PROJECT_DIR / "results" / args.preset
     out = args.out or PROJECT_DIR / "docs" / "results" / args.preset
     stored = out / "runs.jsonl"
-    records = read_records(stored)
-    if results.is_dir():
-        records = merge_records(records, collect(results, code_commit(PROJECT_DIR)))
-        write_records(stored, records)
+    records = gather_records(results, stored)
     if not records:
         print(f"no completed runs under {results} nor in {stored}", file=sys.stderr)
         return 1

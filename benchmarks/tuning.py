@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.results import code_commit, merge_records, read_records, write_records
 from finetune.config import higher_is_better
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -86,7 +85,7 @@ def tuning_markdown(chosen: dict[str, Any], main_metric: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.report import collect
+    from benchmarks.report import gather_records
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -99,10 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or PROJECT_DIR / "docs" / "results" / args.preset
     out.mkdir(parents=True, exist_ok=True)
     stored = out / "tuning-runs.jsonl"
-    records = read_records(stored)
-    if results.is_dir():
-        records = merge_records(records, collect(results, code_commit(PROJECT_DIR)))
-        write_records(stored, records)
+    records = gather_records(results, stored)
     if not records:
         print(f"no completed tuning runs under {results} nor in {stored}", file=sys.stderr)
         return 1
