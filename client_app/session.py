@@ -18,9 +18,10 @@ import torch
 
 from finetune.config import ExperimentConfig
 from finetune.data import PartitionedDataset, load_eval_split, load_local_data, load_train_split
+from finetune.digest import file_sha256
 from finetune.models import build_model
 from finetune.precision import device
-from finetune.prepared_cache import cached_on_disk, file_digest, prepared_key
+from finetune.prepared_cache import cached_on_disk, prepared_key
 from finetune.spec import AdapterSpec
 from finetune.state import base_weights, trainable_state
 from finetune.tasks import Task, build_task
@@ -73,7 +74,7 @@ class ClientSession:
         return cached(
             self._prepared,
             f"local:{path}",
-            lambda: self.on_disk(f"local-{partition_id}", make, {"file": file_digest(path)}),
+            lambda: self.on_disk(f"local-{partition_id}", make, {"file": file_sha256(path)}),
         )
 
     def partition(self, partition_id: int) -> datasets.Dataset:

@@ -56,14 +56,6 @@ def prepared_key(cfg: ExperimentConfig, share: str, extra: dict[str, Any] | None
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cached_on_disk(key: str, make: Callable[[], datasets.Dataset]) -> datasets.Dataset:
     """The prepared dataset stored under ``key``, made (and stored) when missing or damaged."""
     root = cache_root()

@@ -11,7 +11,6 @@ truncated copy) fails its digest and the previous one is used, with a warning.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from finetune.config import ConfigError, ExperimentConfig, resume_differences
+from finetune.digest import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +65,6 @@ def round_folders(run_folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]), reverse=True)
 
 
-def _digest(path: Path) -> str:
-    sha = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -104,7 +96,7 @@ def write_checkpoint(run_folder: Path, checkpoint: Checkpoint, keep: int) -> tup
         "strategy": checkpoint.strategy_state,
         "releases": [list(r) for r in checkpoint.releases],
         "rows": checkpoint.rows,
-        "sha256": {f: _digest(partial / f) for f in (ARRAYS_FILE, STRATEGY_FILE)},
+        "sha256": {f: file_sha256(partial / f) for f in (ARRAYS_FILE, STRATEGY_FILE)},
     }
     (partial / STATE_FILE).write_text(json.dumps(state))
     for file in (ARRAYS_FILE, STRATEGY_FILE, STATE_FILE):
@@ -127,7 +119,7 @@ def read_checkpoint(folder: Path) -> Checkpoint:
         found = state.get("format")
         raise CheckpointError(f"{folder}: checkpoint format {found!r}; this version reads {FORMAT}")
     for file, expected in state["sha256"].items():
-        if _digest(folder / file) != expected:
+        if file_sha256(folder / file) != expected:
             raise CheckpointError(f"{folder / file}: its SHA-256 does not match the one recorded")
     return Checkpoint(
         round=int(state["round"]),
