@@ -193,7 +193,6 @@ class Worker:
         child.close()
         self.task: TaskOrder | None = None
         self.task_started = 0.0
-        self.tasks_done = 0
 
     def wait_ready(self, timeout: float) -> None:
         if not self.connection.poll(timeout):
@@ -220,7 +219,6 @@ class Worker:
                     result["task_id"], self.process.pid, result["seconds"], result["exit_code"],
                 )  # fmt: skip
                 self.task = None
-                self.tasks_done += 1
 
     def stop(self, grace: float = 10.0) -> None:
         with contextlib.suppress(OSError, BrokenPipeError):
@@ -242,7 +240,9 @@ class WarmExecutor:
         self.settings = settings
         self.cold = SubprocessExecutor()
         self.worker: Worker | None = None
-        self.workers_started = 0
+        # app versions a worker could not start for: their tasks go cold without trying again
+        # (each try imports the whole stack before it fails)
+        self.failed_for: set[str | None] = set()
 
     # --- the Executor protocol ---------------------------------------------------------
     def get_eligible_capacity(
@@ -315,6 +315,8 @@ class WarmExecutor:
             self.worker = worker = None
         if worker is not None:
             return worker
+        if fab_hash in self.failed_for:
+            return None
         try:
             worker = Worker(self.settings, fab_hash)
             worker.wait_ready(WORKER_START_TIMEOUT_S)
@@ -322,8 +324,8 @@ class WarmExecutor:
             log.error("the warm worker could not start: %s", error)
             if worker is not None:
                 worker.process.kill()
+            self.failed_for.add(fab_hash)
             return None
-        self.workers_started += 1
         log.info(
             "warm worker started (pid %d, threads %s)", worker.process.pid, self.settings.threads or "all"
         )

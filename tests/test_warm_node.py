@@ -95,7 +95,8 @@ def test_a_worker_that_cannot_start_leaves_the_node_training_cold(tmp_path, hub_
         )
         assert outcome.status == COMPLETED, outcome
         log = cluster.nodes[0].runtime_log.read_text()
-    assert "could not start" in log and "no such CUDA device" in log and "fresh flwr-clientapp" in log
+    assert "no such CUDA device" in log and "fresh flwr-clientapp" in log
+    assert log.count("could not start") == 1  # tried once, not again for every task
     assert all(r["clients_aggregated"] == 2 for r in _rows(tmp_path / "out")[1:])
 
 
