@@ -30,20 +30,14 @@ run: $(STAMP)
 cluster: $(STAMP)
 	$(PY) -m launch.cli cluster $(ARGS)
 
-# Benchmark sweep (resumable): make sweep PRESET=cpu_small runs every grid conf/sweep/$(PRESET)*.yaml,
-# then `make report PRESET=cpu_small` writes docs/results/cpu-small/ (table, plots, claims).
-PRESET ?= cpu_small
-# A preset with a tuning stage ($(PRESET)_tune.yaml) runs it first and records its choice
-# (benchmarks.tuning → docs/results/<preset>/tuned.json) for the reported grids.
+# Benchmark sweep: make sweep PRESET=cpu_paired BUDGET_MIN=150 runs the jobs of every grid
+# conf/sweep/$(PRESET)*.yaml (tuning stage first, then seed by seed) until the budget is used, never
+# starting a job whose measured cost would overrun it; each finished job's record lands in
+# docs/results/<preset>/ (commit them); the next call resumes. Without BUDGET_MIN it runs to the end.
+PRESET ?= cpu_paired
+BUDGET_MIN ?=
 sweep: $(STAMP)
-	if [ -f conf/sweep/$(PRESET)_tune.yaml ]; then \
-	  $(PY) -m launch.sweep --config-name $(PRESET)_tune $(ARGS) || exit 1; \
-	  $(PY) -m benchmarks.tuning --preset $(subst _,-,$(PRESET)) || exit 1; \
-	fi
-	for grid in conf/sweep/$(PRESET).yaml conf/sweep/$(PRESET)_*.yaml; do \
-	  [ -f $$grid ] && [ $$grid != conf/sweep/$(PRESET)_tune.yaml ] || continue; \
-	  $(PY) -m launch.sweep --config-name $$(basename $$grid .yaml) $(ARGS) || exit 1; \
-	done
+	$(PY) -m launch.sweep --preset $(PRESET) $(if $(BUDGET_MIN),--budget-min $(BUDGET_MIN)) $(ARGS)
 
 report: $(STAMP)
 	$(PY) -m benchmarks.report --preset $(subst _,-,$(PRESET))

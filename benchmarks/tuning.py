@@ -25,14 +25,16 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
 def tuning_curves(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[float, float]]]:
-    """``dataset -> method -> peak lr -> final metric on the tuning split`` (mean over seeds)."""
+    """``cell -> method -> peak lr -> final metric on the tuning split`` (mean over seeds); a cell
+    is ``<dataset>/<setting>`` (the sweep's ``tuning_key``), or the dataset for records without a
+    setting."""
     scores: dict[str, dict[str, dict[float, list[float]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(list))
     )
     for record in records:
         final = record["rounds"][-1]["metric"]
         if final is not None:
-            scores[record["dataset"]][record["method"]][float(record["lr"])].append(float(final))
+            scores[tuning_cell(record)][record["method"]][float(record["lr"])].append(float(final))
     return {
         dataset: {
             method: {lr: float(np.mean(v)) for lr, v in sorted(grid.items())}
@@ -40,6 +42,23 @@ def tuning_curves(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[flo
         }
         for dataset, methods in scores.items()
     }
+
+
+def tuning_cell(record: dict[str, Any]) -> str:
+    setting = record.get("setting")
+    return f"{record['dataset']}/{setting}" if setting else str(record["dataset"])
+
+
+def write_tuned(records: list[dict[str, Any]], out: Path) -> dict[str, Any]:
+    """``tuned.json`` and ``tuning.md`` in ``out`` from the tuning runs' records."""
+    if not records:
+        return {}
+    main_metric = records[0]["main_metric"]
+    chosen = choose(tuning_curves(records), main_metric)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tuned.json").write_text(json.dumps(chosen, indent=2, sort_keys=True) + "\n")
+    (out / "tuning.md").write_text(tuning_markdown(chosen, main_metric) + "\n")
+    return chosen
 
 
 def choose(curves: dict[str, dict[str, dict[float, float]]], main_metric: str) -> dict[str, Any]:
@@ -102,10 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if not records:
         print(f"no completed tuning runs under {results} nor in {stored}", file=sys.stderr)
         return 1
-    main_metric = records[0]["main_metric"]
-    chosen = choose(tuning_curves(records), main_metric)
-    (out / "tuned.json").write_text(json.dumps(chosen, indent=2) + "\n")
-    (out / "tuning.md").write_text(tuning_markdown(chosen, main_metric) + "\n")
+    write_tuned(records, out)
     print(f"{len(records)} tuning runs → {out / 'tuned.json'}")
     return 0
 

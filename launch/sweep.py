@@ -1,38 +1,64 @@
-"""Benchmark sweep: Hydra multirun over methods × datasets × partitions × seeds, one simulation per
-job, resumable — a job whose results folder already holds a completed summary is skipped.
+"""Benchmark sweep: every job of a preset's grids, one ordinary Flower run each, on one SuperLink
+kept for the whole sweep; resumable, and runnable in chunks under a time budget.
 
-    python -m launch.sweep --config-name cpu_small          # the grid in conf/sweep/cpu_small.yaml
-    python -m launch.sweep --config-name cpu_small method=fedit,full seed=0   # a sub-grid
+    python -m launch.sweep --preset cpu_paired --budget-min 150     # a chunk; the next call resumes
+    python -m launch.sweep --preset cpu_paired --dry-run            # compose + validate every job
+    python -m launch.sweep --preset cpu_paired --plan               # jobs left and their measured cost
+    python -m launch.sweep --preset cpu_small method=fedit,full seed=0   # a sub-grid
 
-Results: ``<results_dir>/<method>-<dataset>-<partition>-s<seed>/<run folder>/`` (config, metrics,
-summary), plus ``sweep.jsonl``, one line per finished job. A preset may name ``settings`` (a
-``setting`` name → its partition, extra overrides and the methods it applies to; the job is then
-``<method>-<dataset>-<setting>-s<seed>``), a tuning ``stage`` (``lr_mult`` times each method's own peak
-learning rate, scored on the tuning split: ``...-lr<mult>-s<seed>``) and a ``tuned`` file (written by
-``python -m benchmarks.tuning``) whose chosen values the reported jobs use.
+A preset is ``conf/sweep/<preset>.yaml`` and every ``<preset>_*.yaml`` beside it (a *grid* each):
+its ``hydra.sweeper.params`` span the jobs, ``settings`` name cells (a partition with its options
+and the methods it applies to), a grid with ``stage: tune`` is a tuning stage (``lr_mult`` times
+each method's own peak learning rate, scored on the tuning split), and the reported grids use the
+values the tuning runs chose (``tuned``, written here through ``benchmarks.tuning``). Arguments
+``key=a,b`` restrict a grid parameter; other ``key=value`` arguments override the preset.
 
-A job already in the preset's committed run records (``records``, written by
-``python -m benchmarks.report``) is skipped too, so a sweep resumes from a fresh checkout. A job that
-was interrupted mid-run continues from its last round's checkpoint (``resume-from``) instead of
-starting again.
+Order: every tuning job first, then the reported jobs seed by seed (every cell of seed 0, then of
+seed 1, ...), so a partial sweep already answers something with paired seeds.
+
+Each finished job's record (``benchmarks.results.run_record``, with its commit and the phases of
+its wall time) goes into the grid's ``records`` file at once; commit those files after a chunk. A
+job already in the records, or completed under ``results_dir``, is skipped; an interrupted one
+continues from its last checkpoint. The sweep refuses to run from a tree whose code has
+uncommitted changes (records from it could never be paired), unless ``--allow-dirty``.
+
+When a cell already holds records from another commit, the cell's *fingerprint job* (its
+``fingerprint_method`` at the lowest seed) is run again at this commit first and stored in
+``fingerprints.jsonl``: the report pairs runs across commits only where it reproduced bit for bit.
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
+import dataclasses
+import itertools
 import json
 import logging
+import os
+import signal
+import statistics
+import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import hydra
-from omegaconf import DictConfig
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
 
-from benchmarks.results import code_commit, read_records
+from benchmarks.results import code_commit, merge_records, read_records, run_record, write_records
 from finetune.hub import default_hub_mirror
-from launch.simulation import PROJECT_DIR, run_simulation
+from launch.simulation import PROJECT_DIR, LocalSuperLink
 from server_app.checkpoint import round_folders
 
 log = logging.getLogger(__name__)
+
+SWEEP_DIR = PROJECT_DIR / "conf" / "sweep"
+#: A job is started only when the budget left exceeds its estimate times this.
+ESTIMATE_MARGIN = 1.15
 
 
 def job_name(cfg: DictConfig) -> str:
@@ -41,104 +67,561 @@ def job_name(cfg: DictConfig) -> str:
     return f"{cfg.method}-{cfg.dataset}-{cell}{tuning}-s{cfg.seed}"
 
 
+def in_setting(cfg: DictConfig) -> bool:
+    """Whether the job's setting applies to its method and dataset."""
+    if not cfg.get("setting"):
+        return True
+    setting = cfg.settings[cfg.setting]
+    methods, datasets = setting.get("methods"), setting.get("datasets")
+    return (not methods or cfg.method in methods) and (not datasets or cfg.dataset in datasets)
+
+
+def tuning_key(cfg: DictConfig) -> str:
+    """Where the tuned values of the job's cell are kept: ``<dataset>/<setting>``, or the setting
+    whose tuning it borrows (``tuned_as``)."""
+    setting = cfg.get("setting") or str(cfg.partition)
+    borrowed = (
+        cfg.settings[setting].get("tuned_as") if cfg.get("settings") and setting in cfg.settings else None
+    )
+    return f"{cfg.dataset}/{borrowed or setting}"
+
+
 def job_overrides(cfg: DictConfig) -> tuple[str, str] | None:
     """The job's partition and its overrides beyond the preset's (its setting's, the tuning stage's
     learning rate and split, or the tuned values); None when its setting leaves the method out."""
+    if not in_setting(cfg):
+        return None
     partition, extra = str(cfg.partition), []
     if cfg.get("setting"):
         setting = cfg.settings[cfg.setting]
-        if setting.get("methods") and cfg.method not in setting.methods:
-            return None
         partition = str(setting.get("partition", partition))
         extra.append(str(setting.get("overrides", "")))
     if cfg.get("stage") == "tune":
+        import strategies  # noqa: F401  (registers every rule's config)
         from finetune.config import compose_config
 
-        chosen = {"method": str(cfg.method), "dataset": str(cfg.dataset), "partition": partition}
-        peak = compose_config(chosen, f"{cfg.overrides} {' '.join(extra)}").peak_lr
+        chosen = {"method": str(cfg.method), "model": str(cfg.model), "dataset": str(cfg.dataset)}
+        peak = compose_config(
+            {**chosen, "partition": partition}, f"{cfg.overrides} {' '.join(extra)}"
+        ).peak_lr
         extra.append(f"method.lr={peak * float(cfg.lr_mult):.6g} dataset.evaluate_on=tuning")
     elif cfg.get("tuned"):
-        extra.append(tuned_overrides(PROJECT_DIR / str(cfg.tuned), str(cfg.dataset), str(cfg.method)))
+        extra.append(tuned_overrides(PROJECT_DIR / str(cfg.tuned), tuning_key(cfg), str(cfg.method)))
     return partition, " ".join(e for e in extra if e)
 
 
-def tuned_overrides(path: Path, dataset: str, method: str) -> str:
-    """The values the tuning stage chose for ``method`` on ``dataset`` (``benchmarks.tuning``)."""
+def tuned_overrides(path: Path, cell: str, method: str) -> str:
+    """The values the tuning stage chose for ``method`` in ``cell`` (``benchmarks.tuning``)."""
     if not path.is_file():
         raise SystemExit(
             f"{path}: no tuned values; run the preset's tuning stage and benchmarks.tuning first"
         )
-    chosen = json.loads(path.read_text()).get(dataset, {}).get(method)
+    chosen = json.loads(path.read_text()).get(cell, {}).get(method)
     if chosen is None:
-        raise SystemExit(f"{path}: the tuning stage chose nothing for {method} on {dataset}")
+        raise SystemExit(f"{path}: the tuning stage chose nothing for {method} in {cell}")
     return " ".join(f"{key}={value}" for key, value in chosen["overrides"].items())
 
 
 def completed(folder: Path) -> bool:
     """Whether a previous job left a completed run in ``folder``."""
-    for summary in folder.glob("*/summary.json"):
+    return completed_run(folder) is not None
+
+
+def completed_run(folder: Path) -> Path | None:
+    for summary in sorted(folder.glob("*/summary.json")):
         try:
             if json.loads(summary.read_text()).get("status") == "completed":
-                return True
+                return summary.parent
         except json.JSONDecodeError:
             continue
-    return False
+    return None
 
 
-@hydra.main(config_path="../conf/sweep", config_name="cpu_small", version_base=None)
-def main(cfg: DictConfig) -> None:
-    results = Path(cfg.results_dir)
-    results = (results if results.is_absolute() else PROJECT_DIR / results).resolve()
-    folder = results / job_name(cfg)
-    planned = job_overrides(cfg)
-    if planned is None:
-        log.info("%s: not part of setting %s, skipped", job_name(cfg), cfg.setting)
-        return
-    partition, extra = planned
-    recorded = {r["job"] for r in read_records(PROJECT_DIR / cfg.records)} if cfg.get("records") else set()
-    if completed(folder) or job_name(cfg) in recorded:
-        log.info("%s: already completed, skipped", folder.name)
-        return
-    mirror = default_hub_mirror()
-    run_config = None
-    for stale in sorted(folder.glob("*")) if folder.exists() else []:  # an interrupted attempt
-        if not stale.is_dir() or (stale / "summary.json").exists() or stale.name == "node-state":
+# --- planning ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One run of a grid: the grid's preset composed with this job's parameter values."""
+
+    cfg: DictConfig
+    grid: str
+
+    @property
+    def name(self) -> str:
+        return job_name(self.cfg)
+
+    @property
+    def tuning(self) -> bool:
+        return self.cfg.get("stage") == "tune"
+
+    @property
+    def cell(self) -> tuple[str, str, str]:
+        return str(self.cfg.model), str(self.cfg.dataset), str(self.cfg.get("setting") or self.cfg.partition)
+
+    @property
+    def results(self) -> Path:
+        path = Path(str(self.cfg.results_dir))
+        return (path if path.is_absolute() else PROJECT_DIR / path).resolve()
+
+    @property
+    def records(self) -> Path | None:
+        return PROJECT_DIR / str(self.cfg.records) if self.cfg.get("records") else None
+
+    @property
+    def folder(self) -> Path:
+        return self.results / self.name
+
+
+def preset_grids(preset: str) -> list[str]:
+    """The grid files of a preset: ``<preset>.yaml`` and ``<preset>_*.yaml``."""
+    if not (SWEEP_DIR / f"{preset}.yaml").is_file():
+        raise SystemExit(f"no preset {preset!r} in {SWEEP_DIR}")
+    return [preset, *(p.stem for p in sorted(SWEEP_DIR.glob(f"{preset}_*.yaml")))]
+
+
+def compose_grid(grid: str, overrides: list[str]) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(SWEEP_DIR), version_base=None):
+        cfg = compose(config_name=grid, overrides=overrides, return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+def plan(preset: str, arguments: list[str] = (), grids: list[str] | None = None) -> list[Job]:  # type: ignore[assignment]
+    """Every job of the preset's grids (or of ``grids`` among them), in run order (tuning first,
+    then seed by seed)."""
+    restrict = dict(a.split("=", 1) for a in arguments if "=" in a and "," in a.split("=", 1)[1])
+    plain = [a for a in arguments if a.split("=", 1)[0] not in restrict]
+    tuning: list[tuple[int, Job]] = []
+    reported: list[tuple[int, Job]] = []
+    for order, grid in enumerate(preset_grids(preset)):
+        if grids and grid not in grids:
             continue
-        if run_config is None and round_folders(stale):  # continue it from its checkpoint
-            log.info("%s: resuming %s", folder.name, stale.name)
-            run_config = [f"resume-from='{stale}' hub-mirror='{mirror}'"]
+        base = compose_grid(grid, plain)
+        params = {k: str(v).split(",") for k, v in base.hydra.sweeper.params.items()}
+        for key, value in [*restrict.items(), *(a.split("=", 1) for a in plain)]:
+            if key in params:
+                params[key] = value.split(",")
+        OmegaConf.set_struct(base, False)
+        base.pop("hydra")
+        for values in itertools.product(*params.values()):
+            cfg = copy.deepcopy(base)
+            for key, value in zip(params, values, strict=True):
+                cfg[key] = value
+            if in_setting(cfg):
+                (tuning if cfg.get("stage") == "tune" else reported).append((order, Job(cfg, grid)))
+    reported.sort(key=lambda item: (int(item[1].cfg.seed), item[0]))  # stable: grid order within a seed
+    return [job for _, job in tuning] + [job for _, job in reported]
+
+
+def validate(job: Job) -> str:
+    """Compose and validate the job's experiment as its ServerApp would; its overrides."""
+    import strategies  # noqa: F401  (registers every rule's config)
+    from finetune.config import compose_config
+
+    planned = job_overrides(job.cfg)
+    assert planned is not None
+    partition, extra = planned
+    selections = {k: str(job.cfg[k]) for k in ("method", "model", "dataset")} | {"partition": partition}
+    compose_config(selections, f"{job.cfg.overrides} {extra} seed={job.cfg.seed}")
+    return extra
+
+
+# --- measured cost -------------------------------------------------------------------------------
+
+
+def job_seconds(record: dict[str, Any]) -> float:
+    """What a recorded job cost end to end (older records: the run's own wall time)."""
+    return float(record.get("job_seconds") or record["wall_seconds"])
+
+
+def estimate(job: Job, history: list[dict[str, Any]], default: float) -> float:
+    """The job's expected cost from the measured records of the most similar jobs: the same
+    method in the same cell and stage, else the cell's other methods, else the dataset's."""
+    model, dataset, setting = job.cell
+    stage = "tune" if job.tuning else "report"
+    keys = (
+        lambda r: (r["method"], r["dataset"], r.get("setting"), r.get("stage", "report"), r.get("model")),
+        lambda r: (r["dataset"], r.get("setting"), r.get("model")),
+        lambda r: (r["dataset"], r.get("model")),
+    )
+    wanted = (
+        (str(job.cfg.method), dataset, setting, stage, model),
+        (dataset, setting, model),
+        (dataset, model),
+    )
+    for key, target in zip(keys, wanted, strict=True):
+        seen = [job_seconds(r) for r in history if key(r) == target]
+        if seen:
+            return float(statistics.median(seen))
+    return default
+
+
+# --- running -------------------------------------------------------------------------------------
+
+
+class SweepRunner:
+    """One simulation SuperLink for every job of a sweep; each job an ordinary Flower run of its own
+    (its own ServerApp process and client actors), so nothing a job computes depends on the jobs
+    before it. What the sweep saves per job is the SuperLink's start and stop, and the run status
+    polls (a summary file is watched instead)."""
+
+    def __init__(self, flwr_home: Path) -> None:
+        self.superlink = LocalSuperLink(flwr_home)
+        self.mirror = default_hub_mirror()
+
+    def __enter__(self) -> SweepRunner:
+        self.superlink.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.superlink.stop()
+
+    def run(self, job: Job, extra: str, timeout: float) -> dict[str, Any]:
+        """Run ``job`` to its end; its record (None fields when it did not complete)."""
+        cfg, folder = job.cfg, job.folder
+        run_config = self._resume(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        # the job's simulated data owners get their own node state (and privacy ledgers): a sweep
+        # repeats DP runs on the same partitions by design
+        overrides = (
+            f"{cfg.overrides} {extra} seed={cfg.seed} name={job.name} node_state_dir={folder / 'node-state'}"
+        )
+        partition = job_overrides(cfg)[0]  # type: ignore[index]
+        run_config = run_config or [
+            f"method='{cfg.method}' model='{cfg.model}' dataset='{cfg.dataset}' partition='{partition}' "
+            f"overrides='{overrides.strip()}' output-dir='{folder}' hub-mirror='{self.mirror}'"
+        ]
+        federation = (
+            f"num-supernodes={int(cfg.num_supernodes)} "
+            f"client-resources-num-cpus={int(cfg.get('cpus_per_client', 1))} "
+            f"client-resources-num-gpus={float(cfg.get('gpus_per_client', 0.0))}"
+        )
+        before = {p.name for p in folder.iterdir()}
+        start = time.time()
+        run_id = self.superlink.submit(PROJECT_DIR, run_config, federation)
+        submitted = time.time()
+        status = self.wait(run_id, folder, before, timeout)
+        ended = time.time()
+        return {
+            "job": job.name,
+            "status": status,
+            "job_seconds": ended - start,
+            "phases": {"submit": submitted - start, "run": ended - submitted},
+            "started": start,
+        }
+
+    def _resume(self, folder: Path) -> list[str] | None:
+        """An interrupted attempt is continued from its checkpoint; others are set aside."""
+        run_config = None
+        for stale in sorted(folder.glob("*")) if folder.exists() else []:
+            if not stale.is_dir() or (stale / "summary.json").exists() or stale.name == "node-state":
+                continue
+            if stale.name.endswith(".interrupted"):
+                continue
+            if run_config is None and round_folders(stale):
+                log.info("%s: resuming %s", folder.name, stale.name)
+                run_config = [f"resume-from='{stale}' hub-mirror='{self.mirror}'"]
+            else:
+                stale.rename(stale.with_name(stale.name + ".interrupted"))
+        return run_config
+
+    def wait(self, run_id: int, folder: Path, before: set[str], timeout: float) -> str:
+        """The run's final status: a new run folder's summary or error file ends the wait at once;
+        the SuperLink is asked only every 30 s (each ask costs a CPU-second) and at the end."""
+        deadline, asked = time.monotonic() + timeout, time.monotonic()
+        while time.monotonic() < deadline:
+            fresh = [p for p in folder.iterdir() if p.is_dir() and p.name not in before]
+            if any((p / "summary.json").exists() or (p / "error.txt").exists() for p in fresh):
+                break
+            if time.monotonic() - asked > 30:
+                asked = time.monotonic()
+                if self.superlink.run_status(run_id).startswith("finished"):
+                    break
+            time.sleep(0.25)
         else:
-            stale.rename(stale.with_name(stale.name + ".interrupted"))
-    folder.mkdir(parents=True, exist_ok=True)
-    # the job's simulated data owners get their own node state (and privacy ledgers): a sweep
-    # repeats DP runs on the same partitions by design
-    overrides = (
-        f"{cfg.overrides} {extra} seed={cfg.seed} name={job_name(cfg)} node_state_dir={folder / 'node-state'}"
+            self.superlink.flwr("stop", str(run_id), "fedsubspace-sim")
+            return f"timed out after {timeout:.0f} s"
+        for _ in range(120):  # the ServerApp exits right after writing its summary
+            status = self.superlink.run_status(run_id)
+            if status.startswith("finished"):
+                return status
+            time.sleep(0.5)
+        return status
+
+
+def job_record(job: Job, outcome: dict[str, Any], commit: str) -> dict[str, Any] | None:
+    """The committed record of a finished job: the run's compact record, its stage, its commit,
+    what the whole job cost and the phases of that time."""
+    run_dir = completed_run(job.folder)
+    if run_dir is None:
+        return None
+    record = run_record(run_dir, job.name, int(job.cfg.seed), commit)
+    if record is None:
+        return None
+    summary = json.loads((run_dir / "summary.json").read_text())
+    record.update(
+        model=str(job.cfg.model),
+        stage="tune" if job.tuning else "report",
+        job_seconds=round(outcome["job_seconds"], 2),
+        phases=phases(outcome, summary, record),
     )
-    run_config = run_config or [
-        f"method='{cfg.method}' model='{cfg.model}' dataset='{cfg.dataset}' partition='{partition}' "
-        f"overrides='{overrides.strip()}' output-dir='{folder}' hub-mirror='{mirror}'"
-    ]
-    start = time.perf_counter()
-    outcome = run_simulation(
-        run_config,
-        num_supernodes=int(cfg.num_supernodes),
-        cpus_per_client=int(cfg.get("cpus_per_client", 1)),
-        gpus_per_client=float(cfg.get("gpus_per_client", 0.0)),
-        flwr_home=PROJECT_DIR / ".flwr-sweep",
-        timeout=float(cfg.timeout_s),
-        stream=False,
-    )
-    record = {
-        "job": job_name(cfg),
-        "status": outcome.status,
-        "seconds": time.perf_counter() - start,
-        "commit": code_commit(PROJECT_DIR),
+    return record
+
+
+def phases(outcome: dict[str, Any], summary: dict[str, Any], record: dict[str, Any]) -> dict[str, float]:
+    """The job's wall time split: submitting (``flwr run``), the ServerApp's start (process,
+    imports), its set-up (data, model), the rounds' training (of which the first round's client
+    start-up) and evaluation, and the finish (summary written to status seen)."""
+    rounds = record["rounds"]
+    train = sum(r.get("train_phase_seconds") or 0.0 for r in rounds)
+    evaluation = sum(r.get("eval_seconds") or 0.0 for r in rounds)
+    first: dict[str, Any] = next((r for r in rounds if r["round"] == 1), {})
+    later = [r.get("train_phase_seconds") or 0.0 for r in rounds if r["round"] > 1]
+    cold = (first.get("train_phase_seconds") or 0.0) - (statistics.median(later) if later else 0.0)
+    started = summary.get("started_at") if outcome.get("started") else None
+    result = {
+        "submit": outcome["phases"]["submit"],
+        "train": train,
+        "evaluate": evaluation,
+        "first_round_cold_start": max(cold, 0.0),
     }
-    with (results / "sweep.jsonl").open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
-    log.info("%s: %s in %.0f s", record["job"], outcome.status, record["seconds"])
+    if started is not None:
+        result["server_start"] = started - outcome["started"] - outcome["phases"]["submit"]
+        result["server_setup"] = float(summary.get("setup_seconds") or 0.0)
+        result["finish"] = (
+            outcome["started"] + outcome["job_seconds"] - started - float(summary["wall_seconds"])
+        )
+    return {k: round(v, 2) for k, v in result.items()}
+
+
+def append_record(path: Path, record: dict[str, Any]) -> None:
+    write_records(path, merge_records(read_records(path), [record]))
+
+
+@dataclass
+class Budget:
+    seconds: float | None
+    start: float = dataclasses.field(default_factory=time.monotonic)
+
+    def left(self) -> float:
+        return float("inf") if self.seconds is None else self.seconds - (time.monotonic() - self.start)
+
+    def allows(self, cost: float) -> bool:
+        return cost * ESTIMATE_MARGIN <= self.left()
+
+
+def pending(jobs: list[Job]) -> Iterator[Job]:
+    """The jobs neither in their records nor (for grids without records) completed."""
+    recorded = {
+        path: {r["job"] for r in read_records(path)} for path in {j.records for j in jobs if j.records}
+    }
+    for job in jobs:
+        if job.records is None:
+            if not completed(job.folder):
+                yield job
+        elif job.name not in recorded[job.records]:
+            yield job
+
+
+def refresh_tuned(jobs: list[Job]) -> None:
+    """Write the tuned values from the tuning records (benchmarks.tuning), for the reported jobs."""
+    from benchmarks.tuning import write_tuned
+
+    for job in jobs:
+        if not job.tuning and job.cfg.get("tuned"):
+            tuning_records = [j.records for j in jobs if j.tuning and j.records is not None]
+            if tuning_records:
+                write_tuned(read_records(tuning_records[0]), (PROJECT_DIR / str(job.cfg.tuned)).parent)
+            return
+
+
+def fingerprint_job(job: Job, jobs: list[Job]) -> Job | None:
+    """The cell's fingerprint job: its ``fingerprint_method`` (default: the cell's first method)
+    at the lowest seed of the plan."""
+    cell = [j for j in jobs if j.cell == job.cell and not j.tuning and j.grid == job.grid]
+    if not cell:
+        return None
+    method = job.cfg.get("fingerprint_method") or str(cell[0].cfg.method)
+    seed = min(int(j.cfg.seed) for j in cell)
+    return next((j for j in cell if str(j.cfg.method) == method and int(j.cfg.seed) == seed), None)
+
+
+def needs_fingerprint(job: Job, jobs: list[Job], commit: str) -> Job | None:
+    """The fingerprint job to run at ``commit`` before ``job``, when the cell holds records from
+    another commit and no fingerprint at this one."""
+    if job.tuning or job.records is None:
+        return None
+    reference = fingerprint_job(job, jobs)
+    if reference is None:
+        return None
+    records = [
+        r for r in read_records(job.records) if (r.get("model"), r["dataset"], r.get("setting")) == job.cell
+    ]
+    if not records or all(r.get("commit") == commit for r in records):
+        return None
+    stored = read_records(fingerprints_path(job.records))
+    if any(r["job"] == reference.name and r.get("commit") == commit for r in stored):
+        return None
+    return reference
+
+
+def fingerprints_path(records: Path) -> Path:
+    return records.with_name("fingerprints.jsonl")
+
+
+def run_sweep(
+    preset: str,
+    arguments: list[str],
+    budget_min: float | None,
+    allow_dirty: bool,
+    grids: list[str] | None = None,
+) -> int:
+    commit = code_commit(PROJECT_DIR)
+    if commit.endswith("+dirty") and not allow_dirty:
+        print(
+            "the code has uncommitted changes: records made from it could never be paired with others. "
+            "Commit first (or pass --allow-dirty for a trial whose records the report refuses).",
+            file=sys.stderr,
+        )
+        return 2
+    jobs = plan(preset, arguments, grids)
+    for job in jobs:  # a bad grid fails here, before anything starts
+        if job.tuning or not job.cfg.get("tuned"):
+            validate(job)
+    budget = Budget(None if budget_min is None else budget_min * 60.0)
+    default = float(jobs[0].cfg.get("estimate_s", 300)) if jobs else 300.0
+    done = skipped = 0
+    with SweepRunner(PROJECT_DIR / ".flwr-sweep" / preset) as runner:
+        tuned_ready = False
+        for job in list(pending(jobs)):
+            if not job.tuning and not tuned_ready:
+                refresh_tuned(jobs)
+                tuned_ready = True
+            if code_commit(PROJECT_DIR) != commit:  # each job's app is packaged from this tree
+                print(f"the code changed since the sweep started at {commit}; stopping", file=sys.stderr)
+                return 2
+            fingerprint = needs_fingerprint(job, jobs, commit)
+            for current, is_fingerprint in ([(fingerprint, True)] if fingerprint else []) + [(job, False)]:
+                history = [r for j in {x.records for x in jobs if x.records} for r in read_records(j)]
+                cost = estimate(current, history, default)
+                if not budget.allows(cost):
+                    log.info(
+                        "stopping: %s needs about %.0f s, %.0f s of the budget left",
+                        current.name, cost, budget.left(),
+                    )  # fmt: skip
+                    print(f"{done} jobs run, {skipped} failed; budget reached before {current.name}")
+                    return 0
+                ok = run_one(runner, current, commit, is_fingerprint, timeout=float(current.cfg.timeout_s))
+                done += ok
+                skipped += not ok
+    print(
+        f"{done} jobs run, {skipped} failed; the preset is complete"
+        if not skipped
+        else f"{done} run, {skipped} failed"
+    )
+    return 0 if not skipped else 1
+
+
+def run_one(runner: SweepRunner, job: Job, commit: str, is_fingerprint: bool, timeout: float) -> bool:
+    extra = job_overrides(job.cfg)[1]  # type: ignore[index]
+    if is_fingerprint:
+        job = Job(copy.deepcopy(job.cfg), job.grid)
+        job.cfg.results_dir = str(job.results / "fingerprints" / commit)
+    log.info("%s%s: starting", job.name, " (fingerprint)" if is_fingerprint else "")
+    outcome = adopted(job) if completed(job.folder) else None
+    if outcome is None:
+        outcome = runner.run(job, extra, timeout)
+    record = job_record(job, outcome, outcome.get("commit", commit))
+    job.results.mkdir(parents=True, exist_ok=True)
+    with (job.results / "sweep.jsonl").open("a") as handle:
+        handle.write(
+            json.dumps({k: outcome[k] for k in ("job", "status", "job_seconds")} | {"commit": commit}) + "\n"
+        )
+    if record is None:
+        log.error("%s: %s (see %s)", job.name, outcome["status"], job.folder)
+        return False
+    if job.records is not None:
+        target = fingerprints_path(job.records) if is_fingerprint else job.records
+        append_record(target, record)
+    log.info("%s: %s in %.0f s", job.name, outcome["status"], outcome["job_seconds"])
+    return True
+
+
+def adopted(job: Job) -> dict[str, Any] | None:
+    """A job that completed under ``results_dir`` but never reached its records (the sweep was
+    stopped in between): recorded with the commit and cost its sweep log gives."""
+    logged = (
+        [json.loads(line) for line in (job.results / "sweep.jsonl").read_text().splitlines()]
+        if (job.results / "sweep.jsonl").is_file()
+        else []
+    )
+    entry = next((e for e in reversed(logged) if e["job"] == job.name and e.get("commit")), None)
+    if entry is None:  # unknown code: set it aside and run the job again
+        for run in job.folder.glob("*/summary.json"):
+            run.parent.rename(run.parent.with_name(run.parent.name + ".unrecorded"))
+        return None
+    return {**entry, "phases": {"submit": 0.0, "run": entry["job_seconds"]}, "started": None}
+
+
+def print_plan(preset: str, arguments: list[str]) -> None:
+    jobs = plan(preset, arguments)
+    history = [r for j in {x.records for x in jobs if x.records} for r in read_records(j)]
+    default = float(jobs[0].cfg.get("estimate_s", 300)) if jobs else 300.0
+    left = list(pending(jobs))
+    cells: dict[tuple[str, ...], list[float]] = {}
+    for job in jobs:
+        cells.setdefault(("tune" if job.tuning else "report", *job.cell), []).append(
+            estimate(job, history, default)
+        )
+    total = 0.0
+    print("| stage | model | dataset | setting | jobs | est. s per job (median) | est. minutes |")
+    print("|---|---|---|---|---|---|---|")
+    for key, costs in cells.items():
+        total += sum(costs)
+        print(
+            f"| {' | '.join(key)} | {len(costs)} | {statistics.median(costs):.0f} | {sum(costs) / 60:.0f} |"
+        )
+    remaining = sum(estimate(j, history, default) for j in left)
+    print(f"\n{len(jobs)} jobs, {total / 3600:.1f} h; {len(left)} left, {remaining / 3600:.1f} h")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", "--config-name", dest="preset", default="cpu_paired")
+    parser.add_argument("--budget-min", type=float, default=None, help="stop before a job that would overrun")
+    parser.add_argument("--dry-run", action="store_true", help="compose and validate every job, run none")
+    parser.add_argument("--plan", action="store_true", help="print the jobs left and their measured cost")
+    parser.add_argument("--allow-dirty", action="store_true", help="run from uncommitted code (unpairable)")
+    parser.add_argument("--grid", action="append", help="only these grid files of the preset (repeatable)")
+    parser.add_argument(
+        "arguments", nargs="*", help="key=a,b restricts a grid parameter; key=value overrides"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    os.environ.setdefault("FEDSUBSPACE_HUB_MIRROR", default_hub_mirror() or "")
+    if args.dry_run:
+        return dry_run(args.preset, args.arguments)
+    if args.plan:
+        print_plan(args.preset, args.arguments)
+        return 0
+    return run_sweep(args.preset, args.arguments, args.budget_min, args.allow_dirty, args.grid)
+
+
+def dry_run(preset: str, arguments: list[str]) -> int:
+    """Every job composed and validated, the reported ones with a placeholder tuned value."""
+    jobs = plan(preset, arguments)
+    for job in jobs:
+        cfg = job.cfg.copy()
+        cfg.tuned = None
+        validate(Job(cfg, job.grid))
+    print(f"{preset}: {len(jobs)} jobs compose and validate ({sum(j.tuning for j in jobs)} tuning)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -115,7 +115,7 @@ def run_experiment(
     grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, resume: Checkpoint | None = None
 ) -> None:
     """Everything that can fail on bad input happens before the first round."""
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     rule = get_rule(cfg.method.name)
     data = load_server_data(cfg)
     server = build_server_model(cfg, rule)
@@ -125,6 +125,7 @@ def run_experiment(
     if any(is_base_delta(key) for key in initial):
         server.base = base_weights(server.model)
     evaluate = make_evaluator(grid, cfg, rule, strategy, server, data)
+    setup_seconds = time.perf_counter() - start
     if rule.centralized:  # the upper bound: the same training code on the union of the data
         log.info("centralized baseline: training on all %d examples, no clients", len(data.train))
         union = server.task.prepare(data.train)
@@ -137,9 +138,10 @@ def run_experiment(
     server.load(final)
     saved = save_final_model(server, rule, recorder) if cfg.save_adapter else None
     trainable, _ = trainable_parameter_count(server.model)
-    recorder.write_summary(
-        summarize(cfg, recorder, data.sizes, trainable, time.perf_counter() - start, saved)
-    )
+    summary = summarize(cfg, recorder, data.sizes, trainable, time.perf_counter() - start, saved)
+    # when the ServerApp started (unix time) and how long its data and model set-up took: a
+    # sweep splits a job's wall time with them
+    recorder.write_summary(summary | {"started_at": started_at, "setup_seconds": setup_seconds})
 
 
 def load_server_data(cfg: ExperimentConfig) -> ServerData:
