@@ -3,7 +3,7 @@ and partition (final and best metric, mean ± std over seeds, gap to centralized
 wall time, peak client memory, framework and wire overhead), PNG plots (metric vs round, metric vs
 cumulative MB per client), and which of the papers' claims held on these runs.
 
-    python -m benchmarks.report --results results/cpu-small --out docs/results/cpu-small
+    python -m benchmarks.report --preset cpu-paired     # docs/results/cpu-paired/runs.jsonl → report.md
 
 Run folders under ``--results`` are collected into ``<out>/runs.jsonl`` (merged with the records
 already there), and the report is built from that file alone.
@@ -24,7 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.results import code_commit, merge_records, read_records, run_record, write_records
+from benchmarks.claims import claims_section
+from benchmarks.pairing import admit, provenance_lines
+from benchmarks.results import merge_records, read_records, run_record, same_run_code, write_records
 from benchmarks.stats import Interval, Verdict, advise, mean_interval, paired_difference, verdict
 from finetune.config import higher_is_better
 from strategies import RULES, Family
@@ -613,8 +615,20 @@ def plot(records: list[dict[str, Any]], folder: Path) -> list[Path]:
     return paths
 
 
-def write_report(records: list[dict[str, Any]], out: Path, preset: str, parallel: int) -> Path:
+def write_report(
+    all_records: list[dict[str, Any]],
+    out: Path,
+    preset: str,
+    parallel: int,
+    tuning: list[dict[str, Any]] | None = None,
+    fingerprints: list[dict[str, Any]] | None = None,
+) -> Path:
+    """The report of the runs that may be paired (``benchmarks.pairing``); the others are named."""
     out.mkdir(parents=True, exist_ok=True)
+    admission = admit(
+        all_records, fingerprints or [], same_code=lambda a, b: same_run_code(PROJECT_DIR, a, b)
+    )
+    records = admission.kept
     table = method_rows(grouped(records), parallel)
     commits = sorted({r.get("commit") or "unknown" for r in records})
     lines = [
@@ -635,6 +649,9 @@ def write_report(records: list[dict[str, Any]], out: Path, preset: str, parallel
         "(target ≤ 1.05).",
         "",
     ]
+    lines += ["## Provenance and pairing", "", *provenance_lines(admission), ""]
+    lines += [*claims_section(records, tuning or []), ""]
+    lines += compute_section(all_records, tuning or [], fingerprints or [])
     guide = decision_guide(table)
     if guide:
         lines += [
@@ -647,9 +664,9 @@ def write_report(records: list[dict[str, Any]], out: Path, preset: str, parallel
             *guide,
             "",
         ]
-    tuning = out / "tuning.md"
-    if tuning.is_file():
-        lines += [tuning.read_text().strip(), ""]
+    tuning_md = out / "tuning.md"
+    if tuning_md.is_file():
+        lines += [tuning_md.read_text().strip(), ""]
     for (dataset, partition), rows in table.items():
         metric = next(r for r in records if r["dataset"] == dataset)["main_metric"]
         lines += [f"## {dataset} / {partition}", "", markdown_table(rows, metric), ""]
@@ -697,9 +714,60 @@ def write_report(records: list[dict[str, Any]], out: Path, preset: str, parallel
     return path
 
 
-def collect(results: Path, commit: str) -> list[dict[str, Any]]:
+def compute_section(
+    records: list[dict[str, Any]], tuning: list[dict[str, Any]], fingerprints: list[dict[str, Any]]
+) -> list[str]:
+    """The measured compute of the preset so far: every recorded job's wall time (sweep records
+    carry it with its phases; older records only the run's own wall time), by stage and cell."""
+    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for stage, runs in (("report", records), ("tune", tuning), ("fingerprint", fingerprints)):
+        for r in runs:
+            groups[
+                (stage, str(r.get("model") or ""), r["dataset"], r.get("setting") or r["partition"])
+            ].append(r)
+    if not groups:
+        return []
+    lines = [
+        "## Measured compute",
+        "",
+        "Sized from these figures: `python -m launch.sweep --preset <preset> --plan` estimates every job "
+        "left from them.",
+        "",
+        "Wall time of every recorded job on this preset's machine (the sweep's own clock, from `flwr run` "
+        "to the run's finished status; phases from the run's summary and rounds, medians per job).",
+        "",
+        "| stage | model | dataset | setting | jobs | minutes | median s/job | submit | server start | "
+        "set-up | train (of which round-1 cold start) | evaluate | finish |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    total = 0.0
+    for key, runs in sorted(groups.items()):
+        seconds = [float(r.get("job_seconds") or r["wall_seconds"]) for r in runs]
+        total += sum(seconds)
+        phases = [r.get("phases") or {} for r in runs]
+
+        def median(name: str, phases: list[dict[str, float]] = phases) -> str:
+            values = [p[name] for p in phases if name in p]
+            return f"{np.median(values):.1f}" if values else "—"
+
+        lines.append(
+            f"| {' | '.join(key)} | {len(runs)} | {sum(seconds) / 60:.0f} | {np.median(seconds):.0f} | "
+            f"{median('submit')} | {median('server_start')} | {median('server_setup')} | "
+            f"{median('train')} ({median('first_round_cold_start')}) | {median('evaluate')} | "
+            f"{median('finish')} |"
+        )
+    lines += [
+        "",
+        f"Total: {total / 3600:.2f} h of measured compute over {sum(map(len, groups.values()))} jobs.",
+        "",
+    ]
+    return lines
+
+
+def collect(results: Path) -> list[dict[str, Any]]:
     """Records of every completed run under ``results/<job>/<run folder>/`` (jobs named
-    ``<method>-<dataset>-<partition>-s<seed>``); the sweep's log supplies each job's commit."""
+    ``<method>-<dataset>-<partition>-s<seed>``); the sweep's log supplies each job's commit (a run
+    it does not name has none, and is never paired)."""
     commits = {}
     log = results / "sweep.jsonl"
     for line in log.read_text().splitlines() if log.is_file() else []:
@@ -709,7 +777,7 @@ def collect(results: Path, commit: str) -> list[dict[str, Any]]:
     for job_dir in sorted(p for p in results.iterdir() if p.is_dir() and not p.name.startswith(".")):
         seed = int(job_dir.name.rsplit("-s", 1)[1]) if "-s" in job_dir.name else 0
         for run_dir in sorted(job_dir.iterdir()):
-            record = run_record(run_dir, job_dir.name, seed, commits.get(job_dir.name) or commit)
+            record = run_record(run_dir, job_dir.name, seed, commits.get(job_dir.name, ""))
             if record is not None:
                 records.append(record)
     return records
@@ -719,7 +787,8 @@ def gather_records(results: Path, stored: Path) -> list[dict[str, Any]]:
     """The records in ``stored``, merged with (and updated by) the completed runs under ``results``."""
     records = read_records(stored)
     if results.is_dir():
-        records = merge_records(records, collect(results, code_commit(PROJECT_DIR)))
+        known = {r["job"] for r in records}
+        records = merge_records(records, [r for r in collect(results) if r["job"] not in known])
         write_records(stored, records)
     return records
 
@@ -728,7 +797,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", default="cpu-small")
+    parser.add_argument("--preset", default="cpu-paired")
     parser.add_argument("--results", type=Path, help="sweep results folder (default results/<preset>)")
     parser.add_argument("--out", type=Path, help="report folder (default docs/results/<preset>)")
     parser.add_argument("--parallel", type=int, default=2, help="clients trained at once (Ray workers)")
@@ -737,10 +806,21 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or PROJECT_DIR / "docs" / "results" / args.preset
     stored = out / "runs.jsonl"
     records = gather_records(results, stored)
-    if not records:
+    tuning = read_records(out / "tuning-runs.jsonl")
+    fingerprints = read_records(out / "fingerprints.jsonl")
+    if not records and not tuning:
         print(f"no completed runs under {results} nor in {stored}", file=sys.stderr)
         return 1
-    path = write_report(records, out, args.preset, args.parallel)
+    compute = out / "compute.md"
+    compute.write_text(
+        "\n".join(
+            [f"# Measured compute: `{args.preset}`", "", *compute_section(records, tuning, fingerprints)]
+        )
+    )
+    print(f"{len(records) + len(tuning) + len(fingerprints)} jobs → {compute}")
+    if not records:
+        return 0
+    path = write_report(records, out, args.preset, args.parallel, tuning, fingerprints)
     print(f"{len(records)} runs → {path}")
     return 0
 

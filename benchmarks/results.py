@@ -35,6 +35,25 @@ CODE_PATHS = (
 )
 
 
+#: The code a benchmark job runs (its app, its launch and its configs): two commits that differ
+#: elsewhere (reports, tests, docs) train identically.
+RUN_CODE_PATHS = ("finetune", "strategies", "server_app", "client_app", "launch", "conf", "pyproject.toml")
+
+
+def same_run_code(folder: Path, a: str, b: str) -> bool:
+    """Whether commits ``a`` and ``b`` hold the same job code (False when git cannot tell)."""
+    try:
+        result = subprocess.run(
+            ["git", "diff", "--quiet", a, b, "--", *RUN_CODE_PATHS],
+            cwd=folder,
+            capture_output=True,
+            check=False,
+        )
+    except OSError:
+        return False
+    return result.returncode == 0
+
+
 def code_commit(folder: Path) -> str:
     """The commit of the code in ``folder`` (``+dirty`` when its code has uncommitted changes), or ''."""
     try:

@@ -7,8 +7,8 @@ and validated here, with the same code the ServerApp runs, before any Flower pro
     fedsubspace validate method=fedx            # the config alone: fails in well under a second
     fedsubspace resume runs/20261201-093000-fedit-sst2-minilm           # after a crash or a stop
     fedsubspace resume runs/20261201-093000-fedit-sst2-minilm federation.num_rounds=20   # longer
-    fedsubspace sweep cpu_small method=fedit,full seed=0
-    fedsubspace report cpu_small
+    fedsubspace sweep cpu_paired --budget-min 150
+    fedsubspace report cpu_paired
 
 ``group=option`` picks a config group's option (``conf/<group>/<option>.yaml``); ``a.b=value`` sets
 any key of the schema (``finetune/config.py`` and the rule's own options in ``strategies/<rule>.py``).
@@ -277,12 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--cpus-per-client", type=int, default=1)
     resume.add_argument("--gpus-per-client", type=float, default=0.0)
     resume.add_argument("--ray-address", default="")
-    sweep = commands.add_parser("sweep", help="a benchmark preset (conf/sweep/<preset>*.yaml), resumable")
+    sweep = commands.add_parser(
+        "sweep", help="a benchmark preset (conf/sweep/<preset>*.yaml), resumable, in chunks (--budget-min)"
+    )
     sweep.add_argument(
         "preset", choices=sorted({p.stem for p in (PROJECT_DIR / "conf" / "sweep").glob("*.yaml")})
     )
     sweep.add_argument(
-        "hydra_args", nargs="*", help="Hydra multirun overrides, e.g. method=fedit,full seed=0"
+        "sweep_args",
+        nargs=argparse.REMAINDER,
+        help="--budget-min N, --dry-run, --plan, --grid G; key=a,b keeps those values of a grid parameter",
     )
     report = commands.add_parser("report", help="the report of a preset's results (docs/results/<preset>/)")
     report.add_argument("preset")
@@ -306,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the launchers' health checks
     if args.command == "sweep":
         return subprocess.call(
-            [sys.executable, "-m", "launch.sweep", "--config-name", args.preset, *args.hydra_args]
+            [sys.executable, "-m", "launch.sweep", "--preset", args.preset, *args.sweep_args]
         )
     if args.command == "report":
         from benchmarks.report import main as report_main

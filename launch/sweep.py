@@ -11,7 +11,8 @@ its ``hydra.sweeper.params`` span the jobs, ``settings`` name cells (a partition
 and the methods it applies to), a grid with ``stage: tune`` is a tuning stage (``lr_mult`` times
 each method's own peak learning rate, scored on the tuning split), and the reported grids use the
 values the tuning runs chose (``tuned``, written here through ``benchmarks.tuning``). Arguments
-``key=a,b`` restrict a grid parameter; other ``key=value`` arguments override the preset.
+``key=a,b`` keep only those values of a grid parameter; other ``key=value`` arguments override the
+preset (``records=null results_dir=/tmp/x`` for a trial).
 
 Order: every tuning job first, then the reported jobs seed by seed (every cell of seed 0, then of
 seed 1, ...), so a partial sweep already answers something with paired seeds.
@@ -49,7 +50,14 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
-from benchmarks.results import code_commit, merge_records, read_records, run_record, write_records
+from benchmarks.results import (
+    code_commit,
+    merge_records,
+    read_records,
+    run_record,
+    same_run_code,
+    write_records,
+)
 from finetune.hub import default_hub_mirror
 from launch.simulation import PROJECT_DIR, LocalSuperLink
 from server_app.checkpoint import round_folders
@@ -191,18 +199,20 @@ def compose_grid(grid: str, overrides: list[str]) -> DictConfig:
 def plan(preset: str, arguments: list[str] = (), grids: list[str] | None = None) -> list[Job]:  # type: ignore[assignment]
     """Every job of the preset's grids (or of ``grids`` among them), in run order (tuning first,
     then seed by seed)."""
-    restrict = dict(a.split("=", 1) for a in arguments if "=" in a and "," in a.split("=", 1)[1])
-    plain = [a for a in arguments if a.split("=", 1)[0] not in restrict]
+    given = dict(a.split("=", 1) for a in arguments)
     tuning: list[tuple[int, Job]] = []
     reported: list[tuple[int, Job]] = []
     for order, grid in enumerate(preset_grids(preset)):
         if grids and grid not in grids:
             continue
-        base = compose_grid(grid, plain)
+        base = compose_grid(grid, [])
         params = {k: str(v).split(",") for k, v in base.hydra.sweeper.params.items()}
-        for key, value in [*restrict.items(), *(a.split("=", 1) for a in plain)]:
-            if key in params:
-                params[key] = value.split(",")
+        # a grid parameter keeps only the values given (a grid without them adds no job); any
+        # other key is set on the preset
+        params |= {k: [x for x in params[k] if x in v.split(",")] for k, v in given.items() if k in params}
+        plain = [f"{k}={v}" for k, v in given.items() if k not in params]
+        OmegaConf.set_struct(base, False)
+        base = OmegaConf.merge(base, OmegaConf.from_dotlist(plain))  # type: ignore[assignment]
         OmegaConf.set_struct(base, False)
         base.pop("hydra")
         for values in itertools.product(*params.values()):
@@ -224,7 +234,12 @@ def validate(job: Job) -> str:
     assert planned is not None
     partition, extra = planned
     selections = {k: str(job.cfg[k]) for k in ("method", "model", "dataset")} | {"partition": partition}
-    compose_config(selections, f"{job.cfg.overrides} {extra} seed={job.cfg.seed}")
+    experiment = compose_config(selections, f"{job.cfg.overrides} {extra} seed={job.cfg.seed}")
+    if experiment.partition.num_clients != int(job.cfg.num_supernodes):
+        raise SystemExit(
+            f"{job.grid}: {job.name} has partition.num_clients={experiment.partition.num_clients} but "
+            f"num_supernodes={job.cfg.num_supernodes}: every simulated node holds one partition"
+        )
     return extra
 
 
@@ -403,7 +418,7 @@ def append_record(path: Path, record: dict[str, Any]) -> None:
 @dataclass
 class Budget:
     seconds: float | None
-    start: float = dataclasses.field(default_factory=time.monotonic)
+    start: float = dataclasses.field(default_factory=lambda: time.monotonic())
 
     def left(self) -> float:
         return float("inf") if self.seconds is None else self.seconds - (time.monotonic() - self.start)
@@ -459,7 +474,8 @@ def needs_fingerprint(job: Job, jobs: list[Job], commit: str) -> Job | None:
     records = [
         r for r in read_records(job.records) if (r.get("model"), r["dataset"], r.get("setting")) == job.cell
     ]
-    if not records or all(r.get("commit") == commit for r in records):
+    commits = {str(r.get("commit")) for r in records}
+    if not records or all(c == commit or same_run_code(PROJECT_DIR, c, commit) for c in commits):
         return None
     stored = read_records(fingerprints_path(job.records))
     if any(r["job"] == reference.name and r.get("commit") == commit for r in stored):
@@ -477,6 +493,7 @@ def run_sweep(
     budget_min: float | None,
     allow_dirty: bool,
     grids: list[str] | None = None,
+    flwr_home: Path | None = None,
 ) -> int:
     commit = code_commit(PROJECT_DIR)
     if commit.endswith("+dirty") and not allow_dirty:
@@ -493,7 +510,7 @@ def run_sweep(
     budget = Budget(None if budget_min is None else budget_min * 60.0)
     default = float(jobs[0].cfg.get("estimate_s", 300)) if jobs else 300.0
     done = skipped = 0
-    with SweepRunner(PROJECT_DIR / ".flwr-sweep" / preset) as runner:
+    with SweepRunner(flwr_home or PROJECT_DIR / ".flwr-sweep" / preset) as runner:
         tuned_ready = False
         for job in list(pending(jobs)):
             if not job.tuning and not tuned_ready:
@@ -601,7 +618,9 @@ def main(argv: list[str] | None = None) -> int:
         "arguments", nargs="*", help="key=a,b restricts a grid parameter; key=value overrides"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", force=True
+    )
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     os.environ.setdefault("FEDSUBSPACE_HUB_MIRROR", default_hub_mirror() or "")
     if args.dry_run:

@@ -228,3 +228,15 @@ def test_five_paired_seeds_resolve_a_claim_and_the_guide_names_the_winner(tmp_pa
     assert (
         "- **sst2 / dirichlet**: use `full` — it beats the runner-up `fedit` by +5.1 [+4.9, +5.2] pp" in text
     )
+
+
+def test_the_report_pairs_only_admitted_runs_and_states_its_compute(tmp_path):
+    from benchmarks.report import write_report
+
+    dirty = _record("full", 2, [0.9, 0.95]) | {"commit": "abc+dirty"}
+    text = write_report([*RECORDS, dirty], tmp_path, "t", parallel=2).read_text()
+    assert "## Provenance and pairing" in text
+    assert "refused, 1 run(s): made from uncommitted code (abc+dirty)" in text
+    assert "95.0" not in text  # the refused run's final metric reaches no table
+    assert "## The seed papers' claims (C1–C4)" in text and "## Measured compute" in text
+    assert f"over {len(RECORDS) + 1} jobs" in text  # compute counts every job that ran, refused or not

@@ -1,0 +1,145 @@
+"""The chunked sweep: run order, the time budget, refusing uncommitted or changing code, the
+fingerprint re-run across commits, and a job's metrics alone and inside a sweep."""
+
+import json
+
+import pytest
+
+import launch.sweep as sweep
+from benchmarks.results import read_records
+
+GRID = ["cpu_paired"]
+
+
+def _arguments(tmp_path, methods="fedit,ffa_lora", seeds="0,1"):
+    return [
+        f"records={tmp_path / 'runs.jsonl'}", f"results_dir={tmp_path / 'results'}", "tuned=null",
+        f"method={methods}", f"seed={seeds}",
+    ]  # fmt: skip
+
+
+def test_tuning_jobs_come_first_then_every_cell_seed_by_seed():
+    jobs = sweep.plan("cpu_paired", ["method=fedit,ffa_lora", "seed=0,1"])
+    names = [job.name for job in jobs]
+    tuning = [job for job in jobs if job.tuning]
+    assert names[: len(tuning)] == [job.name for job in tuning]
+    reported = [job for job in jobs if not job.tuning]
+    seeds = [int(job.cfg.seed) for job in reported]
+    assert seeds == sorted(seeds)  # seed 0 of every cell before any seed 1
+    cells = {job.cell for job in reported if int(job.cfg.seed) == 0}
+    assert ("efficientnet_lite0", "cifar10", "vision_shift") in cells and ("minilm", "sst2", "dp3") in cells
+    assert "fedit-sst2-dir05-lr0.1-s0" in names  # C2's wider tuning grid
+
+
+class FakeRunner:
+    def __init__(self, flwr_home):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+@pytest.fixture
+def fake_sweep(monkeypatch, tmp_path):
+    """A sweep whose jobs take 100 s of a fake clock and record that cost."""
+    clock = {"now": 0.0}
+    ran = []
+
+    def run_one(runner, job, commit, is_fingerprint, timeout):
+        clock["now"] += 100.0
+        ran.append((job.name, is_fingerprint))
+        record = {
+            "job": job.name, "method": str(job.cfg.method), "dataset": "sst2", "setting": "dir05",
+            "partition": "dirichlet", "model": "minilm", "stage": "report", "seed": int(job.cfg.seed),
+            "commit": commit, "job_seconds": 100.0, "rounds": [{"round": 1, "metric": 0.5}],
+        }  # fmt: skip
+        target = sweep.fingerprints_path(job.records) if is_fingerprint else job.records
+        sweep.append_record(target, record)
+        return True
+
+    monkeypatch.setattr(sweep.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(sweep, "SweepRunner", FakeRunner)
+    monkeypatch.setattr(sweep, "run_one", run_one)
+    monkeypatch.setattr(sweep, "code_commit", lambda folder: "aaaa")
+    return ran
+
+
+def test_the_budget_stops_before_a_job_that_would_overrun(fake_sweep, tmp_path, capsys):
+    # 250 s: the first job (no measurement yet: the preset's 150 s estimate) and the second (the
+    # first one's measured 100 s) fit; the third would need 100 s × margin with 50 s left
+    assert sweep.run_sweep("cpu_paired", _arguments(tmp_path), 250 / 60, False, GRID) == 0
+    assert [name for name, _ in fake_sweep] == ["fedit-sst2-dir05-s0", "ffa_lora-sst2-dir05-s0"]
+    assert "budget reached before fedit-sst2-dir05-s1" in capsys.readouterr().out
+    # the next call resumes where this one stopped
+    assert sweep.run_sweep("cpu_paired", _arguments(tmp_path), None, False, GRID) == 0
+    assert [name for name, _ in fake_sweep][2:] == ["fedit-sst2-dir05-s1", "ffa_lora-sst2-dir05-s1"]
+
+
+def test_a_tree_with_uncommitted_code_runs_nothing(fake_sweep, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(sweep, "code_commit", lambda folder: "aaaa+dirty")
+    assert sweep.run_sweep("cpu_paired", _arguments(tmp_path), None, False, GRID) == 2
+    assert fake_sweep == [] and "uncommitted changes" in capsys.readouterr().err
+
+
+def test_code_that_changes_during_a_sweep_stops_it(fake_sweep, monkeypatch, tmp_path, capsys):
+    commits = iter(["aaaa", "aaaa", "bbbb"])  # the start, the first job, then an edit
+    monkeypatch.setattr(sweep, "code_commit", lambda folder: next(commits))
+    assert sweep.run_sweep("cpu_paired", _arguments(tmp_path), None, False, GRID) == 2
+    assert len(fake_sweep) == 1 and "code changed" in capsys.readouterr().err
+
+
+def test_a_new_commit_reruns_the_cells_fingerprint_job_first(fake_sweep, monkeypatch, tmp_path):
+    assert sweep.run_sweep("cpu_paired", _arguments(tmp_path, seeds="0"), None, False, GRID) == 0
+    assert fake_sweep == [("fedit-sst2-dir05-s0", False), ("ffa_lora-sst2-dir05-s0", False)]
+    monkeypatch.setattr(sweep, "code_commit", lambda folder: "bbbb")
+    assert sweep.run_sweep("cpu_paired", _arguments(tmp_path), None, False, GRID) == 0
+    # fedit at the lowest seed is the cell's fingerprint: re-run once at bbbb, then the new jobs
+    assert fake_sweep[2:] == [
+        ("fedit-sst2-dir05-s0", True), ("fedit-sst2-dir05-s1", False), ("ffa_lora-sst2-dir05-s1", False),
+    ]  # fmt: skip
+    stored = read_records(tmp_path / "fingerprints.jsonl")
+    assert [(r["job"], r["commit"]) for r in stored] == [("fedit-sst2-dir05-s0", "bbbb")]
+
+
+def test_the_measured_cost_of_the_most_similar_jobs_is_the_estimate():
+    job = sweep.plan("cpu_paired", ["method=full", "seed=0"], GRID)[0]
+
+    def rec(method, setting, seconds):
+        return {
+            "method": method,
+            "dataset": "sst2",
+            "setting": setting,
+            "model": "minilm",
+            "job_seconds": seconds,
+        }
+
+    assert sweep.estimate(job, [], 150.0) == 150.0
+    assert sweep.estimate(job, [rec("fedit", "dir05", 90), rec("ffa_lora", "dir05", 110)], 150.0) == 100
+    history = [rec("fedit", "dir05", 90), rec("full", "dir05", 130), rec("full", "dir05", 140)]
+    assert sweep.estimate(job, history, 150.0) == 135
+
+
+def test_a_job_gives_the_same_metrics_alone_and_inside_a_sweep(tmp_path):
+    """Real runs (tiny model): a sweep of two jobs on one SuperLink, then the second job alone."""
+    overrides = (
+        "overrides='federation.num_rounds=2 federation.fraction_train=0.4 train.local_steps=2 "
+        "save_adapter=false partition.seed=${seed} dataset.max_eval_examples=64'"
+    )
+
+    def run(folder, methods):
+        arguments = [*_arguments(folder, methods, "0"), "model=tiny_bert", overrides]
+        assert sweep.run_sweep("cpu_paired", arguments, None, True, GRID, flwr_home=folder / "flwr") == 0
+        return {r["job"]: r for r in read_records(folder / "runs.jsonl")}
+
+    together = run(tmp_path / "sweep", "fedit,ffa_lora")
+    alone = run(tmp_path / "alone", "ffa_lora")
+    job = "ffa_lora-sst2-dir05-s0"
+    keys = ("round", "metric", "eval_loss", "train_loss", "bytes_down", "bytes_up")
+    assert [[row[k] for k in keys] for row in together[job]["rounds"]] == [
+        [row[k] for k in keys] for row in alone[job]["rounds"]
+    ]
+    assert together[job]["phases"]["train"] > 0 and set(together) == {job, "fedit-sst2-dir05-s0"}
+    assert json.dumps(alone[job]["rounds"][-1]["metric"]) != "null"
