@@ -4,6 +4,7 @@ kept for the whole sweep; resumable, and runnable in chunks under a time budget.
     python -m launch.sweep --preset cpu_paired --budget-min 150     # a chunk; the next call resumes
     python -m launch.sweep --preset cpu_paired --dry-run            # compose + validate every job
     python -m launch.sweep --preset cpu_paired --plan               # jobs left and their measured cost
+    python -m launch.sweep --preset cpu_paired --profile fedit-sst2-dir05-s0   # one job, phase by phase
     python -m launch.sweep --preset cpu_small method=fedit,full seed=0   # a sub-grid
 
 A preset is ``conf/sweep/<preset>.yaml`` and every ``<preset>_*.yaml`` beside it (a *grid* each):
@@ -612,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-min", type=float, default=None, help="stop before a job that would overrun")
     parser.add_argument("--dry-run", action="store_true", help="compose and validate every job, run none")
     parser.add_argument("--plan", action="store_true", help="print the jobs left and their measured cost")
+    parser.add_argument("--profile", metavar="JOB", help="time one job phase by phase (run unless done)")
     parser.add_argument("--allow-dirty", action="store_true", help="run from uncommitted code (unpairable)")
     parser.add_argument("--grid", action="append", help="only these grid files of the preset (repeatable)")
     parser.add_argument(
@@ -628,7 +630,56 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         print_plan(args.preset, args.arguments)
         return 0
+    if args.profile:
+        return profile(args.preset, args.profile, args.arguments)
     return run_sweep(args.preset, args.arguments, args.budget_min, args.allow_dirty, args.grid)
+
+
+def profile(preset: str, name: str, arguments: list[str]) -> int:
+    """One job of the preset timed phase by phase: run (and recorded) unless it already completed
+    here; the table goes to ``<records folder>/profile-<job>.md``."""
+    job = next((j for j in plan(preset, arguments) if j.name == name), None)
+    if job is None:
+        raise SystemExit(f"{preset} has no job {name!r}")
+    if completed_run(job.folder) is None:
+        with SweepRunner(PROJECT_DIR / ".flwr-sweep" / preset) as runner:
+            refresh_tuned([job])
+            if not run_one(runner, job, code_commit(PROJECT_DIR), False, float(job.cfg.timeout_s)):
+                return 1
+    record = next((r for r in read_records(job.records) if r["job"] == name), None) if job.records else None
+    run_dir = completed_run(job.folder)
+    assert run_dir is not None
+    text = profile_markdown(name, record, run_dir)
+    print(text)
+    if job.records is not None:
+        (job.records.parent / f"profile-{name}.md").write_text(text)
+    return 0
+
+
+def profile_markdown(name: str, record: dict[str, Any] | None, run_dir: Path) -> str:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    lines = [f"# Profile of `{name}`", ""]
+    if record is not None:
+        lines += [
+            f"Job wall time {record['job_seconds']:.1f} s at `{record['commit']}` (the sweep's clock).",
+            "",
+            "| phase | seconds |",
+            "|---|---|",
+            *(f"| {phase} | {seconds:.2f} |" for phase, seconds in record.get("phases", {}).items()),
+            "",
+        ]
+    lines += [
+        "| round | training | of which slowest client: process start / set-up / data | evaluation |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        start = [
+            row.get(k) for k in ("slowest_startup_seconds", "slowest_setup_seconds", "slowest_data_seconds")
+        ]
+        shown = " / ".join("—" if v is None else f"{v:.2f}" for v in start)
+        train, evaluation = row.get("train_phase_seconds") or 0.0, row.get("eval_seconds") or 0.0
+        lines.append(f"| {row['round']} | {train:.2f} | {shown} | {evaluation:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def dry_run(preset: str, arguments: list[str]) -> int:

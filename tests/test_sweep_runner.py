@@ -143,3 +143,21 @@ def test_a_job_gives_the_same_metrics_alone_and_inside_a_sweep(tmp_path):
     ]
     assert together[job]["phases"]["train"] > 0 and set(together) == {job, "fedit-sst2-dir05-s0"}
     assert json.dumps(alone[job]["rounds"][-1]["metric"]) != "null"
+
+
+def test_a_profile_lists_every_phase_and_each_rounds_training_and_evaluation(tmp_path):
+    rows = [
+        {"round": 0, "eval_seconds": 1.5},
+        {
+            "round": 1,
+            "train_phase_seconds": 13.0,
+            "slowest_startup_seconds": 4.0,
+            "slowest_data_seconds": 0.5,
+        },
+        {"round": 2, "train_phase_seconds": 7.0, "eval_seconds": 1.25},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    record = {"job_seconds": 40.0, "commit": "abc", "phases": {"submit": 0.9, "server_start": 7.7}}
+    text = sweep.profile_markdown("fedit-sst2-dir05-s0", record, tmp_path)
+    assert "| server_start | 7.70 |" in text and "Job wall time 40.0 s at `abc`" in text
+    assert "| 1 | 13.00 | 4.00 / — / 0.50 | 0.00 |" in text and "| 2 | 7.00 | — / — / — | 1.25 |" in text
