@@ -811,6 +811,13 @@ def main(argv: list[str] | None = None) -> int:
     if not records and not tuning:
         print(f"no completed runs under {results} nor in {stored}", file=sys.stderr)
         return 1
+    if tuning:  # the tuning curves so far (the sweep writes tuned.json itself, from complete tuning)
+        from benchmarks.tuning import choose, tuning_curves, tuning_markdown
+
+        main_metric = tuning[0]["main_metric"]
+        (out / "tuning.md").write_text(
+            tuning_markdown(choose(tuning_curves(tuning), main_metric), main_metric) + "\n"
+        )
     compute = out / "compute.md"
     compute.write_text(
         "\n".join(
