@@ -137,7 +137,10 @@ def completed(folder: Path) -> bool:
 
 
 def completed_run(folder: Path) -> Path | None:
-    for summary in sorted(folder.glob("*/summary.json")):
+    """The newest completed run folder in ``folder`` (attempts set aside are not runs)."""
+    for summary in sorted(folder.glob("*/summary.json"), reverse=True):
+        if summary.parent.suffix in (".interrupted", ".unrecorded"):
+            continue
         try:
             if json.loads(summary.read_text()).get("status") == "completed":
                 return summary.parent
@@ -484,6 +487,23 @@ def needs_fingerprint(job: Job, jobs: list[Job], commit: str) -> Job | None:
     return reference
 
 
+def reproduced(job: Job, commit: str) -> bool:
+    """Whether the fingerprint job re-run at ``commit`` matched its recorded run bit for bit."""
+    from benchmarks.pairing import signature
+
+    assert job.records is not None
+    recorded = next((r for r in read_records(job.records) if r["job"] == job.name), None)
+    rerun = next(
+        (
+            r
+            for r in read_records(fingerprints_path(job.records))
+            if r["job"] == job.name and r["commit"] == commit
+        ),
+        None,
+    )
+    return recorded is not None and rerun is not None and signature(recorded) == signature(rerun)
+
+
 def fingerprints_path(records: Path) -> Path:
     return records.with_name("fingerprints.jsonl")
 
@@ -534,6 +554,14 @@ def run_sweep(
                 ok = run_one(runner, current, commit, is_fingerprint, timeout=float(current.cfg.timeout_s))
                 done += ok
                 skipped += not ok
+                if ok and is_fingerprint and not reproduced(current, commit):
+                    print(
+                        f"{current.name} at {commit} did not reproduce its recorded metrics: this code "
+                        "trains differently, so its runs could not be paired with the cell's records. "
+                        "Restore the code, or start the preset anew in a fresh records file.",
+                        file=sys.stderr,
+                    )
+                    return 3
     print(
         f"{done} jobs run, {skipped} failed; the preset is complete"
         if not skipped

@@ -42,19 +42,24 @@ class FakeRunner:
         pass
 
 
+class Ran(list):
+    clock: dict
+
+
 @pytest.fixture
 def fake_sweep(monkeypatch, tmp_path):
     """A sweep whose jobs take 100 s of a fake clock and record that cost."""
-    clock = {"now": 0.0}
-    ran = []
+    clock = {"now": 0.0, "fingerprint_metric": 0.5}
+    ran = Ran()
 
     def run_one(runner, job, commit, is_fingerprint, timeout):
+        metric = clock["fingerprint_metric"] if is_fingerprint else 0.5
         clock["now"] += 100.0
         ran.append((job.name, is_fingerprint))
         record = {
             "job": job.name, "method": str(job.cfg.method), "dataset": "sst2", "setting": "dir05",
             "partition": "dirichlet", "model": "minilm", "stage": "report", "seed": int(job.cfg.seed),
-            "commit": commit, "job_seconds": 100.0, "rounds": [{"round": 1, "metric": 0.5}],
+            "commit": commit, "job_seconds": 100.0, "rounds": [{"round": 1, "metric": metric}],
         }  # fmt: skip
         target = sweep.fingerprints_path(job.records) if is_fingerprint else job.records
         sweep.append_record(target, record)
@@ -64,6 +69,7 @@ def fake_sweep(monkeypatch, tmp_path):
     monkeypatch.setattr(sweep, "SweepRunner", FakeRunner)
     monkeypatch.setattr(sweep, "run_one", run_one)
     monkeypatch.setattr(sweep, "code_commit", lambda folder: "aaaa")
+    ran.clock = clock
     return ran
 
 
@@ -102,6 +108,15 @@ def test_a_new_commit_reruns_the_cells_fingerprint_job_first(fake_sweep, monkeyp
     ]  # fmt: skip
     stored = read_records(tmp_path / "fingerprints.jsonl")
     assert [(r["job"], r["commit"]) for r in stored] == [("fedit-sst2-dir05-s0", "bbbb")]
+
+
+def test_a_fingerprint_that_does_not_reproduce_stops_the_sweep(fake_sweep, monkeypatch, tmp_path, capsys):
+    assert sweep.run_sweep("cpu_paired", _arguments(tmp_path, seeds="0"), None, False, GRID) == 0
+    monkeypatch.setattr(sweep, "code_commit", lambda folder: "bbbb")
+    fake_sweep.clock["fingerprint_metric"] = 0.51  # the new code trains differently
+    assert sweep.run_sweep("cpu_paired", _arguments(tmp_path), None, False, GRID) == 3
+    assert fake_sweep[2:] == [("fedit-sst2-dir05-s0", True)]  # no new job ran after it
+    assert "did not reproduce" in capsys.readouterr().err
 
 
 def test_the_measured_cost_of_the_most_similar_jobs_is_the_estimate():
