@@ -40,6 +40,7 @@ import logging
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -66,6 +67,10 @@ from server_app.checkpoint import round_folders
 log = logging.getLogger(__name__)
 
 SWEEP_DIR = PROJECT_DIR / "conf" / "sweep"
+#: Where records, tuned values and results go: the checkout, or (``--snapshot``) the checkout the
+#: snapshot was taken from, while the jobs' code comes from the snapshot.
+OUTPUT_ROOT = Path(os.environ.get("FEDSUBSPACE_SWEEP_OUTPUT") or PROJECT_DIR)
+SNAPSHOTS = ".sweep-snapshots"
 #: A job is started only when the budget left exceeds its estimate times this.
 ESTIMATE_MARGIN = 1.15
 
@@ -115,7 +120,7 @@ def job_overrides(cfg: DictConfig) -> tuple[str, str] | None:
         ).peak_lr
         extra.append(f"method.lr={peak * float(cfg.lr_mult):.6g} dataset.evaluate_on=tuning")
     elif cfg.get("tuned"):
-        extra.append(tuned_overrides(PROJECT_DIR / str(cfg.tuned), tuning_key(cfg), str(cfg.method)))
+        extra.append(tuned_overrides(OUTPUT_ROOT / str(cfg.tuned), tuning_key(cfg), str(cfg.method)))
     return partition, " ".join(e for e in extra if e)
 
 
@@ -174,11 +179,11 @@ class Job:
     @property
     def results(self) -> Path:
         path = Path(str(self.cfg.results_dir))
-        return (path if path.is_absolute() else PROJECT_DIR / path).resolve()
+        return (path if path.is_absolute() else OUTPUT_ROOT / path).resolve()
 
     @property
     def records(self) -> Path | None:
-        return PROJECT_DIR / str(self.cfg.records) if self.cfg.get("records") else None
+        return OUTPUT_ROOT / str(self.cfg.records) if self.cfg.get("records") else None
 
     @property
     def folder(self) -> Path:
@@ -452,7 +457,7 @@ def refresh_tuned(jobs: list[Job]) -> None:
         if not job.tuning and job.cfg.get("tuned"):
             tuning_records = [j.records for j in jobs if j.tuning and j.records is not None]
             if tuning_records:
-                write_tuned(read_records(tuning_records[0]), (PROJECT_DIR / str(job.cfg.tuned)).parent)
+                write_tuned(read_records(tuning_records[0]), (OUTPUT_ROOT / str(job.cfg.tuned)).parent)
             return
 
 
@@ -633,6 +638,27 @@ def print_plan(preset: str, arguments: list[str]) -> None:
     print(f"\n{len(jobs)} jobs, {total / 3600:.1f} h; {len(left)} left, {remaining / 3600:.1f} h")
 
 
+def run_from_snapshot(argv: list[str]) -> int:
+    """The sweep run from a git worktree of this commit (``.sweep-snapshots/<commit>``), writing its
+    records and results here: the checkout can be edited and committed while the chunk runs."""
+    commit = code_commit(PROJECT_DIR)
+    if not commit or commit.endswith("+dirty"):
+        print("--snapshot needs committed code: commit first", file=sys.stderr)
+        return 2
+    folder = PROJECT_DIR / SNAPSHOTS / commit
+    if not folder.is_dir():
+        subprocess.run(["git", "worktree", "prune"], cwd=PROJECT_DIR, check=False)
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(folder), commit], cwd=PROJECT_DIR, check=True
+        )
+    env = os.environ | {
+        "FEDSUBSPACE_SWEEP_OUTPUT": str(PROJECT_DIR),
+        "FEDSUBSPACE_HUB_MIRROR": os.environ.get("FEDSUBSPACE_HUB_MIRROR") or default_hub_mirror() or "",
+    }
+    log.info("running from the snapshot %s; records and results go to %s", folder, PROJECT_DIR)
+    return subprocess.call([sys.executable, "-m", "launch.sweep", *argv], cwd=folder, env=env)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -642,15 +668,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="compose and validate every job, run none")
     parser.add_argument("--plan", action="store_true", help="print the jobs left and their measured cost")
     parser.add_argument("--profile", metavar="JOB", help="time one job phase by phase (run unless done)")
+    parser.add_argument(
+        "--snapshot", action="store_true", help="run from a worktree of this commit (keep editing meanwhile)"
+    )
     parser.add_argument("--allow-dirty", action="store_true", help="run from uncommitted code (unpairable)")
     parser.add_argument("--grid", action="append", help="only these grid files of the preset (repeatable)")
     parser.add_argument(
         "arguments", nargs="*", help="key=a,b restricts a grid parameter; key=value overrides"
     )
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", force=True
     )
+    if args.snapshot:
+        return run_from_snapshot([a for a in argv if a != "--snapshot"])
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     os.environ.setdefault("FEDSUBSPACE_HUB_MIRROR", default_hub_mirror() or "")
     if args.dry_run:

@@ -176,3 +176,27 @@ def test_a_profile_lists_every_phase_and_each_rounds_training_and_evaluation(tmp
     text = sweep.profile_markdown("fedit-sst2-dir05-s0", record, tmp_path)
     assert "| server_start | 7.70 |" in text and "Job wall time 40.0 s at `abc`" in text
     assert "| 1 | 13.00 | 4.00 / — / 0.50 | 0.00 |" in text and "| 2 | 7.00 | — / — / — | 1.25 |" in text
+
+
+def test_a_snapshot_sweep_runs_from_a_worktree_of_the_commit_and_writes_here(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(sweep, "code_commit", lambda folder: "abc123")
+    monkeypatch.setattr(sweep.subprocess, "run", lambda command, **kw: calls.append(("run", command)))
+    monkeypatch.setattr(
+        sweep.subprocess, "call", lambda command, cwd, env: calls.append(("call", command, cwd, env)) or 0
+    )
+    assert sweep.main(["--snapshot", "--preset", "cpu_paired", "--budget-min", "5"]) == 0
+    folder = sweep.PROJECT_DIR / sweep.SNAPSHOTS / "abc123"
+    assert ("run", ["git", "worktree", "add", "--detach", str(folder), "abc123"]) in calls
+    _, command, cwd, env = calls[-1]
+    assert cwd == folder and command[-4:] == ["--preset", "cpu_paired", "--budget-min", "5"]
+    assert env["FEDSUBSPACE_SWEEP_OUTPUT"] == str(sweep.PROJECT_DIR)
+    monkeypatch.setattr(sweep, "code_commit", lambda folder: "abc123+dirty")
+    assert sweep.main(["--snapshot"]) == 2
+
+
+def test_records_and_results_go_to_the_output_root(monkeypatch, tmp_path):
+    monkeypatch.setattr(sweep, "OUTPUT_ROOT", tmp_path)
+    job = sweep.plan("cpu_paired", ["method=fedit", "seed=0"], GRID)[0]
+    assert job.records == tmp_path / "docs/results/cpu-paired/runs.jsonl"
+    assert job.folder == tmp_path / "results/cpu-paired/fedit-sst2-dir05-s0"
