@@ -68,10 +68,11 @@ def by_cell(records: list[dict[str, Any]]) -> Runs:
 
 
 def finals(runs: Sequence[dict[str, Any]]) -> dict[int, float]:
+    """Each seed's final metric (runs without a scored last round are left out)."""
     return {
         int(r["seed"]): float(r["rounds"][-1]["metric"])
         for r in runs
-        if r["rounds"][-1]["metric"] is not None
+        if r["rounds"] and r["rounds"][-1]["metric"] is not None
     }
 
 
@@ -79,6 +80,8 @@ def rounds_to_target(run: dict[str, Any], target: float) -> float:
     """The first scored round whose metric reaches ``target``; one scoring interval past the last
     round when none does (censored)."""
     scored = [(row["round"], row["metric"]) for row in run["rounds"] if row["metric"] is not None]
+    if not scored:
+        return math.inf
     for round_, metric in scored:
         if round_ >= 1 and metric >= target:
             return float(round_)
@@ -90,7 +93,7 @@ def at_chance(runs: Sequence[dict[str, Any]]) -> bool:
     """Every run ends within two standard errors of always answering the commonest label."""
     flags = []
     for run in runs:
-        chance, final = run.get("chance"), run["rounds"][-1]["metric"]
+        chance, final = run.get("chance"), run["rounds"][-1]["metric"] if run["rounds"] else None
         if not chance or final is None:
             return False
         se = math.sqrt(max(final * (1 - final), 1e-12) / chance["eval_examples"])
@@ -131,11 +134,15 @@ def decide(found: Interval, kind: str) -> str:
 
 
 def combine(verdicts: Sequence[str | None]) -> str:
+    """The claim's verdict from its comparisons' (None: not run here, or both sides at chance): it
+    held only when every comparison in every cell held."""
     decided = [v for v in verdicts if v is not None]
     if not decided:
         return "not run"
     if NOT_HELD in decided:
         return NOT_HELD if HELD not in decided else "did not hold in part"
+    if len(decided) < len(verdicts):
+        return f"{OPEN} ({len(decided)} of {len(verdicts)} comparisons decided)"
     return HELD if all(v == HELD for v in decided) else OPEN
 
 
@@ -181,7 +188,13 @@ def _upload_and_sensitivity(runs: Runs, records: list[dict[str, Any]]) -> list[s
             f"  - half the upload: {ratio:.3f} of FedIT's bytes up — {HELD if ratio <= 0.55 else NOT_HELD}"
         )
     curves = _tuning_spread(
-        [r for r in records if r.get("stage") == "tune" and (r["dataset"], r.get("setting")) == TEXT]
+        [
+            r
+            for r in records
+            if r.get("stage") == "tune"
+            and (r["dataset"], r.get("setting")) == TEXT
+            and r["method"] in ("ffa_lora", "fedit")
+        ]
     )
     if {"ffa_lora", "fedit"} <= curves.keys():
         (fl, fs), (el, es) = curves["ffa_lora"], curves["fedit"]
@@ -284,8 +297,6 @@ def claims_section(records: list[dict[str, Any]], tuning: list[dict[str, Any]] =
             f"- **{claim.key} ({claim.paper})** — {claim.text}: **{combine([o.verdict for o in outcomes])}**."
         )
         for o in outcomes:
-            if o.interval is None and o.words.endswith("not run"):
-                continue
             said = o.verdict or "no verdict"
             lines.append(f"  - `{o.comparison.a}` {o.comparison.kind} `{o.comparison.b}` — {o.words}: {said}")
         if claim.extra is not None:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
+import re
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -684,9 +684,12 @@ def write_report(
             lines += [f"Peak learning rates: {shown}.", ""]
         lines += [f"![{dataset} {partition}]({dataset}-{partition}.png)", ""]
     lines += [
-        "## Which claims held",
+        "## Claims per cell, one comparison each",
         "",
-        "Where both sides ran two or more seeds, the paired difference of their final metrics decides "
+        'Single comparisons in every cell of this report, under the older rule ("at least as good" holds '
+        "unless the interval lies below zero); the seed papers' claims are decided above (C1–C4), over "
+        "their named cells and with their own rules. Where both sides ran two or more seeds, the paired "
+        "difference of their final metrics decides "
         "(95 % t interval over the shared seeds): held or did not hold only when the interval excludes "
         "zero, else not resolved. A single seed counts a difference of final means only beyond the noise "
         "(± below): the standard error an accuracy has on this many evaluation examples. Where both sides "
@@ -765,22 +768,25 @@ def compute_section(
 
 
 def collect(results: Path) -> list[dict[str, Any]]:
-    """Records of every completed run under ``results/<job>/<run folder>/`` (jobs named
-    ``<method>-<dataset>-<partition>-s<seed>``); the sweep's log supplies each job's commit (a run
-    it does not name has none, and is never paired)."""
-    commits = {}
-    log = results / "sweep.jsonl"
-    for line in log.read_text().splitlines() if log.is_file() else []:
-        entry = json.loads(line)
-        commits[entry["job"]] = entry.get("commit", "")
+    """Records of the completed runs under ``results/<job>/<run folder>/`` that the sweep marked
+    with the commit it ran them at (``sweep-commit``): reported jobs only (tuning jobs,
+    ``...-lr<mult>-s<seed>``, keep their own records), no attempt set aside, no fingerprint re-run."""
     records = []
     for job_dir in sorted(p for p in results.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        seed = int(job_dir.name.rsplit("-s", 1)[1]) if "-s" in job_dir.name else 0
+        if TUNING_JOB.search(job_dir.name) or "-s" not in job_dir.name:
+            continue
+        seed = int(job_dir.name.rsplit("-s", 1)[1])
         for run_dir in sorted(job_dir.iterdir()):
-            record = run_record(run_dir, job_dir.name, seed, commits.get(job_dir.name, ""))
+            marker = run_dir / "sweep-commit"
+            if run_dir.suffix in (".interrupted", ".unrecorded") or not marker.is_file():
+                continue
+            record = run_record(run_dir, job_dir.name, seed, marker.read_text().strip())
             if record is not None:
                 records.append(record)
     return records
+
+
+TUNING_JOB = re.compile(r"-lr[0-9.e+-]+-s\d+$")
 
 
 def gather_records(results: Path, stored: Path) -> list[dict[str, Any]]:
@@ -812,12 +818,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no completed runs under {results} nor in {stored}", file=sys.stderr)
         return 1
     if tuning:  # the tuning curves so far (the sweep writes tuned.json itself, from complete tuning)
-        from benchmarks.tuning import choose, tuning_curves, tuning_markdown
+        from benchmarks.tuning import choose, selectable, tuning_curves, tuning_markdown
 
         main_metric = tuning[0]["main_metric"]
-        (out / "tuning.md").write_text(
-            tuning_markdown(choose(tuning_curves(tuning), main_metric), main_metric) + "\n"
-        )
+        chosen = choose(tuning_curves(tuning), main_metric, selectable(tuning))
+        (out / "tuning.md").write_text(tuning_markdown(chosen, main_metric) + "\n")
     compute = out / "compute.md"
     compute.write_text(
         "\n".join(

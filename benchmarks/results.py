@@ -61,7 +61,7 @@ def code_commit(folder: Path) -> str:
             ["git", "rev-parse", "--short=12", "HEAD"], cwd=folder, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS],
+            ["git", "status", "--porcelain", "--untracked-files=all", "--", *CODE_PATHS],
             cwd=folder,
             capture_output=True,
             text=True,

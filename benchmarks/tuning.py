@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -49,27 +50,62 @@ def tuning_cell(record: dict[str, Any]) -> str:
     return f"{record['dataset']}/{setting}" if setting else str(record["dataset"])
 
 
-def write_tuned(records: list[dict[str, Any]], out: Path) -> dict[str, Any]:
-    """``tuned.json`` and ``tuning.md`` in ``out`` from the tuning runs' records."""
+def write_tuned(
+    records: list[dict[str, Any]], out: Path, complete: set[tuple[str, str]] | None = None
+) -> dict[str, Any]:
+    """``tuned.json`` and ``tuning.md`` in ``out`` from the tuning runs' records. ``complete``: the
+    (cell, method) pairs whose tuning jobs all ran; only those enter ``tuned.json``, and a choice
+    already there is kept (the reported runs of a cell must not change learning rate midway)."""
     if not records:
         return {}
     main_metric = records[0]["main_metric"]
-    chosen = choose(tuning_curves(records), main_metric)
+    chosen = choose(tuning_curves(records), main_metric, selectable(records))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tuned.json").write_text(json.dumps(chosen, indent=2, sort_keys=True) + "\n")
     (out / "tuning.md").write_text(tuning_markdown(chosen, main_metric) + "\n")
-    return chosen
+    path = out / "tuned.json"
+    frozen = json.loads(path.read_text()) if path.is_file() else {}
+    for cell, methods in chosen.items():
+        for method, entry in methods.items():
+            if (complete is None or (cell, method) in complete) and method not in frozen.get(cell, {}):
+                frozen.setdefault(cell, {})[method] = entry
+    path.write_text(json.dumps(frozen, indent=2, sort_keys=True) + "\n")
+    return frozen
 
 
-def choose(curves: dict[str, dict[str, dict[float, float]]], main_metric: str) -> dict[str, Any]:
-    """The best grid point per dataset and method, and where it sits in the grid (a choice at the
-    grid's edge says the grid should have gone further)."""
+def multiplier(record: dict[str, Any]) -> float:
+    """A tuning job's multiple of its method's peak learning rate (``...-lr<mult>-s<seed>``)."""
+    return float(str(record["job"]).rsplit("-lr", 1)[1].rsplit("-s", 1)[0])
+
+
+def selectable(records: list[dict[str, Any]]) -> dict[str, dict[str, set[float]]]:
+    """Per cell and method, the learning rates at multiples *every* method of the cell ran: a
+    method tuned over a wider grid (FFA-LoRA and FedIT's curves for C2) gets no wider choice."""
+    mults: dict[str, dict[str, dict[float, float]]] = defaultdict(lambda: defaultdict(dict))
+    for record in records:
+        if "-lr" in str(record.get("job", "")):
+            mults[tuning_cell(record)][record["method"]][multiplier(record)] = float(record["lr"])
+    result: dict[str, dict[str, set[float]]] = {}
+    for cell, methods in mults.items():
+        shared = set.intersection(*(set(grid) for grid in methods.values()))
+        result[cell] = {m: {grid[k] for k in shared} for m, grid in methods.items()}
+    return result
+
+
+def choose(
+    curves: dict[str, dict[str, dict[float, float]]],
+    main_metric: str,
+    allowed: dict[str, dict[str, set[float]]] | None = None,
+) -> dict[str, Any]:
+    """The best grid point per cell and method (among the ``allowed`` learning rates, when given),
+    and where it sits in that grid (a choice at the grid's edge says it should have gone further)."""
     pick = max if higher_is_better(main_metric) else min
     chosen: dict[str, Any] = {}
     for dataset, methods in curves.items():
         for method, grid in methods.items():
-            best = pick(grid, key=lambda lr: grid[lr])
-            edge = len(grid) > 1 and best in (min(grid), max(grid))
+            allow = (allowed or {}).get(dataset, {}).get(method) or set(grid)
+            candidates = {lr: score for lr, score in grid.items() if any(math.isclose(lr, a) for a in allow)}
+            best = pick(candidates, key=lambda lr: candidates[lr])
+            edge = len(candidates) > 1 and best in (min(candidates), max(candidates))
             chosen.setdefault(dataset, {})[method] = {
                 "overrides": {"method.lr": best},
                 "score": grid[best],

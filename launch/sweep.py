@@ -302,21 +302,26 @@ class SweepRunner:
     def __exit__(self, *exc: object) -> None:
         self.superlink.stop()
 
-    def run(self, job: Job, extra: str, timeout: float) -> dict[str, Any]:
-        """Run ``job`` to its end; its record (None fields when it did not complete)."""
+    def run(self, job: Job, extra: str, timeout: float, commit: str) -> dict[str, Any]:
+        """Run ``job`` to its end at ``commit``; what it cost."""
         cfg, folder = job.cfg, job.folder
-        run_config = self._resume(folder)
+        resumed = self._resume(folder, commit)
         folder.mkdir(parents=True, exist_ok=True)
+        node_state = folder / "node-state"
+        if resumed is None and node_state.exists():  # a fresh attempt spends no earlier attempt's ε
+            node_state.rename(folder / f"node-state.{int(time.time())}.aside")
         # the job's simulated data owners get their own node state (and privacy ledgers): a sweep
         # repeats DP runs on the same partitions by design
-        overrides = (
-            f"{cfg.overrides} {extra} seed={cfg.seed} name={job.name} node_state_dir={folder / 'node-state'}"
-        )
+        overrides = f"{cfg.overrides} {extra} seed={cfg.seed} name={job.name} node_state_dir={node_state}"
         partition = job_overrides(cfg)[0]  # type: ignore[index]
-        run_config = run_config or [
-            f"method='{cfg.method}' model='{cfg.model}' dataset='{cfg.dataset}' partition='{partition}' "
-            f"overrides='{overrides.strip()}' output-dir='{folder}' hub-mirror='{self.mirror}'"
-        ]
+        run_config = (
+            [f"resume-from='{resumed}' hub-mirror='{self.mirror}'"]
+            if resumed is not None
+            else [
+                f"method='{cfg.method}' model='{cfg.model}' dataset='{cfg.dataset}' partition='{partition}' "
+                f"overrides='{overrides.strip()}' output-dir='{folder}' hub-mirror='{self.mirror}'"
+            ]
+        )
         federation = (
             f"num-supernodes={int(cfg.num_supernodes)} "
             f"client-resources-num-cpus={int(cfg.get('cpus_per_client', 1))} "
@@ -326,7 +331,7 @@ class SweepRunner:
         start = time.time()
         run_id = self.superlink.submit(PROJECT_DIR, run_config, federation)
         submitted = time.time()
-        status = self.wait(run_id, folder, before, timeout)
+        status = self.wait(run_id, folder, before, timeout, commit, resumed)
         ended = time.time()
         return {
             "job": job.name,
@@ -336,28 +341,40 @@ class SweepRunner:
             "started": start,
         }
 
-    def _resume(self, folder: Path) -> list[str] | None:
-        """An interrupted attempt is continued from its checkpoint; others are set aside."""
-        run_config = None
+    def _resume(self, folder: Path, commit: str) -> Path | None:
+        """An interrupted attempt of the same job code is continued from its checkpoint; other
+        attempts are set aside."""
+        resumed = None
         for stale in sorted(folder.glob("*")) if folder.exists() else []:
-            if not stale.is_dir() or (stale / "summary.json").exists() or stale.name == "node-state":
+            if not stale.is_dir() or (stale / "summary.json").exists() or stale.name.startswith("node-state"):
                 continue
-            if stale.name.endswith(".interrupted"):
+            if stale.suffix in (".interrupted", ".unrecorded"):
                 continue
-            if run_config is None and round_folders(stale):
+            made_by = attempt_commit(stale)
+            same_code = made_by == commit or (
+                made_by is not None and same_run_code(PROJECT_DIR, made_by, commit)
+            )
+            if resumed is None and round_folders(stale) and same_code:
                 log.info("%s: resuming %s", folder.name, stale.name)
-                run_config = [f"resume-from='{stale}' hub-mirror='{self.mirror}'"]
+                resumed = stale
             else:
                 stale.rename(stale.with_name(stale.name + ".interrupted"))
-        return run_config
+        return resumed
 
-    def wait(self, run_id: int, folder: Path, before: set[str], timeout: float) -> str:
-        """The run's final status: a new run folder's summary or error file ends the wait at once;
-        the SuperLink is asked only every 30 s (each ask costs a CPU-second) and at the end."""
+    def wait(
+        self, run_id: int, folder: Path, before: set[str], timeout: float, commit: str, resumed: Path | None
+    ) -> str:
+        """The run's final status: its run folder's summary or error file ends the wait at once;
+        the SuperLink is asked only every 30 s (each ask costs a CPU-second) and at the end. The
+        run folder is marked with the commit as soon as it appears."""
         deadline, asked = time.monotonic() + timeout, time.monotonic()
         while time.monotonic() < deadline:
-            fresh = [p for p in folder.iterdir() if p.is_dir() and p.name not in before]
-            if any((p / "summary.json").exists() or (p / "error.txt").exists() for p in fresh):
+            runs = [p for p in folder.iterdir() if p.is_dir() and p.name not in before]
+            for run in runs:
+                if not (run / COMMIT_MARKER).exists():
+                    (run / COMMIT_MARKER).write_text(commit)
+            runs += [resumed] if resumed is not None else []
+            if any((p / "summary.json").exists() or (p / "error.txt").exists() for p in runs):
                 break
             if time.monotonic() - asked > 30:
                 asked = time.monotonic()
@@ -373,6 +390,15 @@ class SweepRunner:
                 return status
             time.sleep(0.5)
         return status
+
+
+#: A run folder's mark of the commit whose code the sweep ran it with.
+COMMIT_MARKER = "sweep-commit"
+
+
+def attempt_commit(run_dir: Path) -> str | None:
+    marker = run_dir / COMMIT_MARKER
+    return marker.read_text().strip() if marker.is_file() else None
 
 
 def job_record(job: Job, outcome: dict[str, Any], commit: str) -> dict[str, Any] | None:
@@ -450,63 +476,83 @@ def pending(jobs: list[Job]) -> Iterator[Job]:
 
 
 def refresh_tuned(jobs: list[Job]) -> None:
-    """Write the tuned values from the tuning records (benchmarks.tuning), for the reported jobs."""
+    """Add to ``tuned.json`` the choice of every (cell, method) whose tuning jobs have all been
+    recorded (``benchmarks.tuning``); choices already there stay."""
     from benchmarks.tuning import write_tuned
 
-    for job in jobs:
-        if not job.tuning and job.cfg.get("tuned"):
-            tuning_records = [j.records for j in jobs if j.tuning and j.records is not None]
-            if tuning_records:
-                write_tuned(read_records(tuning_records[0]), (OUTPUT_ROOT / str(job.cfg.tuned)).parent)
-            return
+    tuning = [j for j in jobs if j.tuning and j.records is not None]
+    reported = next((j for j in jobs if not j.tuning and j.cfg.get("tuned")), None)
+    if reported is None or not tuning:
+        return
+    records = read_records(tuning[0].records)  # type: ignore[arg-type]
+    done = {r["job"] for r in records}
+    planned = {(tuning_key(j.cfg), str(j.cfg.method)) for j in tuning}
+    missing = {(tuning_key(j.cfg), str(j.cfg.method)) for j in tuning if j.name not in done}
+    write_tuned(records, (OUTPUT_ROOT / str(reported.cfg.tuned)).parent, planned - missing)
 
 
-def fingerprint_job(job: Job, jobs: list[Job]) -> Job | None:
-    """The cell's fingerprint job: its ``fingerprint_method`` (default: the cell's first method)
-    at the lowest seed of the plan."""
-    cell = [j for j in jobs if j.cell == job.cell and not j.tuning and j.grid == job.grid]
-    if not cell:
-        return None
-    method = job.cfg.get("fingerprint_method") or str(cell[0].cfg.method)
-    seed = min(int(j.cfg.seed) for j in cell)
-    return next((j for j in cell if str(j.cfg.method) == method and int(j.cfg.seed) == seed), None)
-
-
-def needs_fingerprint(job: Job, jobs: list[Job], commit: str) -> Job | None:
-    """The fingerprint job to run at ``commit`` before ``job``, when the cell holds records from
-    another commit and no fingerprint at this one."""
-    if job.tuning or job.records is None:
-        return None
-    reference = fingerprint_job(job, jobs)
-    if reference is None:
-        return None
-    records = [
+def cell_records(job: Job) -> list[dict[str, Any]]:
+    assert job.records is not None
+    return [
         r for r in read_records(job.records) if (r.get("model"), r["dataset"], r.get("setting")) == job.cell
     ]
-    commits = {str(r.get("commit")) for r in records}
-    if not records or all(c == commit or same_run_code(PROJECT_DIR, c, commit) for c in commits):
-        return None
-    stored = read_records(fingerprints_path(job.records))
-    if any(r["job"] == reference.name and r.get("commit") == commit for r in stored):
-        return None
-    return reference
 
 
-def reproduced(job: Job, commit: str) -> bool:
-    """Whether the fingerprint job re-run at ``commit`` matched its recorded run bit for bit."""
+def fingerprint_reference(job: Job) -> tuple[Job, dict[str, Any]] | None:
+    """The cell's fingerprint: the recorded run the report pairs against (``benchmarks.pairing``:
+    the preset's ``fingerprint_method`` at its lowest recorded seed) and the job that re-runs it."""
+    from benchmarks.pairing import fingerprint_record
+
+    record = fingerprint_record(cell_records(job), str(job.cfg.get("fingerprint_method") or "fedit"))
+    if record is None:
+        return None
+    cfg = copy.deepcopy(job.cfg)
+    cfg.method, cfg.seed = record["method"], record["seed"]
+    return Job(cfg, job.grid), record
+
+
+def fingerprint_check(job: Job, commit: str) -> tuple[Job | None, bool]:
+    """Before ``job`` at ``commit``: the fingerprint job still to run (when the cell holds records
+    of other job code and no fingerprint at this commit), and whether a stored fingerprint at this
+    commit failed to reproduce (then nothing of the cell may run)."""
+    if job.tuning or job.records is None:
+        return None, False
+    found = fingerprint_reference(job)
+    if found is None:
+        return None, False
+    reference, recorded = found
+    commits = {str(r.get("commit")) for r in cell_records(job)}
+    if all(c == commit or same_run_code(PROJECT_DIR, c, commit) for c in commits):
+        return None, False
+    rerun = stored_fingerprint(job.records, reference.name, commit)
+    if rerun is None:
+        return reference, False
+    return None, not reproduced(recorded, rerun)
+
+
+def stored_fingerprint(records: Path, name: str, commit: str) -> dict[str, Any] | None:
+    stored = read_records(fingerprints_path(records))
+    return next((r for r in stored if r["job"] == name and r.get("commit") == commit), None)
+
+
+def reproduced(recorded: dict[str, Any], rerun: dict[str, Any]) -> bool:
+    """Whether a fingerprint re-run matched its recorded run bit for bit."""
     from benchmarks.pairing import signature
 
-    assert job.records is not None
-    recorded = next((r for r in read_records(job.records) if r["job"] == job.name), None)
-    rerun = next(
-        (
-            r
-            for r in read_records(fingerprints_path(job.records))
-            if r["job"] == job.name and r["commit"] == commit
-        ),
-        None,
-    )
-    return recorded is not None and rerun is not None and signature(recorded) == signature(rerun)
+    return signature(recorded) == signature(rerun)
+
+
+NOT_REPRODUCED = (
+    "{} did not reproduce its recorded metrics at {}: this code trains differently, so its runs could "
+    "not be paired with the cell's records. Restore the code, or start the preset anew in a fresh "
+    "records file."
+)
+
+
+def append_fingerprint(path: Path, record: dict[str, Any]) -> None:
+    """Fingerprints are kept per job *and* commit: a newer one never replaces an older one."""
+    kept = [r for r in read_records(path) if (r["job"], r.get("commit")) != (record["job"], record["commit"])]
+    write_records(path, sorted([*kept, record], key=lambda r: (r["job"], str(r.get("commit")))))
 
 
 def fingerprints_path(records: Path) -> Path:
@@ -545,7 +591,10 @@ def run_sweep(
             if code_commit(PROJECT_DIR) != commit:  # each job's app is packaged from this tree
                 print(f"the code changed since the sweep started at {commit}; stopping", file=sys.stderr)
                 return 2
-            fingerprint = needs_fingerprint(job, jobs, commit)
+            fingerprint, failed = fingerprint_check(job, commit)
+            if failed:
+                print(NOT_REPRODUCED.format(f"the fingerprint of {job.name}'s cell", commit), file=sys.stderr)
+                return 3
             for current, is_fingerprint in ([(fingerprint, True)] if fingerprint else []) + [(job, False)]:
                 history = [r for j in {x.records for x in jobs if x.records} for r in read_records(j)]
                 cost = estimate(current, history, default)
@@ -559,13 +608,8 @@ def run_sweep(
                 ok = run_one(runner, current, commit, is_fingerprint, timeout=float(current.cfg.timeout_s))
                 done += ok
                 skipped += not ok
-                if ok and is_fingerprint and not reproduced(current, commit):
-                    print(
-                        f"{current.name} at {commit} did not reproduce its recorded metrics: this code "
-                        "trains differently, so its runs could not be paired with the cell's records. "
-                        "Restore the code, or start the preset anew in a fresh records file.",
-                        file=sys.stderr,
-                    )
+                if is_fingerprint and (not ok or fingerprint_check(job, commit)[1]):
+                    print(NOT_REPRODUCED.format(current.name, commit), file=sys.stderr)
                     return 3
     print(
         f"{done} jobs run, {skipped} failed; the preset is complete"
@@ -583,7 +627,7 @@ def run_one(runner: SweepRunner, job: Job, commit: str, is_fingerprint: bool, ti
     log.info("%s%s: starting", job.name, " (fingerprint)" if is_fingerprint else "")
     outcome = adopted(job) if completed(job.folder) else None
     if outcome is None:
-        outcome = runner.run(job, extra, timeout)
+        outcome = runner.run(job, extra, timeout, commit)
     record = job_record(job, outcome, outcome.get("commit", commit))
     job.results.mkdir(parents=True, exist_ok=True)
     with (job.results / "sweep.jsonl").open("a") as handle:
@@ -594,26 +638,36 @@ def run_one(runner: SweepRunner, job: Job, commit: str, is_fingerprint: bool, ti
         log.error("%s: %s (see %s)", job.name, outcome["status"], job.folder)
         return False
     if job.records is not None:
-        target = fingerprints_path(job.records) if is_fingerprint else job.records
-        append_record(target, record)
+        if is_fingerprint:
+            append_fingerprint(fingerprints_path(job.records), record)
+        else:
+            append_record(job.records, record)
     log.info("%s: %s in %.0f s", job.name, outcome["status"], outcome["job_seconds"])
     return True
 
 
 def adopted(job: Job) -> dict[str, Any] | None:
     """A job that completed under ``results_dir`` but never reached its records (the sweep was
-    stopped in between): recorded with the commit and cost its sweep log gives."""
-    logged = (
-        [json.loads(line) for line in (job.results / "sweep.jsonl").read_text().splitlines()]
-        if (job.results / "sweep.jsonl").is_file()
-        else []
-    )
-    entry = next((e for e in reversed(logged) if e["job"] == job.name and e.get("commit")), None)
-    if entry is None:  # unknown code: set it aside and run the job again
-        for run in job.folder.glob("*/summary.json"):
-            run.parent.rename(run.parent.with_name(run.parent.name + ".unrecorded"))
+    stopped in between): recorded with the commit its run folder was marked with, and the cost the
+    sweep log gives; a run of unknown code is set aside and the job runs again."""
+    run = completed_run(job.folder)
+    assert run is not None
+    commit = attempt_commit(run)
+    if commit is None:
+        run.rename(run.with_name(run.name + ".unrecorded"))
         return None
-    return {**entry, "phases": {"submit": 0.0, "run": entry["job_seconds"]}, "started": None}
+    log_file = job.results / "sweep.jsonl"
+    logged = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.is_file() else []
+    entry = next((e for e in reversed(logged) if e["job"] == job.name and e.get("commit") == commit), None)
+    seconds = (
+        float(entry["job_seconds"])
+        if entry
+        else float(json.loads((run / "summary.json").read_text())["wall_seconds"])
+    )
+    return {
+        "job": job.name, "status": "finished:completed", "job_seconds": seconds, "commit": commit,
+        "phases": {"submit": 0.0, "run": seconds}, "started": None,
+    }  # fmt: skip
 
 
 def print_plan(preset: str, arguments: list[str]) -> None:
@@ -721,7 +775,8 @@ def profile_markdown(name: str, record: dict[str, Any] | None, run_dir: Path) ->
     lines = [f"# Profile of `{name}`", ""]
     if record is not None:
         lines += [
-            f"Job wall time {record['job_seconds']:.1f} s at `{record['commit']}` (the sweep's clock).",
+            f"Job wall time {record.get('job_seconds') or record['wall_seconds']:.1f} s at "
+            f"`{record.get('commit') or 'unknown'}` (the sweep's clock; the run's own for older records).",
             "",
             "| phase | seconds |",
             "|---|---|",

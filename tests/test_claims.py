@@ -122,3 +122,14 @@ def test_same_run_code_reads_git():
 
     assert same_run_code(PROJECT_DIR, "HEAD", "HEAD")
     assert not same_run_code(PROJECT_DIR, "HEAD", "no-such-commit")
+
+
+def test_a_claim_with_cells_not_run_is_not_held():
+    records = [run(m, s, f + 0.001 * s) for s in range(5) for m, f in (("full", 0.85), ("fedit", 0.80))]
+    records += [
+        run(m, s, f + 0.001 * s) for s in range(5) for m, f in (("ffa_lora", 0.78), ("flexlora", 0.79))
+    ]
+    records += [run("galore", s, 0.84 + 0.001 * s) for s in range(5)]
+    c1 = next(line for line in claims_section(records) if line.startswith("- **C1"))
+    assert c1.endswith("**not resolved (5 of 10 comparisons decided)**.")  # the image cell never ran
+    assert any("cifar10/vision_dir05: not run" in line for line in claims_section(records))

@@ -169,3 +169,26 @@ def test_the_tuning_choice_is_the_best_grid_point_and_flags_the_grid_edge(tmp_pa
     path = tmp_path / "tuned.json"
     path.write_text(json.dumps(chosen))
     assert tuned_overrides(path, "sst2/dir05", "ffa_lora") == "method.lr=0.016"
+
+
+def test_a_wider_tuning_grid_gives_no_wider_choice_and_a_recorded_choice_stays(tmp_path):
+    from benchmarks.tuning import write_tuned
+
+    def record(method, mult, final, peak=0.005):
+        return {
+            "job": f"{method}-sst2-dir05-lr{mult:g}-s0", "dataset": "sst2", "setting": "dir05",
+            "method": method, "lr": peak * mult, "seed": 0, "main_metric": "accuracy",
+            "rounds": [{"metric": final}],
+        }  # fmt: skip
+
+    records = [record("fedit", m, f) for m, f in ((0.316, 0.7), (1, 0.8), (3.16, 0.75), (10, 0.9))]
+    records += [record("full", m, f, 0.001) for m, f in ((0.316, 0.6), (1, 0.7), (3.16, 0.8))]
+    chosen = write_tuned(records, tmp_path, complete={("sst2/dir05", "fedit")})
+    # fedit's × 10 point (C2's wider curve) scored best but is not a choice the others had
+    assert chosen["sst2/dir05"]["fedit"]["overrides"] == {"method.lr": 0.005}
+    assert "full" not in chosen["sst2/dir05"]  # its tuning is not complete
+    assert "0.05 → 90.0" in (tmp_path / "tuning.md").read_text()  # the curve still shows it
+    better = [*records, record("fedit", 0.316, 0.95) | {"job": "fedit-sst2-dir05-lr0.316-s1", "seed": 1}]
+    again = write_tuned(better, tmp_path)
+    assert again["sst2/dir05"]["fedit"]["overrides"] == {"method.lr": 0.005}  # frozen once written
+    assert again["sst2/dir05"]["full"]["overrides"] == {"method.lr": pytest.approx(0.00316)}

@@ -61,8 +61,10 @@ def fake_sweep(monkeypatch, tmp_path):
             "partition": "dirichlet", "model": "minilm", "stage": "report", "seed": int(job.cfg.seed),
             "commit": commit, "job_seconds": 100.0, "rounds": [{"round": 1, "metric": metric}],
         }  # fmt: skip
-        target = sweep.fingerprints_path(job.records) if is_fingerprint else job.records
-        sweep.append_record(target, record)
+        if is_fingerprint:
+            sweep.append_fingerprint(sweep.fingerprints_path(job.records), record)
+        else:
+            sweep.append_record(job.records, record)
         return True
 
     monkeypatch.setattr(sweep.time, "monotonic", lambda: clock["now"])
@@ -117,6 +119,34 @@ def test_a_fingerprint_that_does_not_reproduce_stops_the_sweep(fake_sweep, monke
     assert sweep.run_sweep("cpu_paired", _arguments(tmp_path), None, False, GRID) == 3
     assert fake_sweep[2:] == [("fedit-sst2-dir05-s0", True)]  # no new job ran after it
     assert "did not reproduce" in capsys.readouterr().err
+
+
+def test_fingerprints_are_kept_per_commit_and_a_failed_one_keeps_stopping_the_cell(
+    fake_sweep, monkeypatch, tmp_path, capsys
+):
+    assert sweep.run_sweep("cpu_paired", _arguments(tmp_path, seeds="0"), None, False, GRID) == 0
+    for commit in ("bbbb", "cccc"):
+        monkeypatch.setattr(sweep, "code_commit", lambda folder, commit=commit: commit)
+        assert sweep.run_sweep("cpu_paired", _arguments(tmp_path, seeds="0,1,2"), 200 / 60, False, GRID) == 0
+    stored = read_records(tmp_path / "fingerprints.jsonl")
+    assert [(r["job"], r["commit"]) for r in stored] == [("fedit-sst2-dir05-s0", c) for c in ("bbbb", "cccc")]
+    # a later commit whose fingerprint does not reproduce stops this and every later call
+    monkeypatch.setattr(sweep, "code_commit", lambda folder: "dddd")
+    fake_sweep.clock["fingerprint_metric"] = 0.51
+    assert sweep.run_sweep("cpu_paired", _arguments(tmp_path, seeds="0,1,2"), None, False, GRID) == 3
+    ran = len(fake_sweep)
+    assert sweep.run_sweep("cpu_paired", _arguments(tmp_path, seeds="0,1,2"), None, False, GRID) == 3
+    assert len(fake_sweep) == ran  # nothing ran at dddd after the failed fingerprint
+    assert "did not reproduce" in capsys.readouterr().err
+
+
+def test_the_fingerprint_is_the_recorded_reference_even_when_the_plan_leaves_it_out(
+    fake_sweep, monkeypatch, tmp_path
+):
+    assert sweep.run_sweep("cpu_paired", _arguments(tmp_path, seeds="0"), None, False, GRID) == 0
+    monkeypatch.setattr(sweep, "code_commit", lambda folder: "bbbb")
+    assert sweep.run_sweep("cpu_paired", _arguments(tmp_path, "ffa_lora", "1"), None, False, GRID) == 0
+    assert fake_sweep[2:] == [("fedit-sst2-dir05-s0", True), ("ffa_lora-sst2-dir05-s1", False)]
 
 
 def test_the_measured_cost_of_the_most_similar_jobs_is_the_estimate():
@@ -200,3 +230,36 @@ def test_records_and_results_go_to_the_output_root(monkeypatch, tmp_path):
     job = sweep.plan("cpu_paired", ["method=fedit", "seed=0"], GRID)[0]
     assert job.records == tmp_path / "docs/results/cpu-paired/runs.jsonl"
     assert job.folder == tmp_path / "results/cpu-paired/fedit-sst2-dir05-s0"
+
+
+def test_an_interrupted_attempt_resumes_only_under_the_same_job_code(monkeypatch, tmp_path):
+    from server_app.checkpoint import PREFIX, checkpoint_root
+
+    runner = sweep.SweepRunner.__new__(sweep.SweepRunner)
+    runner.mirror = ""
+    for name, commit in (("a-same", "c1"), ("b-other", "c0"), ("c-unmarked", None)):
+        attempt = tmp_path / name
+        (checkpoint_root(attempt) / f"{PREFIX}2").mkdir(parents=True)
+        if commit:
+            (attempt / sweep.COMMIT_MARKER).write_text(commit)
+    monkeypatch.setattr(sweep, "same_run_code", lambda folder, a, b: False)
+    assert runner._resume(tmp_path, "c1") == tmp_path / "a-same"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a-same",
+        "b-other.interrupted",
+        "c-unmarked.interrupted",
+    ]
+
+
+def test_a_completed_run_is_adopted_with_the_commit_it_was_marked_with(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "OUTPUT_ROOT", tmp_path)
+    job = sweep.plan("cpu_paired", ["method=fedit", "seed=0"], GRID)[0]
+    run = job.folder / "20261206-fedit"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"status": "completed", "wall_seconds": 90.0}))
+    assert sweep.adopted(job) is None and (job.folder / "20261206-fedit.unrecorded").is_dir()  # unmarked
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"status": "completed", "wall_seconds": 90.0}))
+    (run / sweep.COMMIT_MARKER).write_text("c7")
+    outcome = sweep.adopted(job)
+    assert outcome is not None and outcome["commit"] == "c7" and outcome["job_seconds"] == 90.0
