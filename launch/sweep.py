@@ -15,7 +15,8 @@ values the tuning runs chose (``tuned``, written here through ``benchmarks.tunin
 ``key=a,b`` keep only those values of a grid parameter; other ``key=value`` arguments override the
 preset (``records=null results_dir=/tmp/x`` for a trial).
 
-Order: every tuning job first, then the reported jobs seed by seed (every cell of seed 0, then of
+Order: every tuning job first (each rule of each cell at its default learning rate, then the nearer
+multiples, then the farther), then the reported jobs seed by seed (every cell of seed 0, then of
 seed 1, ...), so a partial sweep already answers something with paired seeds.
 
 Each finished job's record (``benchmarks.results.run_record``, with its commit and the phases of
@@ -37,6 +38,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 import os
 import signal
 import statistics
@@ -230,7 +232,11 @@ def plan(preset: str, arguments: list[str] = (), grids: list[str] | None = None)
                 cfg[key] = value
             if in_setting(cfg):
                 (tuning if cfg.get("stage") == "tune" else reported).append((order, Job(cfg, grid)))
-    reported.sort(key=lambda item: (int(item[1].cfg.seed), item[0]))  # stable: grid order within a seed
+    # tuning: every rule of every cell at its default learning rate first, then the nearest
+    # multiples (so every cell's cost is measured early, and a partial stage already compares);
+    # reported jobs seed by seed. Both stable: grid order within a pass.
+    tuning.sort(key=lambda item: (round(abs(math.log10(float(item[1].cfg.lr_mult))), 3), item[0]))
+    reported.sort(key=lambda item: (int(item[1].cfg.seed), item[0]))
     return [job for _, job in tuning] + [job for _, job in reported]
 
 

@@ -29,6 +29,12 @@ def test_tuning_jobs_come_first_then_every_cell_seed_by_seed():
     cells = {job.cell for job in reported if int(job.cfg.seed) == 0}
     assert ("efficientnet_lite0", "cifar10", "vision_shift") in cells and ("minilm", "sst2", "dp3") in cells
     assert "fedit-sst2-dir05-lr0.1-s0" in names  # C2's wider tuning grid
+    # every tuning cell at the default learning rate before any other multiple
+    first = [job.name for job in tuning[:4]]
+    assert first == [f"{m}-{c}-lr1-s0" for m, c in (("fedit", "sst2-dir05"), ("ffa_lora", "sst2-dir05"))] + [
+        f"{m}-{c}-lr1-s0" for m, c in (("fedit", "sst2-dp8"), ("ffa_lora", "sst2-dp8"))
+    ]
+    assert {float(job.cfg.lr_mult) for job in tuning[-4:]} == {0.1, 10.0}  # the farthest last
 
 
 class FakeRunner:
