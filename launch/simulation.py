@@ -104,6 +104,11 @@ class LocalSuperLink:
         env.setdefault("RAY_DEDUP_LOGS", "0")
         if self.ray_address:  # ray.init() in flwr-simulation joins this cluster instead of starting one
             env["RAY_ADDRESS"] = self.ray_address
+        else:
+            # Without an address, ray.init() joins whatever cluster `ray start` last recorded on this
+            # machine (/tmp/ray/ray_current_cluster), even a dead one: the run's actors would never
+            # start. "local" always starts the run's own Ray.
+            env.setdefault("RAY_ADDRESS", "local")
         return env
 
     def write_connection(self) -> None:

@@ -21,7 +21,15 @@ from finetune.records import from_record
 from finetune.spec import AdapterSpec
 from strategies.averaging import Weights, finite_inputs, normalize_weights
 from strategies.base import FederatedStrategy, Replies
-from strategies.lowrank import SVD, Matrices, Scales, compact_svd, factors_from_svd, weighted_product
+from strategies.lowrank import (
+    SVD,
+    Matrices,
+    Scales,
+    compact_svd,
+    factors_from_svd,
+    thin_svd,
+    weighted_product,
+)
 from strategies.ranks import HeterogeneousRankConfig, RankedClient
 from strategies.registry import Family, Rule, register
 
@@ -48,9 +56,7 @@ def flexlora_aggregate(
     """Unit-scale global factors ``(A_g, B_g)`` at ``global_rank``: the truncated (dense) SVD of
     ``Σ p_k s_k B_k A_k``, exact while ``global_rank >= Σ r_k``. The paper's dense SVD (float32 for
     large layers); HLoRA computes the same factors without the dense matrix."""
-    return factors_from_svd(
-        *np.linalg.svd(flexlora_product(As, Bs, weights, scales), full_matrices=False), global_rank, 1.0
-    )
+    return factors_from_svd(*thin_svd(flexlora_product(As, Bs, weights, scales)), global_rank, 1.0)
 
 
 @finite_inputs

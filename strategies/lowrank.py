@@ -3,12 +3,14 @@ d_out × r; see ``finetune/lora.py``)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
 
 from strategies.averaging import Weights, finite_inputs
 
+log = logging.getLogger(__name__)
 SVD = tuple[np.ndarray, np.ndarray, np.ndarray]  # (U, S, Vt)
 Matrices = Sequence[np.ndarray]  # one LoRA factor per client (all A, or all B, of a layer)
 Scales = Sequence[float]  # each client's LoRA scale alpha / r_k
@@ -67,15 +69,28 @@ def compact_svd(
     R = np.concatenate([np.asarray(x, np.float64) for x in rights], axis=0)
     q_left, r_left = np.linalg.qr(L)
     q_right, r_right = np.linalg.qr(R.T)
-    u, s, vt = np.linalg.svd(r_left @ r_right.T)
+    u, s, vt = thin_svd(r_left @ r_right.T)
     return q_left @ u, s, vt @ q_right.T
+
+
+def thin_svd(matrix: np.ndarray) -> SVD:
+    """``U S Vt`` of ``matrix`` (thin): LAPACK's divide-and-conquer ``gesdd`` (numpy's), and where
+    that does not converge on a finite matrix — it can fail where the slower QR-iteration ``gesvd``
+    succeeds — ``gesvd``. Matrices it decomposes give the same result as before, bit for bit."""
+    try:
+        return tuple(np.linalg.svd(matrix, full_matrices=False))  # type: ignore[return-value]
+    except np.linalg.LinAlgError:
+        from scipy.linalg import svd
+
+        log.warning("SVD (gesdd) of a %s matrix did not converge; using gesvd", matrix.shape)
+        return tuple(svd(matrix, full_matrices=False, lapack_driver="gesvd"))
 
 
 def top_singular_triplets(matrix: np.ndarray, rank: int) -> SVD:
     """The ``rank`` largest singular triplets, largest first: a full SVD for small layers, ARPACK's
     truncated one for large ones (a full SVD of a 4096² matrix costs ~a minute per layer)."""
     if matrix.size <= LARGE_LAYER_ENTRIES or rank >= min(matrix.shape) - 1:
-        U, S, Vt = np.linalg.svd(matrix, full_matrices=False)
+        U, S, Vt = thin_svd(matrix)
         return U[:, :rank], S[:rank], Vt[:rank]
     from scipy.sparse.linalg import svds
 

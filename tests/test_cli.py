@@ -124,14 +124,16 @@ def test_split_overrides_separates_group_selections():
         cli.split_overrides(["hlora"])
 
 
-def test_a_simulation_can_join_a_running_ray_cluster(tmp_path):
-    """The backend is Ray's: flwr-simulation's ``ray.init()`` joins the cluster RAY_ADDRESS names."""
+def test_a_simulation_can_join_a_running_ray_cluster_and_otherwise_starts_its_own(tmp_path, monkeypatch):
+    """The backend is Ray's: flwr-simulation's ``ray.init()`` joins the cluster RAY_ADDRESS names;
+    without one it starts its own, never a cluster some earlier `ray start` left recorded."""
     from launch.simulation import LocalSuperLink
 
     assert LocalSuperLink(tmp_path, ray_address="10.1.2.3:6379").env()["RAY_ADDRESS"] == "10.1.2.3:6379"
-    assert (
-        "RAY_ADDRESS" not in LocalSuperLink(tmp_path).env() or LocalSuperLink(tmp_path).env()["RAY_ADDRESS"]
-    )
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert LocalSuperLink(tmp_path).env()["RAY_ADDRESS"] == "local"
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")  # the user's own setting stands
+    assert LocalSuperLink(tmp_path).env()["RAY_ADDRESS"] == "head:6379"
     parsed = cli.build_parser().parse_args(["run", "--ray-address", "head:6379", "method=fedit"])
     assert parsed.ray_address == "head:6379" and parsed.overrides == ["method=fedit"]
 

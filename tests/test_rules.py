@@ -290,3 +290,18 @@ def test_every_pure_rule_refuses_non_finite_input(kind):
         with pytest.raises(ValueError, match="NaN or Inf"):
             call()
             pytest.fail(name)
+
+
+def test_an_svd_that_gesdd_cannot_converge_on_falls_back_to_gesvd(monkeypatch):
+    from strategies import lowrank
+
+    matrix = np.random.default_rng(0).normal(size=(12, 7))
+    expected = np.linalg.svd(matrix, full_matrices=False)
+    assert all(np.array_equal(a, b) for a, b in zip(lowrank.thin_svd(matrix), expected, strict=True))
+
+    def no_convergence(*args, **kwargs):
+        raise np.linalg.LinAlgError("SVD did not converge")
+
+    monkeypatch.setattr(lowrank.np.linalg, "svd", no_convergence)
+    U, S, Vt = lowrank.thin_svd(matrix)
+    assert np.allclose((U * S) @ Vt, matrix) and np.allclose(S, expected[1])
