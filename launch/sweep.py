@@ -706,6 +706,9 @@ def run_from_snapshot(argv: list[str]) -> int:
         print("--snapshot needs committed code: commit first", file=sys.stderr)
         return 2
     folder = PROJECT_DIR / SNAPSHOTS / commit
+    for old in (PROJECT_DIR / SNAPSHOTS).glob("*") if (PROJECT_DIR / SNAPSHOTS).is_dir() else []:
+        if old != folder:  # an earlier commit's snapshot (its chunk has ended or been stopped)
+            subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=PROJECT_DIR, check=False)
     if not folder.is_dir():
         subprocess.run(["git", "worktree", "prune"], cwd=PROJECT_DIR, check=False)
         subprocess.run(
