@@ -173,6 +173,7 @@ def test_the_measured_cost_of_the_most_similar_jobs_is_the_estimate():
     assert sweep.estimate(job, history, 150.0) == 135
 
 
+@pytest.mark.e2e
 def test_a_job_gives_the_same_metrics_alone_and_inside_a_sweep(tmp_path):
     """Real runs (tiny model): a sweep of two jobs on one SuperLink, then the second job alone."""
     overrides = (
