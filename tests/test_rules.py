@@ -225,6 +225,22 @@ def test_lora_fair_never_lowers_cosine_and_keeps_correction_small():
         assert np.linalg.norm(B_fair - B_bar) < np.linalg.norm(B_bar), trial
 
 
+def test_lora_fair_factored_correction_follows_the_dense_one():
+    """The aggregate's factored correction (no d_out × d_in matrix) against the dense reference."""
+    from strategies.lora_fair import lora_fair_correction_factored
+
+    rng = np.random.default_rng(11)
+    for trial in range(5):
+        As, Bs = factors(rng, [4, 4, 4])
+        p = normalize_weights(rng.integers(1, 10, 3).tolist())
+        A_bar = sum(pk * A for pk, A in zip(p, As, strict=True))
+        B_bar = sum(pk * B for pk, B in zip(p, Bs, strict=True))
+        dense = lora_fair_correction(A_bar, B_bar, weighted_product(As, Bs, p))
+        factored = lora_fair_correction_factored(A_bar, B_bar, As, Bs, p)
+        assert np.abs(dense).max() > 1e-3, trial  # a real correction, not two zeros
+        np.testing.assert_allclose(factored, dense, rtol=1e-7, atol=1e-10, err_msg=str(trial))
+
+
 def test_lora_fair_correction_is_zero_when_fedit_is_already_ideal():
     rng = np.random.default_rng(10)
     A = rng.normal(size=(4, D_IN))
