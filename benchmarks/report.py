@@ -773,9 +773,10 @@ def collect(results: Path) -> list[dict[str, Any]]:
     ``...-lr<mult>-s<seed>``, keep their own records), no attempt set aside, no fingerprint re-run."""
     records = []
     for job_dir in sorted(p for p in results.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if TUNING_JOB.search(job_dir.name) or "-s" not in job_dir.name:
+        seed_text = job_dir.name.rsplit("-s", 1)[-1]
+        if TUNING_JOB.search(job_dir.name) or "-s" not in job_dir.name or not seed_text.isdigit():
             continue
-        seed = int(job_dir.name.rsplit("-s", 1)[1])
+        seed = int(seed_text)
         for run_dir in sorted(job_dir.iterdir()):
             marker = run_dir / "sweep-commit"
             if run_dir.suffix in (".interrupted", ".unrecorded") or not marker.is_file():
