@@ -10,6 +10,7 @@ and reproduced the reference record bit for bit: every round's metric, losses an
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,12 +39,51 @@ class Admission:
     notes: list[str] = field(default_factory=list)
 
 
+def is_clean(record: dict[str, Any]) -> bool:
+    commit = str(record.get("commit") or "")
+    return bool(commit) and not commit.endswith("+dirty")
+
+
 def fingerprint_record(runs: list[dict[str, Any]], method: str) -> dict[str, Any] | None:
-    """The cell's fingerprint job: ``method`` (else the first method by name) at the lowest seed."""
+    """The job to re-run at a new commit: ``method`` (else the first method by name) at its lowest
+    seed, among the clean ``runs``."""
+    runs = [r for r in runs if is_clean(r)]
     if not runs:
         return None
     chosen = method if any(r["method"] == method for r in runs) else min(r["method"] for r in runs)
     return min((r for r in runs if r["method"] == chosen), key=lambda r: int(r["seed"]))
+
+
+def equivalent_commits(
+    runs: list[dict[str, Any]], fingerprints: list[dict[str, Any]], same_code: Callable[[str, str], bool]
+) -> tuple[dict[str, str], list[str]]:
+    """Commits that train identically, as classes (commit → its class's representative), and the
+    evidence: one job recorded at two commits with the same metrics bit for bit (a run and a
+    fingerprint re-run, or two re-runs), or git showing no change to the job code between them."""
+    parent = {str(r["commit"]): str(r["commit"]) for r in [*runs, *fingerprints]}
+
+    def find(commit: str) -> str:
+        while parent[commit] != commit:
+            commit = parent[commit]
+        return commit
+
+    evidence = []
+    by_job: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in [*runs, *fingerprints]:
+        by_job[record["job"]].append(record)
+    for job, copies in sorted(by_job.items()):
+        for first, second in itertools.pairwise(copies):
+            a, b = str(first["commit"]), str(second["commit"])
+            if a != b and find(a) != find(b) and signature(first) == signature(second):
+                parent[find(b)] = find(a)
+                evidence.append(f"`{job}` at `{a}` and at `{b}`: the same metrics bit for bit")
+    commits = sorted(parent)
+    for i, a in enumerate(commits):
+        for b in commits[i + 1 :]:
+            if find(a) != find(b) and same_code(a, b):
+                parent[find(b)] = find(a)
+                evidence.append(f"`{a}` and `{b}`: git shows no change to the job code between them")
+    return {c: find(c) for c in commits}, evidence
 
 
 def admit(
@@ -52,8 +92,9 @@ def admit(
     method: str = "fedit",
     same_code: Callable[[str, str], bool] = lambda a, b: False,
 ) -> Admission:
-    """The records that may be paired, and why the others may not. ``same_code(a, b)``: whether
-    git shows the two commits' job code identical (then no fingerprint is needed)."""
+    """The records that may be paired, and why the others may not. Within a cell, the largest
+    class of equivalent commits (``equivalent_commits``) is kept; ``same_code(a, b)``: whether git
+    shows the two commits' job code identical."""
     result = Admission()
     clean: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for record in records:
@@ -65,44 +106,32 @@ def admit(
         else:
             clean[cell_of(record)].append(record)
     for cell, runs in sorted(clean.items()):
-        commits = Counter(str(r["commit"]) for r in runs)
         name = "/".join(part for part in cell if part)
-        if len(commits) == 1:
+        if len({r["commit"] for r in runs}) == 1:
             result.kept.extend(runs)
             continue
+        cell_prints = [f for f in fingerprints if is_clean(f) and cell_of(f) == cell]
+        classes, evidence = equivalent_commits(runs, cell_prints, same_code)
+        sizes = Counter(classes[str(r["commit"])] for r in runs)
         reference = fingerprint_record(runs, method)
         assert reference is not None
-        ref_commit = str(reference["commit"])
-        for commit in sorted(commits):
-            at_commit = [r for r in runs if r["commit"] == commit]
-            if commit == ref_commit:
-                result.kept.extend(at_commit)
-                continue
-            if same_code(ref_commit, commit):
-                result.kept.extend(at_commit)
-                result.notes.append(
-                    f"{name}: {len(at_commit)} runs at `{commit}` paired with `{ref_commit}`'s: git shows no "
-                    "change to the job code between them (only reports, tests or docs)"
-                )
-                continue
-            rerun = next(
-                (f for f in fingerprints if f["job"] == reference["job"] and f.get("commit") == commit), None
+        # the class holding most runs (ties: the one holding the fingerprint job)
+        kept_class = max(sizes, key=lambda c: (sizes[c], c == classes[str(reference["commit"])]))
+        members = sorted(
+            c for c, k in classes.items() if k == kept_class and any(r["commit"] == c for r in runs)
+        )
+        if len(members) > 1:
+            result.notes.append(
+                f"{name}: runs at {', '.join(f'`{c}`' for c in members)} paired — " + "; ".join(evidence)
             )
-            if rerun is not None and signature(rerun) == signature(reference):
-                result.kept.extend(at_commit)
-                result.notes.append(
-                    f"{name}: {len(at_commit)} runs at `{commit}` paired with {commits[ref_commit]} at "
-                    f"`{ref_commit}`: `{reference['job']}` re-run at `{commit}` reproduced its record "
-                    "bit for bit"
+        for record in runs:
+            if classes[str(record["commit"])] == kept_class:
+                result.kept.append(record)
+            else:
+                result.refused[record["job"]] = (
+                    f"{name}: mixed training code — no run shows `{record['commit']}` trains like "
+                    f"{', '.join(f'`{c}`' for c in members)} (no fingerprint re-run reproduced bit for bit)"
                 )
-                continue
-            why = (
-                f"`{reference['job']}` re-run at `{commit}` did not reproduce `{ref_commit}`'s record"
-                if rerun is not None
-                else f"no fingerprint run of `{reference['job']}` at `{commit}`"
-            )
-            for record in at_commit:
-                result.refused[record["job"]] = f"{name}: mixed training code — {why}"
     return result
 
 

@@ -54,6 +54,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
+from benchmarks.pairing import is_clean
 from benchmarks.results import (
     code_commit,
     merge_records,
@@ -337,7 +338,7 @@ class SweepRunner:
         start = time.time()
         run_id = self.superlink.submit(PROJECT_DIR, run_config, federation)
         submitted = time.time()
-        status = self.wait(run_id, folder, before, timeout, commit, resumed)
+        status = self.wait(run_id, folder, before, timeout, commit, resumed, start)
         ended = time.time()
         return {
             "job": job.name,
@@ -356,6 +357,9 @@ class SweepRunner:
                 continue
             if stale.suffix in (".interrupted", ".unrecorded"):
                 continue
+            if (stale / "error.txt").exists():  # it failed: a new attempt starts afresh
+                set_aside(stale, "interrupted")
+                continue
             made_by = attempt_commit(stale)
             same_code = made_by == commit or (
                 made_by is not None and same_run_code(PROJECT_DIR, made_by, commit)
@@ -364,11 +368,18 @@ class SweepRunner:
                 log.info("%s: resuming %s", folder.name, stale.name)
                 resumed = stale
             else:
-                stale.rename(stale.with_name(stale.name + ".interrupted"))
+                set_aside(stale, "interrupted")
         return resumed
 
     def wait(
-        self, run_id: int, folder: Path, before: set[str], timeout: float, commit: str, resumed: Path | None
+        self,
+        run_id: int,
+        folder: Path,
+        before: set[str],
+        timeout: float,
+        commit: str,
+        resumed: Path | None,
+        start: float,
     ) -> str:
         """The run's final status: its run folder's summary or error file ends the wait at once;
         the SuperLink is asked only every 30 s (each ask costs a CPU-second) and at the end. The
@@ -380,7 +391,8 @@ class SweepRunner:
                 if not (run / COMMIT_MARKER).exists():
                     (run / COMMIT_MARKER).write_text(commit)
             runs += [resumed] if resumed is not None else []
-            if any((p / "summary.json").exists() or (p / "error.txt").exists() for p in runs):
+            ends = [p / name for p in runs for name in ("summary.json", "error.txt")]
+            if any(end.exists() and end.stat().st_mtime >= start for end in ends):
                 break
             if time.monotonic() - asked > 30:
                 asked = time.monotonic()
@@ -396,6 +408,15 @@ class SweepRunner:
                 return status
             time.sleep(0.5)
         return status
+
+
+def set_aside(folder: Path, kind: str) -> Path:
+    """Rename an attempt to ``<name>.<kind>`` (``<name>.<n>.<kind>`` when taken): kept, never a run."""
+    target, n = folder.with_name(f"{folder.name}.{kind}"), 1
+    while target.exists():
+        n += 1
+        target = folder.with_name(f"{folder.name}.{n}.{kind}")
+    return folder.rename(target)
 
 
 #: A run folder's mark of the commit whose code the sweep ran it with.
@@ -471,7 +492,8 @@ class Budget:
 def pending(jobs: list[Job]) -> Iterator[Job]:
     """The jobs neither in their records nor (for grids without records) completed."""
     recorded = {
-        path: {r["job"] for r in read_records(path)} for path in {j.records for j in jobs if j.records}
+        path: {r["job"] for r in read_records(path) if is_clean(r)}
+        for path in {j.records for j in jobs if j.records}
     }
     for job in jobs:
         if job.records is None:
@@ -504,48 +526,45 @@ def cell_records(job: Job) -> list[dict[str, Any]]:
     ]
 
 
-def fingerprint_reference(job: Job) -> tuple[Job, dict[str, Any]] | None:
-    """The cell's fingerprint: the recorded run the report pairs against (``benchmarks.pairing``:
-    the preset's ``fingerprint_method`` at its lowest recorded seed) and the job that re-runs it."""
-    from benchmarks.pairing import fingerprint_record
-
-    record = fingerprint_record(cell_records(job), str(job.cfg.get("fingerprint_method") or "fedit"))
-    if record is None:
-        return None
-    cfg = copy.deepcopy(job.cfg)
-    cfg.method, cfg.seed = record["method"], record["seed"]
-    return Job(cfg, job.grid), record
-
-
 def fingerprint_check(job: Job, commit: str) -> tuple[Job | None, bool]:
-    """Before ``job`` at ``commit``: the fingerprint job still to run (when the cell holds records
-    of other job code and no fingerprint at this commit), and whether a stored fingerprint at this
-    commit failed to reproduce (then nothing of the cell may run)."""
+    """Before ``job`` at ``commit``: the fingerprint job still to run — a recorded job of the cell's
+    paired runs (``benchmarks.pairing``), re-run here to show this commit trains like theirs — and
+    whether such a re-run at this commit already failed to reproduce (then nothing of the cell may
+    run)."""
+    from benchmarks.pairing import admit, cell_of, equivalent_commits, fingerprint_record, is_clean
+
     if job.tuning or job.records is None:
         return None, False
-    found = fingerprint_reference(job)
-    if found is None:
+    method = str(job.cfg.get("fingerprint_method") or "fedit")
+    runs = cell_records(job)
+    prints = [
+        f for f in read_records(fingerprints_path(job.records)) if is_clean(f) and cell_of(f) == job.cell
+    ]
+
+    def same_code(a: str, b: str) -> bool:
+        return same_run_code(PROJECT_DIR, a, b)
+
+    paired = admit(runs, prints, method, same_code).kept
+    if not paired:
         return None, False
-    reference, recorded = found
-    commits = {str(r.get("commit")) for r in cell_records(job)}
-    if all(c == commit or same_run_code(PROJECT_DIR, c, commit) for c in commits):
+    classes, _ = equivalent_commits([r for r in runs if is_clean(r)], prints, same_code)
+    kept_class = classes[str(paired[0]["commit"])]
+    if classes.get(commit) == kept_class or any(
+        same_code(c, commit) for c, k in classes.items() if k == kept_class
+    ):
         return None, False
-    rerun = stored_fingerprint(job.records, reference.name, commit)
-    if rerun is None:
-        return reference, False
-    return None, not reproduced(recorded, rerun)
+    recorded = fingerprint_record(paired, method)
+    assert recorded is not None
+    if stored_fingerprint(job.records, recorded["job"], commit) is not None:
+        return None, True  # re-run here, and it did not join the paired runs' class
+    cfg = copy.deepcopy(job.cfg)
+    cfg.method, cfg.seed = recorded["method"], recorded["seed"]
+    return Job(cfg, job.grid), False
 
 
 def stored_fingerprint(records: Path, name: str, commit: str) -> dict[str, Any] | None:
     stored = read_records(fingerprints_path(records))
     return next((r for r in stored if r["job"] == name and r.get("commit") == commit), None)
-
-
-def reproduced(recorded: dict[str, Any], rerun: dict[str, Any]) -> bool:
-    """Whether a fingerprint re-run matched its recorded run bit for bit."""
-    from benchmarks.pairing import signature
-
-    return signature(recorded) == signature(rerun)
 
 
 NOT_REPRODUCED = (
@@ -659,8 +678,9 @@ def adopted(job: Job) -> dict[str, Any] | None:
     run = completed_run(job.folder)
     assert run is not None
     commit = attempt_commit(run)
-    if commit is None:
-        run.rename(run.with_name(run.name + ".unrecorded"))
+    current = code_commit(PROJECT_DIR)
+    if commit is None or not (commit == current or same_run_code(PROJECT_DIR, commit, current)):
+        set_aside(run, "unrecorded")  # unknown or other code: run it again
         return None
     log_file = job.results / "sweep.jsonl"
     logged = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.is_file() else []
@@ -715,10 +735,10 @@ def run_from_snapshot(argv: list[str]) -> int:
             ["git", "worktree", "add", "--detach", str(folder), commit], cwd=PROJECT_DIR, check=True
         )
     env = os.environ | {
-        "FEDSUBSPACE_SWEEP_OUTPUT": str(PROJECT_DIR),
+        "FEDSUBSPACE_SWEEP_OUTPUT": str(OUTPUT_ROOT),
         "FEDSUBSPACE_HUB_MIRROR": os.environ.get("FEDSUBSPACE_HUB_MIRROR") or default_hub_mirror() or "",
     }
-    log.info("running from the snapshot %s; records and results go to %s", folder, PROJECT_DIR)
+    log.info("running from the snapshot %s; records and results go to %s", folder, OUTPUT_ROOT)
     return subprocess.call([sys.executable, "-m", "launch.sweep", *argv], cwd=folder, env=env)
 
 
@@ -764,7 +784,14 @@ def profile(preset: str, name: str, arguments: list[str]) -> int:
     job = next((j for j in plan(preset, arguments) if j.name == name), None)
     if job is None:
         raise SystemExit(f"{preset} has no job {name!r}")
+    recorded = {r["job"] for r in read_records(job.records)} if job.records else set()
+    if completed_run(job.folder) is None and name in recorded:
+        raise SystemExit(f"{name} is recorded but its run folder is not here: profile it where it ran")
     if completed_run(job.folder) is None:
+        if code_commit(PROJECT_DIR).endswith("+dirty"):
+            raise SystemExit(
+                "the code has uncommitted changes: commit before profiling a job (it is recorded)"
+            )
         with SweepRunner(PROJECT_DIR / ".flwr-sweep" / preset) as runner:
             refresh_tuned([job])
             if not run_one(runner, job, code_commit(PROJECT_DIR), False, float(job.cfg.timeout_s)):

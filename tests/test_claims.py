@@ -38,13 +38,23 @@ def test_runs_from_mixed_training_code_pair_only_after_a_bit_identical_fingerpri
     ]
     refused = admit(records, [])
     assert {r["commit"] for r in refused.kept} == {"c1"}  # fedit at seed 0 ran at c1: the reference
-    assert "no fingerprint run of `fedit-sst2-dir05-s0` at `c2`" in refused.refused["full-sst2-dir05-s1"]
+    assert "no run shows `c2` trains like `c1`" in refused.refused["full-sst2-dir05-s1"]
     off = run("fedit", 0, 0.80, "c2", metrics=[0.5, 0.8000001])  # one metric differs in the last digits
     assert len(admit(records, [off]).kept) == 2
-    assert "did not reproduce" in admit(records, [off]).refused["fedit-sst2-dir05-s1"]
+    assert "mixed training code" in admit(records, [off]).refused["fedit-sst2-dir05-s1"]
     same = run("fedit", 0, 0.80, "c2")
     admitted = admit(records, [same])
     assert len(admitted.kept) == 4 and "bit for bit" in admitted.notes[0]
+
+
+def test_equivalence_is_any_job_reproduced_across_commits_and_the_larger_class_is_kept():
+    # c1 holds no fedit seed 0 (a sub-grid ran first); c2 later records it: c2's re-run of c1's
+    # full-s0 shows they train alike, so nothing is lost when the reference job moves
+    records = [run("full", 0, 0.85), run("ffa_lora", 0, 0.78)]
+    records += [run("fedit", 0, 0.80, "c2"), run("full", 1, 0.86, "c2"), run("fedit", 1, 0.81, "c2")]
+    assert {r["commit"] for r in admit(records, []).kept} == {"c2"}  # the larger class, alone
+    admitted = admit(records, [run("full", 0, 0.85, "c2")])
+    assert len(admitted.kept) == 5 and not admitted.refused
 
 
 def test_beats_needs_the_interval_above_zero_and_matches_tolerates_the_margin():

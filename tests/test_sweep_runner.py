@@ -258,7 +258,7 @@ def test_an_interrupted_attempt_resumes_only_under_the_same_job_code(monkeypatch
     ]
 
 
-def test_a_completed_run_is_adopted_with_the_commit_it_was_marked_with(tmp_path, monkeypatch):
+def test_a_completed_run_is_adopted_only_under_the_job_code_it_was_marked_with(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "OUTPUT_ROOT", tmp_path)
     job = sweep.plan("cpu_paired", ["method=fedit", "seed=0"], GRID)[0]
     run = job.folder / "20261206-fedit"
@@ -268,5 +268,9 @@ def test_a_completed_run_is_adopted_with_the_commit_it_was_marked_with(tmp_path,
     run.mkdir()
     (run / "summary.json").write_text(json.dumps({"status": "completed", "wall_seconds": 90.0}))
     (run / sweep.COMMIT_MARKER).write_text("c7")
+    monkeypatch.setattr(sweep, "code_commit", lambda folder: "c7")
     outcome = sweep.adopted(job)
     assert outcome is not None and outcome["commit"] == "c7" and outcome["job_seconds"] == 90.0
+    monkeypatch.setattr(sweep, "code_commit", lambda folder: "c8")  # other job code: run it again
+    monkeypatch.setattr(sweep, "same_run_code", lambda folder, a, b: False)
+    assert sweep.adopted(job) is None and not run.exists()
