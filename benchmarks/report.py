@@ -818,12 +818,10 @@ def main(argv: list[str] | None = None) -> int:
     if not records and not tuning:
         print(f"no completed runs under {results} nor in {stored}", file=sys.stderr)
         return 1
-    if tuning:  # the tuning curves so far (the sweep writes tuned.json itself, from complete tuning)
-        from benchmarks.tuning import choose, selectable, tuning_curves, tuning_markdown
+    if tuning:  # the tuning curves so far, the choices tuned.json holds in bold
+        from benchmarks.tuning import write_tuning_md
 
-        main_metric = tuning[0]["main_metric"]
-        chosen = choose(tuning_curves(tuning), main_metric, selectable(tuning))
-        (out / "tuning.md").write_text(tuning_markdown(chosen, main_metric) + "\n")
+        write_tuning_md(tuning, out)
     compute = out / "compute.md"
     compute.write_text(
         "\n".join(

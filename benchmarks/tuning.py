@@ -50,26 +50,40 @@ def tuning_cell(record: dict[str, Any]) -> str:
     return f"{record['dataset']}/{setting}" if setting else str(record["dataset"])
 
 
-def write_tuned(
-    records: list[dict[str, Any]], out: Path, complete: set[tuple[str, str]] | None = None
-) -> dict[str, Any]:
+def write_tuned(records: list[dict[str, Any]], out: Path, complete: set[str] | None = None) -> dict[str, Any]:
     """``tuned.json`` and ``tuning.md`` in ``out`` from the tuning runs' records. ``complete``: the
-    (cell, method) pairs whose tuning jobs all ran; only those enter ``tuned.json``, and a choice
-    already there is kept (the reported runs of a cell must not change learning rate midway)."""
+    cells whose tuning jobs all ran; only their choices enter ``tuned.json``, and a choice already
+    there is kept (the reported runs of a cell must not change learning rate midway)."""
     if not records:
         return {}
-    main_metric = records[0]["main_metric"]
-    chosen = choose(tuning_curves(records), main_metric, selectable(records))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tuning.md").write_text(tuning_markdown(chosen, main_metric) + "\n")
+    chosen = choose(tuning_curves(records), records[0]["main_metric"], selectable(records))
     path = out / "tuned.json"
     frozen = json.loads(path.read_text()) if path.is_file() else {}
     for cell, methods in chosen.items():
         for method, entry in methods.items():
-            if (complete is None or (cell, method) in complete) and method not in frozen.get(cell, {}):
+            if (complete is None or cell in complete) and method not in frozen.get(cell, {}):
                 frozen.setdefault(cell, {})[method] = entry
+    out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(frozen, indent=2, sort_keys=True) + "\n")
+    write_tuning_md(records, out)
     return frozen
+
+
+def write_tuning_md(records: list[dict[str, Any]], out: Path) -> None:
+    """``tuning.md``: every tuning curve, the choice in bold — the one ``tuned.json`` holds (what the
+    reported runs use) where it holds one, else the best so far (marked pending)."""
+    main_metric = records[0]["main_metric"]
+    chosen = choose(tuning_curves(records), main_metric, selectable(records))
+    path = out / "tuned.json"
+    frozen = json.loads(path.read_text()) if path.is_file() else {}
+    for cell, methods in chosen.items():
+        for method, entry in methods.items():
+            fixed = frozen.get(cell, {}).get(method)
+            entry["pending"] = fixed is None
+            if fixed is not None:
+                entry["overrides"] = fixed["overrides"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tuning.md").write_text(tuning_markdown(chosen, main_metric) + "\n")
 
 
 def multiplier(record: dict[str, Any]) -> float:
@@ -134,7 +148,10 @@ def tuning_markdown(chosen: dict[str, Any], main_metric: str) -> str:
                 (f"**{lr} → {score * scale:.1f}**" if float(lr) == best else f"{lr} → {score * scale:.1f}")
                 for lr, score in entry["grid"].items()
             )
-            lines.append(f"| `{method}` | {curve} | {best:g}{' †' if entry['at_grid_edge'] else ''} |")
+            pending = " (pending: not all of the cell's tuning has run)" if entry.get("pending") else ""
+            lines.append(
+                f"| `{method}` | {curve} | {best:g}{' †' if entry['at_grid_edge'] else ''}{pending} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -157,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     if not records:
         print(f"no completed tuning runs under {results} nor in {stored}", file=sys.stderr)
         return 1
-    write_tuned(records, out)
+    write_tuning_md(records, out)  # tuned.json is the sweep's to write, from complete cells
     print(f"{len(records)} tuning runs → {out / 'tuned.json'}")
     return 0
 

@@ -208,9 +208,15 @@ def compose_grid(grid: str, overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def plan(preset: str, arguments: list[str] = (), grids: list[str] | None = None) -> list[Job]:  # type: ignore[assignment]
+def plan(
+    preset: str,
+    arguments: list[str] = (),  # type: ignore[assignment]
+    grids: list[str] | None = None,
+    restrict: bool = True,
+) -> list[Job]:
     """Every job of the preset's grids (or of ``grids`` among them), in run order (tuning first,
-    then seed by seed)."""
+    then seed by seed); ``restrict=False`` ignores the arguments that keep only some values of a
+    grid parameter (the whole preset, with the other arguments)."""
     given = dict(a.split("=", 1) for a in arguments)
     tuning: list[tuple[int, Job]] = []
     reported: list[tuple[int, Job]] = []
@@ -221,7 +227,10 @@ def plan(preset: str, arguments: list[str] = (), grids: list[str] | None = None)
         params = {k: str(v).split(",") for k, v in base.hydra.sweeper.params.items()}
         # a grid parameter keeps only the values given (a grid without them adds no job); any
         # other key is set on the preset
-        params |= {k: [x for x in params[k] if x in v.split(",")] for k, v in given.items() if k in params}
+        if restrict:
+            params |= {
+                k: [x for x in params[k] if x in v.split(",")] for k, v in given.items() if k in params
+            }
         plain = [f"{k}={v}" for k, v in given.items() if k not in params]
         OmegaConf.set_struct(base, False)
         base = OmegaConf.merge(base, OmegaConf.from_dotlist(plain))  # type: ignore[assignment]
@@ -504,19 +513,28 @@ def pending(jobs: list[Job]) -> Iterator[Job]:
 
 
 def refresh_tuned(jobs: list[Job]) -> None:
-    """Add to ``tuned.json`` the choice of every (cell, method) whose tuning jobs have all been
-    recorded (``benchmarks.tuning``); choices already there stay."""
+    """Add to ``tuned.json`` the choices of every cell whose tuning jobs (in ``jobs``: pass the
+    whole preset's) have all been recorded (``benchmarks.tuning``); choices already there stay."""
     from benchmarks.tuning import write_tuned
 
     tuning = [j for j in jobs if j.tuning and j.records is not None]
     reported = next((j for j in jobs if not j.tuning and j.cfg.get("tuned")), None)
     if reported is None or not tuning:
         return
-    records = read_records(tuning[0].records)  # type: ignore[arg-type]
+    records = [r for r in read_records(tuning[0].records) if is_clean(r)]  # type: ignore[arg-type]
     done = {r["job"] for r in records}
-    planned = {(tuning_key(j.cfg), str(j.cfg.method)) for j in tuning}
-    missing = {(tuning_key(j.cfg), str(j.cfg.method)) for j in tuning if j.name not in done}
-    write_tuned(records, (OUTPUT_ROOT / str(reported.cfg.tuned)).parent, planned - missing)
+    cells = {tuning_key(j.cfg) for j in tuning}
+    incomplete = {tuning_key(j.cfg) for j in tuning if j.name not in done}
+    write_tuned(records, (OUTPUT_ROOT / str(reported.cfg.tuned)).parent, cells - incomplete)
+
+
+def has_tuned(job: Job) -> bool:
+    """Whether a reported job's cell and rule have a tuned choice (always, without tuning)."""
+    if job.tuning or not job.cfg.get("tuned"):
+        return True
+    path = OUTPUT_ROOT / str(job.cfg.tuned)
+    chosen = json.loads(path.read_text()) if path.is_file() else {}
+    return str(job.cfg.method) in chosen.get(tuning_key(job.cfg), {})
 
 
 def cell_records(job: Job) -> list[dict[str, Any]]:
@@ -611,8 +629,14 @@ def run_sweep(
         tuned_ready = False
         for job in list(pending(jobs)):
             if not job.tuning and not tuned_ready:
-                refresh_tuned(jobs)
+                refresh_tuned(plan(preset, arguments, grids, restrict=False))
                 tuned_ready = True
+            if not has_tuned(job):
+                log.warning(
+                    "%s: no tuned learning rate for its cell yet (tuning incomplete), skipped", job.name
+                )
+                skipped += 1
+                continue
             if code_commit(PROJECT_DIR) != commit:  # each job's app is packaged from this tree
                 print(f"the code changed since the sweep started at {commit}; stopping", file=sys.stderr)
                 return 2
@@ -793,7 +817,7 @@ def profile(preset: str, name: str, arguments: list[str]) -> int:
                 "the code has uncommitted changes: commit before profiling a job (it is recorded)"
             )
         with SweepRunner(PROJECT_DIR / ".flwr-sweep" / preset) as runner:
-            refresh_tuned([job])
+            refresh_tuned(plan(preset, arguments, restrict=False))
             if not run_one(runner, job, code_commit(PROJECT_DIR), False, float(job.cfg.timeout_s)):
                 return 1
     record = next((r for r in read_records(job.records) if r["job"] == name), None) if job.records else None

@@ -183,12 +183,15 @@ def test_a_wider_tuning_grid_gives_no_wider_choice_and_a_recorded_choice_stays(t
 
     records = [record("fedit", m, f) for m, f in ((0.316, 0.7), (1, 0.8), (3.16, 0.75), (10, 0.9))]
     records += [record("full", m, f, 0.001) for m, f in ((0.316, 0.6), (1, 0.7), (3.16, 0.8))]
-    chosen = write_tuned(records, tmp_path, complete={("sst2/dir05", "fedit")})
+    assert write_tuned(records, tmp_path, complete=set()) == {}  # the cell's tuning is not complete
+    assert "(pending: not all of the cell's tuning has run)" in (tmp_path / "tuning.md").read_text()
+    chosen = write_tuned(records, tmp_path, complete={"sst2/dir05"})
     # fedit's × 10 point (C2's wider curve) scored best but is not a choice the others had
     assert chosen["sst2/dir05"]["fedit"]["overrides"] == {"method.lr": 0.005}
-    assert "full" not in chosen["sst2/dir05"]  # its tuning is not complete
-    assert "0.05 → 90.0" in (tmp_path / "tuning.md").read_text()  # the curve still shows it
+    assert chosen["sst2/dir05"]["full"]["overrides"] == {"method.lr": pytest.approx(0.00316)}
+    text = (tmp_path / "tuning.md").read_text()
+    assert "0.05 → 90.0" in text and "**0.005 → 80.0**" in text and "pending" not in text
     better = [*records, record("fedit", 0.316, 0.95) | {"job": "fedit-sst2-dir05-lr0.316-s1", "seed": 1}]
     again = write_tuned(better, tmp_path)
     assert again["sst2/dir05"]["fedit"]["overrides"] == {"method.lr": 0.005}  # frozen once written
-    assert again["sst2/dir05"]["full"]["overrides"] == {"method.lr": pytest.approx(0.00316)}
+    assert "**0.005 → 80.0**" in (tmp_path / "tuning.md").read_text()  # the table shows what runs use

@@ -274,3 +274,11 @@ def test_a_completed_run_is_adopted_only_under_the_job_code_it_was_marked_with(t
     monkeypatch.setattr(sweep, "code_commit", lambda folder: "c8")  # other job code: run it again
     monkeypatch.setattr(sweep, "same_run_code", lambda folder, a, b: False)
     assert sweep.adopted(job) is None and not run.exists()
+
+
+def test_a_reported_job_without_a_tuned_choice_is_skipped_not_fatal(fake_sweep, tmp_path, capsys):
+    tuned = tmp_path / "tuned.json"
+    tuned.write_text(json.dumps({"sst2/dir05": {"fedit": {"overrides": {"method.lr": 0.004}}}}))
+    arguments = [a for a in _arguments(tmp_path, seeds="0") if a != "tuned=null"] + [f"tuned={tuned}"]
+    assert sweep.run_sweep("cpu_paired", arguments, None, False, GRID) == 1  # one job skipped
+    assert fake_sweep == [("fedit-sst2-dir05-s0", False)]
