@@ -751,7 +751,7 @@ def run_from_snapshot(argv: list[str]) -> int:
         return 2
     folder = PROJECT_DIR / SNAPSHOTS / commit
     for old in (PROJECT_DIR / SNAPSHOTS).glob("*") if (PROJECT_DIR / SNAPSHOTS).is_dir() else []:
-        if old != folder:  # an earlier commit's snapshot (its chunk has ended or been stopped)
+        if old != folder and not snapshot_in_use(old):  # an earlier commit's, its chunk ended
             subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=PROJECT_DIR, check=False)
     if not folder.is_dir():
         subprocess.run(["git", "worktree", "prune"], cwd=PROJECT_DIR, check=False)
@@ -763,7 +763,31 @@ def run_from_snapshot(argv: list[str]) -> int:
         "FEDSUBSPACE_HUB_MIRROR": os.environ.get("FEDSUBSPACE_HUB_MIRROR") or default_hub_mirror() or "",
     }
     log.info("running from the snapshot %s; records and results go to %s", folder, OUTPUT_ROOT)
-    return subprocess.call([sys.executable, "-m", "launch.sweep", *argv], cwd=folder, env=env)
+    child = subprocess.Popen([sys.executable, "-m", "launch.sweep", *argv], cwd=folder, env=env)
+    (folder / RUNNING).write_text(str(child.pid))
+    # stopping this launcher stops the chunk (which stops its SuperLink and runs)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.terminate())
+    try:
+        return child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        (folder / RUNNING).unlink(missing_ok=True)
+
+
+RUNNING = ".sweep-running"  # in a snapshot: the pid of the chunk running from it
+
+
+def snapshot_in_use(folder: Path) -> bool:
+    marker = folder / RUNNING
+    if not marker.is_file():
+        return False
+    try:
+        os.kill(int(marker.read_text().strip()), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

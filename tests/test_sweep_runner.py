@@ -2,6 +2,8 @@
 fingerprint re-run across commits, and a job's metrics alone and inside a sweep."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -217,17 +219,41 @@ def test_a_profile_lists_every_phase_and_each_rounds_training_and_evaluation(tmp
 
 def test_a_snapshot_sweep_runs_from_a_worktree_of_the_commit_and_writes_here(monkeypatch, tmp_path):
     calls = []
+
+    class FakeChild:
+        pid = os.getpid()  # alive while the chunk "runs"
+
+        def __init__(self, command, cwd, env):
+            calls.append(("popen", command, cwd, env, (cwd / sweep.RUNNING).exists()))
+
+        def wait(self):
+            calls.append(("in use", sweep.snapshot_in_use(folder)))
+            return 0
+
+    def run(command, **kw):
+        calls.append(("run", command))
+        if command[:3] == ["git", "worktree", "add"]:
+            Path(command[4]).mkdir(parents=True)
+
+    monkeypatch.setattr(sweep, "PROJECT_DIR", tmp_path)
+    monkeypatch.setattr(sweep, "OUTPUT_ROOT", tmp_path)
     monkeypatch.setattr(sweep, "code_commit", lambda folder: "abc123")
-    monkeypatch.setattr(sweep.subprocess, "run", lambda command, **kw: calls.append(("run", command)))
-    monkeypatch.setattr(
-        sweep.subprocess, "call", lambda command, cwd, env: calls.append(("call", command, cwd, env)) or 0
-    )
+    monkeypatch.setattr(sweep.subprocess, "run", run)
+    monkeypatch.setattr(sweep.subprocess, "Popen", FakeChild)
+    earlier = tmp_path / sweep.SNAPSHOTS / "old999"
+    earlier.mkdir(parents=True)  # an earlier chunk's snapshot, still running: kept
+    (earlier / sweep.RUNNING).write_text(str(os.getpid()))
+    folder = tmp_path / sweep.SNAPSHOTS / "abc123"
     assert sweep.main(["--snapshot", "--preset", "cpu_paired", "--budget-min", "5"]) == 0
-    folder = sweep.PROJECT_DIR / sweep.SNAPSHOTS / "abc123"
     assert ("run", ["git", "worktree", "add", "--detach", str(folder), "abc123"]) in calls
-    _, command, cwd, env = calls[-1]
+    assert not any(c[0] == "run" and "remove" in c[1] for c in calls)
+    _, command, cwd, env, _ = next(c for c in calls if c[0] == "popen")
     assert cwd == folder and command[-4:] == ["--preset", "cpu_paired", "--budget-min", "5"]
-    assert env["FEDSUBSPACE_SWEEP_OUTPUT"] == str(sweep.PROJECT_DIR)
+    assert env["FEDSUBSPACE_SWEEP_OUTPUT"] == str(tmp_path)
+    assert ("in use", True) in calls and not sweep.snapshot_in_use(folder)  # marked while it ran
+    (earlier / sweep.RUNNING).write_text("999999999")  # its chunk has ended: removed next time
+    assert sweep.main(["--snapshot", "--preset", "cpu_paired"]) == 0
+    assert ("run", ["git", "worktree", "remove", "--force", str(earlier)]) in calls
     monkeypatch.setattr(sweep, "code_commit", lambda folder: "abc123+dirty")
     assert sweep.main(["--snapshot"]) == 2
 
