@@ -73,7 +73,7 @@ def write_tuning_md(records: list[dict[str, Any]], out: Path) -> None:
     """``tuning.md``: every tuning curve, the choice in bold — the one ``tuned.json`` holds (what the
     reported runs use) where it holds one, else the best so far (marked pending)."""
     main_metric = records[0]["main_metric"]
-    chosen = choose(tuning_curves(records), main_metric, selectable(records))
+    chosen = choose(tuning_curves(records), main_metric)  # pending: the best point so far
     path = out / "tuned.json"
     frozen = json.loads(path.read_text()) if path.is_file() else {}
     for cell, methods in chosen.items():
