@@ -106,7 +106,7 @@ class LocalSuperLink:
             env["RAY_ADDRESS"] = self.ray_address
         else:
             # Without an address, ray.init() joins whatever cluster `ray start` last recorded on this
-            # machine (/tmp/ray/ray_current_cluster), even a dead one: the run's actors would never
+            # machine (ray_current_cluster in Ray's temp folder), even a dead one: the actors would never
             # start. "local" always starts the run's own Ray.
             env.setdefault("RAY_ADDRESS", "local")
         return env

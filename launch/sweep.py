@@ -13,7 +13,7 @@ and the methods it applies to), a grid with ``stage: tune`` is a tuning stage (`
 each method's own peak learning rate, scored on the tuning split), and the reported grids use the
 values the tuning runs chose (``tuned``, written here through ``benchmarks.tuning``). Arguments
 ``key=a,b`` keep only those values of a grid parameter; other ``key=value`` arguments override the
-preset (``records=null results_dir=/tmp/x`` for a trial).
+preset (``records=null results_dir=<scratch folder>`` for a trial).
 
 Order: every tuning job first (each rule of each cell at its default learning rate, then the nearer
 multiples, then the farther), then the reported jobs seed by seed (every cell of seed 0, then of

@@ -4,6 +4,7 @@ update; clients restart from ``(Ā, B̄ + ΔB)``. Cosine is scale-free, so λ ke
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,19 +63,37 @@ def lora_fair_correction(
     def objective(dB: np.ndarray) -> float:
         return 1.0 - cosine(D, (B + dB) @ A) + lam * float(np.linalg.norm(dB))
 
-    current = objective(delta)
-    step = lr
-    for _ in range(steps):
+    def gradient(delta: np.ndarray) -> np.ndarray | None:
         M = (B + delta) @ A
         m_norm = np.linalg.norm(M)
         if m_norm == 0:
-            break
+            return None
         inner = float((D * M).sum())
-        grad_m = -(D / (d_norm * m_norm) - inner * M / (d_norm * m_norm**3))
-        grad = grad_m @ A.T
+        return -(D / (d_norm * m_norm) - inner * M / (d_norm * m_norm**3)) @ A.T
+
+    return descend(objective, gradient, delta, lam, steps, lr)
+
+
+def descend(
+    objective: Callable[[np.ndarray], float],
+    cosine_gradient: Callable[[np.ndarray], np.ndarray | None],
+    delta: np.ndarray,
+    lam: float,
+    steps: int,
+    lr: float,
+) -> np.ndarray:
+    """Gradient descent on ΔB with backtracking (the step grows ×1.5 after an accepted step and
+    halves until the objective does not increase); ``cosine_gradient`` is ∂(1 − cos)/∂ΔB, None
+    where it vanishes, and the λ‖ΔB‖ term's gradient is added here."""
+    current = objective(delta)
+    step = lr
+    for _ in range(steps):
+        grad = cosine_gradient(delta)
+        if grad is None:
+            break
         dn = np.linalg.norm(delta)
         if dn > 0:
-            grad += lam * delta / dn
+            grad = grad + lam * delta / dn
         while step > 1e-12:
             candidate = delta - step * grad
             value = objective(candidate)
@@ -125,28 +144,14 @@ def lora_fair_correction_factored(
         cos = inner / (d_norm * m_norm) if m_norm > 0 else 0.0
         return 1.0 - cos + lam * float(np.linalg.norm(dB))
 
-    current = objective(delta)
-    step = lr
-    for _ in range(steps):
+    def gradient(delta: np.ndarray) -> np.ndarray | None:
         C = B + delta
         inner, m_norm = inner_and_norm(C)
         if m_norm == 0:
-            break
-        grad = -(d_at / (d_norm * m_norm) - inner * (C @ gram) / (d_norm * m_norm**3))
-        dn = np.linalg.norm(delta)
-        if dn > 0:
-            grad += lam * delta / dn
-        while step > 1e-12:
-            candidate = delta - step * grad
-            value = objective(candidate)
-            if value <= current:
-                delta, current = candidate, value
-                step *= 1.5
-                break
-            step *= 0.5
-        else:
-            break
-    return delta
+            return None
+        return -(d_at / (d_norm * m_norm) - inner * (C @ gram) / (d_norm * m_norm**3))
+
+    return descend(objective, gradient, delta, lam, steps, lr)
 
 
 @finite_inputs
