@@ -652,7 +652,9 @@ def run_sweep(
                         "stopping: %s needs about %.0f s, %.0f s of the budget left",
                         current.name, cost, budget.left(),
                     )  # fmt: skip
-                    print(f"{done} jobs run, {skipped} failed; budget reached before {current.name}")
+                    print(
+                        f"{done} jobs run, {skipped} failed or skipped; budget reached before {current.name}"
+                    )
                     return 0
                 ok = run_one(runner, current, commit, is_fingerprint, timeout=float(current.cfg.timeout_s))
                 done += ok
@@ -663,7 +665,7 @@ def run_sweep(
     print(
         f"{done} jobs run, {skipped} failed; the preset is complete"
         if not skipped
-        else f"{done} run, {skipped} failed"
+        else f"{done} jobs run, {skipped} failed or skipped (see the log)"
     )
     return 0 if not skipped else 1
 
