@@ -101,12 +101,21 @@ def at_chance(runs: Sequence[dict[str, Any]]) -> bool:
     return bool(flags) and all(flags)
 
 
-def judge(comparison: Comparison, cell: tuple[str, str], runs: Runs) -> Outcome:
+def judge(
+    comparison: Comparison, cell: tuple[str, str], runs: Runs, cuts: dict[str, str] | None = None
+) -> Outcome:
     methods = runs.get(cell, {})
     a, b = methods.get(comparison.a), methods.get(comparison.b)
     name = "/".join(cell)
     if not a or not b:
-        return Outcome(comparison, cell, None, None, f"{name}: not run")
+        cut = (cuts or {}).get(name)
+        return Outcome(
+            comparison,
+            cell,
+            None,
+            None,
+            f"{name}: " + (f"cut from this preset — {cut}" if cut else "not run"),
+        )
     if comparison.kind == "faster":
         target = float(min(np.mean(list(finals(a).values())), np.mean(list(finals(b).values()))))
         ra = {int(r["seed"]): rounds_to_target(r, target) for r in a}
@@ -277,8 +286,13 @@ CLAIMS = (
 )
 
 
-def claims_section(records: list[dict[str, Any]], tuning: list[dict[str, Any]] = ()) -> list[str]:  # type: ignore[assignment]
-    """The report's verdict per claim, with every comparison's paired interval and cells."""
+def claims_section(
+    records: list[dict[str, Any]],
+    tuning: Sequence[dict[str, Any]] = (),
+    cuts: dict[str, str] | None = None,
+) -> list[str]:
+    """The report's verdict per claim, with every comparison's paired interval and cells; ``cuts``:
+    the cells (``dataset/setting``) the preset leaves out, with the measured reason."""
     runs = by_cell(records)
     lines = [
         "## The seed papers' claims (C1–C4)",
@@ -292,7 +306,7 @@ def claims_section(records: list[dict[str, Any]], tuning: list[dict[str, Any]] =
         "",
     ]
     for claim in CLAIMS:
-        outcomes = [judge(c, cell, runs) for c in claim.comparisons for cell in c.cells]
+        outcomes = [judge(c, cell, runs, cuts) for c in claim.comparisons for cell in c.cells]
         lines.append(
             f"- **{claim.key} ({claim.paper})** — {claim.text}: **{combine([o.verdict for o in outcomes])}**."
         )

@@ -622,8 +622,10 @@ def write_report(
     parallel: int,
     tuning: list[dict[str, Any]] | None = None,
     fingerprints: list[dict[str, Any]] | None = None,
+    cuts: dict[str, str] | None = None,
 ) -> Path:
-    """The report of the runs that may be paired (``benchmarks.pairing``); the others are named."""
+    """The report of the runs that may be paired (``benchmarks.pairing``); the others are named.
+    ``cuts``: the cells the preset leaves out, with the reason (its ``cut`` key)."""
     out.mkdir(parents=True, exist_ok=True)
     admission = admit(
         all_records, fingerprints or [], same_code=lambda a, b: same_run_code(PROJECT_DIR, a, b)
@@ -650,7 +652,7 @@ def write_report(
         "",
     ]
     lines += ["## Provenance and pairing", "", *provenance_lines(admission), ""]
-    lines += [*claims_section(records, tuning or []), ""]
+    lines += [*claims_section(records, tuning or [], cuts), ""]
     lines += compute_section(all_records, tuning or [], fingerprints or [])
     guide = decision_guide(table)
     if guide:
@@ -800,6 +802,17 @@ def gather_records(results: Path, stored: Path) -> list[dict[str, Any]]:
     return records
 
 
+def preset_cuts(preset: str) -> dict[str, str]:
+    """The preset's ``cut`` key: cells (``dataset/setting``) left out of it, each with its reason."""
+    path = PROJECT_DIR / "conf" / "sweep" / f"{preset.replace('-', '_')}.yaml"
+    if not path.is_file():
+        return {}
+    from omegaconf import OmegaConf
+
+    cut = OmegaConf.to_container(OmegaConf.load(path)).get("cut") or {}  # type: ignore[union-attr]
+    return {str(cell): " ".join(str(reason).split()) for cell, reason in cut.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -831,7 +844,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(records) + len(tuning) + len(fingerprints)} jobs → {compute}")
     if not records:
         return 0
-    path = write_report(records, out, args.preset, args.parallel, tuning, fingerprints)
+    path = write_report(
+        records, out, args.preset, args.parallel, tuning, fingerprints, preset_cuts(args.preset)
+    )
     print(f"{len(records)} runs → {path}")
     return 0
 

@@ -56,7 +56,8 @@ def write_tuned(records: list[dict[str, Any]], out: Path, complete: set[str] | N
     there is kept (the reported runs of a cell must not change learning rate midway)."""
     if not records:
         return {}
-    chosen = choose(tuning_curves(records), records[0]["main_metric"], selectable(records))
+    main_metric = records[0]["main_metric"]
+    chosen = choose(tuning_curves(records), main_metric, selectable(records, main_metric))
     path = out / "tuned.json"
     frozen = json.loads(path.read_text()) if path.is_file() else {}
     for cell, methods in chosen.items():
@@ -91,17 +92,39 @@ def multiplier(record: dict[str, Any]) -> float:
     return float(str(record["job"]).rsplit("-lr", 1)[1].rsplit("-s", 1)[0])
 
 
-def selectable(records: list[dict[str, Any]]) -> dict[str, dict[str, set[float]]]:
-    """Per cell and method, the learning rates at multiples *every* method of the cell ran: a
-    method tuned over a wider grid (FFA-LoRA and FedIT's curves for C2) gets no wider choice."""
-    mults: dict[str, dict[str, dict[float, float]]] = defaultdict(lambda: defaultdict(dict))
+def selectable(records: list[dict[str, Any]], main_metric: str) -> dict[str, dict[str, set[float]]]:
+    """Per cell and method, the learning rates it may be chosen among: the multiples *every* method
+    of the cell ran, widened one grid point at a time only where the best of them sits at the edge
+    and the method ran the next multiple outward. A method tuned over a wider grid for another
+    reason (FedIT and FFA-LoRA's two-decade curves for C2) gets no wider choice than the others
+    unless its curve is still rising at the common grid's edge — as every method's would."""
+    better = max if higher_is_better(main_metric) else min
+    scores: dict[str, dict[str, dict[float, list[float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
+    lrs: dict[tuple[str, str, float], float] = {}
     for record in records:
-        if "-lr" in str(record.get("job", "")):
-            mults[tuning_cell(record)][record["method"]][multiplier(record)] = float(record["lr"])
+        final = record["rounds"][-1]["metric"]
+        if "-lr" in str(record.get("job", "")) and final is not None:
+            cell, method, mult = tuning_cell(record), record["method"], multiplier(record)
+            scores[cell][method][mult].append(float(final))
+            lrs[cell, method, mult] = float(record["lr"])
     result: dict[str, dict[str, set[float]]] = {}
-    for cell, methods in mults.items():
+    for cell, methods in scores.items():
         shared = set.intersection(*(set(grid) for grid in methods.values()))
-        result[cell] = {m: {grid[k] for k in shared} for m, grid in methods.items()}
+        result[cell] = {}
+        for method, grid in methods.items():
+            mean = {mult: float(np.mean(v)) for mult, v in grid.items()}
+            allowed = set(shared) or set(mean)
+            while True:
+                best = better(allowed, key=lambda mult: mean[mult])
+                outward = [m for m in mean if m > max(allowed)] if best == max(allowed) else []
+                outward += [m for m in mean if m < min(allowed)] if best == min(allowed) else []
+                step = min(outward, key=lambda m: abs(math.log(m / best)), default=None)
+                if step is None or len(allowed) < 2:
+                    break
+                allowed.add(step)
+            result[cell][method] = {lrs[cell, method, mult] for mult in allowed}
     return result
 
 

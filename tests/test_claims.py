@@ -143,3 +143,15 @@ def test_a_claim_with_cells_not_run_is_not_held():
     c1 = next(line for line in claims_section(records) if line.startswith("- **C1"))
     assert c1.endswith("**not resolved (5 of 10 comparisons decided)**.")  # the image cell never ran
     assert any("cifar10/vision_dir05: not run" in line for line in claims_section(records))
+
+
+def test_a_cell_the_preset_cut_says_why_in_place_of_a_verdict():
+    from benchmarks.report import preset_cuts
+
+    cuts = preset_cuts("cpu-paired")
+    assert "chance" in cuts["sst2/dp8"]  # the measured reason, from conf/sweep/cpu_paired.yaml
+    records = [run(m, s, 0.8) for m in ("ffa_lora", "fedit") for s in range(3)]
+    lines = claims_section(records, cuts=cuts)
+    line = next(line for line in lines if "`ffa_lora` matches `fedit` — sst2/dp8" in line)
+    assert "cut from this preset — DP-SGD does not learn" in line and line.endswith("no verdict")
+    assert any("sst2/dp3: not run" in line for line in claims_section(records))  # without the key

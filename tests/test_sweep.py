@@ -67,7 +67,8 @@ def test_every_job_of_every_preset_composes_and_validates(preset):
 PAIRED = (
     "cpu_paired",
     "cpu_paired_vision",
-    "cpu_paired_dp",
+    "cpu_paired_tune_edge",
+    "cpu_paired_tune_edge_vision",
     "cpu_paired_tune",
     "cpu_paired_tune_c2",
     "cpu_paired_tune_dp",
@@ -171,7 +172,7 @@ def test_the_tuning_choice_is_the_best_grid_point_and_flags_the_grid_edge(tmp_pa
     assert tuned_overrides(path, "sst2/dir05", "ffa_lora") == "method.lr=0.016"
 
 
-def test_a_wider_tuning_grid_gives_no_wider_choice_and_a_recorded_choice_stays(tmp_path):
+def test_a_wider_tuning_grid_widens_a_choice_only_at_the_edge_and_a_recorded_choice_stays(tmp_path):
     from benchmarks.tuning import write_tuned
 
     def record(method, mult, final, peak=0.005):
@@ -183,12 +184,16 @@ def test_a_wider_tuning_grid_gives_no_wider_choice_and_a_recorded_choice_stays(t
 
     records = [record("fedit", m, f) for m, f in ((0.316, 0.7), (1, 0.8), (3.16, 0.75), (10, 0.9))]
     records += [record("full", m, f, 0.001) for m, f in ((0.316, 0.6), (1, 0.7), (3.16, 0.8))]
+    records += [record("galore", m, f, 0.001) for m, f in ((0.316, 0.6), (1, 0.7), (3.16, 0.8), (10, 0.85))]
     assert write_tuned(records, tmp_path, complete=set()) == {}  # the cell's tuning is not complete
     assert "(pending: not all of the cell's tuning has run)" in (tmp_path / "tuning.md").read_text()
     chosen = write_tuned(records, tmp_path, complete={"sst2/dir05"})
     # fedit's × 10 point (C2's wider curve) scored best but is not a choice the others had
     assert chosen["sst2/dir05"]["fedit"]["overrides"] == {"method.lr": 0.005}
     assert chosen["sst2/dir05"]["full"]["overrides"] == {"method.lr": pytest.approx(0.00316)}
+    assert chosen["sst2/dir05"]["full"]["at_grid_edge"]
+    # galore's curve still rose at the common grid's edge: its × 10 point is a choice
+    assert chosen["sst2/dir05"]["galore"]["overrides"] == {"method.lr": pytest.approx(0.01)}
     text = (tmp_path / "tuning.md").read_text()
     assert "0.05 → 90.0" in text and "**0.005 → 80.0**" in text and "pending" not in text
     better = [*records, record("fedit", 0.316, 0.95) | {"job": "fedit-sst2-dir05-lr0.316-s1", "seed": 1}]

@@ -29,7 +29,7 @@ def test_tuning_jobs_come_first_then_every_cell_seed_by_seed():
     seeds = [int(job.cfg.seed) for job in reported]
     assert seeds == sorted(seeds)  # seed 0 of every cell before any seed 1
     cells = {job.cell for job in reported if int(job.cfg.seed) == 0}
-    assert ("efficientnet_lite0", "cifar10", "vision_shift") in cells and ("minilm", "sst2", "dp3") in cells
+    assert ("efficientnet_lite0", "cifar10", "vision_shift") in cells and ("minilm", "sst2", "dir05") in cells
     assert "fedit-sst2-dir05-lr0.1-s0" in names  # C2's wider tuning grid
     # every tuning cell at the default learning rate before any other multiple
     first = [job.name for job in tuning[:4]]
