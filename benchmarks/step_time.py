@@ -26,7 +26,9 @@ def step_seconds(method: str, model: str, dataset: str, size: int, steps: int) -
     from strategies.protocol import Instruction
 
     cfg = compose_config({"method": method, "model": model, "dataset": dataset}, [f"model.image_size={size}"])
-    client = get_rule(method).client(ClientRound(cfg, Instruction(cfg.to_json()), 0, NodeState(RecordDict())))
+    client = get_rule(method).build_client(
+        ClientRound(cfg, Instruction(cfg.to_json()), 0, NodeState(RecordDict()))
+    )
     net = build_model(cfg, hub_mirror(default_hub_mirror()), client.adapter()).train()
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)

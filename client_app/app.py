@@ -114,7 +114,7 @@ def open_job(msg: Message, context: Context) -> Job:
     cfg = job_round.cfg
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    rule = get_rule(cfg.method.name).client(job_round)
+    rule = get_rule(cfg.method.name).build_client(job_round)
     mirror = node_hub_mirror(context.node_config, cfg.hub_mirror)
     # a model a rule changes beyond its trainable arrays serves one rule in one experiment only
     owner = f"{cfg.method.name}:{cfg.experiment_id}" if rule.private_model else ""

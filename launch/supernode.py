@@ -56,6 +56,9 @@ def patch(module: ModuleType, cap: float) -> None:
 
 def main() -> None:
     cap, sys.argv[1:] = idle_poll(sys.argv[1:])
+    from launch.flower_contract import require
+
+    require()
     import flwr.supernode.start_client_internal as supernode_loop
     from flwr.supernode.cli.flower_supernode import flower_supernode
 

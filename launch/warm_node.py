@@ -351,6 +351,9 @@ def main(argv: list[str] | None = None) -> None:
     # Flower polls its own SuperNode's Runtime API for tasks every 1 s; on loopback a tenth costs
     # nothing and starts each round's task sooner.
     os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
+    from launch.flower_contract import require
+
+    require()
     import flwr.supercore.superexec.run_superexec as superexec
     from flwr.supercore.cli.flower_superexec import flower_superexec
 

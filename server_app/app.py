@@ -36,13 +36,13 @@ from server_app.loop import Evaluate, evaluate_on_clients, run_federation
 from server_app.results import RunRecorder
 from server_app.run_config import RESUME_KEY, experiment_from_run_config
 from strategies import Rule, get_rule
-from strategies.base import FederatedStrategy
+from strategies.engine import Engine
 
 log = logging.getLogger(__name__)
 app = ServerApp()
 
 
-def build_strategy(cfg: ExperimentConfig) -> FederatedStrategy:
+def build_strategy(cfg: ExperimentConfig) -> Engine:
     return get_rule(cfg.method.name).build_strategy(cfg)
 
 
@@ -184,7 +184,7 @@ def make_evaluator(
     grid: Grid,
     cfg: ExperimentConfig,
     rule: Rule,
-    strategy: FederatedStrategy,
+    strategy: Engine,
     server: ServerModel,
     data: ServerData,
 ) -> Evaluate:
@@ -209,7 +209,7 @@ def make_evaluator(
     return evaluate_global
 
 
-def central_dp_wrapper(cfg: ExperimentConfig, strategy: FederatedStrategy) -> Strategy | None:
+def central_dp_wrapper(cfg: ExperimentConfig, strategy: Engine) -> Strategy | None:
     """Flower's server-side fixed-clipping wrapper, for ``privacy.mode=central``."""
     if not (cfg.privacy.enabled and cfg.privacy.mode == "central"):
         return None

@@ -18,7 +18,7 @@ from finetune.schedule import round_lr
 from server_app.checkpoint import Checkpoint, write_checkpoint
 from server_app.results import RoundRecord, RunRecorder
 from strategies import protocol
-from strategies.base import FederatedStrategy
+from strategies.engine import Engine
 from strategies.protocol import Instruction
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def round_progress(server_round: int, every_seconds: float) -> Progress | None:
 
 def run_federation(
     grid: Grid,
-    strategy: FederatedStrategy,
+    strategy: Engine,
     cfg: ExperimentConfig,
     initial: ArrayRecord,
     evaluate: Evaluate,
@@ -122,7 +122,7 @@ def run_federation(
 
 def start_federation(
     grid: Grid,
-    strategy: FederatedStrategy,
+    strategy: Engine,
     cfg: ExperimentConfig,
     initial: ArrayRecord,
     evaluate: Evaluate,
@@ -154,7 +154,7 @@ def checkpoint_due(cfg: ExperimentConfig, server_round: int) -> bool:
 
 def save_checkpoint(
     cfg: ExperimentConfig,
-    strategy: FederatedStrategy,
+    strategy: Engine,
     recorder: RunRecorder,
     arrays: ArrayRecord,
     releases: list[tuple[float, float, int]],
@@ -177,7 +177,7 @@ def save_checkpoint(
 
 def train_round(
     grid: Grid,
-    strategy: FederatedStrategy,
+    strategy: Engine,
     cfg: ExperimentConfig,
     arrays: ArrayRecord,
     server_round: int,
@@ -209,7 +209,7 @@ def train_round(
 
 
 def round_record(
-    strategy: FederatedStrategy,
+    strategy: Engine,
     server_round: int,
     eval_metrics: dict[str, float],
     train: dict[str, float],
@@ -252,7 +252,7 @@ def round_record(
 
 
 def evaluate_on_clients(
-    grid: Grid, strategy: FederatedStrategy, cfg: ExperimentConfig, server_round: int, arrays: ArrayRecord
+    grid: Grid, strategy: Engine, cfg: ExperimentConfig, server_round: int, arrays: ArrayRecord
 ) -> dict[str, float]:
     """Personalised evaluation: every client evaluates its own model on its own data."""
     config = Instruction(cfg.to_json(), server_round=server_round).to_config()

@@ -14,14 +14,18 @@ from strategies.registry import RULES, Family, Rule, get_rule
 SUPPORT_MODULES = frozenset(
     [
         "averaging",
-        "base",
         "client",
+        "engine",
         "lowrank",
         "merging",
+        "nodes",
         "protocol",
         "ranks",
         "registry",
+        "replies",
+        "rule",
         "server_optim",
+        "traffic",
         "validation",
     ]
 )

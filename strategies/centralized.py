@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 from finetune.config import ExperimentConfig, MethodConfig, require
 from strategies.averaging import weighted_mean
-from strategies.base import FederatedStrategy
 from strategies.client import ClientRule
 from strategies.registry import Family, Rule, register
+from strategies.rule import ServerRule
 
 
 @dataclass
@@ -23,7 +23,7 @@ class CentralizedConfig(MethodConfig):
         require(not cfg.privacy.enabled, "privacy.enabled: the centralized baseline trains without DP")
 
 
-class Centralized(FederatedStrategy):
+class Centralized(ServerRule):
     """Never messages a client (LoRA at ``method.rank``, like ``fedit``)."""
 
     name = "centralized"

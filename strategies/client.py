@@ -28,6 +28,7 @@ from finetune.config import ExperimentConfig
 from finetune.records import from_record, to_record
 from finetune.spec import AdapterSpec, GaLoreSettings, Regularizer
 from strategies.protocol import Instruction, TrainReport
+from strategies.traffic import Traffic
 
 if TYPE_CHECKING:  # the ML stack loads only where a client trains, not where configs compose
     import datasets
@@ -97,8 +98,8 @@ class ModelBaseline:
 
 
 class ClientRule:
-    """A LoRA client: trains the adapter at ``method.rank``, uploads every trained array (or what
-    :meth:`uploads` selects) and keeps what :meth:`keeps` selects on the node."""
+    """A LoRA client: trains the adapter at ``method.rank``; of the trained arrays it uploads and
+    keeps on the node what the rule's :class:`~strategies.traffic.Traffic` says."""
 
     #: Whether the node needs copies of the pretrained weights under the LoRA layers.
     needs_base_weights: ClassVar[bool] = False
@@ -109,8 +110,9 @@ class ClientRule:
     #: kept on the node's disk between runs.
     resynced_state: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, job: ClientRound) -> None:
+    def __init__(self, job: ClientRound, traffic: Traffic | None = None) -> None:
         self.job = job
+        self.traffic = traffic if traffic is not None else Traffic()
         self.cfg = job.cfg
         self.node = job.node
 
@@ -147,23 +149,14 @@ class ClientRule:
 
     def setup(self, model: torch.nn.Module, data: datasets.Dataset, collate: Collate) -> State:
         """What this node contributes to the rule's one-off set-up before round 1 (the server's
-        :meth:`~strategies.base.FederatedStrategy.setup`); rules without one never get asked."""
+        :meth:`~strategies.rule.ServerRule.setup`); rules without one never get asked."""
         raise NotImplementedError(f"{self.cfg.method.name} has no set-up exchange")
 
     # --- after training -------------------------------------------------------------------
-    @staticmethod
-    def uploads(key: str) -> bool:
-        """Whether this trained array goes to the server."""
-        return True
-
-    @staticmethod
-    def keeps(key: str) -> bool:
-        """Whether the node keeps this trained array for its next round instead of the server's."""
-        return False
-
     def finish(self, model: torch.nn.Module, trained: State, report: TrainReport) -> State:
         """Keep what the node keeps, add the rule's fields to ``report``; return the upload."""
-        kept = {k: v for k, v in trained.items() if self.keeps(k)}
+        kept = {k: v for k, v in trained.items() if self.traffic.keeps(k)}
         if kept:
             self.node.set_arrays(KEPT_ARRAYS, kept)
-        return {k: v for k, v in trained.items() if self.uploads(k)}
+        server_round = self.job.instruction.server_round
+        return {k: v for k, v in trained.items() if self.traffic.uploads(server_round, k)}

@@ -24,19 +24,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord
-from flwr.serverapp import Grid
 
 from finetune.config import ExperimentConfig, MethodConfig, require
 from finetune.lora import LORA_LATENT_SUFFIX, is_lora, lora_layers
-from finetune.records import from_record, to_record
 from finetune.spec import AdapterSpec
 from strategies.averaging import finite_inputs, weighted_mean
-from strategies.base import FederatedStrategy, common_instruction
 from strategies.client import ClientRule, ModelBaseline, State
 from strategies.lowrank import dense_dtype, top_singular_triplets
+from strategies.nodes import NodeDirectory
 from strategies.protocol import SETUP_MESSAGE
 from strategies.registry import Family, Rule, register
+from strategies.rule import Ask, ServerRule
+from strategies.traffic import Traffic, every_round
 
 if TYPE_CHECKING:
     import datasets
@@ -104,49 +103,37 @@ def travels(key: str) -> bool:
     return not is_lora(key)
 
 
-class FedSB(FederatedStrategy):
+class FedSB(ServerRule):
     """The weighted mean of R (and the head); A and B are set once, from the nodes' gradients."""
 
     name = "fed_sb"
     streamable = True
     method: FedSBConfig
+    traffic = Traffic(uploads=every_round(travels))
+    has_setup = True
     rule = staticmethod(weighted_mean)
 
-    def __init__(self, method: FedSBConfig | None = None, **kwargs: object) -> None:
-        super().__init__(method, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, method: FedSBConfig | None = None, nodes: NodeDirectory | None = None) -> None:
+        super().__init__(method, nodes)
         self.holders: set[int] = set()  # nodes known to hold them
-        self.setup_bytes = (0, 0)
 
-    def setup(self, grid: Grid, arrays: ArrayRecord, config: ConfigRecord) -> ArrayRecord:
-        nodes = self.connected_nodes(grid)
-        self.learn_nodes(grid, nodes, config)
-        common = common_instruction(config, 0)
-        messages = [self.node_message(n, ArrayRecord(), common, SETUP_MESSAGE) for n in nodes]
-        replies = [
-            r for r in grid.send_and_receive(messages, timeout=self.query_timeout_s) if not r.has_error()
-        ]
-        if not replies:
+    def setup(self, ask: Ask, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        uploads = ask(SETUP_MESSAGE)
+        if not uploads:
             raise RuntimeError("fed_sb: no node answered the set-up (gradient) exchange")
-        uploads = [from_record(r.content.array_records["arrays"]) for r in replies]
-        self.setup_bytes = (0, sum(r.content.array_records["arrays"].count_bytes() for r in replies))
-        state = from_record(arrays)
+        state = dict(state)
         scale = self.method.alpha / self.method.rank
         for prefix, (a_key, b_key) in lora_layers(state).items():
             total = np.asarray(np.sum([u[prefix + GRAD_SUFFIX] for u in uploads], axis=0, dtype=np.float64))
             A, B, R = fed_sb_initialize(total, self.method.rank, self.method.init_lr, scale)
             state[a_key], state[b_key], state[latent_key(prefix)] = (x.astype(np.float32) for x in (A, B, R))
         log.info("fed_sb: A, B and R initialised from the gradients of %d node(s)", len(uploads))
-        return to_record(state)
+        return state
 
     def payload(self, node_id: int, global_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if node_id in self.holders:
             return {k: v for k, v in global_state.items() if travels(k)}
         return global_state
-
-    def expected_reply_shapes(
-        self, node_id: int, payload: dict[str, np.ndarray]
-    ) -> dict[str, tuple[int, ...]]:
-        return {k: v.shape for k, v in payload.items() if travels(k)}
 
     def accept_reply(self, node_id: int, metrics: dict[str, float]) -> None:
         self.holders.add(node_id)
@@ -171,8 +158,6 @@ class FedSBClient(ClientRule):
             if not factors and self.job.instruction.server_round > 0:
                 raise ValueError("fed_sb: this node lost its fixed A and B; the server sends them next time")
         super().load(model, {**received, **factors}, baseline)
-
-    uploads = staticmethod(travels)
 
     def setup(self, model: torch.nn.Module, data: datasets.Dataset, collate: Collate) -> State:
         from finetune.training import base_weight_gradients

@@ -15,10 +15,11 @@ import numpy as np
 
 from finetune.lora import lora_layers, lora_scale
 from strategies.averaging import Weights, finite_inputs, normalize_weights, weighted_mean
-from strategies.base import Replies
 from strategies.lowrank import Matrices
 from strategies.merging import BaseMergingStrategy, Factors, MergedBaseClient, MergedBaseConfig
+from strategies.nodes import NodeDirectory
 from strategies.registry import Family, Rule, register
+from strategies.replies import Replies
 
 
 @dataclass
@@ -47,8 +48,8 @@ class FedExLoRA(BaseMergingStrategy):
 
     name = "fedex_lora"
 
-    def __init__(self, method: FedExLoRAConfig | None = None, **kwargs: object) -> None:
-        super().__init__(method, **kwargs)
+    def __init__(self, method: FedExLoRAConfig | None = None, nodes: NodeDirectory | None = None) -> None:
+        super().__init__(method, nodes)
         self.scale = lora_scale(self.method.alpha, self.method.rank)
 
     def merge(self, replies: Replies) -> tuple[dict[str, np.ndarray], Factors]:

@@ -13,9 +13,9 @@ import numpy as np
 
 from finetune.config import MethodConfig
 from strategies.averaging import State, Weights, finite_inputs, weighted_mean
-from strategies.base import FederatedStrategy
 from strategies.client import ClientRule
 from strategies.registry import Family, Rule, register
+from strategies.rule import ServerRule
 
 
 @finite_inputs
@@ -24,7 +24,7 @@ def fedit_aggregate(states: Sequence[State], weights: Weights) -> dict[str, np.n
     return weighted_mean(states, weights)
 
 
-class FedIT(FederatedStrategy):
+class FedIT(ServerRule):
     """Weighted mean of every trainable array (LoRA A, B, classifier head)."""
 
     name = "fedit"

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING
 
 from finetune.config import ExperimentConfig, MethodConfig, require
 from strategies.averaging import weighted_mean
-from strategies.base import FederatedStrategy
 from strategies.client import ClientRule, ModelBaseline, Regularizer, State
 from strategies.registry import Family, Rule, register
+from strategies.rule import ServerRule
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +46,7 @@ def proximal_term(
     return 0.5 * mu * torch.as_tensor(total)
 
 
-class FedProx(FederatedStrategy):
+class FedProx(ServerRule):
     """The weighted mean of every trainable array, as FedIT."""
 
     name = "fedprox"

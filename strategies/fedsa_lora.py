@@ -10,9 +10,10 @@ import numpy as np
 from finetune.config import MethodConfig
 from finetune.lora import is_lora_a
 from strategies.averaging import State, Weights, finite_inputs, mean_of_allowed
-from strategies.base import FederatedStrategy
 from strategies.client import ClientRule
 from strategies.registry import Family, Rule, register
+from strategies.rule import ServerRule
+from strategies.traffic import Traffic, every_round
 
 
 @finite_inputs
@@ -26,22 +27,16 @@ def personal(key: str) -> bool:
     return not is_lora_a(key)
 
 
-class FedSALoRA(FederatedStrategy):
+class FedSALoRA(ServerRule):
     """The weighted mean of A. Evaluation is personalised: each client's (Ā, B_k, head_k) on its
     own validation share."""
 
     name = "fedsa_lora"
     streamable = True
     evaluate_on_clients = True
-    shares = staticmethod(is_lora_a)
+    # A goes up; B and the head stay with their client
+    traffic = Traffic(shares=is_lora_a, uploads=every_round(is_lora_a), keeps=personal)
     rule = staticmethod(fedsa_aggregate)
-
-
-class FedSALoRAClient(ClientRule):
-    """Uploads A; keeps B and the head in its node state for its next round."""
-
-    uploads = staticmethod(is_lora_a)
-    keeps = staticmethod(personal)
 
 
 RULE = register(
@@ -51,6 +46,6 @@ RULE = register(
         "Guo et al., ICLR 2025, 2410.01463",
         MethodConfig,
         FedSALoRA,
-        FedSALoRAClient,
+        ClientRule,
     )
 )

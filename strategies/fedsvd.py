@@ -12,19 +12,18 @@ The code's clients run SGD at lr 0.5; ours run the configured local optimizer (A
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
-from finetune.config import ExperimentConfig, MethodConfig, require
+from finetune.config import MethodConfig, require
 from finetune.lora import is_lora_a, lora_layers
-from finetune.spec import AdapterSpec
 from strategies.averaging import finite_inputs, weighted_mean
-from strategies.base import FederatedStrategy
-from strategies.client import ClientRule
+from strategies.ffa_lora import FFALoRAClient
 from strategies.lowrank import compact_svd, factors_from_svd
 from strategies.registry import Family, Rule, register
+from strategies.rule import ServerRule
+from strategies.traffic import Traffic, every_round
 
 
 @dataclass
@@ -60,18 +59,14 @@ def uploads(key: str) -> bool:
     return not is_lora_a(key)
 
 
-class FedSVD(FederatedStrategy):
+class FedSVD(ServerRule):
     """FFA-LoRA's mean of B (and the head), then the SVD re-factoring of every LoRA layer."""
 
     name = "fedsvd"
     streamable = True
     method: FedSVDConfig
+    traffic = Traffic(uploads=every_round(uploads))
     rule = staticmethod(weighted_mean)
-
-    def expected_reply_shapes(
-        self, node_id: int, payload: dict[str, np.ndarray]
-    ) -> dict[str, tuple[int, ...]]:
-        return {k: v.shape for k, v in payload.items() if uploads(k)}
 
     def finalize(self, server_round: int, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         period = self.method.svd_period
@@ -84,16 +79,6 @@ class FedSVD(FederatedStrategy):
         return out
 
 
-class FedSVDClient(ClientRule):
-    """Trains B (and the head) from the server's (A, B) with A frozen; uploads no A."""
-
-    @classmethod
-    def default_adapter(cls, cfg: ExperimentConfig, rank: int | None = None) -> AdapterSpec:
-        return dataclasses.replace(super().default_adapter(cfg, rank), freeze_lora_a=True)
-
-    uploads = staticmethod(uploads)
-
-
 RULE = register(
-    Rule("fedsvd", Family.LORA, "Lee et al., NeurIPS 2025, 2505.12805", FedSVDConfig, FedSVD, FedSVDClient)
+    Rule("fedsvd", Family.LORA, "Lee et al., NeurIPS 2025, 2505.12805", FedSVDConfig, FedSVD, FFALoRAClient)
 )

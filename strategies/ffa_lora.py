@@ -13,9 +13,10 @@ from finetune.config import ExperimentConfig, MethodConfig
 from finetune.lora import is_lora_a
 from finetune.spec import AdapterSpec
 from strategies.averaging import State, Weights, finite_inputs, mean_of_allowed
-from strategies.base import FederatedStrategy
 from strategies.client import ClientRule
 from strategies.registry import Family, Rule, register
+from strategies.rule import ServerRule
+from strategies.traffic import Traffic, every_round
 
 
 @finite_inputs
@@ -29,12 +30,12 @@ def shared(key: str) -> bool:
     return not is_lora_a(key)
 
 
-class FFALoRA(FederatedStrategy):
+class FFALoRA(ServerRule):
     """The weighted mean of B and the head; A is not part of the global state."""
 
     name = "ffa_lora"
     streamable = True
-    shares = staticmethod(shared)
+    traffic = Traffic(shares=shared, uploads=every_round(shared))
     rule = staticmethod(ffa_aggregate)
 
 
@@ -44,8 +45,6 @@ class FFALoRAClient(ClientRule):
     @classmethod
     def default_adapter(cls, cfg: ExperimentConfig, rank: int | None = None) -> AdapterSpec:
         return dataclasses.replace(super().default_adapter(cfg, rank), freeze_lora_a=True)
-
-    uploads = staticmethod(shared)
 
 
 RULE = register(

@@ -8,19 +8,15 @@ The released code never resizes clients to their ranks and ignores α/r; both ar
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message
-from flwr.serverapp import Grid
 
 from finetune.config import ExperimentConfig
 from finetune.lora import is_lora, lora_layers
-from finetune.records import from_record
 from finetune.spec import AdapterSpec
 from strategies.averaging import Weights, finite_inputs, normalize_weights
-from strategies.base import FederatedStrategy, Replies
 from strategies.lowrank import (
     SVD,
     Matrices,
@@ -30,8 +26,11 @@ from strategies.lowrank import (
     thin_svd,
     weighted_product,
 )
+from strategies.nodes import NodeDirectory
 from strategies.ranks import HeterogeneousRankConfig, RankedClient
 from strategies.registry import Family, Rule, register
+from strategies.replies import Replies
+from strategies.rule import ServerRule
 
 
 @dataclass
@@ -72,7 +71,7 @@ def flexlora_client_factors(svd: SVD, rank: int, scale: float) -> tuple[np.ndarr
     return factors_from_svd(*svd, rank, scale)
 
 
-class FlexLoRA(FederatedStrategy):
+class FlexLoRA(ServerRule):
     """Heterogeneous ranks: each node gets the rank-r_k truncation of the global update.
 
     The global state holds, per layer, factors ``(A_g, B_g)`` at ``global_rank`` R with unit
@@ -84,8 +83,10 @@ class FlexLoRA(FederatedStrategy):
     heterogeneous_ranks = True
     method: HeterogeneousRankConfig
 
-    def __init__(self, method: HeterogeneousRankConfig | None = None, **kwargs: object) -> None:
-        super().__init__(method, **kwargs)  # type: ignore[arg-type]
+    def __init__(
+        self, method: HeterogeneousRankConfig | None = None, nodes: NodeDirectory | None = None
+    ) -> None:
+        super().__init__(method, nodes)
         self.alpha, self.global_rank = self.method.alpha, self.method.global_rank
         if self.global_rank < 1:
             raise ValueError(f"{self.name}: resolve method.global_rank before building the strategy")
@@ -107,13 +108,7 @@ class FlexLoRA(FederatedStrategy):
         rank = cls.resolve(cfg).global_rank
         return dataclasses.replace(client, rank=rank, alpha=float(rank))  # unit scale: B_g A_g is ΔW
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self.prepare_payloads(from_record(arrays))
-        return super().configure_train(server_round, arrays, config, grid)
-
-    def prepare_payloads(self, global_state: dict[str, np.ndarray]) -> None:
+    def begin_round(self, server_round: int, global_state: dict[str, np.ndarray]) -> None:
         """Decompose each layer's global update once per round (cheap: rank-R factors)."""
         self._svd = {
             prefix: redistribution_svd(global_state[a_key], global_state[b_key])
@@ -121,9 +116,7 @@ class FlexLoRA(FederatedStrategy):
         }
 
     def payload(self, node_id: int, global_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rank = self.node_ranks.get(node_id)
-        if rank is None:
-            raise RuntimeError(f"node {node_id} did not report its LoRA rank")
+        rank = self.nodes.rank(node_id)
         out = {k: v for k, v in global_state.items() if not is_lora(k)}
         for prefix, (a_key, b_key) in lora_layers(global_state).items():
             A, B = self.layer_payload(prefix, global_state[a_key], global_state[b_key], rank)

@@ -11,11 +11,12 @@ import numpy as np
 
 from finetune.lora import lora_layers, lora_scale
 from strategies.averaging import Weights, finite_inputs, normalize_weights
-from strategies.base import Replies
 from strategies.lowrank import Matrices
 from strategies.merging import BaseMergingStrategy, Factors, MergedBaseClient, MergedBaseConfig
+from strategies.nodes import NodeDirectory
 from strategies.ranks import HeterogeneousRankConfig, RankedClient
 from strategies.registry import Family, Rule, register
+from strategies.replies import Replies
 
 
 @dataclass
@@ -48,8 +49,8 @@ class FLoRA(BaseMergingStrategy):
     heterogeneous_ranks = True
     global_lora = False
 
-    def __init__(self, method: FLoRAConfig | None = None, **kwargs: object) -> None:
-        super().__init__(method, **kwargs)
+    def __init__(self, method: FLoRAConfig | None = None, nodes: NodeDirectory | None = None) -> None:
+        super().__init__(method, nodes)
         self.alpha = self.method.alpha
 
     def merge(self, replies: Replies) -> tuple[dict[str, np.ndarray], Factors]:

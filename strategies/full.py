@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from finetune.config import ExperimentConfig, MethodConfig, choice, require
 from finetune.spec import AdapterSpec
 from strategies.averaging import weighted_mean
-from strategies.base import FederatedStrategy
 from strategies.client import ClientRule
 from strategies.registry import Family, Rule, register
+from strategies.rule import ServerRule
 
 FULL_SCOPES = ("targets", "all")
 
@@ -38,7 +38,7 @@ class FullConfig(MethodConfig):
         )
 
 
-class FullFineTuning(FederatedStrategy):
+class FullFineTuning(ServerRule):
     """Weighted mean of every trained weight."""
 
     name = "full"

@@ -123,7 +123,7 @@ class HetLoRA(FlexLoRA):
     def default_global_rank(client_bounds: Sequence[int]) -> int:
         return max(client_bounds)
 
-    def prepare_payloads(self, global_state: dict[str, np.ndarray]) -> None:
+    def begin_round(self, server_round: int, global_state: dict[str, np.ndarray]) -> None:
         pass  # truncation needs no decomposition
 
     def layer_payload(
@@ -139,7 +139,7 @@ class HetLoRA(FlexLoRA):
     def accept_reply(self, node_id: int, metrics: dict[str, float]) -> None:
         rank = metric_int(metrics, NEXT_RANK)  # a pruned rank applies from the node's next round
         if rank is not None and 1 <= rank <= self.global_rank:
-            self.node_ranks[node_id] = rank
+            self.nodes.ranks[node_id] = rank
 
 
 class HetLoRAClient(RankedClient):

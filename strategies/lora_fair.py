@@ -12,10 +12,11 @@ import numpy as np
 from finetune.config import MethodConfig, require
 from finetune.lora import lora_layers
 from strategies.averaging import Weights, finite_inputs, normalize_weights
-from strategies.base import FederatedStrategy, Replies
 from strategies.client import ClientRule
 from strategies.lowrank import Matrices, dense_dtype, product_norm
 from strategies.registry import Family, Rule, register
+from strategies.replies import Replies
+from strategies.rule import ServerRule
 
 
 @dataclass
@@ -165,7 +166,7 @@ def lora_fair_aggregate(
     return A_bar, B_bar + lora_fair_correction_factored(A_bar, B_bar, As, Bs, p, lam, steps, lr)
 
 
-class LoRAFAIR(FederatedStrategy):
+class LoRAFAIR(ServerRule):
     """FedIT's means with the server-side correction of B̄ on every LoRA layer."""
 
     name = "lora_fair"

@@ -42,10 +42,12 @@ from finetune.lora import (
 )
 from finetune.records import to_record
 from strategies.averaging import finite_inputs
-from strategies.base import FederatedStrategy, Replies
 from strategies.client import ClientRule, ModelBaseline, State
 from strategies.lowrank import dense_dtype
+from strategies.nodes import NodeDirectory
 from strategies.protocol import BASE_VERSION, Instruction, TrainReport, metric_int
+from strategies.replies import Replies
+from strategies.rule import ServerRule
 
 if TYPE_CHECKING:
     import torch
@@ -132,7 +134,7 @@ def catch_up(
     return out
 
 
-class BaseMergingStrategy(FederatedStrategy):
+class BaseMergingStrategy(ServerRule):
     """Keeps ``D`` in the global state, the recent increments, and each node's version.
 
     A rule implements :meth:`merge`: the new global trainable state and this round's increment.
@@ -142,8 +144,9 @@ class BaseMergingStrategy(FederatedStrategy):
     global_lora: ClassVar[bool] = True
     method: MergedBaseConfig
 
-    def __init__(self, method: MergedBaseConfig | None = None, **kwargs: object) -> None:
-        super().__init__(method, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, method: MergedBaseConfig | None = None, nodes: NodeDirectory | None = None) -> None:
+        super().__init__(method, nodes)
+        self._global: dict[str, np.ndarray] = {}
         self.base_sync = self.method.base_sync
         self.merged: list[int] = []  # server rounds that merged an increment, in order
         self.history: OrderedDict[int, Factors] = OrderedDict()  # recent merges' increments
@@ -166,6 +169,9 @@ class BaseMergingStrategy(FederatedStrategy):
         return state
 
     # --- what each node receives and returns ---------------------------------------------
+    def begin_round(self, server_round: int, global_state: dict[str, np.ndarray]) -> None:
+        self._global = global_state
+
     def catch_up_from(self, node_id: int) -> int | None:
         """The version to send factors from, or None when the node gets the dense ``D``."""
         held = self.node_version.get(node_id, 0)  # a node never seen holds the pretrained base
@@ -197,19 +203,17 @@ class BaseMergingStrategy(FederatedStrategy):
 
     def encode_payload(self, payload: dict[str, np.ndarray]) -> ArrayRecord:
         """Base updates travel in float32 whatever the wire dtype: both sides must agree exactly."""
-        record = to_record({k: v for k, v in payload.items() if not is_sync_key(k)}, self.wire_dtype)
+        record = to_record({k: v for k, v in payload.items() if not is_sync_key(k)}, self.method.wire_dtype)
         for key, array in to_record({k: v for k, v in payload.items() if is_sync_key(k)}).items():
             record[key] = array
         return record
 
     def expected_reply_shapes(
-        self, node_id: int, payload: dict[str, np.ndarray]
+        self, node_id: int, payload: dict[str, np.ndarray], server_round: int
     ) -> dict[str, tuple[int, ...]]:
         shapes = {k: v.shape for k, v in payload.items() if not is_sync_key(k)}
         if not self.global_lora:  # a fresh adapter at the node's rank
-            rank = self.node_ranks.get(node_id)
-            if rank is None:
-                raise RuntimeError(f"node {node_id} did not report its LoRA rank")
+            rank = self.nodes.rank(node_id)
             for prefix, (d_out, d_in) in self.layer_shapes().items():
                 shapes[prefix + LORA_A_SUFFIX] = (rank, d_in)
                 shapes[prefix + LORA_B_SUFFIX] = (d_out, rank)

@@ -9,8 +9,10 @@ from enum import StrEnum
 
 from finetune.config import ExperimentConfig, MethodConfig, register_method_config
 from finetune.spec import AdapterSpec
-from strategies.base import FederatedStrategy
-from strategies.client import ClientRule
+from strategies.client import ClientRound, ClientRule
+from strategies.engine import Engine
+from strategies.rule import ServerRule
+from strategies.traffic import Traffic
 
 
 class Family(StrEnum):
@@ -31,7 +33,7 @@ class Rule:
     family: Family
     source: str  # the paper
     config: type[MethodConfig]
-    strategy: type[FederatedStrategy]
+    strategy: type[ServerRule]
     client: type[ClientRule]
     centralized: bool = False  # no federation: the server trains on the union of the data
 
@@ -50,8 +52,18 @@ class Rule:
         lora = (Family.LORA, Family.HETEROGENEOUS_RANK, Family.MERGED_BASE)
         return self.family in lora and not self.personalised
 
-    def build_strategy(self, cfg: ExperimentConfig) -> FederatedStrategy:
-        return self.strategy.from_experiment(cfg)
+    @property
+    def traffic(self) -> Traffic:
+        """What travels each round: declared once, on the server half, read by both."""
+        return self.strategy.traffic
+
+    def build_strategy(self, cfg: ExperimentConfig) -> Engine:
+        """The Flower Strategy that runs this rule: the engine around its server half."""
+        return Engine.from_experiment(cfg, self.strategy)
+
+    def build_client(self, job: ClientRound) -> ClientRule:
+        """The client half for one message, with the rule's traffic."""
+        return self.client(job, self.traffic)
 
     def server_adapter(self, cfg: ExperimentConfig) -> AdapterSpec:
         """The adapter of the server's model (the one it evaluates and saves)."""

@@ -13,15 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from finetune.config import MethodConfig
 from finetune.lora import is_lora_a, is_lora_b
 from strategies.averaging import weighted_mean
-from strategies.base import FederatedStrategy
 from strategies.client import ClientRule, ModelBaseline, State
-from strategies.protocol import TrainReport
 from strategies.registry import Family, Rule, register
+from strategies.rule import ServerRule
+from strategies.traffic import Traffic
 
 if TYPE_CHECKING:
     import torch
@@ -43,17 +41,13 @@ def trained_in(server_round: int, key: str) -> bool:
     return not frozen(key)
 
 
-class RoLoRA(FederatedStrategy):
+class RoLoRA(ServerRule):
     """The weighted mean of the round's factor and the head; the other factor stays."""
 
     name = "rolora"
     streamable = True
+    traffic = Traffic(uploads=trained_in)
     rule = staticmethod(weighted_mean)
-
-    def expected_reply_shapes(
-        self, node_id: int, payload: dict[str, np.ndarray]
-    ) -> dict[str, tuple[int, ...]]:
-        return {k: v.shape for k, v in payload.items() if trained_in(self.server_round, k)}
 
 
 class RoLoRAClient(ClientRule):
@@ -67,10 +61,6 @@ class RoLoRAClient(ClientRule):
         for name, param in model.named_parameters():
             if ".lora_A." in name or ".lora_B." in name:
                 param.requires_grad_(f".lora_{frozen}." not in name)
-
-    def finish(self, model: torch.nn.Module, trained: State, report: TrainReport) -> State:
-        upload = super().finish(model, trained, report)
-        return {k: v for k, v in upload.items() if trained_in(self.job.instruction.server_round, k)}
 
 
 RULE = register(

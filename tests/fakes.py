@@ -51,3 +51,36 @@ class FakeGrid:
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         ids = self.push_messages(messages)
         return self.pull_messages(ids)
+
+
+def engine(rule_type, method=None, min_replies=1, evaluate_on_clients=None, **sampling):
+    """The engine around a rule's server half, as a ServerApp builds it (the sampling settings of
+    ``strategies.nodes.NodeDirectory`` as keyword arguments: fraction_train, min_train_nodes, seed, ...)."""
+    from strategies.engine import Engine
+    from strategies.nodes import NodeDirectory
+
+    nodes = NodeDirectory(ranked=rule_type.heterogeneous_ranks, **sampling)
+    return Engine(rule_type(method, nodes), min_replies=min_replies, evaluate_on_clients=evaluate_on_clients)
+
+
+def real_clients(partitions: dict[int, int]) -> Responder:
+    """Nodes (node id → partition id) served by the real ClientApp functions in this process, each
+    with its own Context, as a SuperNode keeps one per run."""
+    from flwr.app import Context
+
+    from client_app.app import query, setup, train
+
+    handlers = {"query": query, "query.setup": setup, "train": train}
+    contexts = {
+        node: Context(
+            run_id=1, node_id=node, node_config={"partition-id": p, "num-partitions": len(partitions)},
+            state=RecordDict(), run_config={},
+        )
+        for node, p in partitions.items()
+    }  # fmt: skip
+
+    def respond(message: Message) -> RecordDict:
+        handler = handlers[message.metadata.message_type]
+        return handler(message, contexts[message.metadata.dst_node_id]).content
+
+    return respond

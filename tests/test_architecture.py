@@ -14,7 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("finetune", "strategies", "server_app", "client_app", "launch", "benchmarks")
 #: The modules of ``strategies`` the ClientApp may import: the registry and the hook interface
 #: (and the wire protocol both sides speak). Anything else would be a rule's internals.
-CLIENT_APP_MAY_IMPORT = {"strategies", "strategies.client", "strategies.protocol", "strategies.registry"}
+CLIENT_APP_MAY_IMPORT = {
+    "strategies",
+    "strategies.client",
+    "strategies.protocol",
+    "strategies.registry",
+    "strategies.traffic",
+}
 
 
 def imports_of(path: Path) -> set[str]:

@@ -53,7 +53,7 @@ def _model(cfg, hub_mirror, rank=None):
 
 def _global(cfg, hub_mirror):
     init = trainable_state(_model(cfg, hub_mirror))
-    return init, {k: v for k, v in init.items() if get_rule(cfg.method.name).strategy.shares(k)}
+    return init, {k: v for k, v in init.items() if get_rule(cfg.method.name).traffic.shares(k)}
 
 
 def test_fedit_uploads_everything_it_trained(hub_mirror):

@@ -59,7 +59,7 @@ def test_a_seed_fixes_partitions_client_draws_and_data_order_for_every_method(hu
         train = load_train_split(cfg.dataset, hub_mirror, cfg.seed)
         parts = PartitionedDataset(train, cfg)
         strategy = build_strategy(cfg)
-        draws = tuple(tuple(strategy.sample_nodes(grid.get_node_ids(), r)) for r in range(1, 4))
+        draws = tuple(tuple(strategy.nodes.sample(grid.get_node_ids(), r)) for r in range(1, 4))
         partitions = tuple(tuple(parts.partition(c)["idx"]) for c in range(cfg.partition.num_clients))
         orders = tuple(training_seed(cfg, r, c) for r in range(1, 4) for c in range(10))
         seen.add((draws, partitions, orders))
@@ -67,7 +67,7 @@ def test_a_seed_fixes_partitions_client_draws_and_data_order_for_every_method(hu
     other = _cfg("fedit", "seed=5 partition.seed=5 federation.fraction_train=0.5")
     strategy = build_strategy(other)
     assert (
-        tuple(tuple(strategy.sample_nodes(grid.get_node_ids(), r)) for r in range(1, 4))
+        tuple(tuple(strategy.nodes.sample(grid.get_node_ids(), r)) for r in range(1, 4))
         != next(iter(seen))[0]
     )
 

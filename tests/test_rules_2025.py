@@ -3,7 +3,7 @@ and against Flower's own FedAdam / FedYogi / FedAdagrad / FedAvgM (Prepare / Exe
 
 import numpy as np
 import pytest
-from fakes import FakeGrid
+from fakes import FakeGrid, engine
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedYogi
 
@@ -69,7 +69,7 @@ def test_fedsvd_round_averages_B_then_refactors_exactly():
     global_state = {A_KEY: A, B_KEY: np.zeros((D_OUT, RANK), np.float32), HEAD: np.zeros((2, 3), np.float32)}
     Bs = {n: rng.normal(size=(D_OUT, RANK)).astype(np.float32) for n in SIZES}
     uploads = {n: {B_KEY: Bs[n], HEAD: np.full((2, 3), float(n), np.float32)} for n in SIZES}
-    strategy = FedSVD(FedSVDConfig(rank=RANK, alpha=8.0), min_train_nodes=3)
+    strategy = engine(FedSVD, FedSVDConfig(rank=RANK, alpha=8.0), min_train_nodes=3)
     # Execute
     messages, new = one_round(strategy, global_state, uploads)
     # Assert: A travelled down, never up; s B_new A_new = s B̄ A; A_new has orthonormal rows
@@ -85,7 +85,7 @@ def test_fedsvd_refactors_every_svd_period_rounds():
     A = rng.normal(size=(RANK, D_IN)).astype(np.float32)
     state = {A_KEY: A, B_KEY: np.zeros((D_OUT, RANK), np.float32)}
     uploads = {n: {B_KEY: rng.normal(size=(D_OUT, RANK)).astype(np.float32)} for n in SIZES}
-    strategy = FedSVD(FedSVDConfig(rank=RANK, svd_period=2), min_train_nodes=3)
+    strategy = engine(FedSVD, FedSVDConfig(rank=RANK, svd_period=2), min_train_nodes=3)
     _, after_1 = one_round(strategy, state, uploads, server_round=1)
     np.testing.assert_array_equal(after_1[A_KEY], A)  # round 1 of a period of 2: A kept
     _, after_2 = one_round(strategy, after_1, uploads, server_round=2)
@@ -112,7 +112,7 @@ def test_rolora_averages_only_the_rounds_factor_exactly(server_round):
     trained = B_KEY if frozen_factor(server_round) == "A" else A_KEY
     factors = {n: rng.normal(size=global_state[trained].shape).astype(np.float32) for n in SIZES}
     uploads = {n: {trained: factors[n], HEAD: np.full((2, 3), float(n), np.float32)} for n in SIZES}
-    strategy = RoLoRA(min_train_nodes=3)
+    strategy = engine(RoLoRA, min_train_nodes=3)
     # Execute
     _, new = one_round(strategy, global_state, uploads, server_round)
     # Assert: odd rounds Σ p_k s B_k A = s B̄ A, even rounds Σ p_k s B A_k = s B Ā; the other stays
@@ -157,7 +157,7 @@ def test_fed_sb_averages_R_exactly_and_uploads_r_squared_numbers():
     }
     Rs = {n: rng.normal(size=(RANK, RANK)).astype(np.float32) for n in SIZES}
     uploads = {n: {R_KEY: Rs[n], HEAD: np.full((2, 3), float(n), np.float32)} for n in SIZES}
-    strategy = FedSB(FedSBConfig(rank=RANK, alpha=float(RANK)), min_train_nodes=3)
+    strategy = engine(FedSB, FedSBConfig(rank=RANK, alpha=float(RANK)), min_train_nodes=3)
     # Execute: round 1, then round 2 once every node holds A and B
     messages_1, new = one_round(strategy, global_state, uploads)
     messages_2, _ = one_round(strategy, new, uploads, server_round=2)
@@ -179,8 +179,8 @@ def test_upload_bytes_per_method():
     state = {A_KEY: np.zeros((r, d), np.float32), B_KEY: np.zeros((d, r), np.float32)}
     fedit = 4 * 2 * r * d
     for name in ("ffa_lora", "fedsvd"):
-        client = get_rule(name).client
-        assert sum(v.nbytes for k, v in state.items() if client.uploads(k)) == fedit // 2, name
+        traffic = get_rule(name).traffic
+        assert sum(v.nbytes for k, v in state.items() if traffic.uploads(1, k)) == fedit // 2, name
     rolora = [{k for k in state if __import__("strategies.rolora").rolora.trained_in(t, k)} for t in (1, 2)]
     assert rolora == [{B_KEY}, {A_KEY}]
     assert 4 * r * r < fedit // 8  # Fed-SB: 256 bytes for this layer against FedIT's 4,096
@@ -231,7 +231,7 @@ def test_server_optimizers_reproduce_flowers(kind):
     ]
     # Execute
     expected = flower_rounds(FLOWER[kind](), initial, rounds)
-    ours, state = FedIT(OURS[kind], min_train_nodes=3), initial
+    ours, state = engine(FedIT, OURS[kind], min_train_nodes=3), initial
     for server_round, uploads in enumerate(rounds, start=1):
         _, state = one_round(ours, state, uploads, server_round)
         # Assert
@@ -242,8 +242,10 @@ def test_server_optimizers_reproduce_flowers(kind):
 def test_avgm_without_momentum_at_rate_one_is_plain_averaging():
     initial = {"w": rng.normal(size=(4, 3)).astype(np.float32)}
     uploads = {n: {"w": rng.normal(size=(4, 3)).astype(np.float32)} for n in SIZES}
-    _, plain = one_round(FedIT(min_train_nodes=3), initial, uploads)
-    _, stepped = one_round(FedIT(MethodConfig(server_optimizer="avgm"), min_train_nodes=3), initial, uploads)
+    _, plain = one_round(engine(FedIT, min_train_nodes=3), initial, uploads)
+    _, stepped = one_round(
+        engine(FedIT, MethodConfig(server_optimizer="avgm"), min_train_nodes=3), initial, uploads
+    )
     np.testing.assert_allclose(stepped["w"], plain["w"], rtol=0, atol=1e-7)
 
 
@@ -267,9 +269,11 @@ def test_the_server_optimizer_steps_only_the_arrays_a_round_aggregated():
     A = rng.normal(size=(RANK, D_IN)).astype(np.float32)
     state = {A_KEY: A, B_KEY: np.zeros((D_OUT, RANK), np.float32)}
     uploads = {n: {B_KEY: rng.normal(size=(D_OUT, RANK)).astype(np.float32)} for n in SIZES}
-    strategy = RoLoRA(
-        compose_config({"method": "rolora"}, ["method.server_optimizer=adam"]).method, min_train_nodes=3
+    strategy = engine(
+        RoLoRA,
+        compose_config({"method": "rolora"}, ["method.server_optimizer=adam"]).method,
+        min_train_nodes=3,
     )
     _, new = one_round(strategy, state, uploads, server_round=1)
     np.testing.assert_array_equal(new[A_KEY], A)
-    assert set(strategy.server_optimizer.m) == {B_KEY}
+    assert set(strategy.rule.server_optimizer.m) == {B_KEY}

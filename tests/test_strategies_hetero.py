@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from fakes import FakeGrid
+from fakes import FakeGrid, engine
 from flwr.app import MetricRecord, RecordDict
 
 from finetune.config import compose_config
@@ -62,9 +62,9 @@ def initial_global(rank=9):
 
 @pytest.mark.parametrize("rule", [FlexLoRA, HLoRA])
 def test_each_node_gets_factors_at_its_own_rank(rule):
-    strategy = rule(FlexLoRAConfig(alpha=ALPHA, global_rank=9), fraction_train=1.0, min_train_nodes=3)
+    strategy = engine(rule, FlexLoRAConfig(alpha=ALPHA, global_rank=9), fraction_train=1.0, min_train_nodes=3)
     messages, _ = run_round(strategy, initial_global())
-    assert strategy.node_ranks == RANKS
+    assert strategy.nodes.ranks == RANKS
     for message in messages:
         arrays = from_record(message.content.array_records["arrays"])
         r = RANKS[message.metadata.dst_node_id]
@@ -75,8 +75,8 @@ def test_each_node_gets_factors_at_its_own_rank(rule):
 
 @pytest.mark.parametrize("rule", [FlexLoRA, HLoRA])
 def test_global_product_is_exact_and_head_averaged(rule):
-    strategy = rule(
-        FlexLoRAConfig(alpha=ALPHA, global_rank=9), fraction_train=1.0, min_train_nodes=3
+    strategy = engine(
+        rule, FlexLoRAConfig(alpha=ALPHA, global_rank=9), fraction_train=1.0, min_train_nodes=3
     )  # 9 = Σ r_k
     _, new = run_round(strategy, initial_global())
     p = {n: SIZES[n] / 100 for n in RANKS}
@@ -88,7 +88,9 @@ def test_global_product_is_exact_and_head_averaged(rule):
 def test_next_round_hands_out_truncated_svds_and_hlora_matches_flexlora():
     payloads = {}
     for rule in (FlexLoRA, HLoRA):
-        strategy = rule(FlexLoRAConfig(alpha=ALPHA, global_rank=9), fraction_train=1.0, min_train_nodes=3)
+        strategy = engine(
+            rule, FlexLoRAConfig(alpha=ALPHA, global_rank=9), fraction_train=1.0, min_train_nodes=3
+        )
         _, new = run_round(strategy, initial_global())
         messages, _ = run_round(strategy, new, server_round=2)
         payloads[rule.name] = {
@@ -116,15 +118,17 @@ def test_global_rank_defaults_to_the_sum_of_client_ranks():
 
 
 def test_node_without_a_rank_is_an_error():
-    strategy = FlexLoRA(FlexLoRAConfig(alpha=ALPHA, global_rank=9))
+    strategy = engine(FlexLoRA, FlexLoRAConfig(alpha=ALPHA, global_rank=9))
     with pytest.raises(RuntimeError, match="did not report its LoRA rank"):
-        strategy.payload(99, initial_global())
+        strategy.rule.payload(99, initial_global())
 
 
 def test_hetlora_truncates_pads_and_norm_weights():
     from strategies.hetlora import HetLoRA, hetlora_weights
 
-    strategy = HetLoRA(HetLoRAConfig(alpha=ALPHA, global_rank=4), fraction_train=1.0, min_train_nodes=3)
+    strategy = engine(
+        HetLoRA, HetLoRAConfig(alpha=ALPHA, global_rank=4), fraction_train=1.0, min_train_nodes=3
+    )
     global_state = initial_global(rank=4)
     global_state[B_KEY] = rng.normal(size=(D_OUT, 4)).astype(np.float32)
     messages, new = run_round(strategy, global_state)
@@ -154,12 +158,14 @@ def test_hetlora_takes_pruned_ranks_from_replies():
             reply.metric_records["metrics"]["next-rank"] = pruned[message.metadata.dst_node_id]
         return reply
 
-    strategy = HetLoRA(HetLoRAConfig(alpha=ALPHA, global_rank=4), fraction_train=1.0, min_train_nodes=3)
+    strategy = engine(
+        HetLoRA, HetLoRAConfig(alpha=ALPHA, global_rank=4), fraction_train=1.0, min_train_nodes=3
+    )
     grid = FakeGrid(RANKS, respond_pruned)
     config = Instruction("{}").to_config()
     messages = list(strategy.configure_train(1, to_record(initial_global(rank=4)), config, grid))
     strategy.aggregate_train(1, exchange(grid, messages, timeout=1.0))
-    assert strategy.node_ranks == pruned
+    assert strategy.nodes.ranks == pruned
 
 
 def test_rank_from_a_distribution_is_seeded_per_partition():

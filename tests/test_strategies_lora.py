@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from fakes import FakeGrid
+from fakes import FakeGrid, engine
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from finetune.config import compose_config
@@ -37,14 +37,14 @@ def one_round(strategy, global_state, respond, nodes=(1, 2, 3)):
 def test_upload_keys_per_method():
     keys = list(FULL)
     for name, rule in RULES.items():  # a client uploads only arrays of the global state
-        uploaded = {k for k in keys if rule.client.uploads(k)}
-        assert uploaded <= {k for k in keys if rule.strategy.shares(k)}, name
-    uploads = {name: sorted(k for k in keys if rule.client.uploads(k)) for name, rule in RULES.items()}
+        uploaded = {k for k in keys if rule.traffic.uploads(1, k)}
+        assert uploaded <= {k for k in keys if rule.traffic.shares(k)}, name
+    uploads = {name: sorted(k for k in keys if rule.traffic.uploads(1, k)) for name, rule in RULES.items()}
     assert uploads["fedit"] == sorted(keys)
     assert uploads["lora_fair"] == sorted(keys)
     assert uploads["ffa_lora"] == ["m.classifier.weight", "m.q.lora_B.weight"]
     assert uploads["fedsa_lora"] == ["m.q.lora_A.weight"]
-    assert [k for k in keys if RULES["fedsa_lora"].client.keeps(k)] == [
+    assert [k for k in keys if RULES["fedsa_lora"].traffic.keeps(k)] == [
         "m.q.lora_B.weight",
         "m.classifier.weight",
     ]
@@ -54,7 +54,7 @@ def test_upload_keys_per_method():
 
 
 def test_ffa_round_moves_no_A_and_is_exact():
-    global_state = {k: v for k, v in FULL.items() if FFALoRA.shares(k)}
+    global_state = {k: v for k, v in FULL.items() if FFALoRA.traffic.shares(k)}
     Bs = {n: rng.normal(size=(5, 4)).astype(np.float32) for n in (1, 2, 3)}
     sizes = {1: 10, 2: 20, 3: 70}
 
@@ -62,22 +62,24 @@ def test_ffa_round_moves_no_A_and_is_exact():
         node = message.metadata.dst_node_id
         return reply_with({**global_state, "m.q.lora_B.weight": Bs[node]}, sizes[node])
 
-    messages, new = one_round(FFALoRA(fraction_train=1.0, min_train_nodes=3), global_state, respond)
+    messages, new = one_round(engine(FFALoRA, fraction_train=1.0, min_train_nodes=3), global_state, respond)
     assert not any(is_lora_a(k) for m in messages for k in m.content.array_records["arrays"])
     ideal = sum(sizes[n] / 100 * Bs[n].astype(np.float64) @ A0 for n in Bs)
     np.testing.assert_allclose(new["m.q.lora_B.weight"] @ A0, ideal, rtol=1e-5, atol=1e-5)
 
 
 def test_ffa_upload_is_about_half_of_fedit():
-    fedit = FedIT(fraction_train=1.0, min_train_nodes=1)
-    ffa = FFALoRA(fraction_train=1.0, min_train_nodes=1)
+    fedit = engine(FedIT, fraction_train=1.0, min_train_nodes=1)
+    ffa = engine(FFALoRA, fraction_train=1.0, min_train_nodes=1)
     big = {
         "l.lora_A.weight": np.zeros((8, 768), np.float32),
         "l.lora_B.weight": np.zeros((768, 8), np.float32),
     }
     grid = FakeGrid([1], lambda m: None)
     fedit.configure_train(1, to_record(big), ConfigRecord(), grid)
-    ffa.configure_train(1, to_record({k: v for k, v in big.items() if ffa.shares(k)}), ConfigRecord(), grid)
+    ffa.configure_train(
+        1, to_record({k: v for k, v in big.items() if ffa.rule.traffic.shares(k)}), ConfigRecord(), grid
+    )
     ratio = sum(ffa.rounds[1].bytes_down.values()) / sum(fedit.rounds[1].bytes_down.values())
     assert 0.49 < ratio < 0.51
 
@@ -92,7 +94,7 @@ def test_lora_fair_round_improves_on_fedit_and_averages_the_head():
         for n in (1, 2, 3)
     }
     _, new = one_round(
-        LoRAFAIR(fraction_train=1.0, min_train_nodes=3),
+        engine(LoRAFAIR, fraction_train=1.0, min_train_nodes=3),
         FULL,
         lambda m: reply_with(states[m.metadata.dst_node_id]),
     )
@@ -111,9 +113,12 @@ def test_personalised_rules_evaluate_on_every_client():
 
     grid = FakeGrid([1, 2, 3], lambda m: None)
     state = {"m.q.lora_A.weight": A0}
-    assert list(FedIT(fraction_train=1.0).configure_evaluate(1, to_record(state), ConfigRecord(), grid)) == []
+    assert (
+        list(engine(FedIT, fraction_train=1.0).configure_evaluate(1, to_record(state), ConfigRecord(), grid))
+        == []
+    )
     messages = list(
-        FedSALoRA(fraction_train=0.3).configure_evaluate(1, to_record(state), ConfigRecord(), grid)
+        engine(FedSALoRA, fraction_train=0.3).configure_evaluate(1, to_record(state), ConfigRecord(), grid)
     )
     assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2, 3]
     assert all(m.metadata.message_type == "evaluate" for m in messages)
@@ -131,7 +136,7 @@ def test_personalised_metrics_are_example_weighted():
         return RecordDict({"metrics": MetricRecord({"num-examples": answer[0], "accuracy": answer[1]})})
 
     grid = FakeGrid([1, 2, 3], respond)
-    strategy = FedSALoRA()
+    strategy = engine(FedSALoRA)
     messages = list(
         strategy.configure_evaluate(1, to_record({"m.q.lora_A.weight": A0}), ConfigRecord(), grid)
     )

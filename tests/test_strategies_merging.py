@@ -3,7 +3,7 @@ catch-up protocol under partial participation, failures and lost client state.""
 
 import numpy as np
 import pytest
-from fakes import FakeGrid
+from fakes import FakeGrid, engine
 from flwr.app import ConfigRecord, Error, MetricRecord, RecordDict
 
 from finetune.lora import split_base_deltas
@@ -82,7 +82,7 @@ def run_rounds(strategy, clients, global_state, rounds):
         arrays, _ = strategy.aggregate_train(server_round, exchange(grid, messages, timeout=1.0))
         if arrays is not None:
             global_state = from_record(arrays)
-            clients.server_deltas[strategy.version] = split_base_deltas(global_state)[1]
+            clients.server_deltas[strategy.rule.version] = split_base_deltas(global_state)[1]
     return global_state
 
 
@@ -100,7 +100,7 @@ def ideal_update(clients, server_round, weights_of, scale_of):
 
 def test_fedex_global_model_is_exact():
     clients = Clients({1: RANK, 2: RANK, 3: RANK})
-    strategy = FedExLoRA(FedExLoRAConfig(rank=RANK, alpha=ALPHA), min_train_nodes=3)
+    strategy = engine(FedExLoRA, FedExLoRAConfig(rank=RANK, alpha=ALPHA), min_train_nodes=3)
     new = run_rounds(strategy, clients, strategy.initial_state(trainable()), rounds=1)
     ideal = ideal_update(clients, 1, clients.sizes, lambda r: ALPHA / r)
     effective = new[DELTA].astype(np.float64) + ALPHA / RANK * new[B_KEY] @ new[A_KEY]
@@ -111,10 +111,10 @@ def test_fedex_global_model_is_exact():
 
 def test_flora_stacks_mixed_ranks_exactly_and_keeps_no_global_adapter():
     clients = Clients({1: 1, 2: 3, 3: 2})
-    strategy = FLoRA(FLoRAConfig(alpha=ALPHA), min_train_nodes=3)
+    strategy = engine(FLoRA, FLoRAConfig(alpha=ALPHA), min_train_nodes=3)
     new = run_rounds(strategy, clients, strategy.initial_state(trainable()), rounds=1)
     assert set(new) == {HEAD, DELTA}
-    assert strategy.node_ranks == clients.ranks
+    assert strategy.nodes.ranks == clients.ranks
     np.testing.assert_allclose(
         new[DELTA], ideal_update(clients, 1, clients.sizes, lambda r: ALPHA / r), atol=1e-5
     )
@@ -122,8 +122,8 @@ def test_flora_stacks_mixed_ranks_exactly_and_keeps_no_global_adapter():
 
 def test_flora_rejects_an_adapter_of_the_wrong_rank():
     clients = Clients({1: 1, 2: 3, 3: 2})
-    strategy = FLoRA(FLoRAConfig(alpha=ALPHA), min_train_nodes=3)
-    strategy.node_ranks = {1: 1, 2: 3, 3: 4}  # node 3 registered rank 4, trains at 2
+    strategy = engine(FLoRA, FLoRAConfig(alpha=ALPHA), min_train_nodes=3)
+    strategy.nodes.ranks = {1: 1, 2: 3, 3: 4}  # node 3 registered rank 4, trains at 2
     run_rounds(strategy, clients, strategy.initial_state(trainable()), rounds=1)
     assert "shape" in strategy.rounds[1].rejected[3]
     assert strategy.rounds[1].aggregated == [1, 2]
@@ -134,7 +134,7 @@ def test_partial_participation_every_client_trains_on_the_servers_base(base_sync
     nodes = {n: RANK for n in range(1, 7)}
     clients = Clients(nodes)
     method = FedExLoRAConfig(rank=RANK, alpha=ALPHA, base_sync=base_sync)
-    strategy = FedExLoRA(method, fraction_train=0.34, min_train_nodes=2, seed=0)
+    strategy = engine(FedExLoRA, method, fraction_train=0.34, min_train_nodes=2, seed=0)
     run_rounds(strategy, clients, strategy.initial_state(trainable()), rounds=12)
     assert len({node for node, _, _ in clients.seen_bases}) == 6
     stale = [
@@ -155,28 +155,34 @@ def test_partial_participation_every_client_trains_on_the_servers_base(base_sync
 
 def test_auto_sends_factors_one_round_behind_and_dense_far_behind():
     clients = Clients({1: RANK, 2: RANK, 3: RANK})
-    strategy = FedExLoRA(FedExLoRAConfig(rank=RANK, alpha=ALPHA), min_train_nodes=3)
-    strategy._global = run_rounds(strategy, clients, strategy.initial_state(trainable()), rounds=2)
-    assert strategy.version == 2 and strategy.node_version == {1: 1, 2: 1, 3: 1}  # what they trained on
+    strategy = engine(FedExLoRA, FedExLoRAConfig(rank=RANK, alpha=ALPHA), min_train_nodes=3)
+    strategy.rule._global = run_rounds(strategy, clients, strategy.initial_state(trainable()), rounds=2)
+    assert strategy.rule.version == 2 and strategy.rule.node_version == {
+        1: 1,
+        2: 1,
+        3: 1,
+    }  # what they trained on
     # One round of rank-K·r factors: 3·2·(12 + 16) = 168 values < 16·12 = 192 dense; two: 336.
-    assert strategy.catch_up_from(1) == 1
-    assert {k for k in strategy.payload(1, strategy._global) if k not in trainable()} == {
+    assert strategy.rule.catch_up_from(1) == 1
+    assert {k for k in strategy.rule.payload(1, strategy.rule._global) if k not in trainable()} == {
         f"{PREFIX}{UPDATE_INFIX}2.L",
         f"{PREFIX}{UPDATE_INFIX}2.R",
     }
-    strategy.node_version[1] = 0
-    assert strategy.catch_up_from(1) is None and DELTA in strategy.payload(1, strategy._global)
-    assert list(strategy.history) == [2]  # older increments than a dense D's worth are dropped
-    strategy.node_version[1] = 2
-    assert set(strategy.payload(1, strategy._global)) == set(trainable())  # up to date
+    strategy.rule.node_version[1] = 0
+    assert strategy.rule.catch_up_from(1) is None and DELTA in strategy.rule.payload(1, strategy.rule._global)
+    assert list(strategy.rule.history) == [2]  # older increments than a dense D's worth are dropped
+    strategy.rule.node_version[1] = 2
+    assert set(strategy.rule.payload(1, strategy.rule._global)) == set(trainable())  # up to date
 
 
 def test_failed_node_gets_the_dense_base_next_time():
     clients = Clients({1: RANK, 2: RANK, 3: RANK})
-    strategy = FedExLoRA(FedExLoRAConfig(rank=RANK, alpha=ALPHA, base_sync="factors"), min_train_nodes=3)
+    strategy = engine(
+        FedExLoRA, FedExLoRAConfig(rank=RANK, alpha=ALPHA, base_sync="factors"), min_train_nodes=3
+    )
     clients.fail = {2}
     state = run_rounds(strategy, clients, strategy.initial_state(trainable()), rounds=1)
-    assert strategy.node_version[2] == -1 and "simulated crash" in strategy.rounds[1].rejected[2]
+    assert strategy.rule.node_version[2] == -1 and "simulated crash" in strategy.rounds[1].rejected[2]
     clients.fail = set()
     run_rounds_from(strategy, clients, state, server_round=2)
     assert DELTA in clients.received[2] and not any(UPDATE_INFIX in k for k in clients.received[2])
@@ -186,7 +192,9 @@ def test_failed_node_gets_the_dense_base_next_time():
 
 def test_client_that_lost_its_base_is_refused_then_resynced():
     clients = Clients({1: RANK, 2: RANK, 3: RANK})
-    strategy = FedExLoRA(FedExLoRAConfig(rank=RANK, alpha=ALPHA, base_sync="factors"), min_train_nodes=3)
+    strategy = engine(
+        FedExLoRA, FedExLoRAConfig(rank=RANK, alpha=ALPHA, base_sync="factors"), min_train_nodes=3
+    )
     state = run_rounds(strategy, clients, strategy.initial_state(trainable()), rounds=2)
     clients.held[3] = (0, {})  # e.g. a restarted SuperNode: empty context
     state = run_rounds_from(strategy, clients, state, server_round=3)
@@ -204,7 +212,7 @@ def run_rounds_from(strategy, clients, state, server_round):
     messages = list(strategy.configure_train(server_round, to_record(state), config, grid))
     arrays, _ = strategy.aggregate_train(server_round, exchange(grid, messages, timeout=1.0))
     new = from_record(arrays)
-    clients.server_deltas[strategy.version] = split_base_deltas(new)[1]
+    clients.server_deltas[strategy.rule.version] = split_base_deltas(new)[1]
     return new
 
 
@@ -220,8 +228,34 @@ def test_full_fine_tuning_averages_every_weight():
         )
 
     grid = FakeGrid(sizes, respond)
-    strategy = FullFineTuning(min_train_nodes=2)
+    strategy = engine(FullFineTuning, min_train_nodes=2)
     messages = list(strategy.configure_train(1, to_record(weights), ConfigRecord(), grid))
     new = from_record(strategy.aggregate_train(1, exchange(grid, messages, timeout=1.0))[0])
     np.testing.assert_allclose(new["m.q.weight"], 1 + (1 * 1 + 2 * 3) / 4)
     np.testing.assert_allclose(new["m.q.bias"], (1 * 1 + 2 * 3) / 4)
+
+
+def test_client_side_evaluation_sends_what_training_sends_base_updates_in_float32():
+    """With float16 on the wire, training sends the base updates in float32 (both sides must
+    reproduce D bit for bit); the evaluation messages must carry the very same encoding."""
+    clients = Clients({1: RANK, 2: RANK, 3: RANK})
+    method = FedExLoRAConfig(rank=RANK, alpha=ALPHA, base_sync="factors", wire_dtype="float16")
+    strategy = engine(FedExLoRA, method, fraction_train=0.67, min_train_nodes=2, evaluate_on_clients=True)
+    state = run_rounds(strategy, clients, strategy.initial_state(trainable()), rounds=2)
+    grid = FakeGrid(clients.ranks, clients.respond)
+    config = ConfigRecord({"server-round": 3})
+    evaluation = list(strategy.configure_evaluate(2, to_record(state), config, grid))
+    training = list(strategy.configure_train(3, to_record(state), config, grid))
+    for sent in (evaluation, training):
+        dtypes = {
+            key: array.dtype
+            for message in sent
+            for key, array in message.content.array_records["arrays"].items()
+        }
+        assert any(UPDATE_INFIX in key for key in dtypes)  # a node one merge behind gets factors
+        assert all(d == "float32" for k, d in dtypes.items() if UPDATE_INFIX in k or k == DELTA), dtypes
+        assert all(d == "float16" for k, d in dtypes.items() if k in (A_KEY, B_KEY, HEAD)), dtypes
+    by_node = {m.metadata.dst_node_id: m.content.array_records["arrays"] for m in evaluation}
+    for message in training:
+        record = message.content.array_records["arrays"]
+        assert record.count_bytes() == by_node[message.metadata.dst_node_id].count_bytes()

@@ -2,14 +2,14 @@
 
 import numpy as np
 import pytest
-from fakes import FakeGrid
+from fakes import FakeGrid, engine
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from finetune.config import MethodConfig
 from finetune.records import from_record, to_record
 from server_app.loop import exchange
-from strategies.base import aggregate_metrics
 from strategies.fedit import FedIT
+from strategies.replies import aggregate_metrics
 
 GLOBAL = {"lora_A": np.ones((2, 3), np.float32), "lora_B": np.zeros((4, 2), np.float32)}
 
@@ -37,7 +37,7 @@ def run_round(strategy, grid, server_round=1):
 
 def test_one_message_per_sampled_node_with_its_own_config():
     grid = FakeGrid([11, 22, 33, 44], lambda m: reply(scaled(1.0)))
-    strategy = FedIT(fraction_train=0.5, min_train_nodes=2, seed=3)
+    strategy = engine(FedIT, fraction_train=0.5, min_train_nodes=2, seed=3)
     messages = list(strategy.configure_train(4, to_record(GLOBAL), ConfigRecord({"lr": 0.1}), grid))
     assert len(messages) == 2
     assert len({m.metadata.dst_node_id for m in messages}) == 2
@@ -53,16 +53,18 @@ def test_sampling_keeps_64_bit_node_ids_exact():
     ids = [17934763832037251072, 4884012393179950080, 2**64 - 1, 12587801198025101313]
     grid = FakeGrid(ids, lambda m: None)
     for server_round in range(1, 5):
-        sampled = FedIT(fraction_train=0.5, min_train_nodes=1).sample_nodes(grid.get_node_ids(), server_round)
+        sampled = engine(FedIT, fraction_train=0.5, min_train_nodes=1).nodes.sample(
+            grid.get_node_ids(), server_round
+        )
         assert set(sampled) <= set(ids) and len(sampled) == 2
 
 
 def test_sampling_is_seeded_per_round():
     grid = FakeGrid(range(1, 11), lambda m: None)
-    a = FedIT(fraction_train=0.3, min_train_nodes=1, seed=0)
-    b = FedIT(fraction_train=0.3, min_train_nodes=1, seed=0)
-    assert a.sample_nodes(grid.get_node_ids(), 1) == b.sample_nodes(grid.get_node_ids(), 1)
-    rounds = {tuple(a.sample_nodes(grid.get_node_ids(), r)) for r in range(1, 6)}
+    a = engine(FedIT, fraction_train=0.3, min_train_nodes=1, seed=0)
+    b = engine(FedIT, fraction_train=0.3, min_train_nodes=1, seed=0)
+    assert a.nodes.sample(grid.get_node_ids(), 1) == b.nodes.sample(grid.get_node_ids(), 1)
+    rounds = {tuple(a.nodes.sample(grid.get_node_ids(), r)) for r in range(1, 6)}
     assert len(rounds) > 1 and all(len(s) == 3 for s in rounds)
 
 
@@ -84,7 +86,7 @@ def test_a_seed_samples_the_same_partitions_whatever_the_node_ids():
     grids = [described_grid({100 + p: p for p in range(10)}), described_grid({900 - p: p for p in range(10)})]
     sampled: list[list[list[int]]] = []
     for grid in grids:
-        strategy = FedIT(fraction_train=0.3, min_train_nodes=1, seed=7)
+        strategy = engine(FedIT, fraction_train=0.3, min_train_nodes=1, seed=7)
         rounds = []
         for server_round in range(1, 6):
             messages = strategy.configure_train(server_round, to_record(GLOBAL), ConfigRecord({}), grid)
@@ -103,7 +105,7 @@ def test_aggregation_sums_in_partition_order_whatever_the_node_ids():
 
     results = []
     for partition_of in ({5: 0, 6: 1, 7: 2}, {7: 0, 5: 1, 6: 2}, {6: 0, 7: 1, 5: 2}):
-        arrays, _ = run_round(FedIT(min_train_nodes=3), described_grid(partition_of, upload))
+        arrays, _ = run_round(engine(FedIT, min_train_nodes=3), described_grid(partition_of, upload))
         results.append(from_record(arrays))
     for other in results[1:]:
         assert all(np.array_equal(results[0][k], other[k]) for k in GLOBAL)
@@ -123,7 +125,7 @@ def test_reply_metrics_keep_their_own_weights_whatever_the_arrival_order():
             )
         ),
     )
-    strategy = FedIT(min_train_nodes=2)
+    strategy = engine(FedIT, min_train_nodes=2)
     messages = list(strategy.configure_train(1, to_record(GLOBAL), ConfigRecord({}), grid))
     replies = list(reversed(exchange(grid, messages, timeout=1.0)))  # the larger client answers first
     _, metrics = strategy.aggregate_train(1, replies)
@@ -131,7 +133,7 @@ def test_reply_metrics_keep_their_own_weights_whatever_the_arrival_order():
 
 
 def test_two_nodes_claiming_one_partition_are_reported(caplog):
-    run_round(FedIT(min_train_nodes=3), described_grid({1: 0, 2: 1, 3: 0}))
+    run_round(engine(FedIT, min_train_nodes=3), described_grid({1: 0, 2: 1, 3: 0}))
     assert "nodes [1, 3] all hold partition 0" in caplog.text
 
 
@@ -140,7 +142,7 @@ def test_weighted_fedit_round_and_bytes_up():
     grid = FakeGrid(
         [1, 2], lambda m: reply(scaled(float(m.metadata.dst_node_id)), sizes[m.metadata.dst_node_id])
     )
-    strategy = FedIT(fraction_train=1.0, min_train_nodes=2)
+    strategy = engine(FedIT, fraction_train=1.0, min_train_nodes=2)
     arrays, metrics = run_round(strategy, grid)
     # p = (0.25, 0.75): 0.25 * (x + 1) + 0.75 * (x + 2) = x + 1.75
     for key, value in from_record(arrays).items():
@@ -169,7 +171,7 @@ def test_weighted_fedit_round_and_bytes_up():
 )
 def test_bad_reply_is_rejected_logged_and_left_out(bad_reply, reason, caplog):
     grid = FakeGrid([1, 2], lambda m: reply(scaled(1.0)) if m.metadata.dst_node_id == 1 else bad_reply())
-    strategy = FedIT(fraction_train=1.0, min_train_nodes=2)
+    strategy = engine(FedIT, fraction_train=1.0, min_train_nodes=2)
     with caplog.at_level("WARNING"):
         arrays, _ = run_round(strategy, grid)
     for key, value in from_record(arrays).items():  # only node 1 counted
@@ -180,7 +182,7 @@ def test_bad_reply_is_rejected_logged_and_left_out(bad_reply, reason, caplog):
 
 def test_missing_reply_is_recorded():
     grid = FakeGrid([1, 2], lambda m: reply(scaled(1.0)) if m.metadata.dst_node_id == 1 else None)
-    strategy = FedIT(fraction_train=1.0, min_train_nodes=2)
+    strategy = engine(FedIT, fraction_train=1.0, min_train_nodes=2)
     arrays, _ = run_round(strategy, grid)
     assert arrays is not None
     assert "no reply" in strategy.rounds[1].rejected[2]
@@ -188,7 +190,7 @@ def test_missing_reply_is_recorded():
 
 def test_below_quorum_keeps_previous_state():
     grid = FakeGrid([1, 2, 3], lambda m: reply(scaled(1.0)) if m.metadata.dst_node_id == 1 else Error(0, "x"))
-    strategy = FedIT(fraction_train=1.0, min_train_nodes=3, min_replies=2)
+    strategy = engine(FedIT, fraction_train=1.0, min_train_nodes=3, min_replies=2)
     arrays, metrics = run_round(strategy, grid)
     assert arrays is None and metrics is None
     assert strategy.rounds[1].kept_previous
@@ -196,7 +198,7 @@ def test_below_quorum_keeps_previous_state():
 
 def test_error_reply_from_superlink_is_attributed_to_the_dead_node():
     grid = FakeGrid([5, 6], lambda m: reply(scaled(1.0)))
-    strategy = FedIT(fraction_train=1.0, min_train_nodes=2)
+    strategy = engine(FedIT, fraction_train=1.0, min_train_nodes=2)
     messages = list(strategy.configure_train(1, to_record(GLOBAL), ConfigRecord(), grid))
     grid.push_messages(messages)
     good = grid.pull_messages(["msg-0"])
@@ -220,8 +222,8 @@ def test_metrics_aggregation_sums_counts_and_takes_maxima():
 
 def test_wire_dtype_float16_halves_bytes_down():
     grid = FakeGrid([1, 2], lambda m: None)
-    fp32 = FedIT(MethodConfig(wire_dtype="float32"), fraction_train=1.0)
-    fp16 = FedIT(MethodConfig(wire_dtype="float16"), fraction_train=1.0)
+    fp32 = engine(FedIT, MethodConfig(wire_dtype="float32"), fraction_train=1.0)
+    fp16 = engine(FedIT, MethodConfig(wire_dtype="float16"), fraction_train=1.0)
     fp32.configure_train(1, to_record(GLOBAL), ConfigRecord(), grid)
     fp16.configure_train(1, to_record(GLOBAL), ConfigRecord(), grid)
     payload = sum(v.size for v in GLOBAL.values())
@@ -246,7 +248,7 @@ def test_raw_payload_bytes_and_client_seconds_are_recorded():
         return reply(scaled(1.0), **{"train-seconds": seconds[node], "handler-seconds": seconds[node] + 1})
 
     grid = FakeGrid([1, 2], timed_reply)
-    strategy = FedIT(fraction_train=1.0, min_train_nodes=2)
+    strategy = engine(FedIT, fraction_train=1.0, min_train_nodes=2)
     run_round(strategy, grid)
     stats = strategy.rounds[1]
     raw = (2 * 3 + 4 * 2) * 4  # the float32 elements alone
@@ -262,7 +264,7 @@ def test_a_configuration_error_every_node_reports_ends_the_run():
     reason = "<class 'finetune.config.ConfigError'>:<'the federation has 3 partitions, the experiment 2'>"
     grid = FakeGrid([1, 2, 3], lambda m: Error(code=0, reason=reason))
     with pytest.raises(RuntimeError, match=r"every node \(3\) refused to describe itself.*3 partitions"):
-        FedIT(min_train_nodes=3).configure_train(
+        engine(FedIT, min_train_nodes=3).configure_train(
             1, to_record({"w": np.zeros(2, np.float32)}), ConfigRecord(), grid
         )
 
@@ -281,7 +283,7 @@ def test_one_misconfigured_node_among_good_ones_is_left_out_and_named():
         upload = from_record(message.content.array_records["arrays"])
         return RecordDict({"arrays": to_record(upload), "metrics": MetricRecord({"num-examples": 5})})
 
-    strategy = FedIT(min_train_nodes=3)
+    strategy = engine(FedIT, min_train_nodes=3)
     grid = FakeGrid([1, 2, 3], respond)
     messages = list(
         strategy.configure_train(1, to_record({"w": np.zeros(2, np.float32)}), ConfigRecord(), grid)
@@ -301,7 +303,7 @@ def test_a_round_where_every_node_refuses_its_config_ends_the_run():
             return RecordDict({"metrics": MetricRecord({"partition-id": message.metadata.dst_node_id})})
         return Error(code=0, reason=reason)
 
-    strategy = FedIT(min_train_nodes=2)
+    strategy = engine(FedIT, min_train_nodes=2)
     grid = FakeGrid([1, 2], respond)
     messages = list(
         strategy.configure_train(1, to_record({"w": np.zeros(2, np.float32)}), ConfigRecord(), grid)
@@ -326,7 +328,9 @@ def test_a_large_federation_asks_only_the_nodes_it_samples():
 
     def sampled_partitions(query_all_up_to):
         asked.clear()
-        strategy = FedIT(fraction_train=0.1, min_train_nodes=1, seed=3, query_all_up_to=query_all_up_to)
+        strategy = engine(
+            FedIT, fraction_train=0.1, min_train_nodes=1, seed=3, query_all_up_to=query_all_up_to
+        )
         strategy.configure_train(
             1, to_record({"w": np.zeros(2, np.float32)}), ConfigRecord(), FakeGrid(node_ids, respond)
         )
@@ -354,7 +358,7 @@ def _streamed_round(uploads, sizes, arrival, stream="on", fail=()):
             {"arrays": to_record(uploads[node]), "metrics": MetricRecord({"num-examples": sizes[node]})}
         )
 
-    strategy = FedIT(min_train_nodes=len(sizes))
+    strategy = engine(FedIT, min_train_nodes=len(sizes))
     grid = FakeGrid(list(sizes), respond)
     messages = list(
         strategy.configure_train(1, to_record({"w": np.zeros(3, np.float32)}), ConfigRecord(), grid)

@@ -1,0 +1,92 @@
+"""The Flower internals our runtime patches or calls, with what it expects of each.
+
+The warm node runtime (``launch/warm_node.py``) replaces functions of Flower's ClientApp task
+module and wraps its SuperExec's executor factory; the SuperNode entry point
+(``launch/supernode.py``) replaces the ``time`` module of Flower's SuperNode loop. None of these is
+Flower's public API, so an upgrade may move or rename them. :func:`broken` names every expectation
+the installed Flower no longer meets; the test suite calls it, and so does the warm runtime
+before it patches anything, so a breaking upgrade fails in seconds with the symbol's name instead
+of deep inside a run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Expected:
+    module: str
+    name: str
+    parameters: tuple[str, ...] = ()  # keyword parameters the caller passes (callables)
+    why: str = ""
+
+    def problem(self) -> str | None:
+        where = f"{self.module}.{self.name}"
+        try:
+            module = importlib.import_module(self.module)
+        except ImportError as error:
+            return f"{where}: the module does not import ({error}); {self.why}"
+        if not hasattr(module, self.name):
+            return f"{where}: gone; {self.why}"
+        if not self.parameters:
+            return None
+        try:
+            signature = inspect.signature(getattr(module, self.name))
+        except (TypeError, ValueError):
+            return f"{where}: no longer a callable with a signature; {self.why}"
+        accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+        lacking = [p for p in self.parameters if p not in signature.parameters and not accepts_any]
+        return f"{where}: takes no {', '.join(lacking)} any more; {self.why}" if lacking else None
+
+
+TASK = "flwr.supernode.runtime.run_clientapp"
+SUPEREXEC = "flwr.supercore.superexec"
+
+EXPECTED = (
+    # the warm worker runs Flower's own task function in a long-lived process
+    Expected(TASK, "run_clientapp", ("runtime_api_address", "token", "insecure", "certificates"),
+             "the warm worker calls it for every task"),
+    Expected(TASK, "flwr_exit", (), "the warm worker replaces it to keep its process"),
+    Expected(TASK, "pull_task_input", (), "timed per task"),
+    Expected(TASK, "pull_and_inflate_object_from_tree", ("initial_backoff", "backoff_cap"),
+             "called with a shorter retry back-off"),
+    Expected(TASK, "install_from_fab", (), "timed per task"),
+    Expected(TASK, "get_load_client_app_fn", (), "wrapped to time loading and running the app"),
+    Expected(TASK, "push_message", (), "timed per task"),
+    Expected("flwr.supercore.exit.exit_handler", "trigger_exit_handlers", ("run_before_force_exit",),
+             "the warm worker runs a task's exit handlers itself"),
+    Expected("flwr.supercore.tls", "validate_and_resolve_root_certificates", (),
+             "resolves a task's certificates"),
+    # the warm executor stands in for Flower's subprocess executor
+    Expected(f"{SUPEREXEC}.run_superexec", "get_executor", (), "wrapped to return the warm executor"),
+    Expected(f"{SUPEREXEC}.executor.subprocess_executor", "SubprocessExecutor", (),
+             "runs the tasks the warm worker cannot take"),
+    Expected(f"{SUPEREXEC}.executor.types", "LaunchResult", (), "what the executor's launch returns"),
+    Expected(f"{SUPEREXEC}.executor.types", "Executor", (), "the interface the warm executor implements"),
+    Expected("flwr.supercore.constant", "TaskType", (), "which tasks go warm"),
+    Expected("flwr.supercore.constant", "ExecutorType", (), "which executor the warm one replaces"),
+    Expected("flwr.supercore.cli.flower_superexec", "flower_superexec", (), "the warm runtime's main loop"),
+    # fedsubspace-supernode caps the SuperNode's idle sleeps
+    Expected("flwr.supernode.start_client_internal", "time", (), "its sleeps are capped (--idle-poll)"),
+    Expected("flwr.supernode.cli.flower_supernode", "flower_supernode", (), "fedsubspace-supernode runs it"),
+)  # fmt: skip
+
+
+def broken() -> list[str]:
+    """Every expectation the installed Flower does not meet (empty when all hold)."""
+    return [problem for expected in EXPECTED if (problem := expected.problem()) is not None]
+
+
+def require() -> None:
+    """Raise naming every broken expectation (a Flower upgrade moved what the runtime patches)."""
+    problems = broken()
+    if problems:
+        import flwr
+
+        raise RuntimeError(
+            f"Flower {getattr(flwr, '__version__', '?')} lacks what FedSubspace's node runtime patches:\n  "
+            + "\n  ".join(problems)
+        )

@@ -1,0 +1,297 @@
+"""The engine every rule runs in: one Flower Strategy that knows no rule.
+
+It samples live nodes (without Flower's wait-forever loop), builds one message per node from the
+rule's payload, rejects and logs bad replies, enforces a quorum, counts the bytes that travel,
+folds replies as they arrive where the rule's aggregate is a weighted mean, and evaluates on the
+clients where the model is personal. The rule (:class:`strategies.rule.ServerRule`) says what
+travels and how replies combine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from finetune.config import ExperimentConfig
+from finetune.records import from_record, to_record
+from strategies.nodes import NodeDirectory
+from strategies.protocol import ARRAYS, CONFIG, NUM_EXAMPLES, Instruction
+from strategies.replies import (
+    Replies,
+    RoundStats,
+    StreamFold,
+    aggregate_metrics,
+    evaluation_metrics,
+    fail_on_common_config_error,
+    parse_reply,
+    raw_bytes,
+)
+from strategies.rule import ServerRule
+
+log = logging.getLogger(__name__)
+
+#: ``stream_aggregation=auto`` folds replies as they arrive above this global-state size.
+STREAM_ABOVE_BYTES = 256 * 2**20
+
+
+class Engine(Strategy):
+    """Rounds, sampling, messages, validation, statistics and evaluation around one rule."""
+
+    def __init__(
+        self, rule: ServerRule, *, min_replies: int = 1, evaluate_on_clients: bool | None = None
+    ) -> None:
+        self.rule = rule
+        self.nodes = rule.nodes  # sampling settings and what the nodes told (strategies.nodes)
+        self.min_replies = min_replies
+        self.evaluate_on_clients = (
+            rule.evaluate_on_clients if evaluate_on_clients is None else evaluate_on_clients
+        )
+        self.rounds: dict[int, RoundStats] = {}
+        self.server_round = 0  # the round configure_train last prepared
+        self.setup_bytes = (0, 0)  # (bytes down, bytes up) of the set-up exchange
+        self._outbox: list[Message] = []
+        self._expected: dict[int, dict[str, tuple[int, ...]]] = {}
+        self._global: dict[str, np.ndarray] = {}
+        self._stream: StreamFold | None = None
+
+    @classmethod
+    def from_experiment(cls, cfg: ExperimentConfig, rule_type: type[ServerRule]) -> Engine:
+        """The engine of ``cfg``: the rule with its own config (resolved) and the federation."""
+        federation = cfg.federation
+        nodes = NodeDirectory(
+            ranked=rule_type.heterogeneous_ranks,
+            fraction_train=federation.fraction_train,
+            min_train_nodes=federation.min_train_clients,
+            seed=cfg.seed,
+            connect_timeout_s=federation.connect_timeout_s,
+            query_all_up_to=federation.query_all_up_to,
+        )
+        rule = rule_type(rule_type.resolve(cfg), nodes)
+        on_clients = rule.evaluate_on_clients or cfg.evaluation.where == "clients"
+        return cls(rule, min_replies=federation.min_replies, evaluate_on_clients=on_clients)
+
+    @property
+    def node_partitions(self) -> dict[int, int]:
+        return self.nodes.partitions
+
+    def initial_state(self, trainable: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.rule.initial_state(trainable)
+
+    # --- the one-off set-up exchange -------------------------------------------------------
+    def setup(self, grid: Grid, arrays: ArrayRecord, config: ConfigRecord) -> ArrayRecord:
+        """The global arrays round 1 starts from: the rule's set-up exchange, where it has one."""
+        if not self.rule.has_setup:
+            return arrays
+        nodes = self.nodes.connected(grid)
+        self.nodes.learn(grid, nodes, config)
+        common = common_instruction(config, 0)
+
+        def ask(kind: str) -> list[dict[str, np.ndarray]]:
+            messages = [self.node_message(n, ArrayRecord(), common, kind) for n in nodes]
+            replies = [
+                r
+                for r in grid.send_and_receive(messages, timeout=self.nodes.query_timeout_s)
+                if not r.has_error()
+            ]
+            records = [r.content.array_records[ARRAYS] for r in replies]
+            self.setup_bytes = (
+                self.setup_bytes[0],
+                self.setup_bytes[1] + sum(r.count_bytes() for r in records),
+            )
+            return [from_record(r) for r in records]
+
+        return to_record(self.rule.setup(ask, from_record(arrays)))
+
+    # --- checkpoints -----------------------------------------------------------------------
+    def checkpoint_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays, state = self.rule.checkpoint_state()
+        return arrays, {**state, **self.nodes.checkpoint_state()}
+
+    def restore_state(self, arrays: Mapping[str, np.ndarray], state: Mapping[str, Any]) -> None:
+        self.rule.restore_state(arrays, state)
+        self.nodes.restore_state(state)
+
+    # --- Strategy API: training --------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        nodes = self.nodes.connected(grid)
+        self._global = from_record(arrays)
+        self.server_round = server_round
+        stats = self.rounds[server_round] = RoundStats(
+            sampled=self.nodes.sample_learnt(grid, nodes, config, server_round)
+        )
+        self.rule.begin_round(server_round, self._global)
+        common = common_instruction(config, server_round)
+        self._outbox, self._expected = [], {}
+        for node_id in stats.sampled:
+            payload = self.rule.payload(node_id, self._global)
+            record = self.rule.encode_payload(payload)
+            self._outbox.append(self.node_message(node_id, record, common, MessageType.TRAIN))
+            self._expected[node_id] = self.rule.expected_reply_shapes(node_id, payload, server_round)
+            stats.bytes_down[node_id] = record.count_bytes()
+            stats.payload_down[node_id] = raw_bytes(record)
+        return self._outbox
+
+    def node_message(self, node_id: int, record: ArrayRecord, common: Instruction, kind: str) -> Message:
+        """One node's message (its own records: never shared between messages)."""
+        content = RecordDict({ARRAYS: record, CONFIG: self.rule.instruction(node_id, common).to_config()})
+        return Message(content, dst_node_id=node_id, message_type=kind, group_id=str(common.server_round))
+
+    def start_streaming(self, server_round: int, mode: str) -> bool:
+        """Whether this round folds replies into running sums as they arrive (``receive``) instead
+        of holding them all: ``on``, or ``auto`` for a global state over ``STREAM_ABOVE_BYTES``;
+        only rules whose aggregate is a weighted mean of the uploads can."""
+        size = sum(a.nbytes for a in self._global.values())
+        self._stream = None
+        if self.rule.streamable and (mode == "on" or (mode == "auto" and size > STREAM_ABOVE_BYTES)):
+            stats = self.rounds[server_round]
+            self._stream = StreamFold(sorted(stats.sampled, key=self.nodes.client_order))
+        return self._stream is not None
+
+    def receive(self, reply: Message) -> None:
+        """Validate one reply and fold it into the round's sums (the reply is not kept)."""
+        assert self._stream is not None
+        node_id = self._node_of(reply)
+        parsed = self._parse(self.server_round, node_id, reply, self.rounds[self.server_round])
+        if parsed is None:
+            self._stream.settle(node_id)
+            return
+        state, metrics = parsed
+        self._stream.add(node_id, state, self._weight(metrics), metrics)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        stats = self.rounds.setdefault(server_round, RoundStats())
+        if self._stream is not None:
+            return self._aggregate_stream(server_round, replies, stats)
+        held: list[tuple[int, dict[str, np.ndarray], dict[str, float]]] = []
+        for reply in replies:
+            node_id = self._node_of(reply)
+            parsed = self._parse(server_round, node_id, reply, stats)
+            if parsed is not None:
+                held.append((node_id, *parsed))
+        # Arrival order and fresh node ids must not change the float sums: sum in client order.
+        held.sort(key=lambda item: self.nodes.client_order(item[0]))
+        node_ids = [node_id for node_id, _, _ in held]
+        metrics = [reply_metrics for _, _, reply_metrics in held]
+        if not self._settle_round(server_round, stats, node_ids, metrics):
+            return None, None
+        weights = [self._weight(m) for m in metrics]
+        states = [state for _, state, _ in held]
+        new_state = self.rule.aggregate(
+            Replies(server_round, self._global, states, np.asarray(weights, dtype=np.float64), node_ids)
+        )
+        return to_record(new_state), aggregate_metrics(metrics, weights)
+
+    def _aggregate_stream(
+        self, server_round: int, replies: Iterable[Message], stats: RoundStats
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        stream = self._stream
+        assert stream is not None
+        for reply in replies:  # any the loop did not hand over as they arrived
+            self.receive(reply)
+        stream.finish()
+        self._stream = None
+        stats.peak_held_replies = stream.peak_pending
+        if not self._settle_round(server_round, stats, stream.folded, stream.metrics):
+            return None, None
+        new_state = self.rule.step(server_round, self._global, stream.mean())
+        return to_record(new_state), aggregate_metrics(stream.metrics, stream.weights)
+
+    def _node_of(self, reply: Message) -> int:
+        node_of_message = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outbox}
+        return node_of_message.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+    def _weight(self, metrics: dict[str, float]) -> float:
+        return float(metrics[NUM_EXAMPLES]) if self.rule.method.weighting == "examples" else 1.0
+
+    def _parse(
+        self, server_round: int, node_id: int, reply: Message, stats: RoundStats
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]] | None:
+        """The reply's state and metrics, or None after logging why it was rejected."""
+        parsed = parse_reply(reply, self._expected.get(node_id), stats, node_id)
+        if not isinstance(parsed, str):
+            return parsed
+        stats.rejected[node_id] = parsed
+        log.warning("round %d: node %d rejected: %s", server_round, node_id, parsed)
+        return None
+
+    def _settle_round(
+        self, server_round: int, stats: RoundStats, node_ids: list[int], metrics: list[dict[str, float]]
+    ) -> bool:
+        """Record who was left out and why, tell the rule; False when the round keeps the previous
+        global state (fewer valid replies than the quorum)."""
+        for node_id in stats.settle(node_ids, metrics):
+            log.warning("round %d: node %d rejected: %s", server_round, node_id, stats.rejected[node_id])
+        for node_id in stats.rejected:
+            self.rule.node_failed(node_id)
+        for node_id, reply_metrics in zip(node_ids, metrics, strict=True):
+            self.rule.accept_reply(node_id, reply_metrics)
+        self._outbox = []
+        if not node_ids:
+            fail_on_common_config_error(stats.rejected, stats.sampled, f"train in round {server_round}")
+        if len(node_ids) < self.min_replies:
+            stats.kept_previous = True
+            log.warning(
+                "round %d: %d valid repl%s < min_replies=%d; keeping the previous global state",
+                server_round,
+                len(node_ids),
+                "y" if len(node_ids) == 1 else "ies",
+                self.min_replies,
+            )
+            return False
+        return True
+
+    # --- Strategy API: evaluation ------------------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Personalised rules evaluate every connected client on its own data, sent what training
+        sends (the rule's payload in the rule's encoding); others use the server-side evaluation
+        of the global model and send nothing."""
+        if not self.evaluate_on_clients:
+            return []
+        nodes = list(grid.get_node_ids())
+        self.nodes.learn(grid, nodes, config)  # round 0 evaluates before any training round
+        state = from_record(arrays)
+        self.rule.begin_round(server_round, state)
+        common = common_instruction(config, server_round)
+        return [
+            self.node_message(
+                node_id,
+                self.rule.encode_payload(self.rule.payload(node_id, state)),
+                common,
+                MessageType.EVALUATE,
+            )
+            for node_id in sorted(nodes, key=self.nodes.client_order)
+        ]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Example-weighted mean of the clients' metrics (FedSA-LoRA's personalised average)."""
+        ordered = sorted(replies, key=lambda r: self.nodes.client_order(r.metadata.src_node_id))
+        return evaluation_metrics(server_round, ordered)
+
+    def summary(self) -> None:
+        log.info(
+            "%s: fraction_train=%s min_train_nodes=%d min_replies=%d weighting=%s wire=%s",
+            type(self.rule).__name__,
+            self.nodes.fraction_train,
+            self.nodes.min_train_nodes,
+            self.min_replies,
+            self.rule.method.weighting,
+            self.rule.method.wire_dtype,
+        )
+
+
+def common_instruction(config: ConfigRecord, server_round: int) -> Instruction:
+    """The round's instruction, common to every node (the loop's config record, this round)."""
+    return dataclasses.replace(Instruction.from_config(config), server_round=server_round)
