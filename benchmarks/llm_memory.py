@@ -41,7 +41,7 @@ def one_round(option: str, rank: int, steps: int, batch: int, length: int, model
 
     import strategies  # noqa: F401  (registers the rules)
     from client_app.app import train
-    from finetune.config import compose_config
+    from experiment_schema import compose_config
     from finetune.hub import default_hub_mirror, hub_mirror
     from finetune.models import build_model
     from finetune.records import from_record, to_record

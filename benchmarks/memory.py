@@ -32,7 +32,7 @@ def measure(mode: str, model: str, steps: int) -> dict[str, float]:
     import torch
     from flwr.app import RecordDict
 
-    from finetune.config import compose_config
+    from experiment_schema import compose_config
     from finetune.data import PartitionedDataset, load_train_split
     from finetune.hub import default_hub_mirror, hub_mirror
     from finetune.memory import peak_memory_mb, reset_peak_memory

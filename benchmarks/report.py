@@ -28,7 +28,7 @@ from benchmarks.claims import claims_section
 from benchmarks.pairing import admit, provenance_lines
 from benchmarks.results import merge_records, read_records, run_record, same_run_code, write_records
 from benchmarks.stats import Interval, Verdict, advise, mean_interval, paired_difference, verdict
-from finetune.config import higher_is_better
+from experiment_schema import higher_is_better
 from strategies import RULES, Family
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]

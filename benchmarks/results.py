@@ -86,7 +86,7 @@ def chance_level(config: dict[str, Any]) -> dict[str, Any] | None:
 
 @functools.cache
 def _chance_level(config_json: str) -> dict[str, Any] | None:
-    from finetune.config import ConfigError, ExperimentConfig
+    from experiment_schema import ConfigError, ExperimentConfig
     from finetune.data import DataNotFoundError, PartitionedDataset, load_eval_split, load_train_split
     from finetune.hub import default_hub_mirror, hub_mirror
     from strategies import RULES

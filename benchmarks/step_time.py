@@ -18,7 +18,7 @@ def step_seconds(method: str, model: str, dataset: str, size: int, steps: int) -
     import torch
     from flwr.app import RecordDict
 
-    from finetune.config import compose_config
+    from experiment_schema import compose_config
     from finetune.hub import default_hub_mirror, hub_mirror
     from finetune.models import build_model
     from strategies import get_rule

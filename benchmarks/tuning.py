@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune.config import higher_is_better
+from experiment_schema import higher_is_better
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 

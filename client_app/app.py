@@ -21,7 +21,7 @@ from client_app.durable import DurableState, node_state_dir, restore_once
 from client_app.node import node_data_path, node_facts, node_hub_mirror, node_partition
 from client_app.privacy import PrivacyLedger, ledger_key, plan_private_round
 from client_app.session import ClientSession, get_session
-from finetune.config import ExperimentConfig
+from experiment_schema import ExperimentConfig
 from finetune.optim import build_optimizer
 from finetune.privacy import PrivateRound
 from finetune.records import from_record, to_record

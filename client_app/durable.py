@@ -25,7 +25,7 @@ import numpy as np
 from flwr.app import ConfigRecord, RecordDict, UserConfig
 from safetensors.numpy import load_file, save_file
 
-from finetune.config import ExperimentConfig
+from experiment_schema import ExperimentConfig
 from finetune.records import from_record, to_record
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import psutil
 import torch
 from flwr.app import UserConfig
 
-from finetune.config import ConfigError
+from experiment_schema import ConfigError
 from finetune.hub import HUB_MIRROR_ENV, hub_mirror
 from strategies.client import NodeFacts
 

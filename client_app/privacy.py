@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from finetune.config import ConfigError, ExperimentConfig
+from experiment_schema import ConfigError, ExperimentConfig
 from finetune.privacy import History, PrivateRound, epsilon, plan_round
 from finetune.training import local_step_count
 

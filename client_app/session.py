@@ -16,7 +16,7 @@ import datasets
 import numpy as np
 import torch
 
-from finetune.config import ExperimentConfig
+from experiment_schema import ExperimentConfig
 from finetune.data import PartitionedDataset, load_eval_split, load_local_data, load_train_split
 from finetune.digest import file_sha256
 from finetune.models import build_model

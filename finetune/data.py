@@ -20,7 +20,7 @@ from flwr_datasets.partitioner import (
     PathologicalPartitioner,
 )
 
-from finetune.config import CLUSTER_FIELD, ConfigError, DatasetConfig, ExperimentConfig, PartitionConfig
+from experiment_schema import CLUSTER_FIELD, ConfigError, DatasetConfig, ExperimentConfig, PartitionConfig
 from finetune.hub import mirrored_dataset_dir
 
 log = logging.getLogger(__name__)

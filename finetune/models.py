@@ -26,7 +26,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from finetune.config import ConfigError, ExperimentConfig
+from experiment_schema import ConfigError, ExperimentConfig
 from finetune.efficientnet import HEAD as EFFICIENTNET_HEAD
 from finetune.efficientnet import build_efficientnet_lite0
 from finetune.hub import resolve_model_source

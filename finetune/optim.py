@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from finetune.config import ExperimentConfig
+from experiment_schema import ExperimentConfig
 from finetune.models import head_modules, is_target
 from finetune.spec import GaLoreSettings
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import torch
 
-from finetune.config import ModelConfig, TrainConfig
+from experiment_schema import ModelConfig, TrainConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -24,7 +24,7 @@ from typing import Any
 
 import datasets
 
-from finetune.config import ExperimentConfig
+from experiment_schema import ExperimentConfig
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1  # bump when a task's prepare() changes what it produces

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from finetune.config import PrivacyConfig
+from experiment_schema import PrivacyConfig
 
 History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps) per round
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from finetune.config import TrainConfig
+from experiment_schema import TrainConfig
 
 
 def round_lr(cfg: TrainConfig, server_round: int, num_rounds: int, peak: float | None = None) -> float:

@@ -12,7 +12,7 @@ import datasets
 import numpy as np
 import torch
 
-from finetune.config import TrainConfig
+from experiment_schema import TrainConfig
 from finetune.data import Collate, iterate_batches, poisson_batches
 from finetune.memory import peak_memory_mb, reset_peak_memory
 from finetune.models import freeze_batch_norm_statistics

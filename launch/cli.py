@@ -11,7 +11,7 @@ and validated here, with the same code the ServerApp runs, before any Flower pro
     fedsubspace report cpu_paired
 
 ``group=option`` picks a config group's option (``conf/<group>/<option>.yaml``); ``a.b=value`` sets
-any key of the schema (``finetune/config.py`` and the rule's own options in ``strategies/<rule>.py``).
+any key of the schema (``experiment_schema/`` and the rule's own options in ``strategies/<rule>.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.config import CONFIG_GROUPS, ConfigError, ExperimentConfig, available_choices
+from experiment_schema import CONFIG_GROUPS, ConfigError, ExperimentConfig, available_choices
 from finetune.hub import default_hub_mirror
 
 log = logging.getLogger(__name__)

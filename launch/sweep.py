@@ -115,7 +115,7 @@ def job_overrides(cfg: DictConfig) -> tuple[str, str] | None:
         extra.append(str(setting.get("overrides", "")))
     if cfg.get("stage") == "tune":
         import strategies  # noqa: F401  (registers every rule's config)
-        from finetune.config import compose_config
+        from experiment_schema import compose_config
 
         chosen = {"method": str(cfg.method), "model": str(cfg.model), "dataset": str(cfg.dataset)}
         peak = compose_config(
@@ -253,7 +253,7 @@ def plan(
 def validate(job: Job) -> str:
     """Compose and validate the job's experiment as its ServerApp would; its overrides."""
     import strategies  # noqa: F401  (registers every rule's config)
-    from finetune.config import compose_config
+    from experiment_schema import compose_config
 
     planned = job_overrides(job.cfg)
     assert planned is not None

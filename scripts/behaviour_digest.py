@@ -32,7 +32,7 @@ OVERRIDES = [
 def digest(name: str, hub: str) -> str:
     from fakes import FakeGrid, real_clients
 
-    from finetune.config import compose_config
+    from experiment_schema import compose_config
     from finetune.models import build_model
     from finetune.records import from_record, to_record
     from finetune.state import trainable_state

@@ -19,7 +19,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 from peft import PeftModel
 from safetensors.torch import save_file
 
-from finetune.config import ConfigError, ExperimentConfig, higher_is_better
+from experiment_schema import ConfigError, ExperimentConfig, higher_is_better
 from finetune.data import PartitionedDataset, load_eval_split, load_train_split
 from finetune.hub import hub_mirror
 from finetune.logs import add_debug_file, setup_logging

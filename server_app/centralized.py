@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from finetune.config import ExperimentConfig
+from experiment_schema import ExperimentConfig
 from finetune.data import Collate
 from finetune.records import to_record
 from finetune.schedule import round_lr

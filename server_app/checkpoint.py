@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from finetune.config import ConfigError, ExperimentConfig, resume_differences
+from experiment_schema import ConfigError, ExperimentConfig, resume_differences
 from finetune.digest import file_sha256
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from finetune.config import ExperimentConfig, experiment_hash
+from experiment_schema import ExperimentConfig, experiment_hash
 from finetune.memory import peak_rss_mb, reset_peak_rss
 from finetune.privacy import epsilon
 from finetune.records import from_record, to_record

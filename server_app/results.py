@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
-from finetune.config import ExperimentConfig, experiment_hash
+from experiment_schema import ExperimentConfig, experiment_hash
 from server_app.tracking import Tracker, open_tracker
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from flwr.app import UserConfig
 
-from finetune.config import CONFIG_GROUPS, ConfigError, ExperimentConfig, compose_config
+from experiment_schema import CONFIG_GROUPS, ConfigError, ExperimentConfig, compose_config
 from finetune.hub import hub_mirror
 
 RESUME_KEY = "resume-from"  # a run folder to continue from its newest checkpoint

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from finetune.config import ExperimentConfig
+from experiment_schema import ExperimentConfig
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from finetune.config import ExperimentConfig, MethodConfig, require
+from experiment_schema import ExperimentConfig, MethodConfig, require
 from strategies.averaging import weighted_mean
 from strategies.client import ClientRule
 from strategies.registry import Family, Rule, register

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from finetune.config import ExperimentConfig
+from experiment_schema import ExperimentConfig
 from finetune.records import from_record, to_record
 from finetune.spec import AdapterSpec, GaLoreSettings, Regularizer
 from strategies.protocol import Instruction, TrainReport

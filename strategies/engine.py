@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from finetune.config import ExperimentConfig
+from experiment_schema import ExperimentConfig
 from finetune.records import from_record, to_record
 from strategies.nodes import NodeDirectory
 from strategies.protocol import ARRAYS, CONFIG, NUM_EXAMPLES, Instruction

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from finetune.config import ExperimentConfig, MethodConfig, require
+from experiment_schema import ExperimentConfig, MethodConfig, require
 from finetune.lora import LORA_LATENT_SUFFIX, is_lora, lora_layers
 from finetune.spec import AdapterSpec
 from strategies.averaging import finite_inputs, weighted_mean

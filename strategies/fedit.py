@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from finetune.config import MethodConfig
+from experiment_schema import MethodConfig
 from strategies.averaging import State, Weights, finite_inputs, weighted_mean
 from strategies.client import ClientRule
 from strategies.registry import Family, Rule, register

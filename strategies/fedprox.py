@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from finetune.config import ExperimentConfig, MethodConfig, require
+from experiment_schema import ExperimentConfig, MethodConfig, require
 from strategies.averaging import weighted_mean
 from strategies.client import ClientRule, ModelBaseline, Regularizer, State
 from strategies.registry import Family, Rule, register

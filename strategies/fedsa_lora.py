@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from finetune.config import MethodConfig
+from experiment_schema import MethodConfig
 from finetune.lora import is_lora_a
 from strategies.averaging import State, Weights, finite_inputs, mean_of_allowed
 from strategies.client import ClientRule

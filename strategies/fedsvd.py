@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from finetune.config import MethodConfig, require
+from experiment_schema import MethodConfig, require
 from finetune.lora import is_lora_a, lora_layers
 from strategies.averaging import finite_inputs, weighted_mean
 from strategies.ffa_lora import FFALoRAClient

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from finetune.config import ExperimentConfig, MethodConfig
+from experiment_schema import ExperimentConfig, MethodConfig
 from finetune.lora import is_lora_a
 from finetune.spec import AdapterSpec
 from strategies.averaging import State, Weights, finite_inputs, mean_of_allowed

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from finetune.config import ExperimentConfig
+from experiment_schema import ExperimentConfig
 from finetune.lora import is_lora, lora_layers
 from finetune.spec import AdapterSpec
 from strategies.averaging import Weights, finite_inputs, normalize_weights

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from finetune.config import ExperimentConfig, MethodConfig, choice, require
+from experiment_schema import ExperimentConfig, MethodConfig, choice, require
 from finetune.spec import AdapterSpec
 from strategies.averaging import weighted_mean
 from strategies.client import ClientRule

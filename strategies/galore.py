@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from finetune.config import choice, require
+from experiment_schema import choice, require
 from finetune.spec import GALORE_PROJ_TYPES, GaLoreSettings
 from strategies.full import FullClient, FullConfig, FullFineTuning
 from strategies.registry import Family, Rule, register

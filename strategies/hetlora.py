@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from finetune.config import ExperimentConfig, require
+from experiment_schema import ExperimentConfig, require
 from strategies.averaging import Weights, finite_inputs, normalize_weights
 from strategies.client import NodeFacts, NodeState, Regularizer, State
 from strategies.flexlora import FlexLoRA

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from finetune.config import MethodConfig, require
+from experiment_schema import MethodConfig, require
 from finetune.lora import lora_layers
 from strategies.averaging import Weights, finite_inputs, normalize_weights
 from strategies.client import ClientRule

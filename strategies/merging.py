@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from flwr.app import ArrayRecord
 
-from finetune.config import MethodConfig, choice
+from experiment_schema import MethodConfig, choice
 from finetune.lora import (
     BASE_DELTA_SUFFIX,
     LORA_A_SUFFIX,

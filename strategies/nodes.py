@@ -17,7 +17,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from finetune.config import clients_per_round
+from experiment_schema import clients_per_round
 from strategies import protocol
 from strategies.protocol import CONFIG, METRICS
 from strategies.replies import fail_on_common_config_error

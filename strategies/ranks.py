@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from finetune.config import ExperimentConfig, MethodConfig, require
+from experiment_schema import ExperimentConfig, MethodConfig, require
 from finetune.spec import AdapterSpec
 from strategies.client import ClientRule, NodeFacts, NodeState
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from finetune.config import ExperimentConfig, MethodConfig, register_method_config
+from experiment_schema import ExperimentConfig, MethodConfig, register_method_config
 from finetune.spec import AdapterSpec
 from strategies.client import ClientRound, ClientRule
 from strategies.engine import Engine

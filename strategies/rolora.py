@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from finetune.config import MethodConfig
+from experiment_schema import MethodConfig
 from finetune.lora import is_lora_a, is_lora_b
 from strategies.averaging import weighted_mean
 from strategies.client import ClientRule, ModelBaseline, State

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 from flwr.app import ArrayRecord
 
-from finetune.config import ExperimentConfig, MethodConfig, method_config_type
+from experiment_schema import ExperimentConfig, MethodConfig, method_config_type
 from finetune.records import to_record
 from finetune.spec import AdapterSpec
 from strategies.averaging import State, Weights

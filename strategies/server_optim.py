@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from finetune.config import SERVER_OPTIMIZERS, MethodConfig
+from experiment_schema import SERVER_OPTIMIZERS, MethodConfig
 
 
 @dataclass

@@ -19,7 +19,7 @@ os.environ["FEDSUBSPACE_CACHE_DIR"] = tempfile.mkdtemp(prefix="fedsubspace-prepa
 import pytest
 
 import strategies  # noqa: F401  (registers every rule's config schema, as the apps do)
-from finetune.config import ExperimentConfig, compose_config
+from experiment_schema import ExperimentConfig, compose_config
 from finetune.hub import default_hub_mirror
 
 

@@ -84,3 +84,18 @@ def real_clients(partitions: dict[int, int]) -> Responder:
         return handler(message, contexts[message.metadata.dst_node_id]).content
 
     return respond
+
+
+def client_upload(cfg, server_round: int, trained: dict) -> dict:
+    """What the client half of ``cfg``'s rule sends up after a round in which it trained
+    ``trained`` (its whole trainable state): ``ClientRule.finish``, called as the ClientApp calls it."""
+    from strategies import get_rule
+    from strategies.client import ClientRound, NodeState
+    from strategies.protocol import Instruction, TrainReport
+
+    job = ClientRound(cfg, Instruction("", server_round=server_round), 0, NodeState(RecordDict()))
+    report = TrainReport(
+        num_examples=1, examples_seen=1, train_loss=0.0, train_seconds=0.0, samples_per_second=0.0,
+        peak_memory_mb=0.0, partition_id=0, optimizer_state_bytes=0,
+    )  # fmt: skip
+    return get_rule(cfg.method.name).build_client(job).finish(None, trained, report)

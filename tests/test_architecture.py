@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config import available_choices, compose_config
+from experiment_schema import available_choices, compose_config
 from strategies import RULES, SUPPORT_MODULES
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("finetune", "strategies", "server_app", "client_app", "launch", "benchmarks")
+PACKAGES = ("experiment_schema", "finetune", "strategies", "server_app", "client_app", "launch", "benchmarks")
 #: The modules of ``strategies`` the ClientApp may import: the registry and the hook interface
 #: (and the wire protocol both sides speak). Anything else would be a rule's internals.
 CLIENT_APP_MAY_IMPORT = {
@@ -76,8 +76,10 @@ def test_no_import_cycle_between_top_level_packages():
     assert find_cycle(graph) is None, graph
 
 
-def test_the_ml_library_knows_nothing_of_rules_or_entry_points():
-    assert package_graph()["finetune"] == set()
+def test_the_schema_is_below_everything_and_the_ml_library_knows_nothing_of_rules_or_entry_points():
+    graph = package_graph()
+    assert graph["experiment_schema"] == set()
+    assert graph["finetune"] == {"experiment_schema"}
     assert "launch" not in package_graph()["benchmarks"]  # library functions live in the library
 
 
@@ -107,7 +109,7 @@ def test_every_rule_module_registers_one_rule_with_its_yaml():
 
 @pytest.mark.parametrize("name", sorted(RULES))
 def test_a_rule_config_refuses_options_it_does_not_have(name):
-    from finetune.config import ConfigError
+    from experiment_schema import ConfigError
 
     with pytest.raises(ConfigError, match="not_an_option"):
         compose_config({"method": name}, ["method.not_an_option=1"])
@@ -115,13 +117,14 @@ def test_a_rule_config_refuses_options_it_does_not_have(name):
 
 def test_rules_and_configs_load_without_the_ml_stack():
     """The command line validates a config in well under a second: composing it must not pull in
-    torch, transformers or peft (rules import those where a client trains, not at import)."""
+    torch, transformers or peft (rules import those where a client trains, not at import); and the
+    schema finds the rules itself (no one has to import ``strategies`` first)."""
     import subprocess
     import sys
 
     code = (
-        "import sys, strategies\n"
-        "from finetune.config import compose_config\n"
+        "import sys\n"
+        "from experiment_schema import compose_config\n"
         "compose_config({'method': 'hlora'}, ['method.client_ranks=[2,4]'])\n"
         "print(sorted(m for m in ('torch', 'transformers', 'peft', 'datasets') if m in sys.modules))\n"
     )

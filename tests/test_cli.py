@@ -4,7 +4,7 @@ config fails before any Flower process starts."""
 import pytest
 
 import launch.cli as cli
-from finetune.config import ConfigError
+from experiment_schema import ConfigError
 from server_app.run_config import experiment_from_run_config
 
 
@@ -124,25 +124,53 @@ def test_split_overrides_separates_group_selections():
         cli.split_overrides(["hlora"])
 
 
-def test_a_simulation_can_join_a_running_ray_cluster_and_otherwise_starts_its_own(tmp_path, monkeypatch):
-    """The backend is Ray's: flwr-simulation's ``ray.init()`` joins the cluster RAY_ADDRESS names;
-    without one it starts its own, never a cluster some earlier `ray start` left recorded."""
-    from launch.simulation import LocalSuperLink
+@pytest.mark.parametrize(
+    ("flag", "user_setting", "joins"),
+    [
+        ([], None, "local"),  # its own Ray, never a cluster some earlier `ray start` left recorded
+        ([], "head:6379", "head:6379"),  # the user's own RAY_ADDRESS stands
+        (["--ray-address", "10.1.2.3:6379"], None, "10.1.2.3:6379"),
+        (["--ray-address", "10.1.2.3:6379"], "head:6379", "10.1.2.3:6379"),  # the flag wins
+    ],
+    ids=["no-address", "user-address", "flag", "flag-over-user-address"],
+)
+def test_a_simulation_can_join_a_running_ray_cluster_and_otherwise_starts_its_own(
+    flag, user_setting, joins, tmp_path, monkeypatch, hub_mirror
+):
+    """The backend is Ray's: flwr-simulation's ``ray.init()`` joins the cluster RAY_ADDRESS names.
+    What ``fedsubspace run`` hands the SuperLink process it starts (stopped right there)."""
+    import signal
 
-    assert LocalSuperLink(tmp_path, ray_address="10.1.2.3:6379").env()["RAY_ADDRESS"] == "10.1.2.3:6379"
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert LocalSuperLink(tmp_path).env()["RAY_ADDRESS"] == "local"
-    monkeypatch.setenv("RAY_ADDRESS", "head:6379")  # the user's own setting stands
-    assert LocalSuperLink(tmp_path).env()["RAY_ADDRESS"] == "head:6379"
-    parsed = cli.build_parser().parse_args(["run", "--ray-address", "head:6379", "method=fedit"])
-    assert parsed.ray_address == "head:6379" and parsed.overrides == ["method=fedit"]
+    import launch.simulation
+
+    class Started(Exception):
+        pass
+
+    started = []
+
+    def start_process(command, env, cwd):
+        started.append((command, env))
+        raise Started
+
+    monkeypatch.setattr(launch.simulation, "start_process", start_process)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # launch() would keep its SIGTERM handler
+    if user_setting is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", user_setting)
+    folders = ["--flwr-home", str(tmp_path / "flwr"), "--output-dir", str(tmp_path)]
+    with pytest.raises(Started):
+        cli.main(["run", *flag, *folders, "--hub-mirror", str(hub_mirror), "model=tiny_bert"])
+    [(command, env)] = started
+    assert "--simulation" in command
+    assert env["RAY_ADDRESS"] == joins
 
 
 def _checkpointed_run(folder, round_=2):
     """A run folder as a crashed run leaves it: config.yaml and a checkpoint after ``round_``."""
     import numpy as np
 
-    from finetune.config import compose_config
+    from experiment_schema import compose_config
     from server_app.checkpoint import Checkpoint, write_checkpoint
 
     cfg = compose_config({"model": "tiny_bert"}, ["federation.num_rounds=4"])

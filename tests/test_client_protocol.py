@@ -11,7 +11,7 @@ from flwr.app import Context, Message, MessageType, RecordDict
 
 from client_app.app import evaluate, train
 from client_app.session import _SESSIONS
-from finetune.config import compose_config
+from experiment_schema import compose_config
 from finetune.lora import is_lora_a, is_lora_b
 from finetune.models import build_model
 from finetune.records import from_record, to_record
@@ -251,7 +251,7 @@ def test_full_client_moves_every_targeted_weight(hub_mirror):
 def test_a_node_trains_on_its_own_data_file(hub_mirror, tmp_path):
     import datasets
 
-    from finetune.config import ConfigError
+    from experiment_schema import ConfigError
 
     rows = {
         "sentence": [f"a {'good' if i % 2 else 'bad'} film number {i}" for i in range(24)],

@@ -2,7 +2,7 @@
 
 import pytest
 
-from finetune.config import ConfigError, ExperimentConfig, available_choices, compose_config
+from experiment_schema import ConfigError, ExperimentConfig, available_choices, compose_config
 from server_app.run_config import experiment_from_run_config
 
 

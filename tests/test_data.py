@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, matthews_corrcoef
 
-from finetune.config import ConfigError, compose_config
+from experiment_schema import ConfigError, compose_config
 from finetune.data import (
     DataNotFoundError,
     PartitionedDataset,

@@ -12,7 +12,7 @@ from conftest import TINY_OVERRIDES
 from peft import PeftModel
 from safetensors.numpy import load_file
 
-from finetune.config import compose_config
+from experiment_schema import compose_config
 from finetune.models import build_base_model, build_model, load_trained_adapter
 from finetune.state import lora_base_layers, merged_delta, trainable_state
 from launch.simulation import COMPLETED, PROJECT_DIR, LocalSuperLink

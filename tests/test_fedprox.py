@@ -8,7 +8,7 @@ from conftest import TINY_OVERRIDES
 from test_client_protocol import _context, _global, _message
 
 from client_app.app import train
-from finetune.config import ConfigError, compose_config
+from experiment_schema import ConfigError, compose_config
 from finetune.records import from_record
 from strategies.fedprox import FedProx, proximal_term
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import TINY_OVERRIDES, adapter_of
 
-from finetune.config import ConfigError, compose_config
+from experiment_schema import ConfigError, compose_config
 from finetune.models import build_model
 from finetune.tasks import build_task
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import TINY_OVERRIDES, adapter_of
 
-from finetune.config import compose_config
+from experiment_schema import compose_config
 from finetune.data import PartitionedDataset, load_train_split
 from finetune.models import build_model
 from finetune.optim import build_optimizer, galore_targets, optimizer_state_bytes
@@ -167,7 +167,7 @@ def test_dp_target_calibrates_noise_and_stops_the_client(hub_mirror):
 
 
 def test_dp_rejects_a_rule_it_cannot_clip():
-    from finetune.config import ConfigError
+    from experiment_schema import ConfigError
 
     with pytest.raises(ConfigError, match="self-pruning"):
         compose_config({"method": "hetlora"}, "privacy.enabled=true")
@@ -202,7 +202,7 @@ def test_central_dp_clips_each_update_and_reports_epsilon(tmp_path):
     from fakes import FakeGrid
     from flwr.app import MetricRecord, RecordDict
 
-    from finetune.config import ConfigError
+    from experiment_schema import ConfigError
     from finetune.records import from_record, to_record
     from server_app.app import build_strategy, central_dp_wrapper
     from server_app.loop import run_federation

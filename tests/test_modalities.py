@@ -10,7 +10,7 @@ from fakes import FakeGrid
 from flwr.app import Context, MessageType, RecordDict
 
 from client_app.app import evaluate, query, setup, train
-from finetune.config import compose_config
+from experiment_schema import compose_config
 from server_app.app import run_experiment
 from server_app.results import RunRecorder
 from strategies import RULES

@@ -8,7 +8,7 @@ import torch
 from conftest import adapter_of
 from peft import PeftModel
 
-from finetune.config import TrainConfig
+from experiment_schema import TrainConfig
 from finetune.data import PartitionedDataset, load_eval_split, load_train_split
 from finetune.models import build_base_model, build_model
 from finetune.schedule import round_lr
@@ -178,7 +178,7 @@ def test_base_delta_in_math_layout_matches_the_lora_product(arch, tiny_cfg, hub_
 def test_full_fine_tuning_trains_the_targeted_weights_and_head(hub_mirror):
     from conftest import TINY_OVERRIDES
 
-    from finetune.config import ConfigError, compose_config
+    from experiment_schema import ConfigError, compose_config
 
     cfg = compose_config({"model": "tiny_bert", "method": "full"}, TINY_OVERRIDES)
     model = build_model(cfg, hub_mirror, adapter_of(cfg))

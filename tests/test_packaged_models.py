@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import adapter_of
 
-from finetune.config import compose_config
+from experiment_schema import compose_config
 from finetune.data import load_train_split
 from finetune.models import build_model, model_folder
 from finetune.state import trainable_state

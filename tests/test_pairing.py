@@ -7,7 +7,7 @@ import pytest
 from fakes import FakeGrid
 
 from client_app.app import training_seed
-from finetune.config import ConfigError, compose_config
+from experiment_schema import ConfigError, compose_config
 from finetune.data import PartitionedDataset, load_eval_split, load_train_split
 from server_app.app import build_strategy
 

@@ -4,7 +4,7 @@ separate what differs, a damaged entry is rebuilt."""
 import datasets
 import pytest
 
-from finetune.config import compose_config
+from experiment_schema import compose_config
 from finetune.prepared_cache import cached_on_disk, prepared_key
 
 

@@ -18,7 +18,7 @@ from flwr.app import Context, Error, RecordDict
 from safetensors.numpy import load_file
 from test_modalities import HANDLERS
 
-from finetune.config import ConfigError
+from experiment_schema import ConfigError
 from server_app.app import main
 from server_app.checkpoint import (
     Checkpoint,

@@ -3,11 +3,11 @@ and against Flower's own FedAdam / FedYogi / FedAdagrad / FedAvgM (Prepare / Exe
 
 import numpy as np
 import pytest
-from fakes import FakeGrid, engine
+from fakes import FakeGrid, client_upload, engine
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedYogi
 
-from finetune.config import ConfigError, MethodConfig, compose_config
+from experiment_schema import ConfigError, MethodConfig, compose_config
 from finetune.records import from_record, to_record
 from server_app.loop import exchange
 from strategies.averaging import normalize_weights
@@ -42,7 +42,7 @@ def one_round(strategy, global_state, uploads, server_round=1):
     grid = FakeGrid(SIZES, respond)
     messages = list(strategy.configure_train(server_round, to_record(global_state), ConfigRecord(), grid))
     arrays, _ = strategy.aggregate_train(server_round, exchange(grid, messages, timeout=1.0))
-    return messages, from_record(arrays)
+    return messages, from_record(arrays) if arrays is not None else None  # None: the round failed
 
 
 def mean(arrays):
@@ -172,18 +172,40 @@ def test_fed_sb_averages_R_exactly_and_uploads_r_squared_numbers():
 
 
 def test_upload_bytes_per_method():
-    """FFA-LoRA, FedSVD and RoLoRA send one factor (half of FedIT's); Fed-SB r² per layer."""
+    """Measured through the engine, each node answering with what its rule's client half uploads
+    after training its whole adapter: FFA-LoRA, FedSVD and RoLoRA send one factor (half of
+    FedIT's); Fed-SB sends only the r × r R, in round 1 (A and B travelled down) and after."""
     from strategies import get_rule
 
-    d, r = 64, 8
-    state = {A_KEY: np.zeros((r, d), np.float32), B_KEY: np.zeros((d, r), np.float32)}
-    fedit = 4 * 2 * r * d
-    for name in ("ffa_lora", "fedsvd"):
-        traffic = get_rule(name).traffic
-        assert sum(v.nbytes for k, v in state.items() if traffic.uploads(1, k)) == fedit // 2, name
-    rolora = [{k for k in state if __import__("strategies.rolora").rolora.trained_in(t, k)} for t in (1, 2)]
-    assert rolora == [{B_KEY}, {A_KEY}]
-    assert 4 * r * r < fedit // 8  # Fed-SB: 256 bytes for this layer against FedIT's 4,096
+    d, r, head = 256, 8, (2, 3)
+    shapes = {A_KEY: (r, d), B_KEY: (d, r), HEAD: head}
+    adapter = {k: rng.normal(size=shape).astype(np.float32) for k, shape in shapes.items()}
+
+    def bytes_up(name, server_rounds, payload):
+        """A node's serialized upload in each round, whose arrays alone must be ``payload`` bytes."""
+        cfg = compose_config({"method": name}, [f"method.rank={r}"])
+        trained = {**adapter, R_KEY: np.eye(r, dtype=np.float32)} if name == "fed_sb" else adapter
+        strategy = engine(get_rule(name).strategy, cfg.method, min_train_nodes=3)
+        state, sent = strategy.initial_state(trained), []
+
+        def answer(t):  # a client loads what it was sent, trains all of its adapter, uploads
+            return lambda node, received: client_upload(cfg, t, {**trained, **received})
+
+        for t in server_rounds:
+            _, state = one_round(strategy, state, answer(t), t)
+            stats = strategy.rounds[t]
+            assert set(stats.payload_up.values()) == {payload}, (name, t, stats.payload_up)
+            assert stats.rejected == {} and sorted(stats.aggregated) == sorted(SIZES), (name, t)
+            sent.append(stats.bytes_up[1])
+        return sent
+
+    head_bytes = 4 * head[0] * head[1]
+    [fedit] = bytes_up("fedit", [1], payload=4 * 2 * r * d + head_bytes)
+    for name, rounds in (("ffa_lora", [1]), ("fedsvd", [1]), ("rolora", [1, 2])):
+        for sent in bytes_up(name, rounds, payload=4 * r * d + head_bytes):  # one factor and the head
+            assert 0.45 < sent / fedit < 0.55, name
+    for sent in bytes_up("fed_sb", [1, 2], payload=4 * r * r + head_bytes):  # R: 256 bytes, not 16,384
+        assert sent < fedit / 8
 
 
 # --- server optimizers --------------------------------------------------------------------

@@ -5,7 +5,7 @@ import pytest
 from fakes import FakeGrid, engine
 from flwr.app import MetricRecord, RecordDict
 
-from finetune.config import compose_config
+from experiment_schema import compose_config
 from finetune.records import from_record, to_record
 from server_app.loop import exchange
 from strategies.client import NodeFacts
@@ -204,7 +204,7 @@ def test_rank_from_the_nodes_memory():
     ],
 )
 def test_bad_rank_rules_are_config_errors(override, message):
-    from finetune.config import ConfigError
+    from experiment_schema import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         compose_config({"method": "flexlora"}, override)

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-from fakes import FakeGrid, engine
+from fakes import FakeGrid, client_upload, engine
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from finetune.config import compose_config
+from experiment_schema import compose_config
 from finetune.lora import is_lora_a
 from finetune.records import from_record, to_record
 from server_app.loop import exchange
@@ -31,7 +31,7 @@ def one_round(strategy, global_state, respond, nodes=(1, 2, 3)):
     grid = FakeGrid(nodes, respond)
     messages = list(strategy.configure_train(1, to_record(global_state), ConfigRecord(), grid))
     arrays, _ = strategy.aggregate_train(1, exchange(grid, messages, timeout=1.0))
-    return messages, from_record(arrays)
+    return messages, from_record(arrays) if arrays is not None else None  # None: the round failed
 
 
 def test_upload_keys_per_method():
@@ -69,19 +69,31 @@ def test_ffa_round_moves_no_A_and_is_exact():
 
 
 def test_ffa_upload_is_about_half_of_fedit():
-    fedit = engine(FedIT, fraction_train=1.0, min_train_nodes=1)
-    ffa = engine(FFALoRA, fraction_train=1.0, min_train_nodes=1)
+    """The bytes a node sends up in a round, answering with what its rule's client half uploads
+    after training the whole adapter: FFA-LoRA's B (its A is frozen), FedIT's A and B."""
     big = {
-        "l.lora_A.weight": np.zeros((8, 768), np.float32),
-        "l.lora_B.weight": np.zeros((768, 8), np.float32),
+        "l.lora_A.weight": rng.normal(size=(8, 768)).astype(np.float32),
+        "l.lora_B.weight": rng.normal(size=(768, 8)).astype(np.float32),
     }
-    grid = FakeGrid([1], lambda m: None)
-    fedit.configure_train(1, to_record(big), ConfigRecord(), grid)
-    ffa.configure_train(
-        1, to_record({k: v for k, v in big.items() if ffa.rule.traffic.shares(k)}), ConfigRecord(), grid
-    )
-    ratio = sum(ffa.rounds[1].bytes_down.values()) / sum(fedit.rounds[1].bytes_down.values())
+    up = {}
+    for name, rule_type in (("fedit", FedIT), ("ffa_lora", FFALoRA)):
+        cfg = compose_config({"method": name})
+        strategy = engine(rule_type, cfg.method, fraction_train=1.0, min_train_nodes=1)
+
+        def respond(message, cfg=cfg):  # the client loads what it was sent, trains it all, uploads
+            if message.metadata.message_type == "query":
+                return RecordDict({"metrics": MetricRecord({"partition-id": 0})})
+            received = from_record(message.content.array_records["arrays"])
+            return reply_with(client_upload(cfg, 1, {**big, **received}))
+
+        one_round(strategy, strategy.initial_state(big), respond, nodes=(1,))
+        up[name] = strategy.rounds[1]
+    factor = 4 * 8 * 768  # bytes of one float32 factor
+    assert up["ffa_lora"].payload_up[1] == factor  # B alone goes up
+    assert up["fedit"].payload_up[1] == 2 * factor
+    ratio = up["ffa_lora"].bytes_up[1] / up["fedit"].bytes_up[1]
     assert 0.49 < ratio < 0.51
+    assert all(stats.rejected == {} and stats.aggregated == [1] for stats in up.values())  # and accepted
 
 
 def test_lora_fair_round_improves_on_fedit_and_averages_the_head():

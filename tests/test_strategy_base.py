@@ -5,7 +5,7 @@ import pytest
 from fakes import FakeGrid, engine
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from finetune.config import MethodConfig
+from experiment_schema import MethodConfig
 from finetune.records import from_record, to_record
 from server_app.loop import exchange
 from strategies.fedit import FedIT
@@ -261,7 +261,7 @@ def test_raw_payload_bytes_and_client_seconds_are_recorded():
 def test_a_configuration_error_every_node_reports_ends_the_run():
     from flwr.app import Error
 
-    reason = "<class 'finetune.config.ConfigError'>:<'the federation has 3 partitions, the experiment 2'>"
+    reason = "<class 'experiment_schema.ConfigError'>:<'the federation has 3 partitions, the experiment 2'>"
     grid = FakeGrid([1, 2, 3], lambda m: Error(code=0, reason=reason))
     with pytest.raises(RuntimeError, match=r"every node \(3\) refused to describe itself.*3 partitions"):
         engine(FedIT, min_train_nodes=3).configure_train(
@@ -272,7 +272,7 @@ def test_a_configuration_error_every_node_reports_ends_the_run():
 def test_one_misconfigured_node_among_good_ones_is_left_out_and_named():
     from flwr.app import Error
 
-    reason = "<class 'finetune.config.ConfigError'>:<'node config has no partition-id'>"
+    reason = "<class 'experiment_schema.ConfigError'>:<'node config has no partition-id'>"
 
     def respond(message):
         node = message.metadata.dst_node_id

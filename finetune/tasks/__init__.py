@@ -16,7 +16,7 @@ import datasets
 import numpy as np
 import torch
 
-from finetune.config import ExperimentConfig
+from experiment_schema import ExperimentConfig
 from finetune.metrics import compute_metrics
 
 Batch = dict[str, torch.Tensor]

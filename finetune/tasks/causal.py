@@ -14,7 +14,7 @@ import datasets
 import numpy as np
 import torch
 
-from finetune.config import ExperimentConfig
+from experiment_schema import ExperimentConfig
 from finetune.tasks import Batch, Task, to_device
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from transformers import ViTImageProcessorPil
 
-from finetune.config import ExperimentConfig
+from experiment_schema import ExperimentConfig
 from finetune.tasks import Batch, Task, score_classifier
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import datasets
 import torch
 from transformers import DataCollatorWithPadding
 
-from finetune.config import ExperimentConfig
+from experiment_schema import ExperimentConfig
 from finetune.tasks import Batch, Task, score_classifier
 
 TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
