@@ -108,13 +108,13 @@ def judge(
     a, b = methods.get(comparison.a), methods.get(comparison.b)
     name = "/".join(cell)
     if not a or not b:
-        cut = (cuts or {}).get(name)
+        cut = name in (cuts or {})
         return Outcome(
             comparison,
             cell,
             None,
             None,
-            f"{name}: " + (f"cut from this preset — {cut}" if cut else "not run"),
+            f"{name}: " + ("cut from this preset" if cut else "not run"),
         )
     if comparison.kind == "faster":
         target = float(min(np.mean(list(finals(a).values())), np.mean(list(finals(b).values()))))
@@ -145,8 +145,8 @@ def decide(found: Interval, kind: str) -> str:
 def combine(verdicts: Sequence[str | None]) -> str:
     """The claim's verdict from its comparisons' (None: not run here, or both sides at chance): it
     held only when every comparison in every cell held."""
-    decided = [v for v in verdicts if v is not None]
-    if not decided:
+    decided = [v for v in verdicts if v in (HELD, NOT_HELD)]
+    if all(v is None for v in verdicts):
         return "not run"
     if NOT_HELD in decided:
         return NOT_HELD if HELD not in decided else "did not hold in part"
@@ -206,11 +206,12 @@ def _upload_and_sensitivity(runs: Runs, records: list[dict[str, Any]]) -> list[s
         ]
     )
     if {"ffa_lora", "fedit"} <= curves.keys():
-        (fl, fs), (el, es) = curves["ffa_lora"], curves["fedit"]
+        (fl, fs), (_, es) = curves["ffa_lora"], curves["fedit"]
         lines.append(
-            f"  - learning-rate sensitivity (tuning split, one seed, no interval): best − worst over "
-            f"{fl} learning rates, FFA-LoRA {fs * 100:.1f} pp vs FedIT {es * 100:.1f} pp over {el} — "
-            + ("less sensitive" if fs < es else "not less sensitive")
+            f"  - learning-rate sensitivity: best − worst on the tuning split over the {fl} learning "
+            f"rates both ran, FFA-LoRA {fs * 100:.1f} pp vs FedIT {es * 100:.1f} pp — "
+            + ("a smaller spread" if fs < es else "not a smaller spread")
+            + " (one seed, no interval: indicative, not a verdict; the curves are in the tuning table)"
         )
     return lines
 
@@ -315,4 +316,7 @@ def claims_section(
             lines.append(f"  - `{o.comparison.a}` {o.comparison.kind} `{o.comparison.b}` — {o.words}: {said}")
         if claim.extra is not None:
             lines += claim.extra(runs, [*records, *tuning])
+    if cuts:
+        lines += ["", "Cells the claims name that this preset leaves out, and why:", ""]
+        lines += [f"- `{cell}`: {reason}" for cell, reason in sorted(cuts.items())]
     return lines

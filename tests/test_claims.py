@@ -153,5 +153,6 @@ def test_a_cell_the_preset_cut_says_why_in_place_of_a_verdict():
     records = [run(m, s, 0.8) for m in ("ffa_lora", "fedit") for s in range(3)]
     lines = claims_section(records, cuts=cuts)
     line = next(line for line in lines if "`ffa_lora` matches `fedit` — sst2/dp8" in line)
-    assert "cut from this preset — DP-SGD does not learn" in line and line.endswith("no verdict")
+    assert "sst2/dp8: cut from this preset" in line and line.endswith("no verdict")
+    assert any(line.startswith("- `sst2/dp8`: DP-SGD does not learn") for line in lines)  # the reason, once
     assert any("sst2/dp3: not run" in line for line in claims_section(records))  # without the key
