@@ -32,7 +32,7 @@ from finetune.efficientnet import build_efficientnet_lite0
 from finetune.hub import resolve_model_source
 from finetune.lora import BASE_DELTA_SUFFIX
 from finetune.precision import DTYPES, device, weight_dtype
-from finetune.spec import AdapterSpec
+from finetune.spec import LORA_INITS, AdapterSpec
 from finetune.state import lora_base_layers, set_additive_delta
 
 log = logging.getLogger(__name__)
@@ -198,8 +198,11 @@ def lora_config(cfg: ExperimentConfig, adapter: AdapterSpec) -> LoraConfig:
         cfg.dataset.task
     )
     heads = head_modules(cfg)
+    if adapter.init not in LORA_INITS:
+        raise ConfigError(f"unknown LoRA init {adapter.init!r}; valid: {sorted(LORA_INITS)}")
     return LoraConfig(
         task_type=task_type,
+        init_lora_weights=LORA_INITS[adapter.init],  # type: ignore[arg-type]
         r=adapter.rank,
         lora_alpha=adapter.alpha,  # type: ignore[arg-type]  # peft reads a float as well
         lora_dropout=adapter.dropout,

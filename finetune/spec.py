@@ -21,7 +21,9 @@ class AdapterSpec:
     dropout; A optionally frozen at its seeded init); for ``kind="lora_sb"`` (LoRA-SB) frozen A and
     B with a trainable r × r matrix R between them, ``W0 + s B R A``; for ``kind="full"`` the
     weights of the LoRA target modules and the head (``full_scope="targets"``) or every weight
-    (``"all"``)."""
+    (``"all"``). ``init``: ``seeded`` (peft's: Kaiming-uniform A from the run's seed, zero B) or
+    ``principal`` (PiSSA, Meng et al. 2024: ``B A`` the top-r singular part of each base weight
+    divided by the LoRA scale, the base left holding the residual, so the model is unchanged)."""
 
     kind: str = "lora"  # lora | lora_sb | full
     rank: int = 8
@@ -29,6 +31,11 @@ class AdapterSpec:
     dropout: float = 0.05
     freeze_lora_a: bool = False
     full_scope: str = "targets"
+    init: str = "seeded"
+
+
+#: How a LoRA adapter starts (``AdapterSpec.init``) -> peft's ``init_lora_weights``.
+LORA_INITS = {"seeded": True, "principal": "pissa"}
 
 
 @dataclass(frozen=True)
