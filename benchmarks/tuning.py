@@ -180,7 +180,7 @@ def tuning_markdown(chosen: dict[str, Any], main_metric: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.report import gather_records
+    from benchmarks.result_folders import gather_records
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
