@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 
 import launch.sweep as sweep
+import launch.sweep_chunk as sweep_chunk
+import launch.sweep_cost as sweep_cost
+import launch.sweep_plan as sweep_plan
+import launch.sweep_runner as sweep_runner
+import launch.sweep_snapshot as sweep_snapshot
 from benchmarks.results import read_records
 
 GRID = ["cpu_paired"]
@@ -75,10 +80,10 @@ def fake_sweep(monkeypatch, tmp_path):
             sweep.append_record(job.records, record)
         return True
 
-    monkeypatch.setattr(sweep.time, "monotonic", lambda: clock["now"])
-    monkeypatch.setattr(sweep, "SweepRunner", FakeRunner)
-    monkeypatch.setattr(sweep, "run_one", run_one)
-    monkeypatch.setattr(sweep, "code_commit", lambda folder: "aaaa")
+    monkeypatch.setattr(sweep_cost.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(sweep_chunk, "SweepRunner", FakeRunner)
+    monkeypatch.setattr(sweep_chunk, "run_one", run_one)
+    monkeypatch.setattr(sweep_chunk, "code_commit", lambda folder: "aaaa")
     ran.clock = clock
     return ran
 
@@ -95,14 +100,14 @@ def test_the_budget_stops_before_a_job_that_would_overrun(fake_sweep, tmp_path, 
 
 
 def test_a_tree_with_uncommitted_code_runs_nothing(fake_sweep, monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(sweep, "code_commit", lambda folder: "aaaa+dirty")
+    monkeypatch.setattr(sweep_chunk, "code_commit", lambda folder: "aaaa+dirty")
     assert sweep.run_sweep("cpu_paired", _arguments(tmp_path), None, False, GRID) == 2
     assert fake_sweep == [] and "uncommitted changes" in capsys.readouterr().err
 
 
 def test_code_that_changes_during_a_sweep_stops_it(fake_sweep, monkeypatch, tmp_path, capsys):
     commits = iter(["aaaa", "aaaa", "bbbb"])  # the start, the first job, then an edit
-    monkeypatch.setattr(sweep, "code_commit", lambda folder: next(commits))
+    monkeypatch.setattr(sweep_chunk, "code_commit", lambda folder: next(commits))
     assert sweep.run_sweep("cpu_paired", _arguments(tmp_path), None, False, GRID) == 2
     assert len(fake_sweep) == 1 and "code changed" in capsys.readouterr().err
 
@@ -110,7 +115,7 @@ def test_code_that_changes_during_a_sweep_stops_it(fake_sweep, monkeypatch, tmp_
 def test_a_new_commit_reruns_the_cells_fingerprint_job_first(fake_sweep, monkeypatch, tmp_path):
     assert sweep.run_sweep("cpu_paired", _arguments(tmp_path, seeds="0"), None, False, GRID) == 0
     assert fake_sweep == [("fedit-sst2-dir05-s0", False), ("ffa_lora-sst2-dir05-s0", False)]
-    monkeypatch.setattr(sweep, "code_commit", lambda folder: "bbbb")
+    monkeypatch.setattr(sweep_chunk, "code_commit", lambda folder: "bbbb")
     assert sweep.run_sweep("cpu_paired", _arguments(tmp_path), None, False, GRID) == 0
     # fedit at the lowest seed is the cell's fingerprint: re-run once at bbbb, then the new jobs
     assert fake_sweep[2:] == [
@@ -122,7 +127,7 @@ def test_a_new_commit_reruns_the_cells_fingerprint_job_first(fake_sweep, monkeyp
 
 def test_a_fingerprint_that_does_not_reproduce_stops_the_sweep(fake_sweep, monkeypatch, tmp_path, capsys):
     assert sweep.run_sweep("cpu_paired", _arguments(tmp_path, seeds="0"), None, False, GRID) == 0
-    monkeypatch.setattr(sweep, "code_commit", lambda folder: "bbbb")
+    monkeypatch.setattr(sweep_chunk, "code_commit", lambda folder: "bbbb")
     fake_sweep.clock["fingerprint_metric"] = 0.51  # the new code trains differently
     assert sweep.run_sweep("cpu_paired", _arguments(tmp_path), None, False, GRID) == 3
     assert fake_sweep[2:] == [("fedit-sst2-dir05-s0", True)]  # no new job ran after it
@@ -134,12 +139,12 @@ def test_fingerprints_are_kept_per_commit_and_a_failed_one_keeps_stopping_the_ce
 ):
     assert sweep.run_sweep("cpu_paired", _arguments(tmp_path, seeds="0"), None, False, GRID) == 0
     for commit in ("bbbb", "cccc"):
-        monkeypatch.setattr(sweep, "code_commit", lambda folder, commit=commit: commit)
+        monkeypatch.setattr(sweep_chunk, "code_commit", lambda folder, commit=commit: commit)
         assert sweep.run_sweep("cpu_paired", _arguments(tmp_path, seeds="0,1,2"), 200 / 60, False, GRID) == 0
     stored = read_records(tmp_path / "fingerprints.jsonl")
     assert [(r["job"], r["commit"]) for r in stored] == [("fedit-sst2-dir05-s0", c) for c in ("bbbb", "cccc")]
     # a later commit whose fingerprint does not reproduce stops this and every later call
-    monkeypatch.setattr(sweep, "code_commit", lambda folder: "dddd")
+    monkeypatch.setattr(sweep_chunk, "code_commit", lambda folder: "dddd")
     fake_sweep.clock["fingerprint_metric"] = 0.51
     assert sweep.run_sweep("cpu_paired", _arguments(tmp_path, seeds="0,1,2"), None, False, GRID) == 3
     ran = len(fake_sweep)
@@ -152,7 +157,7 @@ def test_the_fingerprint_is_the_recorded_reference_even_when_the_plan_leaves_it_
     fake_sweep, monkeypatch, tmp_path
 ):
     assert sweep.run_sweep("cpu_paired", _arguments(tmp_path, seeds="0"), None, False, GRID) == 0
-    monkeypatch.setattr(sweep, "code_commit", lambda folder: "bbbb")
+    monkeypatch.setattr(sweep_chunk, "code_commit", lambda folder: "bbbb")
     assert sweep.run_sweep("cpu_paired", _arguments(tmp_path, "ffa_lora", "1"), None, False, GRID) == 0
     assert fake_sweep[2:] == [("fedit-sst2-dir05-s0", True), ("ffa_lora-sst2-dir05-s1", False)]
 
@@ -235,11 +240,11 @@ def test_a_snapshot_sweep_runs_from_a_worktree_of_the_commit_and_writes_here(mon
         if command[:3] == ["git", "worktree", "add"]:
             Path(command[4]).mkdir(parents=True)
 
-    monkeypatch.setattr(sweep, "PROJECT_DIR", tmp_path)
-    monkeypatch.setattr(sweep, "OUTPUT_ROOT", tmp_path)
-    monkeypatch.setattr(sweep, "code_commit", lambda folder: "abc123")
-    monkeypatch.setattr(sweep.subprocess, "run", run)
-    monkeypatch.setattr(sweep.subprocess, "Popen", FakeChild)
+    monkeypatch.setattr(sweep_snapshot, "PROJECT_DIR", tmp_path)
+    monkeypatch.setattr(sweep_snapshot, "OUTPUT_ROOT", tmp_path)
+    monkeypatch.setattr(sweep_snapshot, "code_commit", lambda folder: "abc123")
+    monkeypatch.setattr(sweep_snapshot.subprocess, "run", run)
+    monkeypatch.setattr(sweep_snapshot.subprocess, "Popen", FakeChild)
     earlier = tmp_path / sweep.SNAPSHOTS / "old999"
     earlier.mkdir(parents=True)  # an earlier chunk's snapshot, still running: kept
     (earlier / sweep.RUNNING).write_text(str(os.getpid()))
@@ -254,12 +259,12 @@ def test_a_snapshot_sweep_runs_from_a_worktree_of_the_commit_and_writes_here(mon
     (earlier / sweep.RUNNING).write_text("999999999")  # its chunk has ended: removed next time
     assert sweep.main(["--snapshot", "--preset", "cpu_paired"]) == 0
     assert ("run", ["git", "worktree", "remove", "--force", str(earlier)]) in calls
-    monkeypatch.setattr(sweep, "code_commit", lambda folder: "abc123+dirty")
+    monkeypatch.setattr(sweep_snapshot, "code_commit", lambda folder: "abc123+dirty")
     assert sweep.main(["--snapshot"]) == 2
 
 
 def test_records_and_results_go_to_the_output_root(monkeypatch, tmp_path):
-    monkeypatch.setattr(sweep, "OUTPUT_ROOT", tmp_path)
+    monkeypatch.setattr(sweep_plan, "OUTPUT_ROOT", tmp_path)
     job = sweep.plan("cpu_paired", ["method=fedit", "seed=0"], GRID)[0]
     assert job.records == tmp_path / "docs/results/cpu-paired/runs.jsonl"
     assert job.folder == tmp_path / "results/cpu-paired/fedit-sst2-dir05-s0"
@@ -275,7 +280,7 @@ def test_an_interrupted_attempt_resumes_only_under_the_same_job_code(monkeypatch
         (checkpoint_root(attempt) / f"{PREFIX}2").mkdir(parents=True)
         if commit:
             (attempt / sweep.COMMIT_MARKER).write_text(commit)
-    monkeypatch.setattr(sweep, "same_run_code", lambda folder, a, b: False)
+    monkeypatch.setattr(sweep_runner, "same_run_code", lambda folder, a, b: False)
     assert runner._resume(tmp_path, "c1") == tmp_path / "a-same"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "a-same",
@@ -285,7 +290,7 @@ def test_an_interrupted_attempt_resumes_only_under_the_same_job_code(monkeypatch
 
 
 def test_a_completed_run_is_adopted_only_under_the_job_code_it_was_marked_with(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep, "OUTPUT_ROOT", tmp_path)
+    monkeypatch.setattr(sweep_plan, "OUTPUT_ROOT", tmp_path)
     job = sweep.plan("cpu_paired", ["method=fedit", "seed=0"], GRID)[0]
     run = job.folder / "20261206-fedit"
     run.mkdir(parents=True)
@@ -294,11 +299,11 @@ def test_a_completed_run_is_adopted_only_under_the_job_code_it_was_marked_with(t
     run.mkdir()
     (run / "summary.json").write_text(json.dumps({"status": "completed", "wall_seconds": 90.0}))
     (run / sweep.COMMIT_MARKER).write_text("c7")
-    monkeypatch.setattr(sweep, "code_commit", lambda folder: "c7")
+    monkeypatch.setattr(sweep_runner, "code_commit", lambda folder: "c7")
     outcome = sweep.adopted(job)
     assert outcome is not None and outcome["commit"] == "c7" and outcome["job_seconds"] == 90.0
-    monkeypatch.setattr(sweep, "code_commit", lambda folder: "c8")  # other job code: run it again
-    monkeypatch.setattr(sweep, "same_run_code", lambda folder, a, b: False)
+    monkeypatch.setattr(sweep_runner, "code_commit", lambda folder: "c8")  # other job code: run it again
+    monkeypatch.setattr(sweep_runner, "same_run_code", lambda folder, a, b: False)
     assert sweep.adopted(job) is None and not run.exists()
 
 
