@@ -98,4 +98,4 @@ def client_upload(cfg, server_round: int, trained: dict) -> dict:
         num_examples=1, examples_seen=1, train_loss=0.0, train_seconds=0.0, samples_per_second=0.0,
         peak_memory_mb=0.0, partition_id=0, optimizer_state_bytes=0,
     )  # fmt: skip
-    return get_rule(cfg.method.name).build_client(job).finish(None, trained, report)
+    return get_rule(cfg.method.name).build_client(job).finish(None, trained, report)  # type: ignore[arg-type]  # no model: rules whose finish reads it are not asked

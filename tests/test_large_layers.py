@@ -69,7 +69,17 @@ def test_truncated_svd_of_a_large_matrix_finds_its_leading_triplets():
 
 
 def test_hlora_never_forms_the_dense_matrix_yet_matches_it():
+    import tracemalloc
+
     rng = np.random.default_rng(4)
-    As, Bs = _factors(rng, 96, 80, 4, clients=3)
-    A_g, B_g = hlora_aggregate(As, Bs, [1, 2, 3], [1.0, 1.0, 1.0], global_rank=12)
+    (d_out, d_in), clients = (1024, 1536), 3
+    As, Bs = _factors(rng, d_out, d_in, 4, clients)
+    tracemalloc.start()  # numpy reports its array buffers to tracemalloc
+    try:
+        A_g, B_g = hlora_aggregate(As, Bs, [1, 2, 3], [1.0] * clients, global_rank=12)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    dense = d_out * d_in * 4  # one d_out × d_in matrix in float32 (6 MB here)
+    assert peak < dense / 4, f"peak {peak / 1e6:.2f} MB: a dense matrix (or a large part of one) was formed"
     np.testing.assert_allclose(B_g @ A_g, flexlora_product(As, Bs, [1, 2, 3], [1.0] * 3), atol=1e-9)

@@ -201,6 +201,7 @@ def test_centralized_trains_with_the_client_training_function(hub_mirror, monkey
 def test_central_dp_clips_each_update_and_reports_epsilon(tmp_path):
     from fakes import FakeGrid
     from flwr.app import MetricRecord, RecordDict
+    from opacus.accountants import RDPAccountant
 
     from experiment_schema import ConfigError
     from finetune.records import from_record, to_record
@@ -213,9 +214,6 @@ def test_central_dp_clips_each_update_and_reports_epsilon(tmp_path):
         "privacy.enabled=true", "privacy.mode=central", "privacy.clip_norm=0.5",
         "privacy.noise_multiplier=1e-6",
     ]  # fmt: skip
-    cfg = compose_config({"model": "tiny_bert", "method": "fedit"}, overrides)
-    cfg.output_dir = str(tmp_path)
-    global_state = {"w": np.zeros(4, np.float32)}
 
     def respond(message):  # every client moves 10 away from the global weights
         if message.metadata.message_type == "query":
@@ -224,15 +222,40 @@ def test_central_dp_clips_each_update_and_reports_epsilon(tmp_path):
         upload = {"w": sent["w"] + 10.0}
         return RecordDict({"arrays": to_record(upload), "metrics": MetricRecord({"num-examples": 5})})
 
-    strategy = build_strategy(cfg)
-    wrapper = central_dp_wrapper(cfg, strategy)
-    recorder = RunRecorder.create(cfg)
-    evaluate = lambda r, a: {"accuracy": 0.5, "loss": 1.0}  # noqa: E731
-    grid = FakeGrid([1, 2], respond)
-    final = run_federation(grid, strategy, cfg, to_record(global_state), evaluate, recorder, wrapper)
-    assert np.linalg.norm(from_record(final)["w"]) == pytest.approx(2 * 0.5, rel=1e-5)  # two clipped steps
-    eps = [row["dp_epsilon"] for row in recorder.rows[1:]]
-    assert eps[1] > eps[0] > 1e3  # σ ≈ 0: hardly any privacy, and ε says so
+    def federate(extra, nodes, folder):
+        cfg = compose_config({"model": "tiny_bert", "method": "fedit"}, [*overrides, *extra])
+        cfg.output_dir = str(tmp_path / folder)
+        strategy = build_strategy(cfg)
+        wrapper = central_dp_wrapper(cfg, strategy)
+        recorder = RunRecorder.create(cfg)
+        evaluate = lambda r, a: {"accuracy": 0.5, "loss": 1.0}  # noqa: E731
+        initial = to_record({"w": np.zeros(4, np.float32)})
+        final = run_federation(FakeGrid(nodes, respond), strategy, cfg, initial, evaluate, recorder, wrapper)
+        return cfg, from_record(final), recorder.rows[1:]
+
+    def composed(sigma, sample_rate, rounds, delta):
+        """Opacus's RDP accountant after one Gaussian release (σ, q) per round."""
+        accountant = RDPAccountant()
+        for _ in range(rounds):
+            accountant.step(noise_multiplier=sigma, sample_rate=sample_rate)
+        return accountant.get_epsilon(delta=delta)
+
+    # σ ≈ 0, both nodes every round: two steps of the clipped mean, and ε says there is no privacy
+    cfg, final, rows = federate([], [1, 2], "no-noise")
+    assert np.linalg.norm(final["w"]) == pytest.approx(2 * 0.5, rel=1e-5)
+    assert cfg.privacy.accountant == "rdp" and cfg.privacy.target_delta == 1e-5
+    expected = [composed(1e-6, 1.0, r, 1e-5) for r in (1, 2)]
+    assert [row["dp_epsilon"] for row in rows] == pytest.approx(expected, rel=1e-9)
+    # σ = 0.8, 2 of 4 nodes a round (q = 1/2), three rounds: ε composes exactly those releases
+    extra = [
+        "privacy.noise_multiplier=0.8", "partition.num_clients=4", "federation.fraction_train=0.5",
+        "federation.num_rounds=3",
+    ]  # fmt: skip
+    cfg, _, rows = federate(extra, [1, 2, 3, 4], "noise")
+    assert [row["clients_aggregated"] for row in rows] == [2, 2, 2]
+    expected = [composed(0.8, 0.5, r, 1e-5) for r in (1, 2, 3)]
+    assert [row["dp_epsilon"] for row in rows] == pytest.approx(expected, rel=1e-9)
+    assert 1 < expected[0] < expected[2] < 1e3  # a real budget, spent round by round
     for bad, message in (
         (["method.weighting=examples"], "weighting=uniform"),
         (["privacy.target_epsilon=3"], "noise_multiplier"),

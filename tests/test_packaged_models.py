@@ -37,9 +37,23 @@ def test_packaged_model_loads_and_trains_one_step(model, dataset, extra, hub_mir
     assert any(not np.array_equal(after[k], before[k]) for k in before if "lora_B" in k)
 
 
-def test_gguf_is_dequantized_once_and_cached(hub_mirror):
+def test_gguf_is_dequantized_once_and_cached(hub_mirror, monkeypatch):
+    import finetune.models as models
+
     cfg = compose_config({"model": "smollm2", "dataset": "gsm8k", "partition": "iid"})
-    folder = Path(model_folder(cfg, hub_mirror))
-    assert folder == Path(model_folder(cfg, hub_mirror))  # the cached copy, not a second conversion
+    folder = Path(model_folder(cfg, hub_mirror))  # de-quantized now, or by an earlier load
     assert "quantization_config" not in (folder / "config.json").read_text()
     assert (folder / "tokenizer_config.json").is_file()
+    written = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    beside = sorted(folder.parent.iterdir())
+
+    class NoConversion:  # the conversion's only way to read the GGUF file
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            raise AssertionError(f"the GGUF file is converted a second time: from_pretrained{args}")
+
+    monkeypatch.setattr(models, "AutoModelForCausalLM", NoConversion)
+    monkeypatch.setattr(models, "AutoTokenizer", NoConversion)
+    assert Path(model_folder(cfg, hub_mirror)) == folder
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == written  # nothing rewritten
+    assert sorted(folder.parent.iterdir()) == beside  # nor a partial copy left beside it
