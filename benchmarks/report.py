@@ -121,7 +121,9 @@ def write_report(
     cuts: dict[str, str] | None = None,
 ) -> Path:
     """The report of the runs that may be paired (``benchmarks.pairing``); the others are named.
-    ``cuts``: the cells the preset leaves out, with the reason (its ``cut`` key)."""
+    ``cuts``: the cells the preset leaves out, with the reason (its ``cut`` key). Runs with random
+    weights are refused: their metrics mean nothing."""
+    refuse_random_weights([*all_records, *(tuning or [])])
     out.mkdir(parents=True, exist_ok=True)
     admission = admit(
         all_records, fingerprints or [], same_code=lambda a, b: same_run_code(PROJECT_DIR, a, b)
@@ -144,6 +146,15 @@ def write_report(
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def refuse_random_weights(records: list[dict[str, Any]]) -> None:
+    random = sorted(r["job"] for r in records if r.get("weights") == "random")
+    if random:
+        raise ValueError(
+            f"the report refuses {len(random)} run(s) with random weights (model.weights=random measures "
+            f"memory and time, not accuracy): {random[:5]}"
+        )
 
 
 def preset_cuts(preset: str) -> dict[str, str]:
@@ -202,9 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(records) + len(tuning) + len(fingerprints)} jobs → {compute}")
     if not records:
         return 0
-    path = write_report(
-        records, out, args.preset, args.parallel, tuning, fingerprints, preset_cuts(args.preset)
-    )
+    try:
+        path = write_report(
+            records, out, args.preset, args.parallel, tuning, fingerprints, preset_cuts(args.preset)
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"{len(records)} runs → {path}")
     return 0
 

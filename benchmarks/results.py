@@ -161,6 +161,7 @@ def run_record(run_dir: Path, job: str, seed: int, commit: str = "") -> dict[str
         "wall_seconds": summary["wall_seconds"],
         "commit": commit,
         "rounds": rounds,
+        **({"weights": "random"} if summary.get("weights") == "random" else {}),
     }
 
 

@@ -181,6 +181,7 @@ class ExperimentConfig:
     def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
         """Build and validate from a plain dict (unknown keys and wrong types are errors); the
         ``method`` part is checked against the schema its ``name`` registered."""
+        data = migrated(data)
         method = data.get("method") or {}
         name = method.get("name", MethodConfig.name) if isinstance(method, dict) else MethodConfig.name
         try:
@@ -195,6 +196,17 @@ class ExperimentConfig:
     @classmethod
     def from_json(cls, text: str) -> ExperimentConfig:
         return cls.from_dict(json.loads(text))
+
+
+def migrated(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved config of an older version in today's schema: ``model.random_init`` became
+    ``model.weights``."""
+    model = data.get("model")
+    if isinstance(model, dict) and "random_init" in model:
+        model = {k: v for k, v in model.items() if k != "random_init"}
+        model.setdefault("weights", "random" if data["model"]["random_init"] else "pretrained")
+        data = {**data, "model": model}
+    return data
 
 
 #: What a resumed run may change from its checkpoint: its length, its patience, where files are

@@ -41,8 +41,14 @@ class ModelConfig:
     gguf_file: str = ""  # a GGUF file inside `source`: de-quantized once, cached on disk
     # Where the tokenizer / image-processor settings come from when `source` has none; "" = source.
     tokenizer: str = ""
-    # Build from the source's config with random weights (tests), optionally resized.
-    random_init: bool = False
+    # pretrained | random: build the architecture with random weights and no checkpoint — tests,
+    # and measuring memory and time at a real model's shapes (a run says so in its log, summary
+    # and records; the benchmark report refuses it). The architecture is ``architecture`` when
+    # given, else the source's config; ``config_overrides`` resize it.
+    weights: str = "pretrained"
+    # The published configuration of the model (its Hub config.json's shape keys, with
+    # ``model_type``), so that model.weights=random needs neither the Hub nor a mirror.
+    architecture: dict[str, Any] = field(default_factory=dict)
     config_overrides: dict[str, Any] = field(default_factory=dict)
     lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
     # Modules trained in full beside LoRA (the task head); [] = the architecture's head.
@@ -72,10 +78,19 @@ class ModelConfig:
             f"model.quantization={self.quantization} quantizes transformers models; "
             f"model.builder={self.builder!r} is not one",
         )
+        choice(self.weights, ("pretrained", "random"), "model.weights")
         require(
-            not (self.source.startswith("config:") and not self.random_init),
-            f"model.source={self.source!r} has no weights: set model.random_init=true",
+            not (self.source.startswith("config:") and self.weights != "random"),
+            f"model.source={self.source!r} has no weights: set model.weights=random",
         )
+        require(
+            not self.architecture or "model_type" in self.architecture,
+            "model.architecture needs its model_type (e.g. llama, qwen2, mistral)",
+        )
+
+    @property
+    def random_weights(self) -> bool:
+        return self.weights == "random"
 
 
 @dataclass

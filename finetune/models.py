@@ -97,7 +97,10 @@ def load_tokenizer(cfg: ExperimentConfig, mirror: Path | None) -> PreTrainedToke
 def _model_config(cfg: ExperimentConfig, mirror: Path | None) -> PretrainedConfig:
     """The architecture with the experiment's ``config_overrides`` (random-weight models)."""
     source = cfg.model.source
-    if source.startswith(CONFIG_PREFIX):
+    if cfg.model.architecture:  # the published shapes, written into the model's YAML
+        architecture = dict(cfg.model.architecture)
+        config = AutoConfig.for_model(architecture.pop("model_type"), **architecture)
+    elif source.startswith(CONFIG_PREFIX):
         config = AutoConfig.for_model(source[len(CONFIG_PREFIX) :])
     else:
         config = AutoConfig.from_pretrained(model_folder(cfg, mirror))
@@ -114,16 +117,16 @@ def build_base_model(
     cfg: ExperimentConfig, mirror: Path | None, on: torch.device | None = None
 ) -> torch.nn.Module:
     """The task model (a fresh ``num_labels`` head for classification), seeded so every process
-    agrees: pretrained weights, or random ones built from the config (``model.random_init``)."""
+    agrees: pretrained weights, or random ones built from the architecture (``model.weights``)."""
     torch.manual_seed(cfg.seed)
     if cfg.model.builder == "efficientnet_lite0":
-        return build_efficientnet_lite0(cfg.dataset.num_labels, pretrained=not cfg.model.random_init)
+        return build_efficientnet_lite0(cfg.dataset.num_labels, pretrained=not cfg.model.random_weights)
     auto = AUTO_CLASSES[cfg.dataset.task]
     dtype, quantization = weight_dtype(cfg.model), quantization_config(cfg)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized head" report is expected
     try:
-        if cfg.model.random_init:
+        if cfg.model.random_weights:
             model = auto.from_config(_model_config(cfg, mirror))
             if quantization is None:
                 return model.to(dtype)
@@ -165,6 +168,7 @@ def random_checkpoint(model: torch.nn.Module, cfg: ExperimentConfig) -> Path:
     identity = [
         cfg.model.source,
         cfg.model.config_overrides,
+        *([cfg.model.architecture] if cfg.model.architecture else []),
         cfg.seed,
         cfg.dataset.num_labels,
         cfg.dataset.task,

@@ -127,6 +127,12 @@ def run_experiment(
     """Everything that can fail on bad input happens before the first round."""
     start, started_at = time.perf_counter(), time.time()
     rule = get_rule(cfg.method.name)
+    if cfg.model.random_weights:
+        log.warning(
+            "model.weights=random: %s is built with random weights; this run measures memory and "
+            "time, and its metrics mean nothing",
+            cfg.model.name,
+        )
     data = load_server_data(cfg)
     server = build_server_model(cfg, rule)
     strategy = rule.build_strategy(cfg)
@@ -285,6 +291,7 @@ def summarize(
         "run_dir": str(recorder.folder),
         "method": cfg.method.name,
         "model": cfg.model.name,
+        "weights": cfg.model.weights,
         "dataset": cfg.dataset.name,
         "partition": cfg.partition.name,
         "num_clients": cfg.partition.num_clients,

@@ -150,7 +150,7 @@ def test_pointwise_linear_is_the_1x1_convolution():
 
 def test_efficientnet_gets_lora_on_its_pointwise_layers_and_keeps_batchnorm_statistics(hub_mirror):
     cfg = _cfg(
-        hub_mirror, "efficientnet_lite0", "cifar10", "iid", "model.random_init=true", "model.image_size=32"
+        hub_mirror, "efficientnet_lite0", "cifar10", "iid", "model.weights=random", "model.image_size=32"
     )
     model = build_model(cfg, hub_mirror, adapter_of(cfg))
     state = trainable_state(model)
