@@ -166,6 +166,10 @@ class Engine(Strategy):
             stats.payload_down[node_id] = raw_bytes(record)
         return self._outbox
 
+    def expected_shapes(self, node_id: int) -> dict[str, tuple[int, ...]]:
+        """The keys and shapes a valid reply of ``node_id`` holds this round ({}: not sampled)."""
+        return dict(self._expected.get(node_id, {}))
+
     def node_message(self, node_id: int, record: ArrayRecord, common: Instruction, kind: str) -> Message:
         """One node's message (its own records: never shared between messages)."""
         content = RecordDict({ARRAYS: record, CONFIG: self.rule.instruction(node_id, common).to_config()})

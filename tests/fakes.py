@@ -2,55 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from types import SimpleNamespace
+from flwr.app import Message, RecordDict
 
-from flwr.app import Error, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from server_app.inprocess import InProcessGrid as FakeGrid
+from server_app.inprocess import Responder, outside_an_app
 
-# Message() refuses to exist outside a running app unless the task identity is set.
-TaskIdentity.run_id = 1
-TaskIdentity.node_id = 1
-TaskIdentity.task_id = 1
+outside_an_app()  # tests build messages before any grid exists
 
-Responder = Callable[[Message], RecordDict | Error | None]  # None: the node never answers
-
-
-class FakeGrid:
-    def __init__(self, node_ids: Iterable[int], respond: Responder) -> None:
-        self.node_ids = list(node_ids)
-        self.respond = respond
-        self.sent: list[Message] = []
-        self._replies: dict[str, Message] = {}
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.node_ids)
-
-    def get_nodes(self) -> list[SimpleNamespace]:
-        """Registered in the order given (as a simulation registers partition 0, 1, ...)."""
-        return [
-            SimpleNamespace(node_id=n, registered_at=f"2026-12-01T00:00:00.{i:06d}")
-            for i, n in enumerate(self.node_ids)
-        ]
-
-    def push_messages(self, messages: Iterable[Message]) -> list[str]:
-        ids = []
-        for message in messages:
-            message_id = f"msg-{len(self.sent)}"
-            message.metadata.__dict__["_message_id"] = message_id
-            self.sent.append(message)
-            answer = self.respond(message)
-            if answer is not None:
-                self._replies[message_id] = Message(answer, reply_to=message)
-            ids.append(message_id)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        ids = self.push_messages(messages)
-        return self.pull_messages(ids)
+__all__ = ["FakeGrid", "Responder", "client_upload", "engine", "real_clients"]
 
 
 def engine(
