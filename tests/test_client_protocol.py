@@ -3,10 +3,10 @@
 Two clients share one process (as in a Ray actor), so state leaking between them would show.
 """
 
+import fakes  # noqa: F401  (sets the task identity Message() needs)
 import numpy as np
 import pytest
 import torch
-from fakes import TaskIdentity  # noqa: F401  (sets the task identity Message() needs)
 from flwr.app import Context, Message, MessageType, RecordDict
 
 from client_app.app import evaluate, train
