@@ -244,14 +244,15 @@ def build_model(
         for name, param in model.named_parameters():
             if ".lora_A." in name:
                 param.requires_grad_(False)
-    if adapter.kind == "lora_sb":
+    if adapter.kind == "lora_latent":
         insert_latent(model, adapter.rank)
     return model
 
 
 class LatentFactor(torch.nn.Module):
-    """LoRA-SB's ``A`` followed by the trainable ``R``: stands in for peft's ``lora_A`` module, so
-    peft computes ``s B (R (A x))``. ``weight`` is A (frozen); ``latent`` is R."""
+    """A LoRA ``A`` followed by a trainable r × r latent ``R`` (``kind="lora_latent"``): stands in
+    for peft's ``lora_A`` module, so peft computes ``s B (R (A x))``. ``weight`` is A (frozen);
+    ``latent`` is R."""
 
     def __init__(self, lora_a: torch.nn.Linear, rank: int) -> None:
         super().__init__()

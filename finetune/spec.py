@@ -18,14 +18,15 @@ Regularizer = Callable[["torch.nn.Module"], "torch.Tensor"]
 @dataclass(frozen=True)
 class AdapterSpec:
     """What a model trains on top of its frozen pretrained weights: a LoRA adapter (rank, alpha,
-    dropout; A optionally frozen at its seeded init); for ``kind="lora_sb"`` (LoRA-SB) frozen A and
-    B with a trainable r × r matrix R between them, ``W0 + s B R A``; for ``kind="full"`` the
-    weights of the LoRA target modules and the head (``full_scope="targets"``) or every weight
-    (``"all"``). ``init``: ``seeded`` (peft's: Kaiming-uniform A from the run's seed, zero B) or
-    ``principal`` (PiSSA, Meng et al. 2024: ``B A`` the top-r singular part of each base weight
-    divided by the LoRA scale, the base left holding the residual, so the model is unchanged)."""
+    dropout; A optionally frozen at its seeded init); for ``kind="lora_latent"`` frozen A and B with
+    a trainable r × r latent R between them, ``W0 + s B R A`` (LoRA-SB's and LoRA-XS's layer); for
+    ``kind="full"`` the weights of the LoRA target modules and the head (``full_scope="targets"``)
+    or every weight (``"all"``). ``init``: ``seeded`` (peft's: Kaiming-uniform A from the run's
+    seed, zero B) or ``principal`` (PiSSA, Meng et al. 2024: ``B A`` the top-r singular part of
+    each base weight divided by the LoRA scale, the base left holding the residual, so the model
+    is unchanged)."""
 
-    kind: str = "lora"  # lora | lora_sb | full
+    kind: str = "lora"  # lora | lora_latent | full
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.05

@@ -248,7 +248,7 @@ def save_final_model(server: ServerModel, rule: Rule, recorder: RunRecorder) -> 
         log.info("no global model saved: %s keeps part of each model on its client", rule.name)
         return None
     model = server.model
-    if server.adapter.kind == "lora_sb":
+    if server.adapter.kind == "lora_latent":
         fold_latent(model)  # the same function as a plain LoRA adapter: (A, R) -> R A
     additive = {
         prefix + BASE_DELTA_SUFFIX: delta.cpu().contiguous()

@@ -147,7 +147,7 @@ class FedSBClient(ClientRule):
 
     @classmethod
     def default_adapter(cls, cfg: ExperimentConfig, rank: int | None = None) -> AdapterSpec:
-        return dataclasses.replace(super().default_adapter(cfg, rank), kind="lora_sb")
+        return dataclasses.replace(super().default_adapter(cfg, rank), kind="lora_latent")
 
     def load(self, model: torch.nn.Module, received: State, baseline: ModelBaseline) -> None:
         factors = {k: v for k, v in received.items() if is_lora(k)}
