@@ -210,6 +210,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     job = open_job(msg, context)
     data = job.session.eval_partition(job.round.partition_id)
     result = job.session.task.evaluate(job.model, data, job.cfg.train.eval_batch_size)
+    cfg = job.cfg
+    if cfg.evaluation.lm_eval.due(job.round.instruction.server_round, cfg.federation.num_rounds):
+        from finetune.harness import Harness
+
+        mirror = node_hub_mirror(context.node_config, cfg.hub_mirror)
+        result |= Harness(cfg, mirror, getattr(job.session.task, "tokenizer", None)).score(job.model)
     metrics = MetricRecord({NUM_EXAMPLES: len(data), **result})
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
 

@@ -97,6 +97,10 @@ class ExperimentConfig:
                 "privacy.mode=central bounds each client's influence on a uniform mean: "
                 "set method.weighting=uniform",
             )
+        require(
+            not self.evaluation.lm_eval.tasks or self.dataset.task == "causal_lm",
+            f"evaluation.lm_eval scores causal LMs; dataset {self.dataset.name!r} is {self.dataset.task}",
+        )
         if self.federation.robust != "none":
             require(
                 not self.method.no_robust_aggregate,

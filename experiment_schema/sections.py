@@ -403,6 +403,32 @@ class PrivacyConfig:
 
 
 @dataclass
+class LmEvalConfig:
+    """EleutherAI's lm-evaluation-harness on the global causal LM (finetune/harness.py): its task
+    names (or names of tasks defined in the ``include`` folder, in the harness's YAML format),
+    scored after the last round, and before round 1 and every ``every`` rounds when ``every`` > 0,
+    where ``evaluation.where`` says; the scores are ``eval_lm_<task>_<metric>``."""
+
+    tasks: list[str] = field(default_factory=list)
+    include: str = ""  # a folder of task YAMLs (local tasks, their data files beside them)
+    num_fewshot: int = -1  # -1: each task's own default
+    limit: int = 0  # examples scored per task; 0 = all
+    batch_size: int = 8
+    every: int = 0
+
+    def due(self, server_round: int, last_round: int) -> bool:
+        if not self.tasks:
+            return False
+        return server_round == last_round or (self.every > 0 and server_round % self.every == 0)
+
+    def validate(self) -> None:
+        require(self.num_fewshot >= -1, "evaluation.lm_eval.num_fewshot must be >= 0 (or -1: the task's)")
+        require(self.limit >= 0, f"evaluation.lm_eval.limit must be >= 0, got {self.limit}")
+        require(self.batch_size >= 1, f"evaluation.lm_eval.batch_size must be >= 1, got {self.batch_size}")
+        require(self.every >= 0, f"evaluation.lm_eval.every must be >= 0, got {self.every}")
+
+
+@dataclass
 class EvaluationConfig:
     """Where the global model is scored. ``server``: the ServerApp evaluates it on the validation
     split after every round; ``clients``: every client evaluates it on its own validation share and
@@ -416,8 +442,10 @@ class EvaluationConfig:
     # The device the ServerApp's model lives on: auto (the GPU when there is one) | cpu (keep the
     # GPU for the clients: simulation, or a server that shares a machine with a node).
     server_device: str = "auto"
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
 
     def validate(self) -> None:
+        self.lm_eval.validate()
         choice(self.where, ("server", "clients"), "evaluation.where")
         require(self.every >= 1, f"evaluation.every must be >= 1, got {self.every}")
         choice(self.server_device, ("auto", "cpu"), "evaluation.server_device")

@@ -207,7 +207,14 @@ def make_evaluator(
     data: ServerData,
 ) -> Evaluate:
     """Server-side evaluation of the global model, or — for personalised rules, where part of
-    every model never leaves its client — the clients' evaluation of their own models."""
+    every model never leaves its client — the clients' evaluation of their own models. The
+    ``evaluation.lm_eval`` tasks are checked here, before any training."""
+    harness = None
+    if cfg.evaluation.lm_eval.tasks:
+        from finetune.harness import Harness
+
+        harness = Harness(cfg, hub_mirror(cfg.hub_mirror), getattr(server.task, "tokenizer", None))
+        harness.check()
     if strategy.evaluate_on_clients:  # personalised rules, or evaluation.where=clients
         eval_sizes = [len(share) for share in data.partitions.shares_of(data.eval_raw)]
         if empty := [client for client, size in enumerate(eval_sizes) if not size]:
@@ -222,7 +229,10 @@ def make_evaluator(
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         server.load(arrays)
-        return server.task.evaluate(server.model, eval_data, cfg.train.eval_batch_size)
+        metrics = server.task.evaluate(server.model, eval_data, cfg.train.eval_batch_size)
+        if harness is not None and cfg.evaluation.lm_eval.due(server_round, cfg.federation.num_rounds):
+            metrics |= harness.score(server.model)
+        return metrics
 
     return evaluate_global
 
