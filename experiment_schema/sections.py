@@ -291,6 +291,10 @@ class FederationConfig:
     # model's size rather than every reply: on | off | auto (on above a 256 MB global state).
     # Early arrivals wait for their predecessors: the sums do not depend on arrival order.
     stream_aggregation: str = "auto"
+    # A communication budget (FlowerTune's): the array bytes sent down and up over the whole run,
+    # in MB; a round that would take the run past it is not started, and the run stops and says
+    # so (summary.json "stopped"). 0 = none.
+    max_communication_mb: float = 0.0
     # Bound each reply's update, measured on what it changes in the model (strategies/bounds.py):
     # off | reject (a norm above update_bound_k × the round's median norm) | clip (to
     # update_bound_norm). Rejected and clipped replies are logged and recorded with their norms.
@@ -326,6 +330,9 @@ class FederationConfig:
         require(self.connect_timeout_s > 0, "federation.connect_timeout_s must be > 0")
         require(self.query_all_up_to >= 0, "federation.query_all_up_to must be >= 0")
         choice(self.stream_aggregation, ("auto", "on", "off"), "federation.stream_aggregation")
+        require(
+            self.max_communication_mb >= 0, "federation.max_communication_mb must be >= 0 (0 = no budget)"
+        )
         self.validate_defences(num_clients)
 
     def validate_defences(self, num_clients: int) -> None:

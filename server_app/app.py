@@ -296,8 +296,11 @@ def summarize(
     rows = recorder.rows
     pick = max if higher_is_better(cfg.dataset.main_metric) else min
     best = pick((row for row in rows if row.get(key) is not None), key=lambda row: row[key])
+    scored = [row for row in rows if any(k.startswith("eval_") and k != "eval_seconds" for k in row)]
+    final = scored[-1] if scored else rows[-1]
     return {
         "status": "completed",
+        **({"stopped": recorder.stopped} if recorder.stopped else {}),
         "run_dir": str(recorder.folder),
         "method": cfg.method.name,
         "model": cfg.model.name,
@@ -307,7 +310,8 @@ def summarize(
         "num_clients": cfg.partition.num_clients,
         "rounds": cfg.federation.num_rounds,
         "main_metric": cfg.dataset.main_metric,
-        "final": {k: v for k, v in rows[-1].items() if k.startswith("eval_") and k != "eval_seconds"},
+        "final": {k: v for k, v in final.items() if k.startswith("eval_") and k != "eval_seconds"},
+        "final_round": final["round"],
         "best": {"round": best["round"], key: best[key]},
         "total_bytes_down": sum(row["bytes_down"] for row in rows),
         "total_bytes_up": sum(row["bytes_up"] for row in rows),

@@ -22,6 +22,12 @@ from strategies.engine import Engine
 from strategies.protocol import Instruction
 
 log = logging.getLogger(__name__)
+
+
+class CommunicationBudgetExhausted(Exception):
+    """The next round would take the run past ``federation.max_communication_mb``."""
+
+
 Evaluate = Callable[[int, ArrayRecord], dict[str, float]]  # (server round, global arrays)
 POLL_SECONDS = 0.2  # Grid.send_and_receive polls every 3 s, which would idle whole rounds
 
@@ -105,7 +111,15 @@ def run_federation(
         round_start = time.perf_counter()
         lr = round_lr(cfg.train, server_round, cfg.federation.num_rounds, peak=cfg.peak_lr)
         reset_peak_rss()
-        arrays, train = train_round(grid, strategy, cfg, arrays, server_round, lr, central_dp, releases)
+        budget = budget_left(cfg, recorder)
+        try:
+            arrays, train = train_round(
+                grid, strategy, cfg, arrays, server_round, lr, central_dp, releases, budget
+            )
+        except CommunicationBudgetExhausted as stop:
+            log.warning("%s", stop)
+            recorder.stopped = str(stop)
+            break
         train_end, server_peak = time.perf_counter(), peak_rss_mb()
         eval_metrics = evaluate(server_round, arrays) if cfg.evaluation_due(server_round) else {}
         record = round_record(strategy, server_round, eval_metrics, train, lr)
@@ -118,6 +132,17 @@ def run_federation(
             record.checkpoint_mb, record.checkpoint_seconds = round(size / 1e6, 3), round(seconds, 3)
         recorder.log_round(record)
     return arrays
+
+
+def budget_left(cfg: ExperimentConfig, recorder: RunRecorder) -> float | None:
+    """Bytes of ``federation.max_communication_mb`` not yet spent by the recorded rounds."""
+    if not cfg.federation.max_communication_mb:
+        return None
+    spent = sum(
+        int(row.get("payload_bytes_down") or 0) + int(row.get("payload_bytes_up") or 0)
+        for row in recorder.rows
+    )
+    return cfg.federation.max_communication_mb * 1e6 - spent
 
 
 def start_federation(
@@ -184,12 +209,21 @@ def train_round(
     lr: float,
     central_dp: Strategy | None,
     releases: list[tuple[float, float, int]],
+    budget: float | None = None,
 ) -> tuple[ArrayRecord, dict[str, float]]:
     """Send the round's instructions, aggregate the replies; the new global arrays (the old ones
-    when the round kept them) and the aggregated reply metrics."""
+    when the round kept them) and the aggregated reply metrics. ``budget``: the bytes the run may
+    still move; a round that would move more is not sent (:class:`CommunicationBudgetExhausted`)."""
     driver = central_dp or strategy
     config = Instruction(cfg.to_json(), server_round=server_round, lr=lr).to_config()
     messages = list(driver.configure_train(server_round, arrays, config, grid))
+    planned = strategy.planned_bytes(server_round)
+    if budget is not None and planned > budget:
+        raise CommunicationBudgetExhausted(
+            f"communication budget: round {server_round} would move {planned / 1e6:,.1f} MB with "
+            f"{max(budget, 0) / 1e6:,.1f} MB of federation.max_communication_mb="
+            f"{cfg.federation.max_communication_mb:g} left; the run stops after round {server_round - 1}"
+        )
     progress = round_progress(server_round, cfg.logging.progress_seconds)
     streaming = central_dp is None and strategy.start_streaming(
         server_round, cfg.federation.stream_aggregation

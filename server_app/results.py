@@ -114,6 +114,7 @@ class RunRecorder:
         self.main_metric = main_metric
         self.rows: list[dict[str, Any]] = []  # RoundRecord.to_row() of every round so far
         self.tracker = tracker or Tracker()
+        self.stopped = ""  # why the run ended before its last round (a communication budget)
 
     @classmethod
     def create(cls, cfg: ExperimentConfig) -> RunRecorder:

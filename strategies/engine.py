@@ -166,6 +166,16 @@ class Engine(Strategy):
             stats.payload_down[node_id] = raw_bytes(record)
         return self._outbox
 
+    def planned_bytes(self, server_round: int) -> int:
+        """The array bytes the round configured last will move: its payloads down and the uploads
+        its nodes are expected to send (at the wire dtype)."""
+        stats = self.rounds[server_round]
+        itemsize = 2 if self.rule.method.wire_dtype == "float16" else 4
+        up = sum(
+            int(np.prod(shape)) * itemsize for shapes in self._expected.values() for shape in shapes.values()
+        )
+        return sum(stats.payload_down.values()) + up
+
     def expected_shapes(self, node_id: int) -> dict[str, tuple[int, ...]]:
         """The keys and shapes a valid reply of ``node_id`` holds this round ({}: not sampled)."""
         return dict(self._expected.get(node_id, {}))
