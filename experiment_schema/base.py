@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 RULE_PACKAGES = ("strategies",)
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-CONFIG_GROUPS = ("method", "model", "dataset", "partition")
+CONFIG_GROUPS = ("method", "model", "dataset", "partition", "recipe")
 
 METRIC_NAMES = ("accuracy", "f1", "matthews", "exact_match", "loss")
 LOWER_IS_BETTER = frozenset({"loss"})

@@ -49,6 +49,9 @@ class ExperimentConfig:
 
     name: str = ""
     seed: int = 0
+    # A leaderboard whose rules the run must keep (set by its recipe): "" | flowertune (exactly 20
+    # nodes and a communication budget of at most 200,000 MB).
+    leaderboard: str = ""
     method: MethodConfig = field(default_factory=MethodConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -69,6 +72,22 @@ class ExperimentConfig:
     # nodes keep for this experiment on their disks (the same when a run is resumed).
     experiment_id: str = ""
     save_adapter: bool = True
+
+    def check_leaderboard(self) -> None:
+        """The leaderboard's rules (FlowerTune: 20 SuperNodes, a 200,000 MB budget)."""
+        choice(self.leaderboard, ("", "flowertune"), "leaderboard")
+        if self.leaderboard == "flowertune":
+            budget = self.federation.max_communication_mb
+            require(
+                self.partition.num_clients == 20,
+                f"leaderboard=flowertune: the leaderboard's runs have exactly 20 SuperNodes; "
+                f"partition.num_clients={self.partition.num_clients}",
+            )
+            require(
+                0 < budget <= FLOWERTUNE_BUDGET_MB,
+                f"leaderboard=flowertune: the communication budget is {FLOWERTUNE_BUDGET_MB:,} MB; "
+                f"federation.max_communication_mb={budget:g} (0 = none) exceeds it",
+            )
 
     def evaluation_due(self, server_round: int) -> bool:
         """Whether the global model is scored after ``server_round`` (0: the initial model)."""
@@ -97,6 +116,7 @@ class ExperimentConfig:
                 "privacy.mode=central bounds each client's influence on a uniform mean: "
                 "set method.weighting=uniform",
             )
+        self.check_leaderboard()
         require(
             not self.evaluation.lm_eval.tasks or self.dataset.task == "causal_lm",
             f"evaluation.lm_eval scores causal LMs; dataset {self.dataset.name!r} is {self.dataset.task}",
@@ -200,6 +220,9 @@ class ExperimentConfig:
     @classmethod
     def from_json(cls, text: str) -> ExperimentConfig:
         return cls.from_dict(json.loads(text))
+
+
+FLOWERTUNE_BUDGET_MB = 200_000
 
 
 def migrated(data: dict[str, Any]) -> dict[str, Any]:

@@ -109,6 +109,8 @@ class DatasetConfig:
     # causal_lm: the user turn and the answer (loss on the answer tokens only)
     prompt_field: str = "question"
     response_field: str = "answer"
+    # causal_lm: a field whose text, when there is any, follows the prompt's (Alpaca's "input")
+    context_field: str = ""
     # causal_lm: the reference's final answer is what this regex captures (GSM8K: after ####)
     answer_pattern: str = r"####\s*(.+)"
     generate_examples: int = 32  # causal_lm: greedy generations scored by exact match (0: none)
@@ -140,7 +142,7 @@ class DatasetConfig:
             return [*self.text_fields, self.label_field]
         if self.task == "image_classification":
             return [self.image_field, self.label_field]
-        return [self.prompt_field, self.response_field]
+        return [self.prompt_field, *([self.context_field] if self.context_field else []), self.response_field]
 
     def validate(self) -> None:
         choice(self.task, TASKS, "dataset.task")
@@ -422,6 +424,11 @@ class LmEvalConfig:
     limit: int = 0  # examples scored per task; 0 = all
     batch_size: int = 8
     every: int = 0
+    # A leaderboard's domain score: eval_lm_<average> = the mean of the tasks' main scores (acc,
+    # exact match or pass@1); "" = none.
+    average: str = ""
+    # Tasks that run the model's generated programs (MBPP, HumanEval) need this: sandbox the scorer.
+    allow_code_execution: bool = False
 
     def due(self, server_round: int, last_round: int) -> bool:
         if not self.tasks:

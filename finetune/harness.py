@@ -93,11 +93,11 @@ class Harness:
 
         self.settings = cfg.evaluation.lm_eval
         self.mirror, self.tokenizer = mirror, with_end_token(tokenizer)
-        self.include = Path(self.settings.include).expanduser().resolve() if self.settings.include else None
+        self.include = task_folder(self.settings.include)
         if self.include is not None and not self.include.is_dir():
             raise ConfigError(f"evaluation.lm_eval.include={self.settings.include!r} is not a folder")
         include = str(self.include) if self.include else None
-        self.task_manager = TaskManager(include_path=include, verbosity="ERROR")
+        self.task_manager = TaskManager(include_path=include)
 
     def check(self) -> None:
         """Every task exists and its data can be read: before any training."""
@@ -139,11 +139,39 @@ class Harness:
                 log_samples=False,
                 bootstrap_iters=0,
                 random_seed=0, numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234,
-                verbosity="ERROR",
+                confirm_run_unsafe_code=self.settings.allow_code_execution,
             )  # fmt: skip
         model.train(was_training)
         assert results is not None
-        return scores(results["results"])
+        out = scores(results["results"])
+        if self.settings.average:
+            main = [main_score(results["results"][task]) for task in self.settings.tasks]
+            out[f"lm_{self.settings.average}"] = sum(main) / len(main)
+        return out
+
+
+#: A task's main score, the first of these it reports (the leaderboards' choice).
+MAIN_SCORES = ("acc", "exact_match", "pass@1", "pass_at_1", "f1", "mcc")
+
+
+def main_score(metrics: dict[str, Any]) -> float:
+    """The task's main score: its accuracy, exact match or pass@1 (any filter)."""
+    for name in MAIN_SCORES:
+        for key, value in metrics.items():
+            if key.partition(",")[0] == name and isinstance(value, int | float):
+                return float(value)
+    raise ValueError(f"no main score ({', '.join(MAIN_SCORES)}) among {sorted(metrics)}")
+
+
+def task_folder(setting: str) -> Path | None:
+    """``evaluation.lm_eval.include``: absolute, or relative to the working folder, else to the
+    project (``evals/flowertune`` wherever the app runs from)."""
+    if not setting:
+        return None
+    path = Path(setting).expanduser()
+    if not path.is_absolute() and not path.is_dir():
+        path = Path(__file__).resolve().parent.parent / path
+    return path.resolve()
 
 
 def scores(results: dict[str, dict[str, Any]]) -> dict[str, float]:

@@ -30,6 +30,7 @@ def test_json_round_trip_is_lossless():
 
 
 # Options that only make sense beside another modality's groups.
+INSTRUCTION_DATASETS = ("alpaca_gpt4", "fingpt_sentiment", "medical_flashcards", "code_alpaca")
 COMPANIONS = {
     "efficientnet_lite0": {"dataset": "cifar10"},
     "vit_base": {"dataset": "cifar10"},
@@ -40,12 +41,13 @@ COMPANIONS = {
     "llama_3_2_1b": {"dataset": "gsm8k", "partition": "clusters"},
     "tiny_llama": {"dataset": "gsm8k", "partition": "iid"},
     "gsm8k": {"model": "smollm2", "partition": "clusters"},
+    **{key: {"model": "smollm2", "partition": "iid"} for key in INSTRUCTION_DATASETS},
     "feature_shift": {"dataset": "cifar10", "model": "tiny_vit"},
 }
 
 
 def test_every_shipped_option_composes():
-    for group in ("method", "model", "dataset", "partition"):
+    for group in ("method", "model", "dataset", "partition", "recipe"):
         for option in available_choices(group):
             compose_config({**COMPANIONS.get(option, {}), group: option})
 
@@ -61,7 +63,7 @@ def test_every_shipped_option_composes():
         (
             {"dataset": "imagenet"},
             "",
-            "valid choices: ['cifar10', 'cola', 'gsm8k', 'mnist', 'mrpc', 'rte', 'sst2']",
+            "valid choices: ['alpaca_gpt4', 'cifar10', 'code_alpaca', 'cola', 'fingpt_sentiment', 'gsm8k',",
         ),
         ({}, "method.rank=0", "method.rank must be >= 1"),
         ({"model": "efficientnet_lite0"}, "", "model.builder='efficientnet_lite0' is an image classifier"),

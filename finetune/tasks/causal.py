@@ -75,7 +75,8 @@ class InstructionTuning(Task):
         data, max_length = self.cfg.dataset, self.cfg.model.max_length
 
         def encode(row: dict[str, Any]) -> dict[str, Any]:
-            prompt = self.prompt_ids(row[data.prompt_field])
+            context = row[data.context_field] if data.context_field else ""
+            prompt = self.prompt_ids(row[data.prompt_field] + (f"\n\n{context}" if context else ""))
             answer = self.tokenizer(row[data.response_field] + self.end_text, add_special_tokens=False)
             ids = (prompt + answer["input_ids"])[:max_length]
             labels = ([IGNORE] * len(prompt) + answer["input_ids"])[:max_length]
