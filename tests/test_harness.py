@@ -103,3 +103,13 @@ def test_an_unknown_task_and_a_text_classifier_are_refused(hub_mirror, tmp_path)
         Harness(cfg, hub_mirror, None).check()
     with pytest.raises(ConfigError, match="scores causal LMs"):
         compose_config({}, ["evaluation.lm_eval.tasks=[arc_easy]"])
+
+
+def test_the_shipped_demo_task_loads_from_a_path_relative_to_the_project(hub_mirror, monkeypatch, tmp_path):
+    from finetune.harness import Harness
+
+    monkeypatch.chdir(tmp_path)  # not the project: evals/demo is found beside the code
+    cfg = tiny_cfg(hub_mirror, "evals/demo", "demo_arith")
+    harness = Harness(cfg, hub_mirror, None)
+    harness.check()
+    assert harness.include is not None and (harness.include / "arith.jsonl").is_file()
