@@ -1,7 +1,7 @@
 """A real Flower deployment on this machine: one SuperLink and N SuperNodes as separate processes,
 optionally with TLS and SuperNode authentication, running an experiment with ``flwr run``.
 
-    python -m launch.cluster --num-nodes 2 [--tls] [--auth] \
+    python -m launch.cluster --num-nodes 2 [--tls] [--auth] [--separate-hosts [--rate-mbit 10]] \
         --run-config "method='fedit' overrides='partition.num_clients=2 federation.num_rounds=2'"
 
 Each SuperNode gets its data through its node config (``partition-id``/``num-partitions`` of the
@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 
 from finetune.hub import default_hub_mirror
+from launch.netns import Hosts
 from launch.processes import console_script, free_port, start_process, stop_process
 from launch.simulation import (
     CONNECTION,
@@ -65,12 +66,19 @@ class LocalCluster:
     nodes: list[SuperNode] = field(default_factory=list)
     strays: list[SuperNode] = field(default_factory=list)  # nodes started beside the cluster's own
     superlink: LocalSuperLink | None = None
+    #: Separate hosts (launch.netns): the SuperLink in the hub namespace, node i in its own,
+    #: reaching the SuperLink over its shaped link. None: everything on loopback.
+    hosts: Hosts | None = None
 
     def start(self) -> None:
         self.flwr_home = self.flwr_home.resolve()
         self.flwr_home.mkdir(parents=True, exist_ok=True)
-        tls = TLSFiles.make(self.flwr_home / "certs") if self.tls else None
-        self.superlink = LocalSuperLink(self.flwr_home, simulation=False, tls=tls, node_auth=self.auth)
+        names = ("127.0.0.1", "localhost", *(self.hosts.hub_addresses() if self.hosts else ()))
+        tls = TLSFiles.make(self.flwr_home / "certs", names) if self.tls else None
+        self.superlink = LocalSuperLink(
+            self.flwr_home, simulation=False, tls=tls, node_auth=self.auth,
+            bind="0.0.0.0" if self.hosts else "127.0.0.1", on_host=self.hosts.on_hub if self.hosts else None,
+        )  # fmt: skip
         self.superlink.start()
         for index in range(self.num_nodes):
             config = f"partition-id={index} num-partitions={self.num_nodes}"
@@ -106,8 +114,11 @@ class LocalCluster:
         # the warm runtime's SuperNode also polls sooner when idle (launch/supernode.py); --cold is
         # stock Flower throughout
         supernode = console_script("fedsubspace-supernode" if self.warm else "flower-supernode")
+        address = self.superlink.address
+        if self.hosts is not None:  # across its link, from its own host
+            address = f"{self.hosts.hub_address(node.index)}:{self.superlink.port}"
         command = [
-            supernode, "--superlink", self.superlink.address,
+            supernode, "--superlink", address,
             "--port", str(node.runtime_port), "--node-config", node.node_config, "--max-retries", "0",
         ]  # fmt: skip
         command += ["--isolation", "process"] if self.warm else []
@@ -117,7 +128,11 @@ class LocalCluster:
             else ["--root-certificates", str(self.superlink.tls.ca_cert)]
         )
         command += ["--auth-supernode-private-key", str(node.private_key)] if node.private_key else []
-        return command
+        return self.on_node_host(node, command)
+
+    def on_node_host(self, node: SuperNode, command: list[str]) -> list[str]:
+        """``command`` run on ``node``'s host (its namespace, when the cluster has separate hosts)."""
+        return self.hosts.on_node(node.index, command) if self.hosts is not None else command
 
     def start_node(self, node: SuperNode) -> None:
         assert self.superlink is not None
@@ -133,10 +148,10 @@ class LocalCluster:
 
     def runtime_command(self, node: SuperNode) -> list[str]:
         threads = self.threads_per_node or max(1, (os.cpu_count() or 1) // max(self.num_nodes, 1))
-        return [
+        return self.on_node_host(node, [
             sys.executable, "-m", "launch.warm_node", "--runtime-api-address",
             f"127.0.0.1:{node.runtime_port}", "--insecure", "--threads", str(threads), *self.worker_options,
-        ]  # fmt: skip
+        ])  # fmt: skip
 
     def start_runtime(self, node: SuperNode) -> None:
         """The node's warm SuperExec (its worker dies with it)."""
@@ -208,6 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flwr-home", default=str(PROJECT_DIR / ".flwr-cluster"))
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--cold", action="store_true", help="Flower's SuperExec: a process per message")
+    parser.add_argument(
+        "--separate-hosts", action="store_true",
+        help="the SuperLink and each SuperNode in network namespaces of their own (root; launch/netns.py)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rate-mbit", type=float, default=None, help="with --separate-hosts: each link's rate"
+    )
     args = parser.parse_args(argv)
     stop_on_sigterm()
     logging.basicConfig(level=logging.INFO, format="%(levelname)-7s %(name)s: %(message)s")
@@ -222,7 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         hub_mirror=args.hub_mirror,
         warm=not args.cold,
     )
-    with cluster:
+    with contextlib.ExitStack() as stack:
+        if args.separate_hosts:
+            cluster.hosts = stack.enter_context(Hosts(args.num_nodes, rate_mbit=args.rate_mbit))
+        stack.enter_context(cluster)
         outcome = cluster.run(run_config, timeout=args.timeout)
     log.info("run %d: %s after %.0f s", outcome.run_id, outcome.status, outcome.seconds)
     return 0 if outcome.ok else 1

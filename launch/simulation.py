@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -31,6 +32,13 @@ from finetune.hub import default_hub_mirror
 from launch.processes import console_script, free_port, start_process, stop_process
 
 log = logging.getLogger(__name__)
+#: The SuperLink's health check, run on its host (another network namespace).
+HEALTH_PROBE = """import httpx, sys
+try:
+    sys.exit(0 if httpx.get({url!r}, timeout=1.0, verify={verify!r}).is_success else 1)
+except httpx.HTTPError:
+    sys.exit(1)
+"""
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 CONNECTION = "fedsubspace-sim"
@@ -81,13 +89,19 @@ class LocalSuperLink:
         tls: TLSFiles | None = None,
         node_auth: bool = False,
         ray_address: str = "",
+        bind: str = "127.0.0.1",
+        on_host: Callable[[list[str]], list[str]] | None = None,
     ) -> None:
+        """``bind``: the address it listens on (``0.0.0.0``: every interface of its host);
+        ``on_host``: wraps every command that must run on its host (``launch.netns``: in its
+        network namespace): the SuperLink itself, its health check and the flwr CLI."""
         if node_auth and tls is None:
             raise ValueError("SuperNode authentication needs TLS")
         self.flwr_home = flwr_home.resolve()
         self.port = port or free_port()
         self.simulation, self.tls, self.node_auth = simulation, tls, node_auth
         self.ray_address = ray_address  # a running Ray cluster the simulation joins (RAY_ADDRESS)
+        self.bind, self.on_host = bind, on_host
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -127,7 +141,7 @@ class LocalSuperLink:
         log_file = self.flwr_home / "superlink.log"
         command = [
             console_script("flower-superlink"), "--isolation", "subprocess",
-            "--host", "127.0.0.1", "--port", str(self.port),
+            "--host", self.bind, "--port", str(self.port),
             "--disable-runtime-dependency-installation", "--log-file", str(log_file),
         ]  # fmt: skip
         command += ["--simulation"] if self.simulation else []
@@ -140,20 +154,32 @@ class LocalSuperLink:
                 "--ssl-keyfile", str(self.tls.server_key),
             ]  # fmt: skip
         # Its own process group: stop() ends its children too.
-        self.process = start_process(command, self.env(), self.flwr_home)
-        scheme, verify = ("http", True) if self.tls is None else ("https", str(self.tls.ca_cert))
+        self.process = start_process(self.hosted(command), self.env(), self.flwr_home)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"flower-superlink exited with {self.process.returncode}; see {log_file}")
-            try:
-                if httpx.get(f"{scheme}://{self.address}/health", timeout=1.0, verify=verify).is_success:
-                    return
-            except httpx.HTTPError:
-                pass
+            if self.healthy():
+                return
             time.sleep(0.3)
         self.stop()
         raise RuntimeError(f"flower-superlink did not become healthy in {timeout:.0f} s; see {log_file}")
+
+    def hosted(self, command: list[str]) -> list[str]:
+        return self.on_host(command) if self.on_host is not None else command
+
+    def healthy(self) -> bool:
+        """Its health endpoint answers, asked from its own host."""
+        scheme, verify = ("http", True) if self.tls is None else ("https", str(self.tls.ca_cert))
+        url = f"{scheme}://{self.address}/health"
+        if self.on_host is None:
+            try:
+                return httpx.get(url, timeout=1.0, verify=verify).is_success
+            except httpx.HTTPError:
+                return False
+        probe = HEALTH_PROBE.format(url=url, verify=verify)
+        checked = subprocess.run(self.hosted([sys.executable, "-c", probe]), capture_output=True, check=False)
+        return checked.returncode == 0
 
     def stop(self) -> None:
         stop_process(self.process)
@@ -168,7 +194,7 @@ class LocalSuperLink:
 
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [console_script("flwr"), *args],
+            self.hosted([console_script("flwr"), *args]),
             env=self.env(),
             capture_output=True,
             text=True,
@@ -201,7 +227,7 @@ class LocalSuperLink:
         logger = None
         if stream:
             logger = subprocess.Popen(
-                [console_script("flwr"), "log", str(run_id), CONNECTION, "--stream"],
+                self.hosted([console_script("flwr"), "log", str(run_id), CONNECTION, "--stream"]),
                 env=self.env(),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
