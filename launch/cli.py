@@ -17,6 +17,7 @@ any key of the schema (``experiment_schema/`` and the rule's own options in ``st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import logging
@@ -265,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument(
         "--cold", action="store_true", help="Flower's own SuperExec: a fresh ClientApp process per message"
     )
+    cluster.add_argument(
+        "--separate-hosts", action="store_true",
+        help="the SuperLink and each SuperNode in a network namespace of its own (root)",
+    )  # fmt: skip
+    cluster.add_argument(
+        "--rate-mbit", type=float, default=None, help="with --separate-hosts: each link's rate"
+    )
     experiment_command("validate", "compose and check the experiment, print it, start nothing")
     resume = commands.add_parser(
         "resume",
@@ -353,12 +361,17 @@ def launch(args: argparse.Namespace, experiment: Experiment, nodes: int) -> int:
         )  # fmt: skip
     else:
         from launch.cluster import LocalCluster
+        from launch.netns import Hosts
 
         mirror = experiment.run_config.get("hub-mirror", "")
-        with LocalCluster(
+        cluster = LocalCluster(
             Path(args.flwr_home), nodes, tls=args.tls or args.auth, auth=args.auth, hub_mirror=mirror,
             warm=not getattr(args, "cold", False),
-        ) as cluster:  # fmt: skip
+        )  # fmt: skip
+        with contextlib.ExitStack() as stack:
+            if getattr(args, "separate_hosts", False):
+                cluster.hosts = stack.enter_context(Hosts(nodes, rate_mbit=args.rate_mbit))
+            stack.enter_context(cluster)
             outcome = cluster.run(run_config, timeout=args.timeout or math.inf)
     print(f"run {outcome.run_id}: {outcome.status} in {outcome.seconds:.0f} s", flush=True)
     return 0 if outcome.ok else 1
