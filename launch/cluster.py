@@ -177,12 +177,14 @@ class LocalCluster:
         stop_process(self.nodes[index].process, sig=signal.SIGKILL)
 
     def stop(self) -> None:
+        """The SuperLink (and the run it is running) first, then the nodes: a node that vanished
+        under a live run would be recorded as a failed round."""
+        if self.superlink is not None:
+            self.superlink.stop()
         for node in [*self.nodes, *self.strays]:
             stop_process(node.runtime)
             stop_process(node.process)
             node.process = node.runtime = None
-        if self.superlink is not None:
-            self.superlink.stop()
 
     def __enter__(self) -> LocalCluster:
         try:

@@ -12,6 +12,7 @@ process it started, by process group.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -103,6 +104,7 @@ class LocalSuperLink:
         self.ray_address = ray_address  # a running Ray cluster the simulation joins (RAY_ADDRESS)
         self.bind, self.on_host = bind, on_host
         self.process: subprocess.Popen[bytes] | None = None
+        self.active_run: int | None = None  # submitted and not yet seen to finish
 
     @property
     def address(self) -> str:
@@ -182,6 +184,12 @@ class LocalSuperLink:
         return checked.returncode == 0
 
     def stop(self) -> None:
+        """Stop the run it is running first (its ServerApp ends cleanly rather than recording a
+        round in which every node vanished), then the SuperLink and its children."""
+        if self.active_run is not None and self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.flwr("stop", str(self.active_run), CONNECTION, timeout=15.0)
+        self.active_run = None
         stop_process(self.process)
         self.process = None
 
@@ -217,7 +225,8 @@ class LocalSuperLink:
             args += ["--run-config", item]
         result = self.flwr(*args, timeout=300.0)
         try:
-            return int(json.loads(result.stdout)["run-id"])
+            self.active_run = int(json.loads(result.stdout)["run-id"])
+            return self.active_run
         except (json.JSONDecodeError, KeyError, ValueError) as error:
             raise RuntimeError(f"flwr run failed:\n{result.stdout}\n{result.stderr}") from error
 
@@ -246,6 +255,8 @@ class LocalSuperLink:
             status = f"timed out after {timeout:.0f} s ({status})"
         if logger is not None:
             _finish(logger, grace=5.0)
+        if self.active_run == run_id:
+            self.active_run = None
         return RunOutcome(run_id, status, time.monotonic() - start)
 
 
