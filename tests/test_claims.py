@@ -167,3 +167,15 @@ def test_the_job_code_git_compares_is_every_package_a_job_runs():
     build = tomllib.loads((PROJECT_DIR / "pyproject.toml").read_text())["tool"]["hatch"]["build"]
     packages = set(build["targets"]["wheel"]["packages"]) - {"benchmarks"}  # the report, not a job
     assert packages <= set(RUN_CODE_PATHS) and {"conf", "pyproject.toml"} <= set(RUN_CODE_PATHS)
+
+
+def test_a_rule_is_at_chance_by_its_mean_as_its_cell_table_marks_it():
+    from benchmarks.claims import at_chance
+
+    chance = {"eval_examples": 1000, "majority_rate": 0.123}
+    finals = [0.10, 0.11, 0.12, 0.13, 0.17]  # one seed above chance, the mean (0.126) within 2 SE of it
+    runs = [run("ffa_lora", s, f) | {"chance": chance} for s, f in enumerate(finals)]
+    assert at_chance(runs)
+    below = [run("lora_fair", s, 0.101) | {"chance": chance} for s in range(5)]
+    assert at_chance(below)  # below a constant answer: nothing learnt
+    assert not at_chance([run("ffa_lora", s, 0.17) | {"chance": chance} for s in range(5)])
