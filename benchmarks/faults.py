@@ -127,14 +127,18 @@ def main(argv: list[str] | None = None) -> None:
     plan = [Case("", False), Case("", True)]
     plan += [Case(kind, defended) for kind in args.kinds.split(",") for defended in (False, True)]
     cases = []
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "records.jsonl").write_text("")
     for case in plan:
         cases.append(run_case(case, args.rounds, args.overrides))
         print(f"{case.label}: {case.status}, accuracy {case.accuracy}, {case.wall_seconds:.0f} s", flush=True)
+        if args.out is not None:  # each case as it ends: a cut-short benchmark keeps what it measured
+            with open(args.out / "records.jsonl", "a") as records:
+                records.write(json.dumps(asdict(case)) + "\n")
     text = table(cases, args.rounds)
     print("\n" + text + "\n")
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "records.jsonl").write_text("".join(json.dumps(asdict(c)) + "\n" for c in cases))
         command = "python -m benchmarks.faults " + " ".join(argv if argv is not None else sys.argv[1:])
         (args.out / "README.md").write_text(f"# Fault injection\n\n`{command}`\n\n{text}\n")
 
