@@ -49,7 +49,7 @@ def run_case(case: Case, rounds: int, extra: list[str]) -> Case:
     output = Path(tempfile.mkdtemp(prefix=f"faults-{case.fault or 'clean'}-"))
     command = [
         sys.executable, "-m", "launch.cli", "run", f"federation.num_rounds={rounds}", "save_adapter=false",
-        "--output-dir", str(output), *(DEFENCES if case.defended else []), *extra,
+        *(DEFENCES if case.defended else []), *extra, "--output-dir", str(output),
     ]  # fmt: skip
     if case.fault:
         command += ["--run-config", f"inject-fault='{case.fault}:{FAULTY_PARTITION}'"]
