@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import os
 import re
@@ -89,15 +90,12 @@ class Harness:
     """The experiment's ``evaluation.lm_eval`` tasks, checked once and scored on demand."""
 
     def __init__(self, cfg: ExperimentConfig, mirror: Path | None, tokenizer: Any) -> None:
-        from lm_eval.tasks import TaskManager
-
         self.settings = cfg.evaluation.lm_eval
         self.mirror, self.tokenizer = mirror, with_end_token(tokenizer)
         self.include = task_folder(self.settings.include)
         if self.include is not None and not self.include.is_dir():
             raise ConfigError(f"evaluation.lm_eval.include={self.settings.include!r} is not a folder")
-        include = str(self.include) if self.include else None
-        self.task_manager = TaskManager(include_path=include)
+        self.task_manager = task_manager(str(self.include) if self.include else None)
 
     def check(self) -> None:
         """Every task exists and its data can be read: before any training."""
@@ -161,6 +159,15 @@ def main_score(metrics: dict[str, Any]) -> float:
             if key.partition(",")[0] == name and isinstance(value, int | float):
                 return float(value)
     raise ValueError(f"no main score ({', '.join(MAIN_SCORES)}) among {sorted(metrics)}")
+
+
+@functools.cache
+def task_manager(include: str | None) -> Any:
+    """The harness's index of its tasks (and ``include``'s): built once a process, as it reads
+    thousands of task files (seconds), where a client scores every k rounds."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include)
 
 
 def task_folder(setting: str) -> Path | None:

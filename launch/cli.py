@@ -31,6 +31,7 @@ from pathlib import Path
 
 from experiment_schema import CONFIG_GROUPS, ConfigError, ExperimentConfig, available_choices
 from finetune.hub import default_hub_mirror
+from launch.netns import add_host_options
 
 log = logging.getLogger(__name__)
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -266,13 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument(
         "--cold", action="store_true", help="Flower's own SuperExec: a fresh ClientApp process per message"
     )
-    cluster.add_argument(
-        "--separate-hosts", action="store_true",
-        help="the SuperLink and each SuperNode in a network namespace of its own (root)",
-    )  # fmt: skip
-    cluster.add_argument(
-        "--rate-mbit", type=float, default=None, help="with --separate-hosts: each link's rate"
-    )
+    add_host_options(cluster)
     experiment_command("validate", "compose and check the experiment, print it, start nothing")
     resume = commands.add_parser(
         "resume",
@@ -360,8 +355,7 @@ def launch(args: argparse.Namespace, experiment: Experiment, nodes: int) -> int:
             ray_address=args.ray_address,
         )  # fmt: skip
     else:
-        from launch.cluster import LocalCluster
-        from launch.netns import Hosts
+        from launch.cluster import LocalCluster, enter_cluster
 
         mirror = experiment.run_config.get("hub-mirror", "")
         cluster = LocalCluster(
@@ -369,9 +363,7 @@ def launch(args: argparse.Namespace, experiment: Experiment, nodes: int) -> int:
             warm=not getattr(args, "cold", False),
         )  # fmt: skip
         with contextlib.ExitStack() as stack:
-            if getattr(args, "separate_hosts", False):
-                cluster.hosts = stack.enter_context(Hosts(nodes, rate_mbit=args.rate_mbit))
-            stack.enter_context(cluster)
+            enter_cluster(stack, cluster, args)
             outcome = cluster.run(run_config, timeout=args.timeout or math.inf)
     print(f"run {outcome.run_id}: {outcome.status} in {outcome.seconds:.0f} s", flush=True)
     return 0 if outcome.ok else 1

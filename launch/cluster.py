@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 
 from finetune.hub import default_hub_mirror
-from launch.netns import Hosts
+from launch.netns import Hosts, add_host_options
 from launch.processes import console_script, free_port, start_process, stop_process
 from launch.simulation import (
     CONNECTION,
@@ -204,6 +204,13 @@ class LocalCluster:
         return self.superlink.follow(run_id, timeout, stream=stream)
 
 
+def enter_cluster(stack: contextlib.ExitStack, cluster: LocalCluster, args: argparse.Namespace) -> None:
+    """Start ``cluster`` in ``stack``, on separate hosts first when ``args`` asks for them."""
+    if getattr(args, "separate_hosts", False):
+        cluster.hosts = stack.enter_context(Hosts(cluster.num_nodes, rate_mbit=args.rate_mbit))
+    stack.enter_context(cluster)
+
+
 def stop_on_sigterm() -> None:
     """SIGTERM (``kill``, a CI timeout) unwinds like Ctrl-C, so ``LocalCluster.__exit__`` stops
     every process it started, by PID."""
@@ -225,13 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flwr-home", default=str(PROJECT_DIR / ".flwr-cluster"))
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--cold", action="store_true", help="Flower's SuperExec: a process per message")
-    parser.add_argument(
-        "--separate-hosts", action="store_true",
-        help="the SuperLink and each SuperNode in network namespaces of their own (root; launch/netns.py)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--rate-mbit", type=float, default=None, help="with --separate-hosts: each link's rate"
-    )
+    add_host_options(parser)
     args = parser.parse_args(argv)
     stop_on_sigterm()
     logging.basicConfig(level=logging.INFO, format="%(levelname)-7s %(name)s: %(message)s")
@@ -247,9 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         warm=not args.cold,
     )
     with contextlib.ExitStack() as stack:
-        if args.separate_hosts:
-            cluster.hosts = stack.enter_context(Hosts(args.num_nodes, rate_mbit=args.rate_mbit))
-        stack.enter_context(cluster)
+        enter_cluster(stack, cluster, args)
         outcome = cluster.run(run_config, timeout=args.timeout)
     log.info("run %d: %s after %.0f s", outcome.run_id, outcome.status, outcome.seconds)
     return 0 if outcome.ok else 1

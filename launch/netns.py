@@ -11,10 +11,22 @@ namespace it creates it removes again, and it sends nothing anywhere but between
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
+
+
+def add_host_options(parser: argparse.ArgumentParser) -> None:
+    """``--separate-hosts`` and ``--rate-mbit``: the cluster across network namespaces (launch/netns.py)."""
+    parser.add_argument(
+        "--separate-hosts", action="store_true",
+        help="the SuperLink and each SuperNode in a network namespace of its own (root; launch/netns.py)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rate-mbit", type=float, default=None, help="with --separate-hosts: each link's rate"
+    )
 
 
 class NamespacesUnavailable(RuntimeError):

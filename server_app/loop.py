@@ -217,7 +217,7 @@ def train_round(
     driver = central_dp or strategy
     config = Instruction(cfg.to_json(), server_round=server_round, lr=lr).to_config()
     messages = list(driver.configure_train(server_round, arrays, config, grid))
-    planned = strategy.planned_bytes(server_round)
+    planned = strategy.planned_bytes(server_round) if budget is not None else 0
     if budget is not None and planned > budget:
         raise CommunicationBudgetExhausted(
             f"communication budget: round {server_round} would move {planned / 1e6:,.1f} MB with "
