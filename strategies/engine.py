@@ -26,7 +26,7 @@ from strategies.protocol import ARRAYS, CONFIG, NUM_EXAMPLES, Instruction
 from strategies.replies import (
     Replies,
     RoundStats,
-    StreamFold,
+    WeightedFold,
     aggregate_metrics,
     evaluation_metrics,
     fail_on_common_config_error,
@@ -59,7 +59,8 @@ class Engine(Strategy):
         self._outbox: list[Message] = []
         self._expected: dict[int, dict[str, tuple[int, ...]]] = {}
         self._global: dict[str, np.ndarray] = {}
-        self._stream: StreamFold | None = None
+        self._fold: WeightedFold | None = None
+        self._streaming = False
 
     @classmethod
     def from_experiment(cls, cfg: ExperimentConfig, rule_type: type[ServerRule]) -> Engine:
@@ -129,6 +130,8 @@ class Engine(Strategy):
             sampled=self.nodes.sample_learnt(grid, nodes, config, server_round)
         )
         self.rule.begin_round(server_round, self._global)
+        self._streaming = False
+        self._fold = WeightedFold(list(stats.sampled)) if self.rule.streamable else None  # client order
         common = common_instruction(config, server_round)
         self._outbox, self._expected = [], {}
         for node_id in stats.sampled:
@@ -150,29 +153,28 @@ class Engine(Strategy):
         of holding them all: ``on``, or ``auto`` for a global state over ``STREAM_ABOVE_BYTES``;
         only rules whose aggregate is a weighted mean of the uploads can."""
         size = sum(a.nbytes for a in self._global.values())
-        self._stream = None
-        if self.rule.streamable and (mode == "on" or (mode == "auto" and size > STREAM_ABOVE_BYTES)):
-            stats = self.rounds[server_round]
-            self._stream = StreamFold(sorted(stats.sampled, key=self.nodes.client_order))
-        return self._stream is not None
+        self._streaming = self.rule.streamable and (
+            mode == "on" or (mode == "auto" and size > STREAM_ABOVE_BYTES)
+        )
+        return self._streaming
 
     def receive(self, reply: Message) -> None:
         """Validate one reply and fold it into the round's sums (the reply is not kept)."""
-        assert self._stream is not None
+        assert self._fold is not None
         node_id = self._node_of(reply)
         parsed = self._parse(self.server_round, node_id, reply, self.rounds[self.server_round])
         if parsed is None:
-            self._stream.settle(node_id)
+            self._fold.settle(node_id)
             return
         state, metrics = parsed
-        self._stream.add(node_id, state, self._weight(metrics), metrics)
+        self._fold.add(node_id, state, self._weight(metrics), metrics)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.rounds.setdefault(server_round, RoundStats())
-        if self._stream is not None:
-            return self._aggregate_stream(server_round, replies, stats)
+        if self._fold is not None:  # held or streamed, one fold: bit for bit the same aggregate
+            return self._aggregate_folded(server_round, replies, stats)
         held: list[tuple[int, dict[str, np.ndarray], dict[str, float]]] = []
         for reply in replies:
             node_id = self._node_of(reply)
@@ -192,20 +194,21 @@ class Engine(Strategy):
         )
         return to_record(new_state), aggregate_metrics(metrics, weights)
 
-    def _aggregate_stream(
+    def _aggregate_folded(
         self, server_round: int, replies: Iterable[Message], stats: RoundStats
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        stream = self._stream
-        assert stream is not None
-        for reply in replies:  # any the loop did not hand over as they arrived
+        fold = self._fold
+        assert fold is not None
+        for reply in replies:  # all of them (held), or any the loop did not hand over as they arrived
             self.receive(reply)
-        stream.finish()
-        self._stream = None
-        stats.peak_held_replies = stream.peak_pending
-        if not self._settle_round(server_round, stats, stream.folded, stream.metrics):
+        fold.finish()
+        self._fold = None
+        if self._streaming:
+            stats.peak_held_replies = fold.peak_pending
+        if not self._settle_round(server_round, stats, fold.folded, fold.metrics):
             return None, None
-        new_state = self.rule.step(server_round, self._global, stream.mean())
-        return to_record(new_state), aggregate_metrics(stream.metrics, stream.weights)
+        new_state = self.rule.step(server_round, self._global, fold.mean())
+        return to_record(new_state), aggregate_metrics(fold.metrics, fold.weights)
 
     def _node_of(self, reply: Message) -> int:
         node_of_message = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outbox}
