@@ -74,9 +74,17 @@ def compute_section(
     lines += [
         "",
         f"Total: {total / 3600:.2f} h of measured compute over {sum(map(len, groups.values()))} jobs.",
-        "",
     ]
-    return lines
+    contended = [r for runs in groups.values() for r in runs if r.get("contended")]
+    if contended:
+        lost = sum(float(r.get("job_seconds") or r["wall_seconds"]) for r in contended)
+        lines.append(
+            f"Of those, {len(contended)} jobs ({lost / 3600:.2f} h) ran while other work shared the machine "
+            "(flagged `contended`: the load average exceeded its cores, or the session says so): their "
+            "metrics stand, their wall time overstates their cost, and the sweep's estimates use jobs "
+            "that had the machine to themselves wherever there are any."
+        )
+    return [*lines, ""]
 
 
 def _efficiency_line(record: dict[str, Any], parallel: int) -> str | None:

@@ -37,7 +37,16 @@ CODE_PATHS = (
 
 #: The code a benchmark job runs (its app, its launch and its configs): two commits that differ
 #: elsewhere (reports, tests, docs) train identically.
-RUN_CODE_PATHS = ("finetune", "strategies", "server_app", "client_app", "launch", "conf", "pyproject.toml")
+RUN_CODE_PATHS = (
+    "experiment_schema",
+    "finetune",
+    "strategies",
+    "server_app",
+    "client_app",
+    "launch",
+    "conf",
+    "pyproject.toml",
+)
 
 
 def same_run_code(folder: Path, a: str, b: str) -> bool:

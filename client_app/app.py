@@ -228,7 +228,10 @@ def setup(msg: Message, context: Context) -> Message:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """What the server asks before training: this node's partition and (where ranks differ) rank."""
+    from finetune.logs import setup_logging
+
     startup_seconds()
+    setup_logging(ml_stack=False)  # a resumed run's first message: its restore of kept state logs
     job_round = read_round(msg, context)
     rule = get_rule(job_round.cfg.method.name).client
     rank = rule.describe(

@@ -36,6 +36,9 @@ SERVER_OPTIMIZERS = ("none", "avgm", "adam", "yogi", "adagrad")
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "nf4", "int8")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: ``federation.update_bound`` and ``federation.robust`` (strategies/bounds.py, strategies/robust.py).
+UPDATE_BOUNDS = ("off", "reject", "clip")
+ROBUST_AGGREGATES = ("none", "median", "trimmed_mean", "krum", "multi_krum")
 
 
 class ConfigError(ValueError):
@@ -89,6 +92,9 @@ class MethodConfig:
     uploads_are_global: ClassVar[bool] = True
     #: Why a server optimizer cannot apply to this rule ("" = it can).
     no_server_optimizer: ClassVar[str] = ""
+    #: Why ``federation.robust`` cannot apply to this rule ("" = its aggregate is a weighted mean
+    #: of the uploads, which a robust aggregate can replace); checked against the rule at registration.
+    no_robust_aggregate: ClassVar[str] = ""
 
     def validate(self) -> None:
         choice(self.name, tuple(method_names()), "method.name")

@@ -97,6 +97,17 @@ class ExperimentConfig:
                 "privacy.mode=central bounds each client's influence on a uniform mean: "
                 "set method.weighting=uniform",
             )
+        if self.federation.robust != "none":
+            require(
+                not self.method.no_robust_aggregate,
+                f"federation.robust={self.federation.robust} does not apply to {self.method.name}: "
+                f"{self.method.no_robust_aggregate}",
+            )
+            require(
+                not (self.privacy.enabled and self.privacy.mode == "central"),
+                "federation.robust: privacy.mode=central calibrates its noise to a uniform mean's "
+                "sensitivity; a robust aggregate has another (use privacy.mode=local)",
+            )
         if self.privacy.enabled:
             require(
                 self.train.precision in ("auto", "fp32"),

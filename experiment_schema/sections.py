@@ -15,7 +15,9 @@ from experiment_schema.base import (
     PARTITIONERS,
     PRECISIONS,
     QUANTIZATIONS,
+    ROBUST_AGGREGATES,
     TASKS,
+    UPDATE_BOUNDS,
     WEIGHT_DTYPES,
     ConfigError,
     choice,
@@ -274,6 +276,20 @@ class FederationConfig:
     # model's size rather than every reply: on | off | auto (on above a 256 MB global state).
     # Early arrivals wait for their predecessors: the sums do not depend on arrival order.
     stream_aggregation: str = "auto"
+    # Bound each reply's update, measured on what it changes in the model (strategies/bounds.py):
+    # off | reject (a norm above update_bound_k × the round's median norm) | clip (to
+    # update_bound_norm). Rejected and clipped replies are logged and recorded with their norms.
+    update_bound: str = "off"
+    update_bound_k: float = 3.0
+    update_bound_norm: float = 0.0
+    # A robust aggregate in place of the weighted mean, for the rules whose aggregate is one
+    # (strategies/robust.py, Flower's functions): none | median | trimmed_mean (robust_trim cut
+    # from each end of every coordinate) | krum | multi_krum (robust_byzantine: Krum's f; multi_krum
+    # averages robust_keep replies, 0 = all but f).
+    robust: str = "none"
+    robust_trim: float = 0.1
+    robust_byzantine: int = 1
+    robust_keep: int = 0
 
     def clients_per_round(self, num_nodes: int) -> int:
         return clients_per_round(num_nodes, self.fraction_train, self.min_train_clients)
@@ -295,6 +311,40 @@ class FederationConfig:
         require(self.connect_timeout_s > 0, "federation.connect_timeout_s must be > 0")
         require(self.query_all_up_to >= 0, "federation.query_all_up_to must be >= 0")
         choice(self.stream_aggregation, ("auto", "on", "off"), "federation.stream_aggregation")
+        self.validate_defences(num_clients)
+
+    def validate_defences(self, num_clients: int) -> None:
+        choice(self.update_bound, UPDATE_BOUNDS, "federation.update_bound")
+        choice(self.robust, ROBUST_AGGREGATES, "federation.robust")
+        require(self.update_bound_k > 1, f"federation.update_bound_k must be > 1, got {self.update_bound_k}")
+        require(
+            self.update_bound != "clip" or self.update_bound_norm > 0,
+            "federation.update_bound=clip needs federation.update_bound_norm > 0, got "
+            f"{self.update_bound_norm}",
+        )
+        holds_all = [f"federation.robust={self.robust}"] if self.robust != "none" else []
+        holds_all += ["federation.update_bound=reject"] if self.update_bound == "reject" else []
+        require(
+            not (holds_all and self.stream_aggregation == "on"),
+            f"{' and '.join(holds_all)} compare every reply of a round, which must all be held: "
+            "set federation.stream_aggregation=auto or off",
+        )
+        trim = self.robust_trim
+        require(0 <= trim < 0.5, f"federation.robust_trim must be in [0, 0.5), got {trim}")
+        require(self.robust_byzantine >= 0, "federation.robust_byzantine must be >= 0")
+        per_round = self.clients_per_round(num_clients)
+        if self.robust in ("krum", "multi_krum"):
+            require(
+                per_round >= 2 * self.robust_byzantine + 3,
+                f"federation.robust={self.robust} with robust_byzantine={self.robust_byzantine} needs "
+                f"at least 2f + 3 = {2 * self.robust_byzantine + 3} replies a round; {per_round} "
+                "clients are sampled",
+            )
+        require(
+            0 <= self.robust_keep <= per_round,
+            f"federation.robust_keep must be in [0, {per_round}] (the clients sampled a round), "
+            f"got {self.robust_keep}",
+        )
 
 
 @dataclass

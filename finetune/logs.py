@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-PACKAGES = ("finetune", "strategies", "server_app", "client_app", "launch", "benchmarks")
+PACKAGES = ("experiment_schema", "finetune", "strategies", "server_app", "client_app", "launch", "benchmarks")
 _MARK = "_fedsubspace"
 DEBUG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
@@ -28,13 +28,15 @@ def quiet_third_party() -> None:
         root.addHandler(handler)
 
 
-def setup_logging(level: int = logging.INFO, debug_file: Path | None = None) -> None:
+def setup_logging(level: int = logging.INFO, debug_file: Path | None = None, ml_stack: bool = True) -> None:
     """Our packages log to stdout at ``level``; with ``debug_file`` everything (ours at DEBUG, every
-    library's records and warnings) also goes there."""
-    import datasets
-
+    library's records and warnings) also goes there. ``ml_stack=False`` for a handler that loads no
+    data (a QUERY): it does not import ``datasets`` only to silence its progress bars."""
     quiet_third_party()
-    datasets.disable_progress_bars()  # per-map progress bars drown the round lines in `flwr log`
+    if ml_stack:
+        import datasets
+
+        datasets.disable_progress_bars()  # per-map progress bars drown the round lines in `flwr log`
     formatter = logging.Formatter("%(levelname)-7s %(name)s: %(message)s")
     for name in PACKAGES:
         logger = logging.getLogger(name)

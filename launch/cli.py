@@ -79,7 +79,8 @@ def resolve(
     """Compose and validate the experiment exactly as the ServerApp will (same function, same
     run config); a resumed one is checked against its newest checkpoint too."""
     import strategies  # noqa: F401  (registers every rule's config schema)
-    from server_app.run_config import RESUME_KEY, experiment_from_run_config
+    from server_app.faults import Fault
+    from server_app.run_config import FAULT_KEY, RESUME_KEY, experiment_from_run_config
 
     run_config = legacy_run_config(legacy)
     if resume is not None:
@@ -94,6 +95,7 @@ def resolve(
     if mirror:
         run_config.setdefault("hub-mirror", str(Path(mirror).expanduser().resolve()))
     experiment = Experiment(run_config, experiment_from_run_config(dict(run_config)))
+    Fault.parse(run_config.get(FAULT_KEY, ""))  # a bad fault fails here, not in the ServerApp
     if resume is not None:
         check_resumable(resume.expanduser().resolve(), experiment.cfg)
     return experiment

@@ -24,23 +24,29 @@ def job_seconds(record: dict[str, Any]) -> float:
 
 def estimate(job: Job, history: list[dict[str, Any]], default: float) -> float:
     """The job's expected cost from the measured records of the most similar jobs: the same
-    method in the same cell and stage, else the cell's other methods, else the dataset's."""
+    method in the same cell and stage, else in the cell's other stage, else the cell's other
+    methods, else the dataset's — from jobs that had the machine to themselves where any did
+    (a contended job's wall time overstates its cost)."""
     model, dataset, setting = job.cell
     stage = "tune" if job.tuning else "report"
+    method = str(job.cfg.method)
     keys = (
         lambda r: (r["method"], r["dataset"], r.get("setting"), r.get("stage", "report"), r.get("model")),
+        lambda r: (r["method"], r["dataset"], r.get("setting"), r.get("model")),
         lambda r: (r["dataset"], r.get("setting"), r.get("model")),
         lambda r: (r["dataset"], r.get("model")),
     )
     wanted = (
-        (str(job.cfg.method), dataset, setting, stage, model),
+        (method, dataset, setting, stage, model),
+        (method, dataset, setting, model),
         (dataset, setting, model),
         (dataset, model),
     )
-    for key, target in zip(keys, wanted, strict=True):
-        seen = [job_seconds(r) for r in history if key(r) == target]
-        if seen:
-            return float(statistics.median(seen))
+    for pool in ([r for r in history if not r.get("contended")], history):
+        for key, target in zip(keys, wanted, strict=True):
+            seen = [job_seconds(r) for r in pool if key(r) == target]
+            if seen:
+                return float(statistics.median(seen))
     return default
 
 

@@ -5,6 +5,7 @@ pending."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,8 +66,21 @@ def job_record(job: Job, outcome: dict[str, Any], commit: str) -> dict[str, Any]
         stage="tune" if job.tuning else "report",
         job_seconds=round(outcome["job_seconds"], 2),
         phases=phases(outcome, summary, record),
+        **machine_load(),
     )
     return record
+
+
+#: A job's timing counts as contended when the machine's 1-minute load average at its end exceeds
+#: its cores by this factor (a job's own clients keep about one process per core busy).
+CONTENDED_LOAD = 1.25
+
+
+def machine_load() -> dict[str, Any]:
+    """The 1-minute load average when the job ended and whether it says other work shared the
+    machine: a contended job's metrics stand, its wall time overstates its cost."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    return {"load_1m": round(load, 2), "cores": cores, "contended": load > CONTENDED_LOAD * cores}
 
 
 def phases(outcome: dict[str, Any], summary: dict[str, Any], record: dict[str, Any]) -> dict[str, float]:

@@ -3,11 +3,12 @@
 Each rule runs three rounds in process (the engine, the real client function, tiny_bert, three
 nodes of which two are sampled a round, so catch-up and partial participation happen); the line
 per rule holds the sha256 of the global arrays after each round and the bytes of round 3. Run it
-at two commits and diff the outputs:
+at two commits and diff the outputs (it imports the code of the folder it runs in), from the
+checkout:
 
-    git worktree add /tmp/old <commit>
-    (cd /tmp/old && /path/to/.venv/bin/python /path/to/scripts/behaviour_digest.py) > old.txt
-    .venv/bin/python scripts/behaviour_digest.py > new.txt && diff old.txt new.txt
+    git worktree add ../old <commit>
+    (cd ../old && ../main/.venv/bin/python ../main/scripts/behaviour_digest.py) | grep -v INFO > old.txt
+    .venv/bin/python scripts/behaviour_digest.py | grep -v INFO > new.txt && diff old.txt new.txt
 """
 
 from __future__ import annotations

@@ -32,9 +32,10 @@ from finetune.state import base_weights, load_global_state, lora_base_layers, me
 from finetune.tasks import Task, build_task
 from server_app.centralized import run_centralized
 from server_app.checkpoint import Checkpoint, latest_checkpoint, refuse_unless_resumable
+from server_app.faults import Fault, FaultyGrid
 from server_app.loop import Evaluate, evaluate_on_clients, run_federation
 from server_app.results import RunRecorder
-from server_app.run_config import RESUME_KEY, experiment_from_run_config
+from server_app.run_config import FAULT_KEY, RESUME_KEY, experiment_from_run_config
 from strategies import Rule, get_rule
 from strategies.engine import Engine
 
@@ -50,6 +51,15 @@ def build_strategy(cfg: ExperimentConfig) -> Engine:
 def main(grid: Grid, context: Context) -> None:
     setup_logging()
     cfg = experiment_from_run_config(context.run_config)
+    fault = Fault.parse(str(context.run_config.get(FAULT_KEY, "")))
+    if fault is not None:
+        log.warning(
+            "fault injection (%s=%s): the replies of partition %d's node are altered",
+            FAULT_KEY,
+            fault,
+            fault.partition,
+        )
+        grid = FaultyGrid(grid, fault)  # type: ignore[assignment]  # a Grid in all but name
     resume_from = str(context.run_config.get(RESUME_KEY, ""))
     resume = resumable_checkpoint(Path(resume_from), cfg) if resume_from else None
     if resume is None:
@@ -141,6 +151,8 @@ def run_experiment(
     summary = summarize(cfg, recorder, data.sizes, trainable, time.perf_counter() - start, saved)
     # when the ServerApp started (unix time) and how long its data and model set-up took: a
     # sweep splits a job's wall time with them
+    if isinstance(grid, FaultyGrid):  # a fault-injection run says so wherever its results go
+        summary |= {"injected_fault": str(grid.fault), "faults_injected": [list(f) for f in grid.injected]}
     recorder.write_summary(summary | {"started_at": started_at, "setup_seconds": setup_seconds})
 
 

@@ -36,6 +36,9 @@ class RoundRecord:
     clients_aggregated: int = 0
     partitions_aggregated: list[int | None] = field(default_factory=list)
     clients_rejected: dict[str, str] = field(default_factory=dict)
+    update_norms: dict[str, float] = field(default_factory=dict)  # federation.update_bound on
+    updates_clipped: dict[str, float] = field(default_factory=dict)  # node -> scale applied
+    replies_ignored: list[str] = field(default_factory=list)  # duplicates, with why
     kept_previous: bool = False
     slowest_client_seconds: float | None = None
     client_seconds_total: float = 0.0

@@ -12,7 +12,8 @@ from experiment_schema import CONFIG_GROUPS, ConfigError, ExperimentConfig, comp
 from finetune.hub import hub_mirror
 
 RESUME_KEY = "resume-from"  # a run folder to continue from its newest checkpoint
-RUN_CONFIG_KEYS = (*CONFIG_GROUPS, "overrides", "hub-mirror", "output-dir", RESUME_KEY)
+FAULT_KEY = "inject-fault"  # kind:partition[:scale] (server_app/faults.py): tests and benchmarks only
+RUN_CONFIG_KEYS = (*CONFIG_GROUPS, "overrides", "hub-mirror", "output-dir", RESUME_KEY, FAULT_KEY)
 OUTPUT_DIR_ENV = "FEDSUBSPACE_OUTPUT_DIR"
 DEFAULT_OUTPUT_DIR = Path.home() / "fedsubspace-runs"
 

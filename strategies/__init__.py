@@ -14,6 +14,7 @@ from strategies.registry import RULES, Family, Rule, get_rule
 SUPPORT_MODULES = frozenset(
     [
         "averaging",
+        "bounds",
         "client",
         "engine",
         "lowrank",
@@ -23,6 +24,7 @@ SUPPORT_MODULES = frozenset(
         "ranks",
         "registry",
         "replies",
+        "robust",
         "rule",
         "server_optim",
         "traffic",

@@ -18,6 +18,7 @@ class CentralizedConfig(MethodConfig):
     name: str = "centralized"
 
     no_server_optimizer = "there is no federation (the server trains on the union of the data)"
+    no_robust_aggregate = no_server_optimizer
 
     def check_experiment(self, cfg: ExperimentConfig) -> None:
         require(not cfg.privacy.enabled, "privacy.enabled: the centralized baseline trains without DP")

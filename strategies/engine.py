@@ -1,9 +1,10 @@
 """The engine every rule runs in: one Flower Strategy that knows no rule.
 
 It samples live nodes (without Flower's wait-forever loop), builds one message per node from the
-rule's payload, rejects and logs bad replies, enforces a quorum, counts the bytes that travel,
-folds replies as they arrive where the rule's aggregate is a weighted mean, and evaluates on the
-clients where the model is personal. The rule (:class:`strategies.rule.ServerRule`) says what
+rule's payload, rejects and logs bad replies (malformed, stale, duplicated, or an update out of
+bounds), enforces a quorum, counts the bytes that travel, folds replies as they arrive where the
+rule's aggregate is a weighted mean (or replaces that mean by a robust aggregate), and evaluates
+on the clients where the model is personal. The rule (:class:`strategies.rule.ServerRule`) says what
 travels and how replies combine.
 """
 
@@ -21,6 +22,7 @@ from flwr.serverapp.strategy import Strategy
 
 from experiment_schema import ExperimentConfig
 from finetune.records import from_record, to_record
+from strategies.bounds import UpdateBound, clip_update, outliers, update_norm
 from strategies.nodes import NodeDirectory
 from strategies.protocol import ARRAYS, CONFIG, NUM_EXAMPLES, Instruction
 from strategies.replies import (
@@ -33,10 +35,13 @@ from strategies.replies import (
     parse_reply,
     raw_bytes,
 )
+from strategies.robust import RobustAggregate
 from strategies.rule import ServerRule
 
 log = logging.getLogger(__name__)
 
+#: A valid reply held for the round's aggregate: (node, uploaded state, metrics).
+HeldReply = tuple[int, dict[str, np.ndarray], dict[str, float]]
 #: ``stream_aggregation=auto`` folds replies as they arrive above this global-state size.
 STREAM_ABOVE_BYTES = 256 * 2**20
 
@@ -45,9 +50,17 @@ class Engine(Strategy):
     """Rounds, sampling, messages, validation, statistics and evaluation around one rule."""
 
     def __init__(
-        self, rule: ServerRule, *, min_replies: int = 1, evaluate_on_clients: bool | None = None
+        self,
+        rule: ServerRule,
+        *,
+        min_replies: int = 1,
+        evaluate_on_clients: bool | None = None,
+        bound: UpdateBound | None = None,
+        robust: RobustAggregate | None = None,
     ) -> None:
         self.rule = rule
+        self.bound = bound if bound is not None else UpdateBound()
+        self.robust = robust if robust is not None else RobustAggregate()
         self.nodes = rule.nodes  # sampling settings and what the nodes told (strategies.nodes)
         self.min_replies = min_replies
         self.evaluate_on_clients = (
@@ -61,6 +74,9 @@ class Engine(Strategy):
         self._global: dict[str, np.ndarray] = {}
         self._fold: WeightedFold | None = None
         self._streaming = False
+        self._frozen: dict[str, np.ndarray] = {}  # server arrays no payload carries (FFA-LoRA's A)
+        self._sent: dict[int, dict[str, np.ndarray]] = {}  # each node's payload this round
+        self._answered: set[int] = set()
 
     @classmethod
     def from_experiment(cls, cfg: ExperimentConfig, rule_type: type[ServerRule]) -> Engine:
@@ -76,14 +92,24 @@ class Engine(Strategy):
         )
         rule = rule_type(rule_type.resolve(cfg), nodes)
         on_clients = rule.evaluate_on_clients or cfg.evaluation.where == "clients"
-        return cls(rule, min_replies=federation.min_replies, evaluate_on_clients=on_clients)
+        f = federation
+        return cls(
+            rule,
+            min_replies=federation.min_replies,
+            evaluate_on_clients=on_clients,
+            bound=UpdateBound(f.update_bound, f.update_bound_k, f.update_bound_norm),
+            robust=RobustAggregate(f.robust, f.robust_trim, f.robust_byzantine, f.robust_keep),
+        )
 
     @property
     def node_partitions(self) -> dict[int, int]:
         return self.nodes.partitions
 
     def initial_state(self, trainable: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.rule.initial_state(trainable)
+        state = self.rule.initial_state(trainable)
+        keeps = self.rule.traffic.keeps
+        self._frozen = {k: v for k, v in trainable.items() if k not in state and not keeps(k)}
+        return state
 
     # --- the one-off set-up exchange -------------------------------------------------------
     def setup(self, grid: Grid, arrays: ArrayRecord, config: ConfigRecord) -> ArrayRecord:
@@ -131,11 +157,14 @@ class Engine(Strategy):
         )
         self.rule.begin_round(server_round, self._global)
         self._streaming = False
-        self._fold = WeightedFold(list(stats.sampled)) if self.rule.streamable else None  # client order
+        # the weighted-mean rules fold (held or streamed); a robust aggregate or the reject bound
+        # compares the round's replies, which are then all held
+        folds = self.rule.streamable and not (self.robust.enabled or self.bound.mode == "reject")
+        self._fold = WeightedFold(list(stats.sampled)) if folds else None  # sampled: client order
         common = common_instruction(config, server_round)
-        self._outbox, self._expected = [], {}
+        self._outbox, self._expected, self._sent, self._answered = [], {}, {}, set()
         for node_id in stats.sampled:
-            payload = self.rule.payload(node_id, self._global)
+            payload = self._sent[node_id] = self.rule.payload(node_id, self._global)
             record = self.rule.encode_payload(payload)
             self._outbox.append(self.node_message(node_id, record, common, MessageType.TRAIN))
             self._expected[node_id] = self.rule.expected_reply_shapes(node_id, payload, server_round)
@@ -151,9 +180,10 @@ class Engine(Strategy):
     def start_streaming(self, server_round: int, mode: str) -> bool:
         """Whether this round folds replies into running sums as they arrive (``receive``) instead
         of holding them all: ``on``, or ``auto`` for a global state over ``STREAM_ABOVE_BYTES``;
-        only rules whose aggregate is a weighted mean of the uploads can."""
+        only rules whose aggregate is a weighted mean of the uploads can (and not while a robust
+        aggregate or the reject bound needs every reply of the round)."""
         size = sum(a.nbytes for a in self._global.values())
-        self._streaming = self.rule.streamable and (
+        self._streaming = self._fold is not None and (
             mode == "on" or (mode == "auto" and size > STREAM_ABOVE_BYTES)
         )
         return self._streaming
@@ -164,9 +194,12 @@ class Engine(Strategy):
         node_id = self._node_of(reply)
         parsed = self._parse(self.server_round, node_id, reply, self.rounds[self.server_round])
         if parsed is None:
-            self._fold.settle(node_id)
+            if node_id in self.rounds[self.server_round].rejected:
+                self._fold.settle(node_id)
             return
         state, metrics = parsed
+        if self.bound.enabled:
+            state = self._clip(node_id, state, self.rounds[self.server_round])
         self._fold.add(node_id, state, self._weight(metrics), metrics)
 
     def aggregate_train(
@@ -175,7 +208,7 @@ class Engine(Strategy):
         stats = self.rounds.setdefault(server_round, RoundStats())
         if self._fold is not None:  # held or streamed, one fold: bit for bit the same aggregate
             return self._aggregate_folded(server_round, replies, stats)
-        held: list[tuple[int, dict[str, np.ndarray], dict[str, float]]] = []
+        held: list[HeldReply] = []
         for reply in replies:
             node_id = self._node_of(reply)
             parsed = self._parse(server_round, node_id, reply, stats)
@@ -183,15 +216,20 @@ class Engine(Strategy):
                 held.append((node_id, *parsed))
         # Arrival order and fresh node ids must not change the float sums: sum in client order.
         held.sort(key=lambda item: self.nodes.client_order(item[0]))
+        if self.bound.enabled:
+            held = self._bounded(server_round, stats, held)
         node_ids = [node_id for node_id, _, _ in held]
         metrics = [reply_metrics for _, _, reply_metrics in held]
         if not self._settle_round(server_round, stats, node_ids, metrics):
             return None, None
         weights = [self._weight(m) for m in metrics]
         states = [state for _, state, _ in held]
-        new_state = self.rule.aggregate(
-            Replies(server_round, self._global, states, np.asarray(weights, dtype=np.float64), node_ids)
-        )
+        if self.robust.enabled:  # in place of the rule's weighted mean (validated: it has one)
+            new_state = self.rule.step(server_round, self._global, self.robust.combine(states, weights))
+        else:
+            new_state = self.rule.aggregate(
+                Replies(server_round, self._global, states, np.asarray(weights, dtype=np.float64), node_ids)
+            )
         return to_record(new_state), aggregate_metrics(metrics, weights)
 
     def _aggregate_folded(
@@ -210,6 +248,45 @@ class Engine(Strategy):
         new_state = self.rule.step(server_round, self._global, fold.mean())
         return to_record(new_state), aggregate_metrics(fold.metrics, fold.weights)
 
+    # --- update bounds (strategies/bounds.py) ------------------------------------------------
+    def _update_norm(self, node_id: int, state: dict[str, np.ndarray]) -> float:
+        return update_norm(self._reference(node_id), state, self.rule.lora_scale)
+
+    def _reference(self, node_id: int) -> dict[str, np.ndarray]:
+        """What ``node_id`` started this round from: its payload and the server's frozen arrays."""
+        return {**self._frozen, **self._sent.get(node_id, {})}
+
+    def _clip(self, node_id: int, state: dict[str, np.ndarray], stats: RoundStats) -> dict[str, np.ndarray]:
+        """``state`` with its update clipped to the bound (``clip``); records its norm either way."""
+        norm = stats.update_norms[node_id] = self._update_norm(node_id, state)
+        if self.bound.mode != "clip":
+            return state
+        clipped, factor = clip_update(
+            self._reference(node_id), state, self.rule.lora_scale, self.bound.max_norm, norm
+        )
+        if factor < 1.0:
+            stats.clipped[node_id] = factor
+            log.warning(
+                "round %d: node %d's update norm %.4g clipped to %.4g (its arrays' updates scaled by %.4g)",
+                self.server_round, node_id, norm, self.bound.max_norm, factor,
+            )  # fmt: skip
+        return clipped
+
+    def _bounded(self, server_round: int, stats: RoundStats, held: list[HeldReply]) -> list[HeldReply]:
+        """The held replies within the bound: clipped (``clip``), or without the ones whose norm
+        exceeds k × the round's median (``reject``, recorded and logged as rejected)."""
+        bounded = [(node_id, self._clip(node_id, state, stats), m) for node_id, state, m in held]
+        if self.bound.mode != "reject":
+            return bounded
+        far = outliers({node_id: stats.update_norms[node_id] for node_id, _, _ in held}, self.bound.k)
+        for node_id, median in far.items():
+            stats.rejected[node_id] = (
+                f"update norm {stats.update_norms[node_id]:.4g} exceeds {self.bound.k:g} × the round's "
+                f"median norm {median:.4g} (federation.update_bound=reject)"
+            )
+            log.warning("round %d: node %d rejected: %s", server_round, node_id, stats.rejected[node_id])
+        return [item for item in bounded if item[0] not in far]
+
     def _node_of(self, reply: Message) -> int:
         node_of_message = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outbox}
         return node_of_message.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
@@ -220,7 +297,17 @@ class Engine(Strategy):
     def _parse(
         self, server_round: int, node_id: int, reply: Message, stats: RoundStats
     ) -> tuple[dict[str, np.ndarray], dict[str, float]] | None:
-        """The reply's state and metrics, or None after logging why it was rejected."""
+        """The reply's state and metrics, or None after logging why it was rejected. A reply that
+        does not answer this round's message to the node, or answers it a second time, is ignored:
+        the node's first genuine reply decides its outcome."""
+        problem = misaddressed(reply, node_id, server_round)
+        if problem is None and node_id in self._answered:
+            problem = "a second reply to this round's message (a duplicate)"
+        if problem is not None:
+            stats.ignored.append(f"node {node_id}: {problem}, ignored")
+            log.warning("round %d: a reply for node %d ignored: %s", server_round, node_id, problem)
+            return None
+        self._answered.add(node_id)
         parsed = parse_reply(reply, self._expected.get(node_id), stats, node_id)
         if not isinstance(parsed, str):
             return parsed
@@ -298,3 +385,17 @@ class Engine(Strategy):
 def common_instruction(config: ConfigRecord, server_round: int) -> Instruction:
     """The round's instruction, common to every node (the loop's config record, this round)."""
     return dataclasses.replace(Instruction.from_config(config), server_round=server_round)
+
+
+def misaddressed(reply: Message, node_id: int, server_round: int) -> str | None:
+    """Why a reply does not answer this round's message to ``node_id``: sent by another node, or
+    answering another round's message (a replayed or stale reply). Error replies the SuperLink
+    writes itself carry neither and are judged by their error."""
+    if reply.has_error():
+        return None
+    source, group = reply.metadata.src_node_id, reply.metadata.group_id
+    if source != node_id:
+        return f"answers node {node_id}'s message but came from node {source}"
+    if group != str(server_round):
+        return f"answers a message of round {group or '?'} in round {server_round} (stale or replayed)"
+    return None

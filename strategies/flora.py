@@ -27,6 +27,7 @@ class FLoRAConfig(HeterogeneousRankConfig, MergedBaseConfig):
     name: str = "flora"
 
     no_server_optimizer = MergedBaseConfig.no_server_optimizer
+    no_robust_aggregate = MergedBaseConfig.no_robust_aggregate
 
 
 @finite_inputs

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from experiment_schema import ExperimentConfig, require
-from finetune.lora import lora_layers, lora_scale
+from finetune.lora import lora_layers
 from finetune.spec import AdapterSpec
 from strategies.averaging import finite_inputs, weighted_mean
-from strategies.merging import BaseMergingStrategy, Factors, MergedBaseClient, MergedBaseConfig
-from strategies.nodes import NodeDirectory
+from strategies.fedex_lora import FedExLoRA
+from strategies.merging import Factors, MergedBaseClient, MergedBaseConfig
 from strategies.registry import Family, Rule, register
 from strategies.replies import Replies
 
@@ -54,15 +54,12 @@ def frlora_increment(
     return L, R
 
 
-class FRLoRA(BaseMergingStrategy):
-    """FedIT's means of A, B and the head; the round's update merged into the base; every client
-    back at the principal init ``(A0, B0)``, which the global state keeps."""
+class FRLoRA(FedExLoRA):
+    """FedEx-LoRA's merged base with another increment: FedIT's means of A, B and the head; the
+    round's update merged into the base; every client back at the principal init ``(A0, B0)``,
+    which the global state keeps."""
 
     name = "frlora"
-
-    def __init__(self, method: FRLoRAConfig | None = None, nodes: NodeDirectory | None = None) -> None:
-        super().__init__(method, nodes)
-        self.scale = lora_scale(self.method.alpha, self.method.rank)
 
     def merge(self, replies: Replies) -> tuple[dict[str, np.ndarray], Factors]:
         new = weighted_mean(replies.states, replies.weights)  # Ā, B̄ and the head

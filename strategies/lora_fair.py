@@ -28,6 +28,11 @@ class LoRAFAIRConfig(MethodConfig):
     fair_steps: int = 100
     fair_lr: float = 0.01
 
+    no_robust_aggregate = (
+        "its server correction fits B to the exact weighted mean of the clients' products; a "
+        "coordinate-wise aggregate of the factors leaves it no such target"
+    )
+
     def validate(self) -> None:
         super().validate()
         require(self.fair_lambda >= 0, f"method.fair_lambda must be >= 0, got {self.fair_lambda}")

@@ -69,6 +69,10 @@ class MergedBaseConfig(MethodConfig):
 
     uploads_are_global = False
     no_server_optimizer = "each round's update is folded into the frozen base; no global array is stepped"
+    no_robust_aggregate = (
+        "the exact sum of the clients' products is merged into the frozen base; a coordinate-wise "
+        "aggregate of the factors would merge an update no client made"
+    )
 
     def validate(self) -> None:
         super().validate()

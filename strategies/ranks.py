@@ -38,6 +38,10 @@ class HeterogeneousRankConfig(MethodConfig):
     no_server_optimizer = (
         "its global state is factors redistributed per node rank, not arrays the clients move"
     )
+    no_robust_aggregate = (
+        "clients upload factors of different ranks whose products are combined and re-factored; a "
+        "coordinate-wise aggregate of the factors is not one of the updates"
+    )
 
     def validate(self) -> None:
         super().validate()

@@ -79,6 +79,12 @@ def register(rule: Rule) -> Rule:
         raise ValueError(f"rule {rule.name!r} is registered twice")
     if rule.strategy.name != rule.name:
         raise ValueError(f"rule {rule.name!r}: its strategy is named {rule.strategy.name!r}")
+    if rule.strategy.streamable == bool(rule.config.no_robust_aggregate):
+        raise ValueError(
+            f"rule {rule.name!r}: streamable={rule.strategy.streamable} (a weighted-mean aggregate) but "
+            f"no_robust_aggregate={rule.config.no_robust_aggregate!r}; a robust aggregate applies "
+            "exactly to the weighted-mean rules, so exactly the others give a reason"
+        )
     register_method_config(rule.name, rule.config)
     RULES[rule.name] = rule
     return rule

@@ -42,6 +42,9 @@ class RoundStats:
     rejected: dict[int, str] = field(default_factory=dict)
     kept_previous: bool = False
     peak_held_replies: int = 0  # aggregating as replies arrive: the most replies held at once
+    update_norms: dict[int, float] = field(default_factory=dict)  # federation.update_bound on
+    clipped: dict[int, float] = field(default_factory=dict)  # node -> the factor its update was scaled by
+    ignored: list[str] = field(default_factory=list)  # replies dropped without deciding their node's outcome
 
     def settle(self, node_ids: list[int], metrics: list[dict[str, float]]) -> list[int]:
         """Record the replies aggregated and their clients' times; the sampled nodes that never

@@ -16,6 +16,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from experiment_schema import ExperimentConfig, MethodConfig, method_config_type
+from finetune.lora import lora_scale
 from finetune.records import to_record
 from finetune.spec import AdapterSpec
 from strategies.averaging import State, Weights
@@ -93,6 +94,11 @@ class ServerRule:
         """Keys and shapes a valid reply from ``node_id`` holds: what the traffic uploads of what
         it was sent."""
         return {k: v.shape for k, v in payload.items() if self.traffic.uploads(server_round, k)}
+
+    def lora_scale(self, rank: int) -> float:
+        """The LoRA scale of a node's factors of rank ``rank`` (the update bound measures
+        ``s B A``)."""
+        return lora_scale(self.method.alpha, rank)
 
     # --- each round, up --------------------------------------------------------------------
     def accept_reply(self, node_id: int, metrics: dict[str, float]) -> None:

@@ -72,3 +72,31 @@ def adapter_of(cfg: ExperimentConfig, rank: int | None = None):
     from strategies import get_rule
 
     return get_rule(cfg.method.name).client.default_adapter(cfg, rank)
+
+
+def node_state_of(root: Path, run_folder: Path) -> dict[int, dict[int, dict[str, object]]]:
+    """What the nodes kept on disk under ``root`` for ``run_folder``'s experiment
+    (``client_app.durable``'s layout): partition → round → its files' contents and the folder's
+    mtime; {} when they kept nothing. The contents compare with ``==``."""
+    from safetensors.numpy import load_file
+
+    from client_app.durable import ARRAYS_FILE, VALUES_FILE
+    from server_app.results import yaml_config
+
+    experiment = root / "experiments" / str(yaml_config(run_folder)["experiment_id"])
+    kept: dict[int, dict[int, dict[str, object]]] = {}
+    for partition in sorted(experiment.glob("partition-*")):
+        rounds = kept.setdefault(int(partition.name.removeprefix("partition-")), {})
+        for folder in sorted(partition.glob("round-*")):
+            arrays = load_file(str(folder / ARRAYS_FILE))
+            rounds[int(folder.name.removeprefix("round-"))] = {
+                "mtime_ns": folder.stat().st_mtime_ns,
+                "arrays": {k: (v.dtype.str, v.shape, v.tobytes()) for k, v in arrays.items()},
+                "values": (folder / VALUES_FILE).read_text(),
+            }
+    return kept
+
+
+def contents(kept_round: dict[str, object]) -> dict[str, object]:
+    """A kept round of :func:`node_state_of` without its mtime."""
+    return {k: v for k, v in kept_round.items() if k != "mtime_ns"}

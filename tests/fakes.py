@@ -53,14 +53,22 @@ class FakeGrid:
         return self.pull_messages(ids)
 
 
-def engine(rule_type, method=None, min_replies=1, evaluate_on_clients=None, **sampling):
+def engine(
+    rule_type, method=None, min_replies=1, evaluate_on_clients=None, bound=None, robust=None, **sampling
+):
     """The engine around a rule's server half, as a ServerApp builds it (the sampling settings of
     ``strategies.nodes.NodeDirectory`` as keyword arguments: fraction_train, min_train_nodes, seed, ...)."""
     from strategies.engine import Engine
     from strategies.nodes import NodeDirectory
 
     nodes = NodeDirectory(ranked=rule_type.heterogeneous_ranks, **sampling)
-    return Engine(rule_type(method, nodes), min_replies=min_replies, evaluate_on_clients=evaluate_on_clients)
+    return Engine(
+        rule_type(method, nodes),
+        min_replies=min_replies,
+        evaluate_on_clients=evaluate_on_clients,
+        bound=bound,
+        robust=robust,
+    )
 
 
 def real_clients(partitions: dict[int, int]) -> Responder:

@@ -156,3 +156,14 @@ def test_a_cell_the_preset_cut_says_why_in_place_of_a_verdict():
     assert "sst2/dp8: cut from this preset" in line and line.endswith("no verdict")
     assert any(line.startswith("- `sst2/dp8`: DP-SGD does not learn") for line in lines)  # the reason, once
     assert any("sst2/dp3: not run" in line for line in claims_section(records))  # without the key
+
+
+def test_the_job_code_git_compares_is_every_package_a_job_runs():
+    import tomllib
+
+    from benchmarks.results import RUN_CODE_PATHS
+    from launch.simulation import PROJECT_DIR
+
+    build = tomllib.loads((PROJECT_DIR / "pyproject.toml").read_text())["tool"]["hatch"]["build"]
+    packages = set(build["targets"]["wheel"]["packages"]) - {"benchmarks"}  # the report, not a job
+    assert packages <= set(RUN_CODE_PATHS) and {"conf", "pyproject.toml"} <= set(RUN_CODE_PATHS)

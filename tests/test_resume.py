@@ -2,8 +2,10 @@
 
 The in-process tests run the real ServerApp ``main`` and ClientApp handlers through a stand-in
 Grid; the crash is an exception out of the Grid in round 3, and the resumed run gets new node ids
-(as a restarted federation does). The SIGKILL tests with real processes are in
-``test_e2e_resume.py``.
+(as a restarted federation does). Equal results alone would not tell a resume from a silent rerun
+from round 0, so the resumed run is also held to training only the rounds after its checkpoint
+(the messages it sent, the nodes its records name) and to reading what the nodes kept on disk.
+The SIGKILL tests with real processes are in ``test_e2e_resume.py``.
 """
 
 import json
@@ -12,12 +14,13 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, contents, node_state_of
 from fakes import FakeGrid
-from flwr.app import Context, Error, RecordDict
+from flwr.app import Context, Error, MessageType, RecordDict
 from safetensors.numpy import load_file
 from test_modalities import HANDLERS
 
+from client_app.durable import RESTORED
 from experiment_schema import ConfigError
 from server_app.app import main
 from server_app.checkpoint import (
@@ -32,6 +35,9 @@ ROUNDS = 4
 RESUMED_RULES = ["fedit", "fedsa_lora", "flora", "hetlora"]
 # HetLoRA prunes within the run (its ranks, on the server and the nodes, must survive the crash)
 EXTRA = {"hetlora": ["method.prune_gamma=0.5", "method.prune_lambda=1.0"]}
+# rules whose nodes keep state of their own on disk (FedSA-LoRA: B and the head; HetLoRA: its
+# pruning); FedIT keeps nothing, FLoRA only the merged base the server resends on a resume
+KEEPS_NODE_STATE = {"fedsa_lora", "hetlora"}
 
 
 class Crash(BaseException):
@@ -49,6 +55,7 @@ def _contexts(first_node_id):
 
 
 def _serve(run_config, first_node_id, crash_in_round=None):
+    """Run the ServerApp over two nodes; the Grid (with every message sent) and the nodes' contexts."""
     contexts = _contexts(first_node_id)
 
     def respond(message):
@@ -61,7 +68,9 @@ def _serve(run_config, first_node_id, crash_in_round=None):
         except Exception as error:  # as Flower replies for a ClientApp that raised
             return Error(code=0, reason=f"{type(error).__name__}: {error}")
 
-    main(FakeGrid(list(contexts), respond), Context(1, 0, {}, RecordDict(), run_config))
+    grid = FakeGrid(list(contexts), respond)
+    main(grid, Context(1, 0, {}, RecordDict(), run_config))
+    return grid, contexts
 
 
 def _run_config(method, output, hub_mirror, extra=()):
@@ -85,8 +94,17 @@ def _result_files(folder):
     return {p.name: load_file(str(p)) for d in saved for p in d.glob("*.safetensors")}
 
 
+def _sent(grid):
+    """(message type, server round, node) of every message the ServerApp sent."""
+    return [(m.metadata.message_type, _round_of(m), m.metadata.dst_node_id) for m in grid.sent]
+
+
+def _round_of(message):
+    return message.content.config_records["config"].get("server-round")
+
+
 @pytest.mark.parametrize("method", RESUMED_RULES)
-def test_a_resumed_run_equals_the_uninterrupted_one(method, hub_mirror, tmp_path):
+def test_a_resumed_run_equals_the_uninterrupted_one(method, hub_mirror, tmp_path, node_state_dir):
     extra = EXTRA.get(method, [])
     _serve(_run_config(method, tmp_path / "whole", hub_mirror, extra), 100)
     (whole,) = (tmp_path / "whole").iterdir()
@@ -99,9 +117,32 @@ def test_a_resumed_run_equals_the_uninterrupted_one(method, hub_mirror, tmp_path
     (crashed,) = (tmp_path / "crashed").iterdir()
     assert [int(p.name[6:]) for p in round_folders(crashed)] == [2, 1]  # keep=2
     assert [row["round"] for row in _rows(crashed)] == [0, 1, 2]
+    checkpointed = 2
+    kept = node_state_of(node_state_dir, crashed)  # what the nodes left, before the resume
+    assert bool(kept) == (method in KEEPS_NODE_STATE)
+    assert all(sorted(rounds) == [1, 2] for rounds in kept.values())
 
-    _serve({"resume-from": str(crashed), "hub-mirror": str(hub_mirror)}, 300)  # new node ids
+    resumed_grid, contexts = _serve({"resume-from": str(crashed), "hub-mirror": str(hub_mirror)}, 300)
     rows, reference = _rows(crashed), _rows(whole)
+    # the rounds up to the checkpoint are the crashed run's (its nodes 200, 201); the resumed run
+    # (nodes 300, 301) trained those after it, one TRAIN message per sampled node
+    trained_by = [sorted(row["bytes_down_per_client"]) for row in rows[1:]]
+    expected = [["200", "201"]] * checkpointed + [["300", "301"]] * (ROUNDS - checkpointed)
+    assert trained_by == expected, trained_by
+    # ... and sent nothing for rounds 0 to 2 (no set-up, no round-0 evaluation, no training)
+    sent = _sent(resumed_grid)
+    assert {round_ for _, round_, _ in sent} == set(range(checkpointed + 1, ROUNDS + 1)), sent
+    trainings = sorted((round_, node) for kind, round_, node in sent if kind == MessageType.TRAIN)
+    assert trainings == [(r, n) for r in range(checkpointed + 1, ROUNDS + 1) for n in (300, 301)], sent
+    # every node read the state it kept after the checkpoint's round (a rule keeping none: nothing)
+    restored = {c.node_config["partition-id"]: c.state[RESTORED]["from-round"] for c in contexts.values()}
+    assert restored == {p: checkpointed if kept else -1 for p in (0, 1)}
+    after, uninterrupted_state = node_state_of(node_state_dir, crashed), node_state_of(node_state_dir, whole)
+    for partition, rounds in kept.items():
+        assert sorted(after[partition]) == [2, 3, 4]
+        assert after[partition][2] == rounds[2]  # read, not trained again (nor rewritten)
+        for round_ in (3, 4):  # the rounds after continue from it as the uninterrupted nodes did
+            assert contents(after[partition][round_]) == contents(uninterrupted_state[partition][round_])
     assert [row["round"] for row in rows] == list(range(ROUNDS + 1))
     assert _eval(rows) == _eval(reference)  # bit for bit, every round
     assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in reference]

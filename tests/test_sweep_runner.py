@@ -178,6 +178,23 @@ def test_the_measured_cost_of_the_most_similar_jobs_is_the_estimate():
     assert sweep.estimate(job, [rec("fedit", "dir05", 90), rec("ffa_lora", "dir05", 110)], 150.0) == 100
     history = [rec("fedit", "dir05", 90), rec("full", "dir05", 130), rec("full", "dir05", 140)]
     assert sweep.estimate(job, history, 150.0) == 135
+    # a contended job's wall time overstates its cost: the same rule's quiet tuning job counts first
+    contended = [
+        rec("full", "dir05", 400) | {"contended": True},
+        rec("full", "dir05", 120) | {"stage": "tune"},
+    ]
+    assert sweep.estimate(job, contended, 150.0) == 120
+    assert sweep.estimate(job, contended[:1], 150.0) == 400  # nothing quiet: the contended figure
+
+
+def test_a_record_says_whether_other_work_shared_the_machine(monkeypatch):
+    from launch import sweep_records
+
+    monkeypatch.setattr(sweep_records.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(sweep_records.os, "getloadavg", lambda: (2.2, 2.0, 2.0))
+    assert sweep_records.machine_load() == {"load_1m": 2.2, "cores": 2, "contended": False}
+    monkeypatch.setattr(sweep_records.os, "getloadavg", lambda: (4.1, 3.0, 2.0))
+    assert sweep_records.machine_load()["contended"]
 
 
 @pytest.mark.e2e
