@@ -81,10 +81,12 @@ class Replies:
 
 
 @dataclass
-class StreamFold:
-    """``Σ w_k x_k`` of the replies, folded in client order: a reply that arrives before the ones
-    ahead of it waits, so the sums are the same whatever the arrival order, while the server holds
-    only the replies that arrived early (typically few) instead of all of them."""
+class WeightedFold:
+    """The one aggregation path of the weighted-mean rules, held or streamed: ``Σ w_k x_k / Σ w_k``
+    folded in client order (float64 sums). A reply that arrives before the ones ahead of it waits,
+    so the sums are the same whatever the arrival order — and the same whether the replies were
+    folded as they arrived or all at the round's end — while a streamed round holds only the
+    replies that arrived early (typically few) instead of all of them."""
 
     order: list[int]  # the sampled nodes in client order
     position: int = 0
