@@ -22,6 +22,7 @@ from flwr.serverapp.strategy import Strategy
 
 from experiment_schema import ExperimentConfig
 from finetune.records import from_record, to_record
+from finetune.wire import pack, packed_bytes, unpack
 from strategies.bounds import UpdateBound, clip_update, outliers, update_norm
 from strategies.nodes import NodeDirectory
 from strategies.protocol import ARRAYS, CONFIG, NUM_EXAMPLES, Instruction
@@ -132,7 +133,7 @@ class Engine(Strategy):
                 self.setup_bytes[0],
                 self.setup_bytes[1] + sum(r.count_bytes() for r in records),
             )
-            return [from_record(r) for r in records]
+            return [from_record(unpack(r)) for r in records]
 
         return to_record(self.rule.setup(ask, from_record(arrays)))
 
@@ -168,7 +169,7 @@ class Engine(Strategy):
             record = self.rule.encode_payload(payload)
             self._outbox.append(self.node_message(node_id, record, common, MessageType.TRAIN))
             self._expected[node_id] = self.rule.expected_reply_shapes(node_id, payload, server_round)
-            stats.bytes_down[node_id] = record.count_bytes()
+            stats.bytes_down[node_id] = packed_bytes(record)  # what travels: the packed record
             stats.payload_down[node_id] = raw_bytes(record)
         return self._outbox
 
@@ -187,8 +188,11 @@ class Engine(Strategy):
         return dict(self._expected.get(node_id, {}))
 
     def node_message(self, node_id: int, record: ArrayRecord, common: Instruction, kind: str) -> Message:
-        """One node's message (its own records: never shared between messages)."""
-        content = RecordDict({ARRAYS: record, CONFIG: self.rule.instruction(node_id, common).to_config()})
+        """One node's message (its own records: never shared between messages), its arrays packed
+        into one (finetune.wire)."""
+        content = RecordDict(
+            {ARRAYS: pack(record), CONFIG: self.rule.instruction(node_id, common).to_config()}
+        )
         return Message(content, dst_node_id=node_id, message_type=kind, group_id=str(common.server_round))
 
     def start_streaming(self, server_round: int, mode: str) -> bool:
