@@ -8,6 +8,7 @@ from fakes import FakeGrid, engine
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from finetune.records import from_record, to_record
+from finetune.wire import from_wire, to_wire
 from server_app.loop import exchange
 from strategies import RULES
 
@@ -30,15 +31,15 @@ def answer(message, traffic):
     if message.metadata.message_type == "query":
         return RecordDict({"metrics": MetricRecord({"partition-id": sorted(SIZES).index(node)})})
     rng = np.random.default_rng(node)
-    sent = from_record(message.content.array_records["arrays"])
+    sent = from_wire(message.content.array_records["arrays"])
     upload = {
         k: rng.normal(size=v.shape).astype(np.float32) for k, v in sent.items() if traffic.uploads(1, k)
     }
     metrics = MetricRecord({"num-examples": SIZES[node], "train-loss": 1.0})
-    return RecordDict({"arrays": to_record(upload), "metrics": metrics})
+    return RecordDict({"arrays": to_wire(upload), "metrics": metrics})
 
 
-def one_round(name, streamed: bool, arrival=lambda replies: replies):
+def one_round(name, streamed, arrival=lambda replies: replies):
     strategy = engine(RULES[name].strategy, min_train_nodes=len(SIZES))
     grid = FakeGrid(SIZES, answering(RULES[name].traffic))
     state = strategy.initial_state(dict(GLOBAL))
