@@ -37,7 +37,7 @@ def synthetic_node(engine: Any, initial: dict[str, np.ndarray], contexts: dict[i
 
     from client_app.app import query
     from finetune.lora import lora_layers
-    from finetune.records import from_record, to_record
+    from finetune.wire import from_wire, to_wire
     from strategies.fed_sb import GRAD_SUFFIX
     from strategies.protocol import ARRAYS, METRICS, NUM_EXAMPLES, SETUP_MESSAGE, TRAIN_LOSS
 
@@ -54,14 +54,14 @@ def synthetic_node(engine: Any, initial: dict[str, np.ndarray], contexts: dict[i
                 )
                 for prefix, (a, b) in lora_layers(initial).items()
             }
-            return RecordDict({ARRAYS: to_record(grads), METRICS: metrics})
-        sent = from_record(message.content.array_records[ARRAYS])
+            return RecordDict({ARRAYS: to_wire(grads), METRICS: metrics})
+        sent = from_wire(message.content.array_records[ARRAYS])
         upload = {}
         for key, shape in engine.expected_shapes(node).items():
             base = sent.get(key)
             start = base if base is not None and base.shape == shape else np.zeros(shape, np.float32)
             upload[key] = start + 0.01 * rng.standard_normal(shape, np.float32)
-        return RecordDict({ARRAYS: to_record(upload), METRICS: metrics})
+        return RecordDict({ARRAYS: to_wire(upload), METRICS: metrics})
 
     return respond
 

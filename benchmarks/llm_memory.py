@@ -55,8 +55,8 @@ def one_round(
     from experiment_schema import compose_config
     from finetune.hub import default_hub_mirror, hub_mirror
     from finetune.models import build_model
-    from finetune.records import from_record, to_record
     from finetune.state import trainable_state
+    from finetune.wire import from_wire, to_wire
     from strategies import get_rule
     from strategies.protocol import ARRAYS, CONFIG, METRICS, Instruction
 
@@ -75,7 +75,7 @@ def one_round(
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1  # a message outside an app
     config = Instruction(cfg.to_json(), server_round=1, lr=2e-4).to_config()
     message = Message(
-        RecordDict({ARRAYS: to_record(initial), CONFIG: config}),
+        RecordDict({ARRAYS: to_wire(initial), CONFIG: config}),
         dst_node_id=1,
         message_type=MessageType.TRAIN,
     )
@@ -87,7 +87,7 @@ def one_round(
     metrics = {
         k: float(v) for k, v in reply.content.metric_records[METRICS].items() if isinstance(v, int | float)
     }
-    upload = from_record(reply.content.array_records[ARRAYS])
+    upload = from_wire(reply.content.array_records[ARRAYS])
     return {
         "option": option,
         "rank": rank,

@@ -27,6 +27,7 @@ from finetune.privacy import PrivateRound
 from finetune.records import from_record, to_record
 from finetune.state import trainable_state
 from finetune.training import TrainResult, train_local
+from finetune.wire import pack, unpack
 from strategies import get_rule
 from strategies.client import OPTIMIZER_STATE, ClientRound, ClientRule, NodeState
 from strategies.protocol import (
@@ -119,7 +120,7 @@ def open_job(msg: Message, context: Context) -> Job:
     # a model a rule changes beyond its trainable arrays serves one rule in one experiment only
     owner = f"{cfg.method.name}:{cfg.experiment_id}" if rule.private_model else ""
     session = get_session(cfg, mirror, rule.adapter(), owner)
-    received = from_record(msg.content.array_records[ARRAYS])
+    received = from_record(unpack(msg.content.array_records[ARRAYS]))
     rule.load(session.model, received, session.baseline(rule.needs_base_weights))
     return Job(job_round, rule, session, context)
 
@@ -160,7 +161,7 @@ def train(msg: Message, context: Context) -> Message:
     durable = job.durable()
     if durable is not None:
         durable.save(context.state, server_round, skip=job.rule.resynced_state)
-    arrays = to_record(upload, job.cfg.method.wire_dtype)
+    arrays = pack(to_record(upload, job.cfg.method.wire_dtype))
     # the whole handler (model set-up, data preparation, training, serialization): the part of a
     # round's wall time that is neither Flower's transport nor its scheduling
     report.handler_seconds = time.perf_counter() - started
@@ -228,7 +229,7 @@ def setup(msg: Message, context: Context) -> Message:
     data = job.training_data()
     arrays = job.rule.setup(job.model, data, job.session.task.collate)
     metrics = MetricRecord({NUM_EXAMPLES: len(data)})
-    return Message(RecordDict({ARRAYS: to_record(arrays), METRICS: metrics}), reply_to=msg)
+    return Message(RecordDict({ARRAYS: pack(to_record(arrays)), METRICS: metrics}), reply_to=msg)
 
 
 @app.query()

@@ -28,6 +28,7 @@ from flwr.app import Error, Message, MessageType
 
 from experiment_schema import ConfigError
 from finetune.records import from_record, to_record
+from finetune.wire import pack, unpack
 from strategies.protocol import ARRAYS, METRICS, PARTITION_ID
 
 log = logging.getLogger(__name__)
@@ -122,8 +123,8 @@ class FaultyGrid:
 
     def _inject(self, message: Message, reply: Message) -> list[Message]:
         kind, scale = self.fault.kind, self.fault.scale
-        sent = from_record(message.content.array_records[ARRAYS])
-        upload = from_record(reply.content.array_records[ARRAYS])
+        sent = from_record(unpack(message.content.array_records[ARRAYS]))
+        upload = from_record(unpack(reply.content.array_records[ARRAYS]))
         previous, self._previous = self._previous, upload
         if kind == "replayed" and previous is None:
             return [reply]  # nothing to replay in the node's first round
@@ -149,5 +150,5 @@ class FaultyGrid:
 def with_arrays(reply: Message, arrays: dict[str, np.ndarray]) -> Message:
     """A copy of ``reply`` (metadata and metrics) carrying ``arrays`` (as float32)."""
     out = copy.deepcopy(reply)
-    out.content.array_records[ARRAYS] = to_record(arrays)
+    out.content.array_records[ARRAYS] = pack(to_record(arrays))
     return out

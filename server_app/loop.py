@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Error, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -15,6 +15,7 @@ from finetune.memory import peak_rss_mb, reset_peak_rss
 from finetune.privacy import epsilon
 from finetune.records import from_record, to_record
 from finetune.schedule import round_lr
+from finetune.wire import WireFormatError, unpack
 from server_app.checkpoint import Checkpoint, write_checkpoint
 from server_app.results import RoundRecord, RunRecorder
 from strategies import protocol
@@ -41,7 +42,10 @@ def exchange(
 ) -> list[Message]:
     """Push messages and pull their replies until all arrived or ``timeout`` seconds passed;
     ``progress(replied, sent, seconds)`` is called as replies arrive (it decides when to print).
-    With ``on_reply`` every reply is handed over as it arrives instead of being returned."""
+    With ``on_reply`` every reply is handed over as it arrives instead of being returned. Every
+    reply's arrays arrive packed and are unpacked here (``finetune.wire``); a reply packed another
+    way becomes an error reply that names the two formats."""
+    messages = list(messages)
     pending = {message_id for message_id in grid.push_messages(messages) if message_id}
     sent, start, received = len(pending), time.monotonic(), 0
     deadline = start + timeout
@@ -50,7 +54,8 @@ def exchange(
         arrived = list(grid.pull_messages(pending))
         received += len(arrived)
         pending -= {reply.metadata.reply_to_message_id for reply in arrived}
-        for reply in arrived:
+        for packed in arrived:
+            reply = unpacked(packed)
             if on_reply is not None:
                 on_reply(reply)
             else:
@@ -62,6 +67,18 @@ def exchange(
             break
         time.sleep(POLL_SECONDS)
     return replies
+
+
+def unpacked(reply: Message) -> Message:
+    """``reply`` with its arrays unpacked in place; an error reply when they are in another format."""
+    if reply.has_error() or protocol.ARRAYS not in reply.content.array_records:
+        return reply
+    try:
+        reply.content.array_records[protocol.ARRAYS] = unpack(reply.content.array_records[protocol.ARRAYS])
+    except WireFormatError as error:
+        reply.__dict__["_content"] = None  # the reply becomes the error it is (Flower's own fields)
+        reply.error = Error(code=0, reason=f"WireFormatError: {error}")
+    return reply
 
 
 Progress = Callable[[int, int, float], None]

@@ -22,13 +22,14 @@ from flwr.serverapp.strategy import Strategy
 
 from experiment_schema import ExperimentConfig
 from finetune.records import from_record, to_record
+from finetune.wire import pack, packed_bytes, unpack
 from strategies.bounds import UpdateBound, clip_update, outliers, update_norm
 from strategies.nodes import NodeDirectory
 from strategies.protocol import ARRAYS, CONFIG, NUM_EXAMPLES, Instruction
 from strategies.replies import (
     Replies,
     RoundStats,
-    StreamFold,
+    WeightedFold,
     aggregate_metrics,
     evaluation_metrics,
     fail_on_common_config_error,
@@ -72,7 +73,8 @@ class Engine(Strategy):
         self._outbox: list[Message] = []
         self._expected: dict[int, dict[str, tuple[int, ...]]] = {}
         self._global: dict[str, np.ndarray] = {}
-        self._stream: StreamFold | None = None
+        self._fold: WeightedFold | None = None
+        self._streaming = False
         self._frozen: dict[str, np.ndarray] = {}  # server arrays no payload carries (FFA-LoRA's A)
         self._sent: dict[int, dict[str, np.ndarray]] = {}  # each node's payload this round
         self._answered: set[int] = set()
@@ -131,7 +133,7 @@ class Engine(Strategy):
                 self.setup_bytes[0],
                 self.setup_bytes[1] + sum(r.count_bytes() for r in records),
             )
-            return [from_record(r) for r in records]
+            return [from_record(unpack(r)) for r in records]
 
         return to_record(self.rule.setup(ask, from_record(arrays)))
 
@@ -155,6 +157,11 @@ class Engine(Strategy):
             sampled=self.nodes.sample_learnt(grid, nodes, config, server_round)
         )
         self.rule.begin_round(server_round, self._global)
+        self._streaming = False
+        # the weighted-mean rules fold (held or streamed); a robust aggregate or the reject bound
+        # compares the round's replies, which are then all held
+        folds = self.rule.streamable and not (self.robust.enabled or self.bound.mode == "reject")
+        self._fold = WeightedFold(list(stats.sampled)) if folds else None  # sampled: client order
         common = common_instruction(config, server_round)
         self._outbox, self._expected, self._sent, self._answered = [], {}, {}, set()
         for node_id in stats.sampled:
@@ -162,7 +169,7 @@ class Engine(Strategy):
             record = self.rule.encode_payload(payload)
             self._outbox.append(self.node_message(node_id, record, common, MessageType.TRAIN))
             self._expected[node_id] = self.rule.expected_reply_shapes(node_id, payload, server_round)
-            stats.bytes_down[node_id] = record.count_bytes()
+            stats.bytes_down[node_id] = packed_bytes(record)  # what travels: the packed record
             stats.payload_down[node_id] = raw_bytes(record)
         return self._outbox
 
@@ -181,43 +188,44 @@ class Engine(Strategy):
         return dict(self._expected.get(node_id, {}))
 
     def node_message(self, node_id: int, record: ArrayRecord, common: Instruction, kind: str) -> Message:
-        """One node's message (its own records: never shared between messages)."""
-        content = RecordDict({ARRAYS: record, CONFIG: self.rule.instruction(node_id, common).to_config()})
+        """One node's message (its own records: never shared between messages), its arrays packed
+        into one (finetune.wire)."""
+        content = RecordDict(
+            {ARRAYS: pack(record), CONFIG: self.rule.instruction(node_id, common).to_config()}
+        )
         return Message(content, dst_node_id=node_id, message_type=kind, group_id=str(common.server_round))
 
     def start_streaming(self, server_round: int, mode: str) -> bool:
         """Whether this round folds replies into running sums as they arrive (``receive``) instead
         of holding them all: ``on``, or ``auto`` for a global state over ``STREAM_ABOVE_BYTES``;
-        only rules whose aggregate is a weighted mean of the uploads can."""
+        only rules whose aggregate is a weighted mean of the uploads can (and not while a robust
+        aggregate or the reject bound needs every reply of the round)."""
         size = sum(a.nbytes for a in self._global.values())
-        self._stream = None
-        if self.robust.enabled or self.bound.mode == "reject":  # they compare the round's replies
-            return False
-        if self.rule.streamable and (mode == "on" or (mode == "auto" and size > STREAM_ABOVE_BYTES)):
-            stats = self.rounds[server_round]
-            self._stream = StreamFold(sorted(stats.sampled, key=self.nodes.client_order))
-        return self._stream is not None
+        self._streaming = self._fold is not None and (
+            mode == "on" or (mode == "auto" and size > STREAM_ABOVE_BYTES)
+        )
+        return self._streaming
 
     def receive(self, reply: Message) -> None:
         """Validate one reply and fold it into the round's sums (the reply is not kept)."""
-        assert self._stream is not None
+        assert self._fold is not None
         node_id = self._node_of(reply)
         parsed = self._parse(self.server_round, node_id, reply, self.rounds[self.server_round])
         if parsed is None:
             if node_id in self.rounds[self.server_round].rejected:
-                self._stream.settle(node_id)
+                self._fold.settle(node_id)
             return
         state, metrics = parsed
         if self.bound.enabled:
             state = self._clip(node_id, state, self.rounds[self.server_round])
-        self._stream.add(node_id, state, self._weight(metrics), metrics)
+        self._fold.add(node_id, state, self._weight(metrics), metrics)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.rounds.setdefault(server_round, RoundStats())
-        if self._stream is not None:
-            return self._aggregate_stream(server_round, replies, stats)
+        if self._fold is not None:  # held or streamed, one fold: bit for bit the same aggregate
+            return self._aggregate_folded(server_round, replies, stats)
         held: list[HeldReply] = []
         for reply in replies:
             node_id = self._node_of(reply)
@@ -242,20 +250,21 @@ class Engine(Strategy):
             )
         return to_record(new_state), aggregate_metrics(metrics, weights)
 
-    def _aggregate_stream(
+    def _aggregate_folded(
         self, server_round: int, replies: Iterable[Message], stats: RoundStats
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        stream = self._stream
-        assert stream is not None
-        for reply in replies:  # any the loop did not hand over as they arrived
+        fold = self._fold
+        assert fold is not None
+        for reply in replies:  # all of them (held), or any the loop did not hand over as they arrived
             self.receive(reply)
-        stream.finish()
-        self._stream = None
-        stats.peak_held_replies = stream.peak_pending
-        if not self._settle_round(server_round, stats, stream.folded, stream.metrics):
+        fold.finish()
+        self._fold = None
+        if self._streaming:
+            stats.peak_held_replies = fold.peak_pending
+        if not self._settle_round(server_round, stats, fold.folded, fold.metrics):
             return None, None
-        new_state = self.rule.step(server_round, self._global, stream.mean())
-        return to_record(new_state), aggregate_metrics(stream.metrics, stream.weights)
+        new_state = self.rule.step(server_round, self._global, fold.mean())
+        return to_record(new_state), aggregate_metrics(fold.metrics, fold.weights)
 
     # --- update bounds (strategies/bounds.py) ------------------------------------------------
     def _update_norm(self, node_id: int, state: dict[str, np.ndarray]) -> float:

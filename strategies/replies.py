@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, MetricRecordValues
 
 from finetune.lora import split_state
 from finetune.records import from_record
+from finetune.wire import packed_bytes
 from strategies.averaging import Weights, weighted_mean
 from strategies.protocol import (
     ARRAYS,
@@ -81,10 +82,12 @@ class Replies:
 
 
 @dataclass
-class StreamFold:
-    """``Σ w_k x_k`` of the replies, folded in client order: a reply that arrives before the ones
-    ahead of it waits, so the sums are the same whatever the arrival order, while the server holds
-    only the replies that arrived early (typically few) instead of all of them."""
+class WeightedFold:
+    """The one aggregation path of the weighted-mean rules, held or streamed: ``Σ w_k x_k / Σ w_k``
+    folded in client order (float64 sums). A reply that arrives before the ones ahead of it waits,
+    so the sums are the same whatever the arrival order — and the same whether the replies were
+    folded as they arrived or all at the round's end — while a streamed round holds only the
+    replies that arrived early (typically few) instead of all of them."""
 
     order: list[int]  # the sampled nodes in client order
     position: int = 0
@@ -148,8 +151,8 @@ def parse_reply(
         return f"client error: {reply.error.reason}"
     if ARRAYS not in reply.content.array_records or METRICS not in reply.content.metric_records:
         return f"reply lacks an '{ARRAYS}' ArrayRecord or a '{METRICS}' MetricRecord"
-    record = reply.content.array_records[ARRAYS]
-    stats.bytes_up[node_id] = record.count_bytes()
+    record = reply.content.array_records[ARRAYS]  # unpacked on receipt (server_app.loop.exchange)
+    stats.bytes_up[node_id] = packed_bytes(record)  # what travelled: the packed record
     stats.payload_up[node_id] = raw_bytes(record)
     state = from_record(record)
     metrics = dict(reply.content.metric_records[METRICS])
@@ -160,7 +163,7 @@ def parse_reply(
 
 
 #: Errors a client raises for a configuration problem (its own, or the experiment's on its data).
-CONFIG_ERROR_TYPES = ("ConfigError", "DataNotFoundError", "PrivacyBudgetExhausted")
+CONFIG_ERROR_TYPES = ("ConfigError", "DataNotFoundError", "PrivacyBudgetExhausted", "WireFormatError")
 
 
 def fail_on_common_config_error(reasons: dict[int, str], nodes: Sequence[int], what: str) -> None:

@@ -14,8 +14,9 @@ from client_app.session import _SESSIONS
 from experiment_schema import compose_config
 from finetune.lora import is_lora_a, is_lora_b
 from finetune.models import build_model
-from finetune.records import from_record, to_record
+from finetune.records import from_record
 from finetune.state import trainable_state
+from finetune.wire import from_wire, to_wire
 from strategies import get_rule
 from strategies.client import KEPT_ARRAYS as LOCAL_KEY
 from strategies.protocol import Instruction
@@ -40,7 +41,7 @@ def _context(partition_id):
 def _message(cfg, state, kind=MessageType.TRAIN, server_round=1, **instruction):
     config = Instruction(cfg.to_json(), server_round=server_round, lr=5e-2, **instruction).to_config()
     message = Message(
-        RecordDict({"arrays": to_record(state), "config": config}), dst_node_id=1, message_type=kind
+        RecordDict({"arrays": to_wire(state), "config": config}), dst_node_id=1, message_type=kind
     )
     message.metadata.__dict__["_message_id"] = f"m-{kind}-{server_round}"
     return message
@@ -60,7 +61,7 @@ def test_fedit_uploads_everything_it_trained(hub_mirror):
     cfg = _cfg("fedit", hub_mirror)
     init, global_state = _global(cfg, hub_mirror)
     reply = train(_message(cfg, global_state), _context(0))
-    upload = from_record(reply.content.array_records["arrays"])
+    upload = from_wire(reply.content.array_records["arrays"])
     assert set(upload) == set(init)
     assert reply.content.metric_records["metrics"]["num-examples"] > 0
 
@@ -73,7 +74,7 @@ def test_ffa_keeps_A_bit_identical_and_uploads_no_A(hub_mirror):
         context = _context(partition_id)
         for server_round in (1, 2):
             reply = train(_message(cfg, global_state, server_round=server_round), context)
-            assert set(from_record(reply.content.array_records["arrays"])) == set(global_state)
+            assert set(from_wire(reply.content.array_records["arrays"])) == set(global_state)
 
     after = trainable_state(next(reversed(_SESSIONS.values())).model)
     for key in init:
@@ -86,7 +87,7 @@ def test_fedsa_keeps_B_and_head_local_and_uploads_A_only(hub_mirror):
     init, global_state = _global(cfg, hub_mirror)
     contexts = {p: _context(p) for p in (0, 1)}
     replies = {p: train(_message(cfg, global_state), contexts[p]).content for p in (0, 1)}
-    uploads = {p: from_record(replies[p].array_records["arrays"]) for p in (0, 1)}
+    uploads = {p: from_wire(replies[p].array_records["arrays"]) for p in (0, 1)}
     timing = replies[0].metric_records["metrics"]
     assert timing["handler-seconds"] > timing["train-seconds"] > 0  # the handler holds the training
     for p, ctx in contexts.items():
@@ -125,7 +126,7 @@ def test_heterogeneous_rank_client_trains_at_its_own_rank(hub_mirror):
         answer = query(_message(cfg, {}, MT.QUERY), context).content.metric_records["metrics"]
         assert answer["lora-rank"] == rank
         state = trainable_state(_model(cfg, hub_mirror, rank))
-        upload = from_record(train(_message(cfg, state, rank=rank), context).content.array_records["arrays"])
+        upload = from_wire(train(_message(cfg, state, rank=rank), context).content.array_records["arrays"])
         assert all(v.shape[0] == rank for k, v in upload.items() if is_lora_a(k))
     context = _context(0)
     context.node_config["lora-rank"] = 2  # a node's own setting wins
@@ -157,7 +158,7 @@ def test_hetlora_client_penalises_the_tail_and_prunes_when_it_shrinks(hub_mirror
     init = trainable_state(_model(cfg, hub_mirror, 8))
     first = train(_message(cfg, init, server_round=1, rank=8), context)
     assert first.content.metric_records["metrics"]["next-rank"] == 8  # nothing to compare with yet
-    trained = from_record(first.content.array_records["arrays"])
+    trained = from_wire(first.content.array_records["arrays"])
     assert all(np.isfinite(v).all() for v in trained.values())
     # Round 2 receives factors whose tail is zero: it stays zero, smaller than round 1's -> prune.
     tail_free = {k: v.copy() for k, v in trained.items()}
@@ -167,7 +168,7 @@ def test_hetlora_client_penalises_the_tail_and_prunes_when_it_shrinks(hub_mirror
         elif is_lora_b(key):
             tail_free[key][:, 7:] = 0.0
     second = train(_message(cfg, tail_free, server_round=2, rank=8), context)
-    upload = from_record(second.content.array_records["arrays"])
+    upload = from_wire(second.content.array_records["arrays"])
     assert all(v.shape[0] == 8 for k, v in upload.items() if is_lora_a(k))  # this round's rank
     assert second.content.metric_records["metrics"]["next-rank"] == 7  # next round's
     assert context.state.config_records["rank-pruning"]["rank"] == 7
@@ -192,7 +193,7 @@ def test_fedex_client_keeps_its_merged_base_and_catches_up_exactly(hub_mirror):
     sync = {p + ".base_delta": d for p, d in dense.items()}
     reply = train(_merging_message(cfg, {**global_state, **sync}, 1, version=3, from_version=-1), context)
     assert reply.content.metric_records["metrics"]["base-version"] == 3
-    assert set(from_record(reply.content.array_records["arrays"])) == set(init)  # no base travels up
+    assert set(from_wire(reply.content.array_records["arrays"])) == set(init)  # no base travels up
     held = from_record(context.state.array_records["merged-base"])
     assert all(np.array_equal(held[p], dense[p]) for p in dense)
     model = next(reversed(_SESSIONS.values())).model
@@ -231,7 +232,7 @@ def test_flora_client_trains_a_fresh_adapter_at_its_rank_and_uploads_it(hub_mirr
     uploads = []
     for server_round in (1, 2):
         reply = train(_merging_message(cfg, head, server_round, version=0, from_version=0, rank=4), context)
-        uploads.append(from_record(reply.content.array_records["arrays"]))
+        uploads.append(from_wire(reply.content.array_records["arrays"]))
     for upload in uploads:
         assert set(upload) == set(init)
         assert all(v.shape[0] == 4 for k, v in upload.items() if is_lora_a(k))  # partition 1 → rank 4
@@ -243,7 +244,7 @@ def test_full_client_moves_every_targeted_weight(hub_mirror):
     init, global_state = _global(cfg, hub_mirror)
     assert set(global_state) == set(init) and any(k.endswith("query.weight") for k in init)
     reply = train(_message(cfg, global_state), _context(0))
-    upload = from_record(reply.content.array_records["arrays"])
+    upload = from_wire(reply.content.array_records["arrays"])
     assert set(upload) == set(init)
     assert all(not np.array_equal(upload[k], init[k]) for k in init if k.endswith("weight"))
 

@@ -11,13 +11,13 @@ from client_app.app import setup, train
 from client_app.session import _SESSIONS
 from finetune.lora import is_lora_a, is_lora_b, is_lora_latent
 from finetune.models import build_model, fold_latent
-from finetune.records import from_record
 from finetune.state import trainable_state
+from finetune.wire import from_wire
 from strategies.protocol import SETUP_MESSAGE
 
 
 def _upload(reply):
-    return from_record(reply.content.array_records["arrays"])
+    return from_wire(reply.content.array_records["arrays"])
 
 
 def test_rolora_client_trains_one_factor_a_round(hub_mirror):

@@ -10,6 +10,7 @@ from fakes import FakeGrid, engine
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from finetune.records import from_record, to_record
+from finetune.wire import from_wire, to_wire
 from server_app.faults import Fault, FaultyGrid
 from server_app.loop import exchange
 from strategies.bounds import UpdateBound
@@ -31,11 +32,11 @@ def honest(message: Message) -> RecordDict:
     node, server_round = message.metadata.dst_node_id, int(message.metadata.group_id or 0)
     if message.metadata.message_type != "train":  # the engine asks which partition a node holds
         return RecordDict({"metrics": MetricRecord({"partition-id": NODES.index(node)})})
-    sent = from_record(message.content.array_records["arrays"])
+    sent = from_wire(message.content.array_records["arrays"])
     rng = np.random.default_rng([node, server_round])
     trained = {k: v + 0.05 * (1 + rng.normal(size=v.shape)).astype(np.float32) for k, v in sent.items()}
     metrics = MetricRecord({"num-examples": 20 + node % 7, "train-loss": 0.5})
-    return RecordDict({"arrays": to_record(trained), "metrics": metrics})
+    return RecordDict({"arrays": to_wire(trained), "metrics": metrics})
 
 
 def run(fault=None, rounds=2, **defences):

@@ -9,7 +9,7 @@ from test_client_protocol import _context, _global, _message
 
 from client_app.app import train
 from experiment_schema import ConfigError, compose_config
-from finetune.records import from_record
+from finetune.wire import from_wire
 from strategies.fedprox import FedProx, proximal_term
 
 
@@ -34,7 +34,7 @@ def _upload(method, hub_mirror, *overrides):
     cfg.hub_mirror = str(hub_mirror)
     _, global_state = _global(cfg, hub_mirror)
     reply = train(_message(cfg, global_state), _context(0))
-    return global_state, from_record(reply.content.array_records["arrays"])
+    return global_state, from_wire(reply.content.array_records["arrays"])
 
 
 def test_mu_zero_is_fedit_and_a_large_mu_stays_near_the_global_model(hub_mirror):

@@ -138,12 +138,12 @@ def test_a_quantized_base_trains_a_lora_round_and_the_adapter_loads_in_plain_pef
 
     from client_app.app import train
     from finetune.models import build_base_model
-    from finetune.records import from_record
+    from finetune.wire import from_wire
 
     cfg = _llama(hub_mirror, f"model.quantization={quantization}", "train.precision=bf16", *WIDE)
     init, global_state = _global(cfg, hub_mirror)
     reply = train(_message(cfg, global_state), _context(0))
-    upload = from_record(reply.content.array_records["arrays"])
+    upload = from_wire(reply.content.array_records["arrays"])
     assert set(upload) == set(init) and any(not np.array_equal(upload[k], init[k]) for k in upload)
     # the adapter, as the server saves it, on a base quantized the same way in plain peft
     model = build_model(cfg, hub_mirror, adapter_of(cfg))

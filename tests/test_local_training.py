@@ -101,6 +101,7 @@ def test_dp_epsilon_equals_the_accountant_computed_independently(hub_mirror, met
     from test_client_protocol import _context, _global, _message
 
     from client_app.app import train
+    from finetune.wire import from_wire
 
     cfg = compose_config(
         {"model": "tiny_bert", "method": method},
@@ -114,12 +115,7 @@ def test_dp_epsilon_equals_the_accountant_computed_independently(hub_mirror, met
         reply = train(_message(cfg, global_state, server_round=server_round), context)
         metrics = reply.content.metric_records["metrics"]
         reported.append(metrics["dp-epsilon"])
-        upload = {
-            k: v
-            for k, v in __import__("finetune.records")
-            .records.from_record(reply.content.array_records["arrays"])
-            .items()
-        }
+        upload = from_wire(reply.content.array_records["arrays"])
         assert all(np.isfinite(v).all() for v in upload.values())
         assert upload and not any("lora_A" in k for k in upload)  # only B (and the head) go up
     n = int(metrics["num-examples"])
@@ -205,6 +201,7 @@ def test_central_dp_clips_each_update_and_reports_epsilon(tmp_path):
 
     from experiment_schema import ConfigError
     from finetune.records import from_record, to_record
+    from finetune.wire import from_wire, to_wire
     from server_app.app import build_strategy, central_dp_wrapper
     from server_app.loop import run_federation
     from server_app.results import RunRecorder
@@ -218,9 +215,9 @@ def test_central_dp_clips_each_update_and_reports_epsilon(tmp_path):
     def respond(message):  # every client moves 10 away from the global weights
         if message.metadata.message_type == "query":
             return RecordDict({"metrics": MetricRecord({"partition-id": message.metadata.dst_node_id - 1})})
-        sent = from_record(message.content.array_records["arrays"])
+        sent = from_wire(message.content.array_records["arrays"])
         upload = {"w": sent["w"] + 10.0}
-        return RecordDict({"arrays": to_record(upload), "metrics": MetricRecord({"num-examples": 5})})
+        return RecordDict({"arrays": to_wire(upload), "metrics": MetricRecord({"num-examples": 5})})
 
     def federate(extra, nodes, folder):
         cfg = compose_config({"model": "tiny_bert", "method": "fedit"}, [*overrides, *extra])

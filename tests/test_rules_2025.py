@@ -9,6 +9,7 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedYogi
 
 from experiment_schema import ConfigError, MethodConfig, compose_config
 from finetune.records import from_record, to_record
+from finetune.wire import from_wire, to_wire
 from server_app.loop import exchange
 from strategies.averaging import normalize_weights
 from strategies.fed_sb import FedSB, FedSBConfig, fed_sb_initialize
@@ -34,10 +35,10 @@ def one_round(strategy, global_state, uploads, server_round=1):
         node = message.metadata.dst_node_id
         if message.metadata.message_type == "query":
             return RecordDict({"metrics": MetricRecord({"partition-id": node})})
-        payload = from_record(message.content.array_records["arrays"])
+        payload = from_wire(message.content.array_records["arrays"])
         upload = uploads(node, payload) if callable(uploads) else uploads[node]
         metrics = MetricRecord({"num-examples": SIZES[node]})
-        return RecordDict({"arrays": to_record(upload), "metrics": metrics})
+        return RecordDict({"arrays": to_wire(upload), "metrics": metrics})
 
     grid = FakeGrid(SIZES, respond)
     messages = list(strategy.configure_train(server_round, to_record(global_state), ConfigRecord(), grid))
@@ -73,7 +74,7 @@ def test_fedsvd_round_averages_B_then_refactors_exactly():
     # Execute
     messages, new = one_round(strategy, global_state, uploads)
     # Assert: A travelled down, never up; s B_new A_new = s B̄ A; A_new has orthonormal rows
-    assert all(A_KEY in m.content.array_records["arrays"] for m in messages)
+    assert all(A_KEY in from_wire(m.content.array_records["arrays"]) for m in messages)
     assert all(set(strategy._expected[n]) == {B_KEY, HEAD} for n in SIZES)
     s = 8.0 / RANK
     np.testing.assert_allclose(s * new[B_KEY] @ new[A_KEY], s * mean(Bs) @ A, rtol=1e-5, atol=1e-5)
@@ -167,8 +168,8 @@ def test_fed_sb_averages_R_exactly_and_uploads_r_squared_numbers():
     ideal = B @ mean(Rs) @ A
     np.testing.assert_allclose(B @ new[R_KEY] @ A, ideal, rtol=1e-5, atol=1e-6)
     assert strategy.rounds[1].payload_up[1] == 4 * (RANK * RANK + 2 * 3)  # r² per layer, and the head
-    assert all(A_KEY in m.content.array_records["arrays"] for m in messages_1)
-    assert not any(A_KEY in m.content.array_records["arrays"] for m in messages_2)  # A, B once
+    assert all(A_KEY in from_wire(m.content.array_records["arrays"]) for m in messages_1)
+    assert not any(A_KEY in from_wire(m.content.array_records["arrays"]) for m in messages_2)  # A, B once
 
 
 def test_upload_bytes_per_method():
@@ -235,7 +236,7 @@ def flower_rounds(flower, initial, rounds):
             node = message.metadata.dst_node_id
             content = RecordDict(
                 {"arrays": to_record(uploads[node]), "metrics": MetricRecord({"num-examples": SIZES[node]})}
-            )
+            )  # Flower's own strategy: plain records, not our wire
             replies.append(Message(content, reply_to=message))
         arrays, _ = flower.aggregate_train(server_round, replies)
         current = {k: v.numpy() for k, v in arrays.items()}

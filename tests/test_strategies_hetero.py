@@ -7,6 +7,7 @@ from flwr.app import MetricRecord, RecordDict
 
 from experiment_schema import compose_config
 from finetune.records import from_record, to_record
+from finetune.wire import from_wire, to_wire
 from server_app.loop import exchange
 from strategies.client import NodeFacts
 from strategies.flexlora import FlexLoRA, FlexLoRAConfig
@@ -41,7 +42,7 @@ def respond(message):
     if message.metadata.message_type == "query":
         return RecordDict({"metrics": MetricRecord({"lora-rank": RANKS[node], "partition-id": node})})
     upload = {k: v.astype(np.float32) for k, v in CLIENT[node].items()}
-    return RecordDict({"arrays": to_record(upload), "metrics": MetricRecord({"num-examples": SIZES[node]})})
+    return RecordDict({"arrays": to_wire(upload), "metrics": MetricRecord({"num-examples": SIZES[node]})})
 
 
 def run_round(strategy, global_state, server_round=1):
@@ -66,11 +67,11 @@ def test_each_node_gets_factors_at_its_own_rank(rule):
     messages, _ = run_round(strategy, initial_global())
     assert strategy.nodes.ranks == RANKS
     for message in messages:
-        arrays = from_record(message.content.array_records["arrays"])
+        arrays = from_wire(message.content.array_records["arrays"])
         r = RANKS[message.metadata.dst_node_id]
         assert arrays[A_KEY].shape == (r, D_IN) and arrays[B_KEY].shape == (D_OUT, r)
         assert message.content.config_records["config"][RANK] == r  # told, never inferred from shapes
-        assert strategy.rounds[1].bytes_down[message.metadata.dst_node_id] == to_record(arrays).count_bytes()
+        assert strategy.rounds[1].bytes_down[message.metadata.dst_node_id] == to_wire(arrays).count_bytes()
 
 
 @pytest.mark.parametrize("rule", [FlexLoRA, HLoRA])
@@ -94,7 +95,7 @@ def test_next_round_hands_out_truncated_svds_and_hlora_matches_flexlora():
         _, new = run_round(strategy, initial_global())
         messages, _ = run_round(strategy, new, server_round=2)
         payloads[rule.name] = {
-            m.metadata.dst_node_id: from_record(m.content.array_records["arrays"]) for m in messages
+            m.metadata.dst_node_id: from_wire(m.content.array_records["arrays"]) for m in messages
         }
     delta = new[B_KEY].astype(np.float64) @ new[A_KEY]
     U, S, Vt = np.linalg.svd(delta)
@@ -134,7 +135,7 @@ def test_hetlora_truncates_pads_and_norm_weights():
     messages, new = run_round(strategy, global_state)
     for message in messages:  # first r_k components; B divided by the receiver's scale
         r = RANKS[message.metadata.dst_node_id]
-        got = from_record(message.content.array_records["arrays"])
+        got = from_wire(message.content.array_records["arrays"])
         np.testing.assert_array_equal(got[A_KEY], global_state[A_KEY][:r])
         np.testing.assert_allclose(got[B_KEY] * (ALPHA / r), global_state[B_KEY][:, :r], rtol=1e-6)
     # Server: unit-scale B (s_k B_k), zero-padded to 4, weights ∝ p_k ‖s_k B_k A_k‖

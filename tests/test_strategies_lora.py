@@ -8,6 +8,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from experiment_schema import compose_config
 from finetune.lora import is_lora_a
 from finetune.records import from_record, to_record
+from finetune.wire import from_wire, to_wire
 from server_app.loop import exchange
 from strategies import RULES
 from strategies.fedit import FedIT
@@ -24,7 +25,7 @@ FULL = {
 
 
 def reply_with(state, n=10):
-    return RecordDict({"arrays": to_record(state), "metrics": MetricRecord({"num-examples": n})})
+    return RecordDict({"arrays": to_wire(state), "metrics": MetricRecord({"num-examples": n})})
 
 
 def one_round(strategy, global_state, respond, nodes=(1, 2, 3)):
@@ -83,7 +84,7 @@ def test_ffa_upload_is_about_half_of_fedit():
         def respond(message, cfg=cfg):  # the client loads what it was sent, trains it all, uploads
             if message.metadata.message_type == "query":
                 return RecordDict({"metrics": MetricRecord({"partition-id": 0})})
-            received = from_record(message.content.array_records["arrays"])
+            received = from_wire(message.content.array_records["arrays"])
             return reply_with(client_upload(cfg, 1, {**big, **received}))
 
         one_round(strategy, strategy.initial_state(big), respond, nodes=(1,))

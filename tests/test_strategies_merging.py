@@ -8,6 +8,7 @@ from flwr.app import ConfigRecord, Error, MetricRecord, RecordDict
 
 from finetune.lora import split_base_deltas
 from finetune.records import from_record, to_record
+from finetune.wire import from_wire, to_wire, unpack
 from server_app.loop import exchange
 from strategies.fedex_lora import FedExLoRA, FedExLoRAConfig
 from strategies.flora import FLoRA, FLoRAConfig
@@ -54,7 +55,7 @@ class Clients:
         if node in self.fail:
             return Error(code=0, reason="simulated crash")
         config = message.content.config_records["config"]
-        sync = from_record(message.content.array_records["arrays"])
+        sync = from_wire(message.content.array_records["arrays"])
         self.received[node] = set(sync)
         version, held = self.held[node]
         try:
@@ -71,7 +72,7 @@ class Clients:
             HEAD: np.full((2, D_OUT), float(node), np.float32),
         }
         metrics = MetricRecord({"num-examples": self.sizes[node], VERSION_KEY: int(config[VERSION_KEY])})
-        return RecordDict({"arrays": to_record(upload), "metrics": metrics})
+        return RecordDict({"arrays": to_wire(upload), "metrics": metrics})
 
 
 def run_rounds(strategy, clients, global_state, rounds):
@@ -223,9 +224,7 @@ def test_full_fine_tuning_averages_every_weight():
     def respond(message):
         node = message.metadata.dst_node_id
         upload = {k: v + node for k, v in weights.items()}
-        return RecordDict(
-            {"arrays": to_record(upload), "metrics": MetricRecord({"num-examples": sizes[node]})}
-        )
+        return RecordDict({"arrays": to_wire(upload), "metrics": MetricRecord({"num-examples": sizes[node]})})
 
     grid = FakeGrid(sizes, respond)
     strategy = engine(FullFineTuning, min_train_nodes=2)
@@ -250,7 +249,7 @@ def test_client_side_evaluation_sends_what_training_sends_base_updates_in_float3
         dtypes = {
             key: array.dtype
             for message in sent
-            for key, array in message.content.array_records["arrays"].items()
+            for key, array in unpack(message.content.array_records["arrays"]).items()
         }
         assert any(UPDATE_INFIX in key for key in dtypes)  # a node one merge behind gets factors
         assert all(d == "float32" for k, d in dtypes.items() if UPDATE_INFIX in k or k == DELTA), dtypes

@@ -7,6 +7,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 
 from experiment_schema import MethodConfig
 from finetune.records import from_record, to_record
+from finetune.wire import from_wire, to_wire
 from server_app.loop import exchange
 from strategies.fedit import FedIT
 from strategies.replies import aggregate_metrics
@@ -17,7 +18,7 @@ GLOBAL = {"lora_A": np.ones((2, 3), np.float32), "lora_B": np.zeros((4, 2), np.f
 def reply(arrays: dict, num_examples=10, **metrics) -> RecordDict:
     return RecordDict(
         {
-            "arrays": to_record(arrays),
+            "arrays": to_wire(arrays),
             "metrics": MetricRecord({"num-examples": num_examples, "train-loss": 1.0, **metrics}),
         }
     )
@@ -45,7 +46,8 @@ def test_one_message_per_sampled_node_with_its_own_config():
     assert configs[0] is not configs[1]
     assert all(c["server-round"] == 4 and c["lr"] == 0.1 for c in configs)
     stats = strategy.rounds[4]
-    assert stats.bytes_down == {n: to_record(GLOBAL).count_bytes() for n in stats.sampled}
+    sent = {m.metadata.dst_node_id: m.content.array_records["arrays"].count_bytes() for m in messages}
+    assert stats.bytes_down == sent  # the packed record each node is sent
 
 
 def test_sampling_keeps_64_bit_node_ids_exact():
@@ -148,10 +150,7 @@ def test_weighted_fedit_round_and_bytes_up():
     for key, value in from_record(arrays).items():
         np.testing.assert_allclose(value, GLOBAL[key] + 1.75)
     assert metrics["num-examples"] == 40
-    assert strategy.rounds[1].bytes_up == {
-        1: to_record(GLOBAL).count_bytes(),
-        2: to_record(GLOBAL).count_bytes(),
-    }
+    assert strategy.rounds[1].bytes_up == {1: to_wire(GLOBAL).count_bytes(), 2: to_wire(GLOBAL).count_bytes()}
     assert sorted(strategy.rounds[1].aggregated) == [1, 2]
 
 
@@ -280,8 +279,8 @@ def test_one_misconfigured_node_among_good_ones_is_left_out_and_named():
             return Error(code=0, reason=reason)
         if message.metadata.message_type == "query":
             return RecordDict({"metrics": MetricRecord({"partition-id": node})})
-        upload = from_record(message.content.array_records["arrays"])
-        return RecordDict({"arrays": to_record(upload), "metrics": MetricRecord({"num-examples": 5})})
+        upload = from_wire(message.content.array_records["arrays"])
+        return RecordDict({"arrays": to_wire(upload), "metrics": MetricRecord({"num-examples": 5})})
 
     strategy = engine(FedIT, min_train_nodes=3)
     grid = FakeGrid([1, 2, 3], respond)
@@ -355,7 +354,7 @@ def _streamed_round(uploads, sizes, arrival, stream="on", fail=()):
         if node in fail:
             return Error(code=0, reason="boom")
         return RecordDict(
-            {"arrays": to_record(uploads[node]), "metrics": MetricRecord({"num-examples": sizes[node]})}
+            {"arrays": to_wire(uploads[node]), "metrics": MetricRecord({"num-examples": sizes[node]})}
         )
 
     strategy = engine(FedIT, min_train_nodes=len(sizes))

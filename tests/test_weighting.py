@@ -7,6 +7,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from experiment_schema import compose_config
 from finetune.records import from_record, to_record
+from finetune.wire import to_wire
 from server_app.loop import exchange
 from strategies import RULES
 
@@ -33,9 +34,7 @@ def aggregate_once(name, weighting, sizes):
         upload = {
             k: rng.normal(size=shape).astype(np.float32) for k, shape in strategy._expected[node].items()
         }
-        return RecordDict(
-            {"arrays": to_record(upload), "metrics": MetricRecord({"num-examples": sizes[node]})}
-        )
+        return RecordDict({"arrays": to_wire(upload), "metrics": MetricRecord({"num-examples": sizes[node]})})
 
     grid = FakeGrid(sizes, respond)
     initial = to_record(strategy.initial_state(TRAINABLE))
