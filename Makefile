@@ -44,7 +44,7 @@ report: $(STAMP)
 
 # Lint and type-check first (seconds to a minute), build the docs strictly, then the tests.
 test: lint docs
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 # ... plus the exhaustive real-process runs (every rule end to end; ~3.5 min more on 2 cores).
 test-all: lint

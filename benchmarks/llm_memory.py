@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights", default="pretrained", help="random: the real shapes, random weights")
     parser.add_argument("--targets", default="qv", help="LoRA targets: qv, all, or both (qv,all)")
     parser.add_argument("--arithmetic", action="store_true")
+    parser.add_argument("--out", default="", help="write the rows as JSON here too")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.arithmetic:
@@ -208,6 +209,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['peak_memory_mb']:.0f} | {r['seconds_per_step']:.2f} | {r['tokens_per_second']:.0f} | "
               f"{r['train_loss']:.4f} |")  # fmt: skip
     print(json.dumps(rows))
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump({"device": device, "settings": vars(args), "rows": rows}, handle, indent=1)
 
 
 if __name__ == "__main__":

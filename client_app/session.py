@@ -115,7 +115,7 @@ def session_key(cfg: ExperimentConfig, mirror: Path | None, adapter: AdapterSpec
     never handed to another rule."""
     parts = cfg.to_dict()
     keep = {k: parts[k] for k in ("seed", "model", "dataset", "partition")}
-    keep.update(mirror=str(mirror), adapter=dataclasses.asdict(adapter), owner=owner)
+    keep.update(mirror=str(mirror), adapter=dataclasses.asdict(adapter), owner=owner, device=str(device()))
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
 

@@ -24,12 +24,10 @@ from experiment_schema.experiment import (
     experiment_hash,
     resume_differences,
 )
+from experiment_schema.reporting import CheckpointConfig, EvaluationConfig, LoggingConfig
 from experiment_schema.sections import (
-    CheckpointConfig,
     DatasetConfig,
-    EvaluationConfig,
     FederationConfig,
-    LoggingConfig,
     ModelConfig,
     PartitionConfig,
     PrivacyConfig,

@@ -30,12 +30,10 @@ from experiment_schema.base import (
     registered_method_configs,
     require,
 )
+from experiment_schema.reporting import CheckpointConfig, EvaluationConfig, LoggingConfig
 from experiment_schema.sections import (
-    CheckpointConfig,
     DatasetConfig,
-    EvaluationConfig,
     FederationConfig,
-    LoggingConfig,
     ModelConfig,
     PartitionConfig,
     PrivacyConfig,

