@@ -342,9 +342,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def launch(args: argparse.Namespace, experiment: Experiment, nodes: int) -> int:
     """Start the Flower processes and run the experiment; the exit code says whether it completed."""
-    import signal
+    from launch.processes import own_children
 
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    own_children()
     run_config = [str(write_run_config(experiment.run_config, Path(args.flwr_home).resolve()))]
     if args.command == "run":
         from launch.simulation import run_simulation

@@ -24,7 +24,14 @@ import psutil
 
 from finetune.hub import default_hub_mirror
 from launch.netns import Hosts, add_host_options
-from launch.processes import console_script, free_port, start_process, stop_process
+from launch.processes import (
+    console_script,
+    free_port,
+    own_children,
+    start_process,
+    stop_process,
+    stop_processes,
+)
 from launch.simulation import (
     CONNECTION,
     PROJECT_DIR,
@@ -177,13 +184,16 @@ class LocalCluster:
         stop_process(self.nodes[index].process, sig=signal.SIGKILL)
 
     def stop(self) -> None:
-        """The SuperLink (and the run it is running) first, then the nodes: a node that vanished
-        under a live run would be recorded as a failed round."""
+        """The run's ServerApp first (a node that vanished under a live run would be recorded as a
+        failed round), then the SuperLink and the nodes together."""
+        nodes = [*self.nodes, *self.strays]
+        link = self.superlink.process if self.superlink is not None else None
         if self.superlink is not None:
-            self.superlink.stop()
-        for node in [*self.nodes, *self.strays]:
-            stop_process(node.runtime)
-            stop_process(node.process)
+            self.superlink.end_server_app()
+        stop_processes([link, *[p for node in nodes for p in (node.runtime, node.process)]])
+        if self.superlink is not None:
+            self.superlink.process = None
+        for node in nodes:
             node.process = node.runtime = None
 
     def __enter__(self) -> LocalCluster:
@@ -211,14 +221,6 @@ def enter_cluster(stack: contextlib.ExitStack, cluster: LocalCluster, args: argp
     stack.enter_context(cluster)
 
 
-def stop_on_sigterm() -> None:
-    """SIGTERM (``kill``, a CI timeout) unwinds like Ctrl-C, so ``LocalCluster.__exit__`` stops
-    every process it started, by PID."""
-    import signal
-
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cold", action="store_true", help="Flower's SuperExec: a process per message")
     add_host_options(parser)
     args = parser.parse_args(argv)
-    stop_on_sigterm()
+    own_children()  # SIGTERM, Ctrl-C or our parent's death stop the run, then every process
     logging.basicConfig(level=logging.INFO, format="%(levelname)-7s %(name)s: %(message)s")
     output = Path(args.output_dir).resolve()
     output.mkdir(parents=True, exist_ok=True)

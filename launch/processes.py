@@ -45,34 +45,87 @@ def start_process(
         )
 
 
-def stop_process(process: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
-    """SIGTERM (then SIGKILL) the process group of ``process`` and every descendant it spawned
-    (Ray workers and app processes may leave the group)."""
-    if process is None:
-        return
-    pgid = process.pid
-    try:
-        descendants = psutil.Process(pgid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        descendants = []
-    for signal_, wait in ((sig, 10.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pgid, signal_)
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        if not _group_alive(pgid):
-            break
-        time.sleep(0.5)
-    else:
-        log.warning("processes of group %d survived SIGKILL", pgid)
-    _, alive = psutil.wait_procs(descendants, timeout=15.0)
-    for child in alive:
+def stop_process(
+    process: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, grace: float = 2.0
+) -> None:
+    """``sig`` (then, after ``grace`` seconds, SIGKILL) to the process group of ``process`` and to
+    every descendant it spawned; see :func:`stop_processes`."""
+    stop_processes([process], sig, grace)
+
+
+def stop_processes(
+    processes: Sequence[subprocess.Popen[bytes] | None], sig: int = signal.SIGTERM, grace: float = 2.0
+) -> None:
+    """``sig`` to the process group of each process and to every descendant it spawned (Ray
+    workers and app processes may leave the group), all at once, noted before any signal so that a
+    child whose parent dies first is still found; SIGKILL to whatever is left after ``grace``
+    seconds; each process reaped."""
+    started = [p for p in processes if p is not None]
+    descendants = []
+    for process in started:
         with contextlib.suppress(psutil.NoSuchProcess):
+            descendants += psutil.Process(process.pid).children(recursive=True)
+    deadline = time.monotonic() + grace
+    for process in started:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, sig)
+    for child in descendants:
+        with contextlib.suppress(psutil.Error):
+            child.send_signal(sig)
+    for process in started:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=max(deadline - time.monotonic(), 0.0))
+    end_processes(descendants, None, max(deadline - time.monotonic(), 0.0))
+    for process in started:
+        if process.poll() is None or _group_alive(process.pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+    for process in started:
+        process.wait(timeout=5.0)
+
+
+def end_processes(
+    processes: list[psutil.Process], sig: int | None = signal.SIGTERM, grace: float = 2.0
+) -> None:
+    """``sig`` to each (None: already sent), SIGKILL to those alive after ``grace`` seconds; returns
+    once each has ended (a zombie whose parent has yet to reap it counts as ended)."""
+    for child in processes:
+        with contextlib.suppress(psutil.Error):
+            if sig is not None:
+                child.send_signal(sig)
+    deadline = time.monotonic() + grace
+    while (alive := [p for p in processes if _running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
             child.kill()
+    deadline = time.monotonic() + 2.0
+    while any(_running(p) for p in alive) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def own_children() -> None:
+    """Make this launcher answer for every process it starts, however it ends: SIGTERM unwinds like
+    Ctrl-C (the launchers' context managers stop the run first, then the processes); the death of
+    its parent sends it SIGTERM (Linux); and a watchdog process ends them all if this process is
+    killed outright (SIGKILL runs no handler)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    watchdog = [sys.executable, "-m", "launch.watchdog", str(os.getpid())]
+    subprocess.Popen(watchdog, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def _group_alive(pgid: int) -> bool:

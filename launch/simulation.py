@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -28,9 +27,17 @@ from pathlib import Path
 from typing import IO
 
 import httpx
+import psutil
 
 from finetune.hub import default_hub_mirror
-from launch.processes import console_script, free_port, start_process, stop_process
+from launch.processes import (
+    console_script,
+    end_processes,
+    free_port,
+    own_children,
+    start_process,
+    stop_process,
+)
 
 log = logging.getLogger(__name__)
 #: The SuperLink's health check, run on its host (another network namespace).
@@ -44,6 +51,25 @@ except httpx.HTTPError:
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 CONNECTION = "fedsubspace-sim"
 COMPLETED = "finished:completed"
+#: How long a stop waits for the ServerApp to end before it is killed (then the other processes go):
+#: Flower's ServerApp takes longer than that to honour SIGTERM, and nothing of ours needs it to.
+SERVERAPP_GRACE_SECONDS = 0.5
+#: The processes that run a ServerApp: deployment's, and the simulation's (ServerApp + Ray driver).
+SERVERAPP_SCRIPTS = ("flwr-serverapp", "flwr-simulation")
+
+
+def server_apps(superlink_pid: int) -> list[psutil.Process]:
+    """The ServerApp processes among the SuperLink's descendants."""
+    try:
+        found = psutil.Process(superlink_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    apps = []
+    for process in found:
+        with contextlib.suppress(psutil.Error):
+            if any(Path(part).name in SERVERAPP_SCRIPTS for part in process.cmdline()[:2]):
+                apps.append(process)
+    return apps
 
 
 @dataclass
@@ -184,14 +210,18 @@ class LocalSuperLink:
         return checked.returncode == 0
 
     def stop(self) -> None:
-        """Stop the run it is running first (its ServerApp ends cleanly rather than recording a
-        round in which every node vanished), then the SuperLink and its children."""
-        if self.active_run is not None and self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.flwr("stop", str(self.active_run), CONNECTION, timeout=15.0)
-        self.active_run = None
+        """End the run's ServerApp first (SIGTERM to its process: it records no further round,
+        and no round in which every node vanished), then the SuperLink and every other process
+        it started — the simulation's Ray, the SuperExec."""
+        self.end_server_app()
         stop_process(self.process)
         self.process = None
+
+    def end_server_app(self) -> None:
+        """SIGTERM to the run's ServerApp (SIGKILL after a grace period): no round after this."""
+        if self.process is not None and self.process.poll() is None:
+            end_processes(server_apps(self.process.pid), grace=SERVERAPP_GRACE_SECONDS)
+        self.active_run = None
 
     def __enter__(self) -> LocalSuperLink:
         self.start()
@@ -244,15 +274,21 @@ class LocalSuperLink:
             assert logger.stdout is not None
             noise = self.flwr_home / "stream-noise.log"
             threading.Thread(target=filter_stream, args=(logger.stdout, noise), daemon=True).start()
-        # Each `flwr list` costs about a CPU-second: poll sparingly, the log shows progress.
-        interval = 10.0 if stream else 5.0
-        status = self.run_status(run_id)
-        while not status.startswith("finished") and time.monotonic() - start < timeout:
-            time.sleep(min(interval, max(timeout - (time.monotonic() - start), 0.1)))
+        try:
+            # Each `flwr list` costs about a CPU-second: poll sparingly, the log shows progress.
+            interval = 10.0 if stream else 5.0
             status = self.run_status(run_id)
-        if not status.startswith("finished"):
-            self.flwr("stop", str(run_id), CONNECTION)
-            status = f"timed out after {timeout:.0f} s ({status})"
+            while not status.startswith("finished") and time.monotonic() - start < timeout:
+                time.sleep(min(interval, max(timeout - (time.monotonic() - start), 0.1)))
+                status = self.run_status(run_id)
+            if not status.startswith("finished"):
+                self.flwr("stop", str(run_id), CONNECTION)
+                status = f"timed out after {timeout:.0f} s ({status})"
+        except BaseException:  # SIGTERM / Ctrl-C: the log stream ends with the run
+            if logger is not None:
+                logger.kill()
+                logger.wait()
+            raise
         if logger is not None:
             _finish(logger, grace=5.0)
         if self.active_run == run_id:
@@ -330,8 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flwr-home", type=Path, default=PROJECT_DIR / ".flwr")
     parser.add_argument("--timeout", type=float, default=3600.0)
     args = parser.parse_args(argv)
-    # SIGTERM (kill, CI timeouts) must still stop the SuperLink we started.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    own_children()  # SIGTERM, Ctrl-C or our parent's death must still stop the SuperLink we started
     logging.basicConfig(level=logging.INFO, format="%(levelname)-7s %(name)s: %(message)s")
 
     mirror = default_hub_mirror() if args.hub_mirror is None else args.hub_mirror

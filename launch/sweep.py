@@ -35,10 +35,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 
 from finetune.hub import default_hub_mirror
+from launch.processes import own_children
 from launch.sweep_chunk import run_sweep
 from launch.sweep_cost import ESTIMATE_MARGIN, Budget, estimate, job_seconds, print_plan
 from launch.sweep_pairing import (
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.snapshot:
         return run_from_snapshot([a for a in argv if a != "--snapshot"])
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    own_children()
     os.environ.setdefault("FEDSUBSPACE_HUB_MIRROR", default_hub_mirror() or "")
     if args.dry_run:
         return dry_run(args.preset, args.arguments)
