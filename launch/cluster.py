@@ -207,9 +207,11 @@ class LocalCluster:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def run(self, run_config: list[str], timeout: float = 3600.0, stream: bool = True) -> RunOutcome:
+    def run(
+        self, run_config: list[str], timeout: float = 3600.0, stream: bool = True, app: Path = PROJECT_DIR
+    ) -> RunOutcome:
         assert self.superlink is not None
-        run_id = self.superlink.submit(PROJECT_DIR, run_config)
+        run_id = self.superlink.submit(app, run_config)
         log.info("run %d submitted to %s", run_id, self.superlink.address)
         return self.superlink.follow(run_id, timeout, stream=stream)
 

@@ -20,11 +20,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from experiment_schema import ExperimentConfig
 from finetune.records import from_record, to_record
 from finetune.wire import pack, packed_bytes, unpack
-from strategies.bounds import UpdateBound, clip_update, outliers, update_norm
-from strategies.nodes import NodeDirectory
+from strategies.bounds import UpdateBound
 from strategies.protocol import ARRAYS, CONFIG, NUM_EXAMPLES, Instruction
 from strategies.replies import (
     Replies,
@@ -32,17 +30,13 @@ from strategies.replies import (
     WeightedFold,
     aggregate_metrics,
     evaluation_metrics,
-    fail_on_common_config_error,
-    parse_reply,
     raw_bytes,
 )
 from strategies.robust import RobustAggregate
 from strategies.rule import ServerRule
+from strategies.screening import HeldReply, ReplyScreen, settle_round
 
 log = logging.getLogger(__name__)
-
-#: A valid reply held for the round's aggregate: (node, uploaded state, metrics).
-HeldReply = tuple[int, dict[str, np.ndarray], dict[str, float]]
 #: ``stream_aggregation=auto`` folds replies as they arrive above this global-state size.
 STREAM_ABOVE_BYTES = 256 * 2**20
 
@@ -61,6 +55,7 @@ class Engine(Strategy):
     ) -> None:
         self.rule = rule
         self.bound = bound if bound is not None else UpdateBound()
+        self.screen = ReplyScreen(self.bound, rule.lora_scale)  # what each reply must be
         self.robust = robust if robust is not None else RobustAggregate()
         self.nodes = rule.nodes  # sampling settings and what the nodes told (strategies.nodes)
         self.min_replies = min_replies
@@ -70,37 +65,9 @@ class Engine(Strategy):
         self.rounds: dict[int, RoundStats] = {}
         self.server_round = 0  # the round configure_train last prepared
         self.setup_bytes = (0, 0)  # (bytes down, bytes up) of the set-up exchange
-        self._outbox: list[Message] = []
-        self._expected: dict[int, dict[str, tuple[int, ...]]] = {}
         self._global: dict[str, np.ndarray] = {}
         self._fold: WeightedFold | None = None
         self._streaming = False
-        self._frozen: dict[str, np.ndarray] = {}  # server arrays no payload carries (FFA-LoRA's A)
-        self._sent: dict[int, dict[str, np.ndarray]] = {}  # each node's payload this round
-        self._answered: set[int] = set()
-
-    @classmethod
-    def from_experiment(cls, cfg: ExperimentConfig, rule_type: type[ServerRule]) -> Engine:
-        """The engine of ``cfg``: the rule with its own config (resolved) and the federation."""
-        federation = cfg.federation
-        nodes = NodeDirectory(
-            ranked=rule_type.heterogeneous_ranks,
-            fraction_train=federation.fraction_train,
-            min_train_nodes=federation.min_train_clients,
-            seed=cfg.seed,
-            connect_timeout_s=federation.connect_timeout_s,
-            query_all_up_to=federation.query_all_up_to,
-        )
-        rule = rule_type(rule_type.resolve(cfg), nodes)
-        on_clients = rule.evaluate_on_clients or cfg.evaluation.where == "clients"
-        f = federation
-        return cls(
-            rule,
-            min_replies=federation.min_replies,
-            evaluate_on_clients=on_clients,
-            bound=UpdateBound(f.update_bound, f.update_bound_k, f.update_bound_norm),
-            robust=RobustAggregate(f.robust, f.robust_trim, f.robust_byzantine, f.robust_keep),
-        )
 
     @property
     def node_partitions(self) -> dict[int, int]:
@@ -109,7 +76,7 @@ class Engine(Strategy):
     def initial_state(self, trainable: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         state = self.rule.initial_state(trainable)
         keeps = self.rule.traffic.keeps
-        self._frozen = {k: v for k, v in trainable.items() if k not in state and not keeps(k)}
+        self.screen.frozen = {k: v for k, v in trainable.items() if k not in state and not keeps(k)}
         return state
 
     # --- the one-off set-up exchange -------------------------------------------------------
@@ -163,29 +130,30 @@ class Engine(Strategy):
         folds = self.rule.streamable and not (self.robust.enabled or self.bound.mode == "reject")
         self._fold = WeightedFold(list(stats.sampled)) if folds else None  # sampled: client order
         common = common_instruction(config, server_round)
-        self._outbox, self._expected, self._sent, self._answered = [], {}, {}, set()
+        self.screen.open_round()
+        outbox = []
         for node_id in stats.sampled:
-            payload = self._sent[node_id] = self.rule.payload(node_id, self._global)
+            payload = self.rule.payload(node_id, self._global)
             record = self.rule.encode_payload(payload)
-            self._outbox.append(self.node_message(node_id, record, common, MessageType.TRAIN))
-            self._expected[node_id] = self.rule.expected_reply_shapes(node_id, payload, server_round)
+            outbox.append(self.node_message(node_id, record, common, MessageType.TRAIN))
+            shapes = self.rule.expected_reply_shapes(node_id, payload, server_round)
+            self.screen.expect(outbox[-1], payload, shapes)
             stats.bytes_down[node_id] = packed_bytes(record)  # what travels: the packed record
             stats.payload_down[node_id] = raw_bytes(record)
-        return self._outbox
+        return outbox
 
     def planned_bytes(self, server_round: int) -> int:
         """The array bytes the round configured last will move: its payloads down and the uploads
         its nodes are expected to send (at the wire dtype)."""
         stats = self.rounds[server_round]
         itemsize = 2 if self.rule.method.wire_dtype == "float16" else 4
-        up = sum(
-            int(np.prod(shape)) * itemsize for shapes in self._expected.values() for shape in shapes.values()
-        )
+        expected = self.screen.expected.values()
+        up = sum(int(np.prod(shape)) * itemsize for shapes in expected for shape in shapes.values())
         return sum(stats.payload_down.values()) + up
 
     def expected_shapes(self, node_id: int) -> dict[str, tuple[int, ...]]:
         """The keys and shapes a valid reply of ``node_id`` holds this round ({}: not sampled)."""
-        return dict(self._expected.get(node_id, {}))
+        return dict(self.screen.expected.get(node_id, {}))
 
     def node_message(self, node_id: int, record: ArrayRecord, common: Instruction, kind: str) -> Message:
         """One node's message (its own records: never shared between messages), its arrays packed
@@ -209,15 +177,15 @@ class Engine(Strategy):
     def receive(self, reply: Message) -> None:
         """Validate one reply and fold it into the round's sums (the reply is not kept)."""
         assert self._fold is not None
-        node_id = self._node_of(reply)
-        parsed = self._parse(self.server_round, node_id, reply, self.rounds[self.server_round])
+        node_id = self.screen.node_of(reply)
+        parsed = self.screen.parse(self.server_round, node_id, reply, self.rounds[self.server_round])
         if parsed is None:
             if node_id in self.rounds[self.server_round].rejected:
                 self._fold.settle(node_id)
             return
         state, metrics = parsed
         if self.bound.enabled:
-            state = self._clip(node_id, state, self.rounds[self.server_round])
+            state = self.screen.clip(self.server_round, node_id, state, self.rounds[self.server_round])
         self._fold.add(node_id, state, self._weight(metrics), metrics)
 
     def aggregate_train(
@@ -228,17 +196,17 @@ class Engine(Strategy):
             return self._aggregate_folded(server_round, replies, stats)
         held: list[HeldReply] = []
         for reply in replies:
-            node_id = self._node_of(reply)
-            parsed = self._parse(server_round, node_id, reply, stats)
+            node_id = self.screen.node_of(reply)
+            parsed = self.screen.parse(server_round, node_id, reply, stats)
             if parsed is not None:
                 held.append((node_id, *parsed))
         # Arrival order and fresh node ids must not change the float sums: sum in client order.
         held.sort(key=lambda item: self.nodes.client_order(item[0]))
         if self.bound.enabled:
-            held = self._bounded(server_round, stats, held)
+            held = self.screen.bounded(server_round, stats, held)
         node_ids = [node_id for node_id, _, _ in held]
         metrics = [reply_metrics for _, _, reply_metrics in held]
-        if not self._settle_round(server_round, stats, node_ids, metrics):
+        if not self._settle(server_round, stats, node_ids, metrics):
             return None, None
         weights = [self._weight(m) for m in metrics]
         states = [state for _, state, _ in held]
@@ -261,103 +229,19 @@ class Engine(Strategy):
         self._fold = None
         if self._streaming:
             stats.peak_held_replies = fold.peak_pending
-        if not self._settle_round(server_round, stats, fold.folded, fold.metrics):
+        if not self._settle(server_round, stats, fold.folded, fold.metrics):
             return None, None
         new_state = self.rule.step(server_round, self._global, fold.mean())
         return to_record(new_state), aggregate_metrics(fold.metrics, fold.weights)
 
-    # --- update bounds (strategies/bounds.py) ------------------------------------------------
-    def _update_norm(self, node_id: int, state: dict[str, np.ndarray]) -> float:
-        return update_norm(self._reference(node_id), state, self.rule.lora_scale)
-
-    def _reference(self, node_id: int) -> dict[str, np.ndarray]:
-        """What ``node_id`` started this round from: its payload and the server's frozen arrays."""
-        return {**self._frozen, **self._sent.get(node_id, {})}
-
-    def _clip(self, node_id: int, state: dict[str, np.ndarray], stats: RoundStats) -> dict[str, np.ndarray]:
-        """``state`` with its update clipped to the bound (``clip``); records its norm either way."""
-        norm = stats.update_norms[node_id] = self._update_norm(node_id, state)
-        if self.bound.mode != "clip":
-            return state
-        clipped, factor = clip_update(
-            self._reference(node_id), state, self.rule.lora_scale, self.bound.max_norm, norm
-        )
-        if factor < 1.0:
-            stats.clipped[node_id] = factor
-            log.warning(
-                "round %d: node %d's update norm %.4g clipped to %.4g (its arrays' updates scaled by %.4g)",
-                self.server_round, node_id, norm, self.bound.max_norm, factor,
-            )  # fmt: skip
-        return clipped
-
-    def _bounded(self, server_round: int, stats: RoundStats, held: list[HeldReply]) -> list[HeldReply]:
-        """The held replies within the bound: clipped (``clip``), or without the ones whose norm
-        exceeds k × the round's median (``reject``, recorded and logged as rejected)."""
-        bounded = [(node_id, self._clip(node_id, state, stats), m) for node_id, state, m in held]
-        if self.bound.mode != "reject":
-            return bounded
-        far = outliers({node_id: stats.update_norms[node_id] for node_id, _, _ in held}, self.bound.k)
-        for node_id, median in far.items():
-            stats.rejected[node_id] = (
-                f"update norm {stats.update_norms[node_id]:.4g} exceeds {self.bound.k:g} × the round's "
-                f"median norm {median:.4g} (federation.update_bound=reject)"
-            )
-            log.warning("round %d: node %d rejected: %s", server_round, node_id, stats.rejected[node_id])
-        return [item for item in bounded if item[0] not in far]
-
-    def _node_of(self, reply: Message) -> int:
-        node_of_message = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outbox}
-        return node_of_message.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-
     def _weight(self, metrics: dict[str, float]) -> float:
         return float(metrics[NUM_EXAMPLES]) if self.rule.method.weighting == "examples" else 1.0
 
-    def _parse(
-        self, server_round: int, node_id: int, reply: Message, stats: RoundStats
-    ) -> tuple[dict[str, np.ndarray], dict[str, float]] | None:
-        """The reply's state and metrics, or None after logging why it was rejected. A reply that
-        does not answer this round's message to the node, or answers it a second time, is ignored:
-        the node's first genuine reply decides its outcome."""
-        problem = misaddressed(reply, node_id, server_round)
-        if problem is None and node_id in self._answered:
-            problem = "a second reply to this round's message (a duplicate)"
-        if problem is not None:
-            stats.ignored.append(f"node {node_id}: {problem}, ignored")
-            log.warning("round %d: a reply for node %d ignored: %s", server_round, node_id, problem)
-            return None
-        self._answered.add(node_id)
-        parsed = parse_reply(reply, self._expected.get(node_id), stats, node_id)
-        if not isinstance(parsed, str):
-            return parsed
-        stats.rejected[node_id] = parsed
-        log.warning("round %d: node %d rejected: %s", server_round, node_id, parsed)
-        return None
-
-    def _settle_round(
+    def _settle(
         self, server_round: int, stats: RoundStats, node_ids: list[int], metrics: list[dict[str, float]]
     ) -> bool:
-        """Record who was left out and why, tell the rule; False when the round keeps the previous
-        global state (fewer valid replies than the quorum)."""
-        for node_id in stats.settle(node_ids, metrics):
-            log.warning("round %d: node %d rejected: %s", server_round, node_id, stats.rejected[node_id])
-        for node_id in stats.rejected:
-            self.rule.node_failed(node_id)
-        for node_id, reply_metrics in zip(node_ids, metrics, strict=True):
-            self.rule.accept_reply(node_id, reply_metrics)
-        self._outbox = []
-        if not node_ids:
-            fail_on_common_config_error(stats.rejected, stats.sampled, f"train in round {server_round}")
-        if len(node_ids) < self.min_replies:
-            stats.kept_previous = True
-            log.warning(
-                "round %d: %d valid repl%s < min_replies=%d; keeping the previous global state",
-                server_round,
-                len(node_ids),
-                "y" if len(node_ids) == 1 else "ies",
-                self.min_replies,
-            )
-            return False
-        return True
+        self.screen.node_of_message = {}  # the round is over: a late reply counts as its sender's
+        return settle_round(self.rule, server_round, stats, (node_ids, metrics), self.min_replies)
 
     # --- Strategy API: evaluation ------------------------------------------------------------
     def configure_evaluate(
@@ -389,31 +273,14 @@ class Engine(Strategy):
         return evaluation_metrics(server_round, ordered)
 
     def summary(self) -> None:
+        method, nodes = self.rule.method, self.nodes
         log.info(
             "%s: fraction_train=%s min_train_nodes=%d min_replies=%d weighting=%s wire=%s",
-            type(self.rule).__name__,
-            self.nodes.fraction_train,
-            self.nodes.min_train_nodes,
-            self.min_replies,
-            self.rule.method.weighting,
-            self.rule.method.wire_dtype,
-        )
+            type(self.rule).__name__, nodes.fraction_train, nodes.min_train_nodes, self.min_replies,
+            method.weighting, method.wire_dtype,
+        )  # fmt: skip
 
 
 def common_instruction(config: ConfigRecord, server_round: int) -> Instruction:
     """The round's instruction, common to every node (the loop's config record, this round)."""
     return dataclasses.replace(Instruction.from_config(config), server_round=server_round)
-
-
-def misaddressed(reply: Message, node_id: int, server_round: int) -> str | None:
-    """Why a reply does not answer this round's message to ``node_id``: sent by another node, or
-    answering another round's message (a replayed or stale reply). Error replies the SuperLink
-    writes itself carry neither and are judged by their error."""
-    if reply.has_error():
-        return None
-    source, group = reply.metadata.src_node_id, reply.metadata.group_id
-    if source != node_id:
-        return f"answers node {node_id}'s message but came from node {source}"
-    if group != str(server_round):
-        return f"answers a message of round {group or '?'} in round {server_round} (stale or replayed)"
-    return None

@@ -9,8 +9,11 @@ from enum import StrEnum
 
 from experiment_schema import ExperimentConfig, MethodConfig, register_method_config
 from finetune.spec import AdapterSpec
+from strategies.bounds import UpdateBound
 from strategies.client import ClientRound, ClientRule
 from strategies.engine import Engine
+from strategies.nodes import NodeDirectory
+from strategies.robust import RobustAggregate
 from strategies.rule import ServerRule
 from strategies.traffic import Traffic
 
@@ -59,7 +62,7 @@ class Rule:
 
     def build_strategy(self, cfg: ExperimentConfig) -> Engine:
         """The Flower Strategy that runs this rule: the engine around its server half."""
-        return Engine.from_experiment(cfg, self.strategy)
+        return build_engine(cfg, self.strategy)
 
     def build_client(self, job: ClientRound) -> ClientRule:
         """The client half for one message, with the rule's traffic."""
@@ -94,3 +97,21 @@ def get_rule(name: str) -> Rule:
     if name not in RULES:
         raise KeyError(f"unknown rule {name!r}; registered: {sorted(RULES)}")
     return RULES[name]
+
+
+def build_engine(cfg: ExperimentConfig, rule_type: type[ServerRule]) -> Engine:
+    """The engine of ``cfg``: the rule with its own config (resolved) and the federation."""
+    f = cfg.federation
+    nodes = NodeDirectory(
+        ranked=rule_type.heterogeneous_ranks, fraction_train=f.fraction_train,
+        min_train_nodes=f.min_train_clients, seed=cfg.seed, connect_timeout_s=f.connect_timeout_s,
+        query_all_up_to=f.query_all_up_to,
+    )  # fmt: skip
+    rule = rule_type(rule_type.resolve(cfg), nodes)
+    return Engine(
+        rule,
+        min_replies=f.min_replies,
+        evaluate_on_clients=rule.evaluate_on_clients or cfg.evaluation.where == "clients",
+        bound=UpdateBound(f.update_bound, f.update_bound_k, f.update_bound_norm),
+        robust=RobustAggregate(f.robust, f.robust_trim, f.robust_byzantine, f.robust_keep),
+    )

@@ -72,7 +72,7 @@ def test_the_fold_is_the_rules_own_weighted_mean(name):
     uploads = []
     for node in nodes:
         rng = np.random.default_rng(node)
-        expected = strategy._expected[node]
+        expected = strategy.expected_shapes(node)
         uploads.append({k: rng.normal(size=shape).astype(np.float32) for k, shape in expected.items()})
     mean = strategy.rule.rule(uploads, [SIZES[n] for n in nodes])
     reference = strategy.rule.finalize(1, {**strategy._global, **mean})

@@ -75,7 +75,7 @@ def test_fedsvd_round_averages_B_then_refactors_exactly():
     messages, new = one_round(strategy, global_state, uploads)
     # Assert: A travelled down, never up; s B_new A_new = s B̄ A; A_new has orthonormal rows
     assert all(A_KEY in from_wire(m.content.array_records["arrays"]) for m in messages)
-    assert all(set(strategy._expected[n]) == {B_KEY, HEAD} for n in SIZES)
+    assert all(set(strategy.expected_shapes(n)) == {B_KEY, HEAD} for n in SIZES)
     s = 8.0 / RANK
     np.testing.assert_allclose(s * new[B_KEY] @ new[A_KEY], s * mean(Bs) @ A, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(new[A_KEY] @ new[A_KEY].T, np.eye(RANK), atol=1e-5)
@@ -117,7 +117,7 @@ def test_rolora_averages_only_the_rounds_factor_exactly(server_round):
     # Execute
     _, new = one_round(strategy, global_state, uploads, server_round)
     # Assert: odd rounds Σ p_k s B_k A = s B̄ A, even rounds Σ p_k s B A_k = s B Ā; the other stays
-    assert all(set(strategy._expected[n]) == {trained, HEAD} for n in SIZES)
+    assert all(set(strategy.expected_shapes(n)) == {trained, HEAD} for n in SIZES)
     if trained == B_KEY:
         np.testing.assert_array_equal(new[A_KEY], A)
         ideal = mean(factors) @ A

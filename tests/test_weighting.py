@@ -32,7 +32,8 @@ def aggregate_once(name, weighting, sizes):
             return RecordDict({"metrics": MetricRecord({"lora-rank": RANK, "partition-id": node})})
         rng = np.random.default_rng(node)
         upload = {
-            k: rng.normal(size=shape).astype(np.float32) for k, shape in strategy._expected[node].items()
+            k: rng.normal(size=shape).astype(np.float32)
+            for k, shape in strategy.expected_shapes(node).items()
         }
         return RecordDict({"arrays": to_wire(upload), "metrics": MetricRecord({"num-examples": sizes[node]})})
 
