@@ -9,13 +9,14 @@ shaped link's limit (2 × bytes × 8 / rate).
         [--where loopback,hosts] [--unpacked]
 
 One node, so the payload has the link to itself. Medians over rounds 2+ (round 1 installs the
-app on the node). Prints a table; asserts nothing. Separate hosts need root (ip netns, tc).
+app on the node); the socket figure is the median of three round trips between the same hosts,
+made by the probe app itself after its rounds. Prints a table; asserts nothing. Separate hosts
+need root (ip netns, tc).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import subprocess
@@ -25,72 +26,36 @@ from pathlib import Path
 from typing import Any
 
 APP = Path(__file__).resolve().parent / "wire_probe"
-#: An echo server: accept one connection, read N bytes, send them back.
-ECHO_SERVER = """
-import socket, sys
-n = int(sys.argv[2]); s = socket.create_server((sys.argv[1], 0)); print(s.getsockname()[1], flush=True)
-c, _ = s.accept(); buf = bytearray(n); view = memoryview(buf); got = 0
-while got < n: got += c.recv_into(view[got:], n - got)
-c.sendall(buf); c.close()
-"""
-#: Its client: send N bytes, read them back, print the seconds.
-ECHO_CLIENT = """
-import socket, sys, time
-host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]); data = bytes(n)
-start = time.perf_counter(); c = socket.create_connection((host, port)); c.sendall(data)
-buf = bytearray(n); view = memoryview(buf); got = 0
-while got < n: got += c.recv_into(view[got:], n - got)
-print(time.perf_counter() - start)
-"""
-
-
-def socket_seconds(nbytes: int, hosts: Any | None) -> float:
-    """A plain TCP round trip of ``nbytes`` each way between the hub and node 0 (loopback: both here)."""
-    on_node = (lambda c: hosts.on_node(0, c)) if hosts else (lambda c: c)
-    on_hub = (lambda c: hosts.on_hub(c)) if hosts else (lambda c: c)
-    address = hosts.node_address(0) if hosts else "127.0.0.1"
-    server = subprocess.Popen(
-        on_node([sys.executable, "-c", ECHO_SERVER, address, str(nbytes)]), stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert server.stdout is not None
-        port = server.stdout.readline().strip()
-        out = subprocess.run(
-            on_hub([sys.executable, "-c", ECHO_CLIENT, address, port, str(nbytes)]),
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        return float(out.stdout.strip())
-    finally:
-        server.wait(timeout=60)
+PROJECT_DIR = APP.parents[1]
 
 
 def probe(
     megabytes: float, arrays: int, rounds: int, packed: bool, rate: float | None, where: str
 ) -> dict[str, Any]:
-    from launch.cluster import LocalCluster
-    from launch.netns import Hosts
-
-    with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as stack:
-        out = Path(folder) / "rounds.jsonl"
-        hosts = stack.enter_context(Hosts(1, rate_mbit=rate)) if where == "hosts" else None
-        secure = hosts is not None
-        cluster = LocalCluster(Path(folder) / "flwr", 1, tls=secure, auth=secure)
-        cluster.hosts = hosts
-        stack.enter_context(cluster)
+    """One probe run on a one-node cluster (``python -m launch.cluster --app``)."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "probe.json"
         config = (
             f"payload-mb={megabytes} arrays={arrays} rounds={rounds} packed={str(packed).lower()} out='{out}'"
         )
-        outcome = cluster.run([config], timeout=3600, stream=False, app=APP)
-        if not outcome.ok:
-            raise RuntimeError(f"the probe run ended {outcome.status}; see {cluster.flwr_home}")
-        rows = [json.loads(line) for line in out.read_text().splitlines()]
-        nbytes = rows[0]["payload_bytes"]
-        sockets = [socket_seconds(nbytes, hosts) for _ in range(3)]
-    seconds = statistics.median(r["seconds"] for r in rows[1:]) if len(rows) > 1 else rows[0]["seconds"]
+        command = [
+            sys.executable, "-m", "launch.cluster", "--num-nodes", "1", "--app", str(APP),
+            "--flwr-home", str(Path(folder) / "flwr"), "--run-config", config,
+        ]  # fmt: skip
+        if where == "hosts":  # separate hosts: TLS and node authentication on, the link shaped
+            command += ["--separate-hosts", "--auth", *(["--rate-mbit", str(rate)] if rate else [])]
+        done = subprocess.run(command, cwd=PROJECT_DIR, capture_output=True, text=True, check=False)
+        if done.returncode != 0 or not out.exists():
+            raise RuntimeError(
+                f"the probe run failed ({done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+            )
+        result = json.loads(out.read_text())
+    rounds_s = [r["seconds"] for r in result["rounds"]]
+    nbytes = result["payload_bytes"]
     return {
         "where": where, "rate_mbit": rate, "payload_mb": nbytes / 1e6, "arrays": arrays, "packed": packed,
-        "round_seconds": seconds, "each_round": [r["seconds"] for r in rows],
-        "socket_seconds": statistics.median(sockets),
+        "round_seconds": statistics.median(rounds_s[1:] or rounds_s), "each_round": rounds_s,
+        "socket_seconds": statistics.median(s for trips in result["socket_seconds"] for s in trips),
         "wire_limit_seconds": 2 * nbytes * 8 / (rate * 1e6) if rate else None,
     }  # fmt: skip
 

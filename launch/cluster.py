@@ -236,13 +236,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flwr-home", default=str(PROJECT_DIR / ".flwr-cluster"))
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--cold", action="store_true", help="Flower's SuperExec: a process per message")
+    parser.add_argument("--app", type=Path, default=PROJECT_DIR, help="another Flower app (a benchmark's)")
     add_host_options(parser)
     args = parser.parse_args(argv)
     own_children()  # SIGTERM, Ctrl-C or our parent's death stop the run, then every process
     logging.basicConfig(level=logging.INFO, format="%(levelname)-7s %(name)s: %(message)s")
     output = Path(args.output_dir).resolve()
     output.mkdir(parents=True, exist_ok=True)
-    run_config = [f"output-dir='{output}' hub-mirror='{args.hub_mirror}'", *args.run_config]
+    ours = args.app.resolve() == PROJECT_DIR
+    run_config = [f"output-dir='{output}' hub-mirror='{args.hub_mirror}'"] if ours else []
+    run_config += args.run_config
     cluster = LocalCluster(
         Path(args.flwr_home),
         args.num_nodes,
@@ -253,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     with contextlib.ExitStack() as stack:
         enter_cluster(stack, cluster, args)
-        outcome = cluster.run(run_config, timeout=args.timeout)
+        outcome = cluster.run(run_config, timeout=args.timeout, app=args.app.resolve())
     log.info("run %d: %s after %.0f s", outcome.run_id, outcome.status, outcome.seconds)
     return 0 if outcome.ok else 1
 

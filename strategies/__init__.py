@@ -26,6 +26,7 @@ SUPPORT_MODULES = frozenset(
         "replies",
         "robust",
         "rule",
+        "screening",
         "server_optim",
         "traffic",
         "validation",

@@ -240,7 +240,7 @@ class Engine(Strategy):
     def _settle(
         self, server_round: int, stats: RoundStats, node_ids: list[int], metrics: list[dict[str, float]]
     ) -> bool:
-        self.screen.node_of_message = {}  # the round is over: a late reply counts as its sender's
+        self.screen.outbox = []  # the round is over: a late reply counts as its sender's
         return settle_round(self.rule, server_round, stats, (node_ids, metrics), self.min_replies)
 
     # --- Strategy API: evaluation ------------------------------------------------------------

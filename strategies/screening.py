@@ -35,18 +35,21 @@ class ReplyScreen:
         self.sent: dict[int, State] = {}  # each node's payload this round
         self.expected: dict[int, dict[str, tuple[int, ...]]] = {}  # each node's reply: keys, shapes
         self.answered: set[int] = set()
-        self.node_of_message: dict[str, int] = {}
+        self.outbox: list[Message] = []  # the round's messages (their ids are set when sent)
 
     def open_round(self) -> None:
-        self.sent, self.expected, self.answered, self.node_of_message = {}, {}, set(), {}
+        self.sent, self.expected, self.answered, self.outbox = {}, {}, set(), []
 
     def expect(self, message: Message, payload: State, shapes: dict[str, tuple[int, ...]]) -> None:
         node_id = message.metadata.dst_node_id
         self.sent[node_id], self.expected[node_id] = payload, shapes
-        self.node_of_message[message.metadata.message_id] = node_id
+        self.outbox.append(message)
 
     def node_of(self, reply: Message) -> int:
-        return self.node_of_message.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        """The node whose message ``reply`` answers (an error the SuperLink writes for a dead node
+        comes from the SuperLink, not from the node)."""
+        node_of_message = {m.metadata.message_id: m.metadata.dst_node_id for m in self.outbox}
+        return node_of_message.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     def parse(
         self, server_round: int, node_id: int, reply: Message, stats: RoundStats
