@@ -198,15 +198,17 @@ def main(argv: list[str] | None = None) -> None:
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
             reason = (out.stderr.strip().splitlines() or ["no output"])[-1][:200]
-            print(f"{name}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+            if out.returncode == -9:  # what the kernel's out-of-memory killer sends
+                reason = "killed (SIGKILL): out of memory"
+            print(f"{name}: failed ({reason})\n{out.stderr[-2000:]}", file=sys.stderr)
             rows.append({"rule": name, "failed": reason})
-            continue
-        rows.append(json.loads(line[len("RESULT ") :]))
-        print(f"{name}: done", file=sys.stderr, flush=True)
+        else:
+            rows.append(json.loads(line[len("RESULT ") :]))
+            print(f"{name}: done", file=sys.stderr, flush=True)
+        if args.out:  # after every rule: a long sweep stopped part-way keeps what it measured
+            with open(args.out, "w") as handle:
+                json.dump({"settings": vars(args), "rows": rows}, handle, indent=1)
     print("\n" + table(rows, args) + "\n")
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(rows, handle, indent=1)
 
 
 if __name__ == "__main__":
