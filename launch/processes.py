@@ -111,6 +111,24 @@ def _running(process: psutil.Process) -> bool:
         return False
 
 
+#: The processes that run a ServerApp: deployment's, and the simulation's (ServerApp + Ray driver).
+SERVERAPP_SCRIPTS = ("flwr-serverapp", "flwr-simulation")
+
+
+def server_apps(root: int) -> list[psutil.Process]:
+    """The ServerApp processes among ``root``'s descendants."""
+    try:
+        found = psutil.Process(root).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    apps = []
+    for process in found:
+        with contextlib.suppress(psutil.Error):
+            if any(Path(part).name in SERVERAPP_SCRIPTS for part in process.cmdline()[:2]):
+                apps.append(process)
+    return apps
+
+
 _PR_SET_PDEATHSIG = 1
 
 

@@ -12,7 +12,6 @@ process it started, by process group.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -27,7 +26,6 @@ from pathlib import Path
 from typing import IO
 
 import httpx
-import psutil
 
 from finetune.hub import default_hub_mirror
 from launch.processes import (
@@ -35,6 +33,7 @@ from launch.processes import (
     end_processes,
     free_port,
     own_children,
+    server_apps,
     start_process,
     stop_process,
 )
@@ -54,22 +53,6 @@ COMPLETED = "finished:completed"
 #: How long a stop waits for the ServerApp to end before it is killed (then the other processes go):
 #: Flower's ServerApp takes longer than that to honour SIGTERM, and nothing of ours needs it to.
 SERVERAPP_GRACE_SECONDS = 0.5
-#: The processes that run a ServerApp: deployment's, and the simulation's (ServerApp + Ray driver).
-SERVERAPP_SCRIPTS = ("flwr-serverapp", "flwr-simulation")
-
-
-def server_apps(superlink_pid: int) -> list[psutil.Process]:
-    """The ServerApp processes among the SuperLink's descendants."""
-    try:
-        found = psutil.Process(superlink_pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    apps = []
-    for process in found:
-        with contextlib.suppress(psutil.Error):
-            if any(Path(part).name in SERVERAPP_SCRIPTS for part in process.cmdline()[:2]):
-                apps.append(process)
-    return apps
 
 
 @dataclass

@@ -3,8 +3,9 @@
     python -m launch.watchdog <launcher pid>
 
 Started by :func:`launch.processes.own_children` in a session of its own. Every half second it
-notes the launcher's descendants; once the launcher is gone it sends them SIGTERM, then SIGKILL
-after 2 s, and exits. A launcher that ends normally has stopped them already: nothing is left.
+notes the launcher's descendants; once the launcher is gone it ends the run's ServerApp first
+(SIGTERM, SIGKILL after 0.5 s), then the rest (SIGTERM, SIGKILL after 2 s), and exits. A launcher
+that ends normally has stopped them already: nothing is left.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from pathlib import Path
 
 import psutil
 
-from launch.processes import end_processes
+from launch.processes import SERVERAPP_SCRIPTS, end_processes
 
 
 def descendants(launcher: psutil.Process) -> dict[tuple[int, float], psutil.Process]:
@@ -42,7 +44,15 @@ def watch(pid: int, interval: float = 0.5) -> None:
     for process in list(left):  # and whatever they started since the last look
         with contextlib.suppress(psutil.Error):
             left += process.children(recursive=True)
+    end_processes([p for p in left if is_server_app(p)], grace=0.5)  # no round after the stop
     end_processes(left)
+
+
+def is_server_app(process: psutil.Process) -> bool:
+    try:
+        return any(Path(part).name in SERVERAPP_SCRIPTS for part in process.cmdline()[:2])
+    except psutil.Error:
+        return False
 
 
 if __name__ == "__main__":
