@@ -21,7 +21,8 @@ from flwr.serverapp import Grid, ServerApp
 from finetune.records import from_record, to_record
 from finetune.wire import from_wire, to_wire
 
-server, client = ServerApp(), ClientApp()
+server = ServerApp()
+client = ClientApp()
 
 
 def payload(megabytes: float, arrays: int, seed: int) -> dict[str, np.ndarray]:
