@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from finetune.records import from_record, to_record
 from finetune.wire import from_wire, to_wire
+from server_app.loop import exchange
 
 server = ServerApp()
 client = ClientApp()
@@ -40,6 +41,12 @@ def decode(record: ArrayRecord, packed: bool) -> dict[str, np.ndarray]:
     return from_wire(record) if packed else from_record(record)
 
 
+def key(packed: bool) -> str:
+    """Packed arrays travel under the app's own key, which its message loop unpacks on receipt;
+    unpacked ones under another, which it leaves alone."""
+    return "arrays" if packed else "plain"
+
+
 def receive_exactly(connection: socket.socket, nbytes: int) -> bytearray:
     buffer = bytearray(nbytes)
     view, got = memoryview(buffer), 0
@@ -51,8 +58,8 @@ def receive_exactly(connection: socket.socket, nbytes: int) -> bytearray:
 @client.train()
 def echo(message: Message, context: Context) -> Message:
     packed = bool(message.content.config_records["probe"]["packed"])
-    arrays = decode(message.content.array_records["arrays"], packed)
-    return Message(RecordDict({"arrays": encode(arrays, packed)}), reply_to=message)
+    arrays = decode(message.content.array_records[key(packed)], packed)
+    return Message(RecordDict({key(packed): encode(arrays, packed)}), reply_to=message)
 
 
 @client.query()
@@ -116,14 +123,14 @@ def main(grid: Grid, context: Context) -> None:
     rows = []
     for server_round in range(1, rounds + 1):
         start = time.perf_counter()
-        content = RecordDict({"arrays": encode(state, packed), "probe": ConfigRecord({"packed": packed})})
+        content = RecordDict({key(packed): encode(state, packed), "probe": ConfigRecord({"packed": packed})})
         messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
-        replies = list(grid.send_and_receive(messages, timeout=3600))
+        replies = exchange(grid, messages, timeout=3600)  # FedSubspace's loop: its polling, its unpacking
         seconds = time.perf_counter() - start
         for reply in replies:
             if reply.has_error():
                 raise RuntimeError(f"node {reply.metadata.src_node_id}: {reply.error}")
-            echoed = decode(reply.content.array_records["arrays"], packed)
+            echoed = from_record(reply.content.array_records[key(packed)])  # unpacked on receipt
             assert all(np.array_equal(echoed[k], v) for k, v in state.items()), "the echo differs"
         rows.append({"round": server_round, "seconds": seconds})
     result = {
