@@ -118,15 +118,16 @@ SERVERAPP_SCRIPTS = ("flwr-serverapp", "flwr-simulation")
 def server_apps(root: int) -> list[psutil.Process]:
     """The ServerApp processes among ``root``'s descendants."""
     try:
-        found = psutil.Process(root).children(recursive=True)
+        return [p for p in psutil.Process(root).children(recursive=True) if is_server_app(p)]
     except psutil.NoSuchProcess:
         return []
-    apps = []
-    for process in found:
-        with contextlib.suppress(psutil.Error):
-            if any(Path(part).name in SERVERAPP_SCRIPTS for part in process.cmdline()[:2]):
-                apps.append(process)
-    return apps
+
+
+def is_server_app(process: psutil.Process) -> bool:
+    try:
+        return any(Path(part).name in SERVERAPP_SCRIPTS for part in process.cmdline()[:2])
+    except psutil.Error:
+        return False
 
 
 _PR_SET_PDEATHSIG = 1

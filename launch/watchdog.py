@@ -13,11 +13,10 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from pathlib import Path
 
 import psutil
 
-from launch.processes import SERVERAPP_SCRIPTS, end_processes
+from launch.processes import end_processes, is_server_app
 
 
 def descendants(launcher: psutil.Process) -> dict[tuple[int, float], psutil.Process]:
@@ -46,13 +45,6 @@ def watch(pid: int, interval: float = 0.5) -> None:
             left += process.children(recursive=True)
     end_processes([p for p in left if is_server_app(p)], grace=0.5)  # no round after the stop
     end_processes(left)
-
-
-def is_server_app(process: psutil.Process) -> bool:
-    try:
-        return any(Path(part).name in SERVERAPP_SCRIPTS for part in process.cmdline()[:2])
-    except psutil.Error:
-        return False
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ case "$action" in
   check)
     mkdir -p "$out"
     export PYTHONPATH=$PWD/.gpu/site:$PWD/.gpu/stub:$PWD FEDSUBSPACE_HUB_MIRROR=$PWD/.gpu/hub
-    export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 FEDSUBSPACE_CACHE=${FEDSUBSPACE_CACHE:-/tmp/fedsubspace-cache}
+    export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1  # models and random checkpoints: $FEDSUBSPACE_CACHE or ~/.cache
     python3 - <<'PY' | tee "$out/device.json"
 import importlib.util, json, platform, torch, transformers, peft
 cuda = torch.cuda.is_available()
