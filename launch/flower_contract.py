@@ -1,12 +1,12 @@
 """The Flower internals our runtime patches or calls, with what it expects of each.
 
 The warm node runtime (``launch/warm_node.py``) replaces functions of Flower's ClientApp task
-module and wraps its SuperExec's executor factory; the SuperNode entry point
-(``launch/supernode.py``) replaces the ``time`` module of Flower's SuperNode loop. None of these is
-Flower's public API, so an upgrade may move or rename them. :func:`broken` names every expectation
-the installed Flower no longer meets; the test suite calls it, and so does the warm runtime
-before it patches anything, so a breaking upgrade fails in seconds with the symbol's name instead
-of deep inside a run.
+module, wraps its SuperExec's executor factory and replaces the SuperExec loop's ``time``; the
+SuperNode entry point (``launch/supernode.py``) replaces the ``time`` module and three functions of
+Flower's SuperNode loop. None of these is Flower's public API, so an upgrade may move or rename
+them. :func:`broken` names every expectation the installed Flower no longer meets; the test suite
+calls it, and so does the warm runtime before it patches anything, so a breaking upgrade fails in
+seconds with the symbol's name instead of deep inside a run.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class Expected:
 
 TASK = "flwr.supernode.runtime.run_clientapp"
 SUPEREXEC = "flwr.supercore.superexec"
+NODE_LOOP = "flwr.supernode.start_client_internal"
 
 EXPECTED = (
     # the warm worker runs Flower's own task function in a long-lived process
@@ -69,8 +70,16 @@ EXPECTED = (
     Expected("flwr.supercore.constant", "TaskType", (), "which tasks go warm"),
     Expected("flwr.supercore.constant", "ExecutorType", (), "which executor the warm one replaces"),
     Expected("flwr.supercore.cli.flower_superexec", "flower_superexec", (), "the warm runtime's main loop"),
-    # fedsubspace-supernode caps the SuperNode's idle sleeps
-    Expected("flwr.supernode.start_client_internal", "time", (), "its sleeps are capped (--idle-poll)"),
+    Expected(f"{SUPEREXEC}.run_superexec", "time", (), "its task poll learns when tasks are due"),
+    Expected(f"{SUPEREXEC}.run_superexec", "_get_task_poll_interval", (), "the task poll's cap"),
+    # fedsubspace-supernode's waits follow the traffic
+    Expected(NODE_LOOP, "time", (), "its sleeps back off or are capped (--idle-poll)"),
+    Expected(NODE_LOOP, "_pull_and_store_message", (), "a pulled message is an arrival for the idle poll"),
+    Expected(NODE_LOOP, "_push_messages", (), "a pushed reply starts the idle poll's quiet spell"),
+    Expected(NODE_LOOP, "pull_objects", ("initial_backoff", "backoff_cap"), "missing objects retried sooner"),
+    # the ServerApp's deployed Grid too (server_app/waits.py)
+    Expected("flwr.superlink.grid.http_grid", "pull_objects", ("initial_backoff", "backoff_cap"),
+             "a reply's missing objects retried sooner"),
     Expected("flwr.supernode.cli.flower_supernode", "flower_supernode", (), "fedsubspace-supernode runs it"),
 )  # fmt: skip
 

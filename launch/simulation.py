@@ -12,6 +12,7 @@ process it started, by process group.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -258,11 +259,9 @@ class LocalSuperLink:
             noise = self.flwr_home / "stream-noise.log"
             threading.Thread(target=filter_stream, args=(logger.stdout, noise), daemon=True).start()
         try:
-            # Each `flwr list` costs about a CPU-second: poll sparingly, the log shows progress.
-            interval = 10.0 if stream else 5.0
-            status = self.run_status(run_id)
+            status = "not asked yet"
             while not status.startswith("finished") and time.monotonic() - start < timeout:
-                time.sleep(min(interval, max(timeout - (time.monotonic() - start), 0.1)))
+                wait_for_run(logger, max(timeout - (time.monotonic() - start), 0.1))
                 status = self.run_status(run_id)
             if not status.startswith("finished"):
                 self.flwr("stop", str(run_id), CONNECTION)
@@ -277,6 +276,24 @@ class LocalSuperLink:
         if self.active_run == run_id:
             self.active_run = None
         return RunOutcome(run_id, status, time.monotonic() - start)
+
+
+# Each `flwr list` is a process that costs about a CPU-second — on 2 cores, a tenth of a round of
+# the default recipe when asked every 10 s. The run's log stream ends when the run does, so the
+# status is asked when it ends, and otherwise only as a safety net.
+STATUS_SAFETY_POLL_S = 60.0
+STATUS_POLL_S = 2.0  # without a log stream, or once it has ended
+
+
+def wait_for_run(logger: subprocess.Popen[bytes] | None, remaining: float) -> None:
+    """Until ``logger`` (``flwr log --stream``) ends or a status poll is due, at most ``remaining``."""
+    if logger is not None and logger.poll() is None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            logger.wait(timeout=min(STATUS_SAFETY_POLL_S, remaining))
+        if logger.poll() is not None:
+            return  # the stream ended: ask for the status now
+    else:
+        time.sleep(min(STATUS_POLL_S, remaining))
 
 
 #: Lines of a run's log stream that are third-party noise, not the run's progress: warnings (and

@@ -40,9 +40,17 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from launch.polling import OBJECT_RETRY, Poll, PollingTime
+
 log = logging.getLogger("fedsubspace.warm_node")
 READY = "ready"
 WORKER_START_TIMEOUT_S = 300.0
+TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+# Flower polls its SuperNode's Runtime API for tasks every 1 s (the variable above sets it); here at
+# most every TASK_POLL_CAP s (or the variable's value), and from 10 ms up once the next task is due
+# (as long after the last task ended as that one came; server_app/waits.py).
+TASK_POLL_CAP = 0.1
+FIRST_TASK_POLL = 0.01
 
 
 @dataclass(frozen=True)
@@ -167,12 +175,13 @@ def time_phases(flower_task: Any) -> dict[str, float]:
         return load_app
 
     flower_task.pull_task_input = timed("pull", flower_task.pull_task_input)
-    # The SuperExec (polled every 0.1 s here) can start a task before its SuperNode holds all of the
-    # message's objects; Flower then waits 1 s, 2 s, ... per missing object. Retry sooner: each
-    # retry is one loopback request.
+    # The SuperExec can start a task before its SuperNode holds all of the message's objects;
+    # Flower then waits 1 s, 2 s, ... per missing object. Retry sooner: each retry is one loopback
+    # request.
+    first, longest = OBJECT_RETRY
     flower_pull = flower_task.pull_and_inflate_object_from_tree
     flower_task.pull_and_inflate_object_from_tree = timed(
-        "inflate", functools.partial(flower_pull, initial_backoff=0.05, backoff_cap=2.0)
+        "inflate", functools.partial(flower_pull, initial_backoff=first, backoff_cap=longest)
     )
     flower_task.install_from_fab = timed("install fab", flower_task.install_from_fab)
     flower_task.get_load_client_app_fn = get_load_client_app_fn
@@ -209,8 +218,9 @@ class Worker:
         self.connection.send(order)
         self.task, self.task_started = order, time.monotonic()
 
-    def poll(self) -> None:
-        """Collect a finished task's result, if there is one."""
+    def poll(self) -> bool:
+        """Collect a finished task's result, if there is one (True when there was)."""
+        finished = False
         with contextlib.suppress(EOFError, OSError):
             while self.connection.poll():
                 result = self.connection.recv()
@@ -218,7 +228,8 @@ class Worker:
                     "task %s done in the warm worker (pid %d) in %.1f s, exit code %s",
                     result["task_id"], self.process.pid, result["seconds"], result["exit_code"],
                 )  # fmt: skip
-                self.task = None
+                self.task, finished = None, True
+        return finished
 
     def stop(self, grace: float = 10.0) -> None:
         with contextlib.suppress(OSError, BrokenPipeError):
@@ -234,10 +245,11 @@ class WarmExecutor:
     ClientApp tasks go to the warm worker, anything else (and a task the worker cannot take) to
     Flower's own subprocess executor."""
 
-    def __init__(self, settings: WorkerSettings) -> None:
+    def __init__(self, settings: WorkerSettings, task_poll: Poll | None = None) -> None:
         from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
 
         self.settings = settings
+        self.task_poll = task_poll  # a launched task arrived; a finished one starts a quiet spell
         self.cold = SubprocessExecutor()
         self.worker: Worker | None = None
         # app versions a worker could not start for: their tasks go cold without trying again
@@ -266,6 +278,8 @@ class WarmExecutor:
         from flwr.supercore.constant import TaskType
         from flwr.supercore.superexec.executor.types import LaunchResult
 
+        if self.task_poll is not None:
+            self.task_poll.arrived()
         if spec.task_type != TaskType.CLIENT_APP:
             return self.cold.launch(spec)
         worker = self.ready_worker(spec.fab_hash)
@@ -283,7 +297,8 @@ class WarmExecutor:
         worker = self.worker
         if worker is None:
             return
-        worker.poll()
+        if worker.poll() and self.task_poll is not None:
+            self.task_poll.start()
         if not worker.process.is_alive():
             log.error(
                 "the warm worker (pid %d) died (exit code %s)%s; a new one starts with the next task",
@@ -348,14 +363,16 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)-7s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per Runtime API poll otherwise
     settings, rest = parse_own_arguments(list(sys.argv[1:] if argv is None else argv))
-    # Flower polls its own SuperNode's Runtime API for tasks every 1 s; on loopback a tenth costs
-    # nothing and starts each round's task sooner.
-    os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
+    os.environ.setdefault(TASK_POLL_ENV, str(TASK_POLL_CAP))
     from launch.flower_contract import require
 
     require()
     import flwr.supercore.superexec.run_superexec as superexec
     from flwr.supercore.cli.flower_superexec import flower_superexec
+
+    cap = superexec._get_task_poll_interval()  # Flower's validation of the variable
+    task_poll = Poll(min(FIRST_TASK_POLL, cap), cap)
+    superexec.time = PollingTime(task_poll, idle_above=0.0, short=cap)  # type: ignore[assignment]
 
     flower_get_executor = superexec.get_executor
 
@@ -364,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
 
         logging.getLogger("httpx").setLevel(logging.WARNING)  # after Flower's logging set-up
         if executor_type == ExecutorType.SUBPROCESS:
-            return WarmExecutor(settings)
+            return WarmExecutor(settings, task_poll)
         return flower_get_executor(executor_type, *args, **kwargs)
 
     superexec.get_executor = get_executor

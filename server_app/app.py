@@ -36,6 +36,7 @@ from server_app.faults import Fault, FaultyGrid
 from server_app.loop import Evaluate, evaluate_on_clients, run_federation
 from server_app.results import RunRecorder
 from server_app.run_config import FAULT_KEY, RESUME_KEY, experiment_from_run_config
+from server_app.waits import retry_missing_objects_sooner
 from strategies import Rule, get_rule
 from strategies.engine import Engine
 
@@ -50,6 +51,7 @@ def build_strategy(cfg: ExperimentConfig) -> Engine:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     setup_logging()
+    retry_missing_objects_sooner()
     cfg = experiment_from_run_config(context.run_config)
     fault = Fault.parse(str(context.run_config.get(FAULT_KEY, "")))
     if fault is not None:

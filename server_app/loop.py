@@ -18,6 +18,7 @@ from finetune.schedule import round_lr
 from finetune.wire import WireFormatError, unpack
 from server_app.checkpoint import Checkpoint, write_checkpoint
 from server_app.results import RoundRecord, RunRecorder
+from server_app.waits import Poll
 from strategies import protocol
 from strategies.engine import Engine
 from strategies.protocol import Instruction
@@ -30,7 +31,18 @@ class CommunicationBudgetExhausted(Exception):
 
 
 Evaluate = Callable[[int, ArrayRecord], dict[str, float]]  # (server round, global arrays)
-POLL_SECONDS = 0.2  # Grid.send_and_receive polls every 3 s, which would idle whole rounds
+# Grid.send_and_receive polls every 3 s, which would idle whole rounds. Here at most every
+# POLL_SECONDS, and from FIRST_POLL_SECONDS up (POLL_GROWTH per empty poll) once the last reply is due
+# — as long after the push as the last exchange of that message type took (server_app/waits.py) —
+# and again after each reply, since the rest of a round's replies often follow at once.
+FIRST_POLL_SECONDS, POLL_GROWTH, POLL_SECONDS = 0.01, 1.5, 0.2
+REPLY_POLLS: dict[str, Poll] = {}  # message type -> its exchanges' poll
+
+
+def reply_poll(message_type: str) -> Poll:
+    if message_type not in REPLY_POLLS:
+        REPLY_POLLS[message_type] = Poll(FIRST_POLL_SECONDS, POLL_SECONDS, POLL_GROWTH)
+    return REPLY_POLLS[message_type]
 
 
 def exchange(
@@ -46,13 +58,17 @@ def exchange(
     reply's arrays arrive packed and are unpacked here (``finetune.wire``); a reply packed another
     way becomes an error reply that names the two formats."""
     messages = list(messages)
+    poll = reply_poll(messages[0].metadata.message_type if messages else "")
     pending = {message_id for message_id in grid.push_messages(messages) if message_id}
+    poll.start()
     sent, start, received = len(pending), time.monotonic(), 0
     deadline = start + timeout
     replies: list[Message] = []
     while pending:
         arrived = list(grid.pull_messages(pending))
         received += len(arrived)
+        if arrived:
+            poll.sooner()
         pending -= {reply.metadata.reply_to_message_id for reply in arrived}
         for packed in arrived:
             reply = unpacked(packed)
@@ -63,9 +79,12 @@ def exchange(
         del arrived
         if progress is not None:
             progress(received, sent, time.monotonic() - start)
-        if not pending or time.monotonic() >= deadline:
+        if not pending:
+            poll.arrived()
             break
-        time.sleep(POLL_SECONDS)
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(poll.next_wait())
     return replies
 
 

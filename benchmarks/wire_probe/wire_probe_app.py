@@ -21,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from finetune.records import from_record, to_record
 from finetune.wire import from_wire, to_wire
 from server_app.loop import exchange
+from server_app.waits import retry_missing_objects_sooner
 
 server = ServerApp()
 client = ClientApp()
@@ -112,6 +113,7 @@ def socket_round_trips(grid: Grid, nodes: list[int], nbytes: int) -> list[float]
 
 @server.main()
 def main(grid: Grid, context: Context) -> None:
+    retry_missing_objects_sooner()
     config = context.run_config
     packed, rounds, out = bool(config["packed"]), int(config["rounds"]), str(config["out"])
     state = payload(float(config["payload-mb"]), int(config["arrays"]), seed=0)

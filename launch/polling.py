@@ -1,0 +1,30 @@
+"""Flower's node-side poll loops on :class:`server_app.waits.Poll`: a stand-in for the ``time``
+module of a loop whose sleeps the node runtime replaces (the SuperNode's, ``launch/supernode.py``;
+the SuperExec's, ``launch/warm_node.py``)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from server_app.waits import OBJECT_RETRY, Poll
+
+__all__ = ["OBJECT_RETRY", "Poll", "PollingTime"]
+
+
+class PollingTime:
+    """The ``time`` module, except ``sleep``: a sleep of ``idle_above`` seconds or more (the loop
+    found nothing to do) becomes ``poll``'s next wait; a shorter one (waiting on something in the
+    loop's own process, e.g. a reply its ClientApp is about to hand in) is capped at ``short``."""
+
+    def __init__(self, poll: Poll, idle_above: float, short: float) -> None:
+        self.poll, self.idle_above, self.short = poll, idle_above, short
+
+    def sleep(self, seconds: float) -> None:
+        if seconds >= self.idle_above:
+            self.poll.wait()
+        else:
+            time.sleep(min(seconds, self.short))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)

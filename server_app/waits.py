@@ -1,0 +1,96 @@
+"""The waits of a deployed round: how soon a poll asks again, and how soon a missing object is
+asked for again.
+
+Flower's deployed runtime moves messages by polling — the ServerApp asks the SuperLink for replies,
+each SuperNode asks it for messages, each node's SuperExec asks its SuperNode for tasks — with
+fixed sleeps (3 s, 3 s, 1 s) that a quick round spends mostly waiting, while a fixed short sleep
+would cost a request every few milliseconds per process for as long as a run lasts. A
+:class:`Poll` learns when its next arrival is due: a federation's rounds repeat, so the quiet spell
+before a node's next message (the server aggregating and evaluating) or before the server's last
+reply (the clients training) lasts about as long as the last one. It waits up to ``cap`` at a time
+until ``lead`` of that expected spell has passed, then polls from ``floor``, growing by ``growth``
+per empty poll back to ``cap``; with nothing to go on (the first round) it does the latter from the
+start. Early arrivals are seen at most ``cap`` late, due ones within a few milliseconds, at about
+the cost in requests of polling every ``cap`` seconds.
+
+This module serves the ServerApp's message loop (``server_app/loop.py``) and the node runtime the
+launcher starts (``launch/supernode.py``, ``launch/warm_node.py``, through ``launch/polling.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Callable
+
+# A message object its holder does not have yet (Flower lists a message before its objects have all
+# arrived): the first and the longest wait before asking again. Flower waits 1 s, 2 s, ... up to
+# 10 s; each retry here is one small request to a process on the same host or link.
+OBJECT_RETRY = (0.01, 0.05)
+
+
+class Poll:
+    """The next wait of a poll loop; see the module's docstring."""
+
+    def __init__(
+        self,
+        floor: float,
+        cap: float,
+        growth: float = 1.5,
+        lead: float = 0.9,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not 0 < floor <= cap:
+            raise ValueError(f"a poll needs 0 < floor <= cap, got floor {floor}, cap {cap}")
+        if growth < 1:
+            raise ValueError(f"a poll's wait cannot shrink (growth {growth} < 1)")
+        if not 0 <= lead <= 1:
+            raise ValueError(f"a poll's lead is a fraction of the expected spell, got {lead}")
+        self.floor, self.cap, self.growth, self.lead, self.clock = floor, cap, growth, lead, clock
+        self.current = floor
+        self.quiet_since = clock()
+        self.expected: float | None = None  # the last quiet spell's length (s)
+        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        """A quiet spell begins now (a reply went out, a task ended, messages were sent)."""
+        with self.lock:
+            self.current, self.quiet_since = self.floor, self.clock()
+
+    def sooner(self) -> None:
+        """Something arrived and more may follow at once: poll from ``floor`` again."""
+        with self.lock:
+            self.current = self.floor
+
+    def arrived(self) -> None:
+        """What the spell waited for came: the next spell is expected to last as long."""
+        with self.lock:
+            self.expected = self.clock() - self.quiet_since
+            self.current = self.floor
+
+    def next_wait(self) -> float:
+        with self.lock:
+            if self.expected is not None:
+                until_due = self.lead * self.expected - (self.clock() - self.quiet_since)
+                if until_due > self.floor:
+                    return min(until_due, self.cap)
+            wait, self.current = self.current, min(self.current * self.growth, self.cap)
+            return wait
+
+    def wait(self) -> None:
+        time.sleep(self.next_wait())
+
+
+def retry_missing_objects_sooner() -> None:
+    """The ServerApp's deployed Grid (Flower's ``http_grid``) asks again for a reply's missing
+    objects after ``OBJECT_RETRY`` instead of 1 s, 2 s, ...: Flower lists a reply as soon as the node
+    has pushed the reply itself, which can be before its arrays have all arrived."""
+    from flwr.superlink.grid import http_grid
+
+    if isinstance(http_grid.pull_objects, functools.partial):  # already done in this process
+        return
+    first, longest = OBJECT_RETRY
+    http_grid.pull_objects = functools.partial(
+        http_grid.pull_objects, initial_backoff=first, backoff_cap=longest
+    )
