@@ -8,10 +8,12 @@ would cost a request every few milliseconds per process for as long as a run las
 :class:`Poll` learns when its next arrival is due: a federation's rounds repeat, so the quiet spell
 before a node's next message (the server aggregating and evaluating) or before the server's last
 reply (the clients training) lasts about as long as the last one. It waits up to ``cap`` at a time
-until ``lead`` of that expected spell has passed, then polls from ``floor``, growing by ``growth``
-per empty poll back to ``cap``; with nothing to go on (the first round) it does the latter from the
-start. Early arrivals are seen at most ``cap`` late, due ones within a few milliseconds, at about
-the cost in requests of polling every ``cap`` seconds.
+until ``lead`` of that expected spell has passed, then polls every ``precision`` of it (e.g. every
+0.1 s for a 5 s spell), more sparsely as an arrival runs late (at most a fifth of the lateness so
+far), never shorter than ``floor`` nor longer than ``cap``. With nothing to go on (the first round)
+it polls from ``floor``, growing by ``growth`` per empty poll to ``cap``. Early arrivals are seen at
+most ``cap`` late, due ones within ``precision`` of the spell, at the cost of about ``(1 - lead) /
+precision`` more polls a spell than polling every ``cap``.
 
 This module serves the ServerApp's message loop (``server_app/loop.py``) and the node runtime the
 launcher starts (``launch/supernode.py``, ``launch/warm_node.py``, through ``launch/polling.py``).
@@ -28,6 +30,7 @@ from collections.abc import Callable
 # arrived): the first and the longest wait before asking again. Flower waits 1 s, 2 s, ... up to
 # 10 s; each retry here is one small request to a process on the same host or link.
 OBJECT_RETRY = (0.01, 0.05)
+LATE_FRACTION = 0.2  # past the due time, a poll waits at most this fraction of the lateness so far
 
 
 class Poll:
@@ -38,16 +41,18 @@ class Poll:
         floor: float,
         cap: float,
         growth: float = 1.5,
-        lead: float = 0.9,
+        lead: float = 0.85,
+        precision: float = 0.02,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not 0 < floor <= cap:
             raise ValueError(f"a poll needs 0 < floor <= cap, got floor {floor}, cap {cap}")
         if growth < 1:
             raise ValueError(f"a poll's wait cannot shrink (growth {growth} < 1)")
-        if not 0 <= lead <= 1:
-            raise ValueError(f"a poll's lead is a fraction of the expected spell, got {lead}")
+        if not (0 <= lead <= 1 and 0 < precision <= 1):
+            raise ValueError(f"a poll's lead and precision are fractions of a spell, got {lead}, {precision}")
         self.floor, self.cap, self.growth, self.lead, self.clock = floor, cap, growth, lead, clock
+        self.precision = precision
         self.current = floor
         self.quiet_since = clock()
         self.expected: float | None = None  # the last quiet spell's length (s)
@@ -71,12 +76,14 @@ class Poll:
 
     def next_wait(self) -> float:
         with self.lock:
-            if self.expected is not None:
-                until_due = self.lead * self.expected - (self.clock() - self.quiet_since)
-                if until_due > self.floor:
-                    return min(until_due, self.cap)
-            wait, self.current = self.current, min(self.current * self.growth, self.cap)
-            return wait
+            if self.expected is None:  # nothing to go on: from the floor up
+                wait, self.current = self.current, min(self.current * self.growth, self.cap)
+                return wait
+            past_due = self.clock() - self.quiet_since - self.lead * self.expected
+            if past_due < 0:
+                return max(min(-past_due, self.cap), self.floor)
+            # due: every `precision` of the expected spell, sparser as the arrival runs late
+            return min(max(self.precision * self.expected, LATE_FRACTION * past_due, self.floor), self.cap)
 
     def wait(self) -> None:
         time.sleep(self.next_wait())

@@ -36,17 +36,19 @@ def test_without_history_a_poll_starts_at_its_floor_grows_to_its_cap_and_sooner_
 
 def test_a_poll_waits_at_its_cap_until_the_next_arrival_is_due_then_polls_from_its_floor():
     clock = Clock()
-    poll = Poll(0.01, 0.5, growth=2.0, lead=0.9, clock=clock)
+    poll = Poll(0.01, 0.5, growth=2.0, lead=0.9, precision=0.02, clock=clock)
     poll.start()
     clock.now += 3.0
     poll.arrived()  # the last quiet spell lasted 3 s
     poll.start()  # the next one begins: due after 0.9 * 3 = 2.7 s
     waits = []
-    while clock.now - 100.0 < 6.0 + 2.7:
+    for _ in range(10):
         waits.append(poll.next_wait())
         clock.now += waits[-1]
     assert waits[:5] == pytest.approx([0.5] * 5) and waits[5] == pytest.approx(0.2)  # up to the due time
-    assert waits[6:10] == pytest.approx([0.01, 0.02, 0.04, 0.08])  # due: from the floor up
+    assert waits[6:10] == pytest.approx([0.06] * 4)  # due: every 2 % of the expected spell
+    clock.now += 1.0  # running late: at most a fifth of the lateness so far
+    assert poll.next_wait() == pytest.approx(0.2 * (1.0 + 4 * 0.06))
     clock.now += 10.0  # nothing came for long past the due time: back at the cap
     assert [poll.next_wait() for _ in range(3)] == pytest.approx([0.5] * 3)
 
@@ -56,7 +58,7 @@ def test_a_poll_waits_at_its_cap_until_the_next_arrival_is_due_then_polls_from_i
     [(0.0, 1.0, 1.5, 0.9), (0.5, 0.1, 1.5, 0.9), (0.1, 1.0, 0.5, 0.9), (0.1, 1.0, 1.5, 2.0)],
 )
 def test_a_poll_refuses_bounds_that_cannot_work(floor, cap, growth, lead):
-    with pytest.raises(ValueError, match=r"floor|shrink|fraction"):
+    with pytest.raises(ValueError, match=r"floor|shrink|fractions"):
         Poll(floor, cap, growth, lead)
 
 
