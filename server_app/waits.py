@@ -7,7 +7,8 @@ fixed sleeps (3 s, 3 s, 1 s) that a quick round spends mostly waiting, while a f
 would cost a request every few milliseconds per process for as long as a run lasts. A
 :class:`Poll` learns when its next arrival is due: a federation's rounds repeat, so the quiet spell
 before a node's next message (the server aggregating and evaluating) or before the server's last
-reply (the clients training) lasts about as long as the last one. It waits up to ``cap`` at a time
+reply (the clients training) lasts about as long as the last ones (the shortest of the last three
+is taken). It waits up to ``cap`` at a time
 until ``lead`` of that expected spell has passed, then polls every ``precision`` of it (e.g. every
 0.1 s for a 5 s spell), more sparsely as an arrival runs late (at most a fifth of the lateness so
 far), never shorter than ``floor`` nor longer than ``cap``. With nothing to go on (the first round)
@@ -21,6 +22,7 @@ launcher starts (``launch/supernode.py``, ``launch/warm_node.py``, through ``lau
 
 from __future__ import annotations
 
+import collections
 import functools
 import threading
 import time
@@ -31,6 +33,7 @@ from collections.abc import Callable
 # 10 s; each retry here is one small request to a process on the same host or link.
 OBJECT_RETRY = (0.01, 0.05)
 LATE_FRACTION = 0.2  # past the due time, a poll waits at most this fraction of the lateness so far
+SPELLS_REMEMBERED = 3
 
 
 class Poll:
@@ -41,7 +44,7 @@ class Poll:
         floor: float,
         cap: float,
         growth: float = 1.5,
-        lead: float = 0.85,
+        lead: float = 0.8,
         precision: float = 0.02,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -55,7 +58,7 @@ class Poll:
         self.precision = precision
         self.current = floor
         self.quiet_since = clock()
-        self.expected: float | None = None  # the last quiet spell's length (s)
+        self.spells: collections.deque[float] = collections.deque(maxlen=SPELLS_REMEMBERED)
         self.lock = threading.Lock()
 
     def start(self) -> None:
@@ -69,21 +72,23 @@ class Poll:
             self.current = self.floor
 
     def arrived(self) -> None:
-        """What the spell waited for came: the next spell is expected to last as long."""
+        """What the spell waited for came; the next spell is expected to last as long as the
+        shortest of the last few (a node that finished last this round may finish first the next)."""
         with self.lock:
-            self.expected = self.clock() - self.quiet_since
+            self.spells.append(self.clock() - self.quiet_since)
             self.current = self.floor
 
     def next_wait(self) -> float:
         with self.lock:
-            if self.expected is None:  # nothing to go on: from the floor up
+            if not self.spells:  # nothing to go on: from the floor up
                 wait, self.current = self.current, min(self.current * self.growth, self.cap)
                 return wait
-            past_due = self.clock() - self.quiet_since - self.lead * self.expected
+            expected = min(self.spells)
+            past_due = self.clock() - self.quiet_since - self.lead * expected
             if past_due < 0:
                 return max(min(-past_due, self.cap), self.floor)
             # due: every `precision` of the expected spell, sparser as the arrival runs late
-            return min(max(self.precision * self.expected, LATE_FRACTION * past_due, self.floor), self.cap)
+            return min(max(self.precision * expected, LATE_FRACTION * past_due, self.floor), self.cap)
 
     def wait(self) -> None:
         time.sleep(self.next_wait())

@@ -53,6 +53,20 @@ def test_a_poll_waits_at_its_cap_until_the_next_arrival_is_due_then_polls_from_i
     assert [poll.next_wait() for _ in range(3)] == pytest.approx([0.5] * 3)
 
 
+def test_the_next_spell_is_expected_to_last_as_long_as_the_shortest_of_the_last_three():
+    clock = Clock()
+    poll = Poll(0.01, 0.5, lead=0.5, clock=clock)
+    for spell in (1.0, 3.0, 2.0, 4.0):  # 1 s falls out of the last three
+        poll.start()
+        clock.now += spell
+        poll.arrived()
+    poll.start()
+    clock.now += 0.9  # due at 0.5 * 2 s
+    assert poll.next_wait() == pytest.approx(0.1)
+    clock.now += 0.1
+    assert poll.next_wait() == pytest.approx(0.02 * 2.0)
+
+
 @pytest.mark.parametrize(
     ("floor", "cap", "growth", "lead"),
     [(0.0, 1.0, 1.5, 0.9), (0.5, 0.1, 1.5, 0.9), (0.1, 1.0, 0.5, 0.9), (0.1, 1.0, 1.5, 2.0)],
@@ -97,9 +111,9 @@ def test_the_supernode_learns_when_its_next_message_is_due_from_its_reply_to_the
         assert module._pull_and_store_message() is None
         module.time.sleep(3)
     assert sleeps == pytest.approx([0.01, 0.015])  # no history: from the floor up
-    assert poll.expected is None
+    assert not poll.spells
     assert module._pull_and_store_message() == 7  # a message (its run id) arrived
-    assert poll.expected is not None  # the spell it ended is the next one's expected length
+    assert len(poll.spells) == 1  # the spell it ended says how long the next one should last
     module._push_messages()  # the reply went out: the next spell begins, polled from the floor
     assert poll.current == pytest.approx(0.01) and poll.cap == 0.5
     module.time.sleep(0.5)  # waiting for the ClientApp's reply: an in-process look-up every 20 ms
