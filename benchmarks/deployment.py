@@ -4,9 +4,12 @@ and in a 2-client simulation; seconds per round, the deployed/simulated ratio, a
 client's round goes before training (process start, model set-up, data preparation), and the
 non-training time of a round: its training phase less the slowest client's handler.
 
-    python -m benchmarks.deployment [--rounds 4] [--modes warm,cold,simulation] [overrides ...]
+    python -m benchmarks.deployment [--rounds 4] [--modes warm,cold,simulation] [--sittings 3]
+        [--out FILE] [overrides ...]
 
-Each mode is one ``fedsubspace`` run (real processes). Prints figures; asserts nothing.
+Each mode is one ``fedsubspace`` run (real processes); ``--sittings`` runs the modes in turn that many
+times (the machine's speed drifts; each sitting's ratio compares runs made minutes apart). Prints
+figures; asserts nothing.
 """
 
 from __future__ import annotations
@@ -96,11 +99,41 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--modes", default="simulation,warm,cold")
+    parser.add_argument("--sittings", type=int, default=1, help="the modes in turn, this many times")
+    parser.add_argument("--out", default="", help="also write the records here (JSON)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    results = [measure(m, args.rounds, args.overrides) for m in args.modes.split(",")]
-    print("\n" + table(results, args.rounds) + "\n")
-    print(json.dumps([{"mode": r.mode, "rows": r.rows, "wall_seconds": r.wall_seconds} for r in results]))
+    sittings = []
+    for _ in range(args.sittings):  # A B A B ...: a machine whose speed drifts affects both alike
+        sittings.append([measure(m, args.rounds, args.overrides) for m in args.modes.split(",")])
+        print("\n" + table(sittings[-1], args.rounds) + "\n", flush=True)
+    if len(sittings) > 1:
+        print(summary(sittings))
+    records = [
+        [{"mode": r.mode, "rows": r.rows, "wall_seconds": r.wall_seconds} for r in s] for s in sittings
+    ]
+    if args.out:
+        Path(args.out).write_text(json.dumps(records, indent=1) + "\n")
+    print(json.dumps(records))
+
+
+def summary(sittings: list[list[ModeResult]]) -> str:
+    """Per deployed mode: the deployed/simulated ratio and the non-training seconds of each sitting
+    (medians over rounds 2+), and their medians."""
+    lines = []
+    for mode in [r.mode for r in sittings[0] if r.mode != "simulation"]:
+        ratios, idle = [], []
+        for results in sittings:
+            by_mode = {r.mode: r for r in results}
+            if "simulation" in by_mode:
+                ratios.append(by_mode[mode].later("seconds") / by_mode["simulation"].later("seconds"))
+            idle.append(by_mode[mode].later(NON_TRAINING))
+        lines.append(
+            f"{mode}: deployed / simulated {', '.join(f'{x:.3f}' for x in ratios)} (median "
+            f"{statistics.median(ratios) if ratios else float('nan'):.3f}); non-training s / round "
+            f"{', '.join(f'{x:.2f}' for x in idle)} (median {statistics.median(idle):.2f})"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
