@@ -225,12 +225,40 @@ class LocalSuperLink:
         )
 
     def run_status(self, run_id: int) -> str:
+        """``pending``, ``running``, ``finished:completed`` ... as ``flwr list`` shows it."""
+        if self.on_host is None:  # same host: ask the Control API from this process, in milliseconds
+            with contextlib.suppress(Exception):  # anything unexpected: ask the way a user would
+                return self.control_status(run_id)
         result = self.flwr("list", CONNECTION, "--run-id", str(run_id), "--format", "json")
         try:
             runs = json.loads(result.stdout)["runs"]
             return str(runs[0]["status"])
         except (json.JSONDecodeError, KeyError, IndexError):
             return f"unknown ({result.stdout.strip()[:200]} {result.stderr.strip()[:200]})"
+
+    def control_status(self, run_id: int) -> str:
+        """The run's status through the Control API, as the ``flwr`` CLI asks for it — without
+        starting a ``flwr list`` process (about a CPU-second each)."""
+        from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
+        from flwr.proto.control_pb2 import ListRunsRequest
+        from flwr.supercore.control import ControlHttpClient
+        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+
+        client = ControlHttpClient.from_server_address(
+            server_address=self.address,
+            insecure=self.tls is None,
+            root_certificates=self.tls.ca_cert.read_bytes() if self.tls is not None else None,
+            interceptors=[
+                CliClientHttpInterceptor(),
+                RuntimeVersionHttpInterceptor(component_name="flwr CLI"),
+            ],
+        )
+        try:
+            run = client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id]
+        finally:
+            client.close()
+        status, sub_status = run.status.status, run.status.sub_status
+        return f"{status}:{sub_status}" if sub_status else status
 
     def submit(self, app: Path, run_config: list[str], federation_config: str | None = None) -> int:
         args = ["run", str(app), CONNECTION, "--format", "json"]

@@ -32,6 +32,7 @@ import contextlib
 import functools
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -42,7 +43,7 @@ from typing import Any
 
 from launch.polling import OBJECT_RETRY, Poll, PollingTime
 
-log = logging.getLogger("fedsubspace.warm_node")
+log = logging.getLogger("launch.warm_node")  # named: run as __main__ (and __mp_main__ in the worker)
 READY = "ready"
 WORKER_START_TIMEOUT_S = 300.0
 TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
@@ -315,6 +316,15 @@ class WarmExecutor:
             worker.process.join(5)
             self.worker = None
 
+    def idle(self, seconds: float) -> None:
+        """The SuperExec loop's sleep: ``seconds``, or until the busy worker reports its task done
+        (then the loop takes the node's next task at once instead of at its next poll)."""
+        worker = self.worker
+        if worker is not None and worker.busy:
+            multiprocessing.connection.wait([worker.connection], timeout=seconds)
+        else:
+            time.sleep(seconds)
+
     def close(self) -> None:
         if self.worker is not None:
             self.worker.stop()
@@ -349,6 +359,19 @@ class WarmExecutor:
         return worker
 
 
+class SuperExecTime(PollingTime):
+    """The ``time`` of Flower's SuperExec loop: its one sleep (between polls for a task) waits for
+    the task poll's next wait or the worker's report, whichever comes first."""
+
+    def __init__(self, executor: WarmExecutor) -> None:
+        assert executor.task_poll is not None
+        super().__init__(executor.task_poll, idle_above=0.0, short=0.0)
+        self.executor = executor
+
+    def sleep(self, seconds: float) -> None:
+        self.executor.idle(self.poll.next_wait())
+
+
 def parse_own_arguments(argv: list[str]) -> tuple[WorkerSettings, list[str]]:
     """Our options; everything else is ``flower-superexec``'s."""
     parser = argparse.ArgumentParser(add_help=False)
@@ -373,7 +396,8 @@ def main(argv: list[str] | None = None) -> None:
 
     cap = superexec._get_task_poll_interval()  # Flower's validation of the variable
     task_poll = Poll(min(FIRST_TASK_POLL, cap), cap)
-    superexec.time = PollingTime(task_poll, idle_above=0.0, short=cap)  # type: ignore[assignment]
+    executor = WarmExecutor(settings, task_poll)
+    superexec.time = SuperExecTime(executor)  # type: ignore[assignment]
 
     flower_get_executor = superexec.get_executor
 
@@ -382,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
 
         logging.getLogger("httpx").setLevel(logging.WARNING)  # after Flower's logging set-up
         if executor_type == ExecutorType.SUBPROCESS:
-            return WarmExecutor(settings, task_poll)
+            return executor
         return flower_get_executor(executor_type, *args, **kwargs)
 
     superexec.get_executor = get_executor

@@ -190,3 +190,21 @@ def test_the_launcher_asks_for_the_status_when_the_log_stream_ends_not_on_a_time
     simulation.wait_for_run(stream, remaining=600.0)  # type: ignore[arg-type]  # ended: poll every 2 s
     simulation.wait_for_run(None, remaining=1.0)  # no stream: poll, never past the time left
     assert sleeps == [simulation.STATUS_POLL_S, 1.0]
+
+
+def test_the_superexec_wakes_when_its_worker_reports_instead_of_sleeping_out_its_poll(monkeypatch):
+    import multiprocessing
+
+    from launch.warm_node import WarmExecutor, WorkerSettings
+
+    sleeps = recorded_sleeps(monkeypatch)
+    executor = WarmExecutor(WorkerSettings(), Poll(0.01, 0.5, clock=Clock()))
+    ours, theirs = multiprocessing.Pipe()
+    executor.worker = SimpleNamespace(busy=True, connection=ours)  # type: ignore[assignment]
+    theirs.send({"task_id": 1})  # the worker's report is already waiting
+    start = time.monotonic()
+    executor.idle(60.0)
+    assert time.monotonic() - start < 30.0 and sleeps == []  # woken by the report, no sleep taken
+    executor.worker = None
+    executor.idle(0.25)  # no busy worker: an ordinary sleep
+    assert sleeps == [0.25]
