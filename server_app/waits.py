@@ -57,7 +57,7 @@ class Poll:
         self.floor, self.cap, self.growth, self.lead, self.clock = floor, cap, growth, lead, clock
         self.precision = precision
         self.current = floor
-        self.quiet_since = clock()
+        self.quiet_since = self.last_poll = clock()
         self.spells: collections.deque[float] = collections.deque(maxlen=SPELLS_REMEMBERED)
         self.lock = threading.Lock()
 
@@ -65,6 +65,7 @@ class Poll:
         """A quiet spell begins now (a reply went out, a task ended, messages were sent)."""
         with self.lock:
             self.current, self.quiet_since = self.floor, self.clock()
+            self.last_poll = self.quiet_since
 
     def sooner(self) -> None:
         """Something arrived and more may follow at once: poll from ``floor`` again."""
@@ -74,12 +75,15 @@ class Poll:
     def arrived(self) -> None:
         """What the spell waited for came; the next spell is expected to last as long as the
         shortest of the last few (a node that finished last this round may finish first the next)."""
-        with self.lock:
-            self.spells.append(self.clock() - self.quiet_since)
+        with self.lock:  # it came between the last empty poll and now: count from the middle, since
+            # counting from now would add this poll's own lateness to the next spell's due time
+            self.spells.append((self.last_poll + self.clock()) / 2 - self.quiet_since)
             self.current = self.floor
 
     def next_wait(self) -> float:
+        """The wait after an empty poll."""
         with self.lock:
+            self.last_poll = self.clock()
             if not self.spells:  # nothing to go on: from the floor up
                 wait, self.current = self.current, min(self.current * self.growth, self.cap)
                 return wait

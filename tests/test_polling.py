@@ -38,8 +38,10 @@ def test_a_poll_waits_at_its_cap_until_the_next_arrival_is_due_then_polls_from_i
     clock = Clock()
     poll = Poll(0.01, 0.5, growth=2.0, lead=0.9, precision=0.02, clock=clock)
     poll.start()
-    clock.now += 3.0
-    poll.arrived()  # the last quiet spell lasted 3 s
+    clock.now += 2.9
+    poll.next_wait()  # an empty poll at 2.9 s
+    clock.now += 0.2
+    poll.arrived()  # came between 2.9 and 3.1 s: the spell counts as 3 s
     poll.start()  # the next one begins: due after 0.9 * 3 = 2.7 s
     waits = []
     for _ in range(10):
@@ -59,6 +61,7 @@ def test_the_next_spell_is_expected_to_last_as_long_as_the_shortest_of_the_last_
     for spell in (1.0, 3.0, 2.0, 4.0):  # 1 s falls out of the last three
         poll.start()
         clock.now += spell
+        poll.next_wait()  # an empty poll just before it came
         poll.arrived()
     poll.start()
     clock.now += 0.9  # due at 0.5 * 2 s
