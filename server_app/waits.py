@@ -58,6 +58,7 @@ class Poll:
         self.precision = precision
         self.current = floor
         self.quiet_since = self.last_poll = clock()
+        self.in_spell = False  # the wait from the poller's start to its first arrival is no spell
         self.spells: collections.deque[float] = collections.deque(maxlen=SPELLS_REMEMBERED)
         self.lock = threading.Lock()
 
@@ -65,7 +66,7 @@ class Poll:
         """A quiet spell begins now (a reply went out, a task ended, messages were sent)."""
         with self.lock:
             self.current, self.quiet_since = self.floor, self.clock()
-            self.last_poll = self.quiet_since
+            self.last_poll, self.in_spell = self.quiet_since, True
 
     def sooner(self) -> None:
         """Something arrived and more may follow at once: poll from ``floor`` again."""
@@ -77,7 +78,8 @@ class Poll:
         shortest of the last few (a node that finished last this round may finish first the next)."""
         with self.lock:  # it came between the last empty poll and now: count from the middle, since
             # counting from now would add this poll's own lateness to the next spell's due time
-            self.spells.append((self.last_poll + self.clock()) / 2 - self.quiet_since)
+            if self.in_spell:
+                self.spells.append((self.last_poll + self.clock()) / 2 - self.quiet_since)
             self.current = self.floor
 
     def next_wait(self) -> float:

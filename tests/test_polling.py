@@ -108,19 +108,22 @@ def fake_node_loop(pulls: list[int | None]) -> SimpleNamespace:
 
 def test_the_supernode_learns_when_its_next_message_is_due_from_its_reply_to_the_next_message(monkeypatch):
     sleeps = recorded_sleeps(monkeypatch)
-    module = fake_node_loop([None, None, 7, None])
+    module = fake_node_loop([None, None, 7, 7])
     poll = supernode.patch(module, cap=0.5)  # type: ignore[arg-type]
     for _ in range(2):  # nothing waiting: Flower's loop sleeps 3 s each time
         assert module._pull_and_store_message() is None
         module.time.sleep(3)
     assert sleeps == pytest.approx([0.01, 0.015])  # no history: from the floor up
     assert not poll.spells
-    assert module._pull_and_store_message() == 7  # a message (its run id) arrived
-    assert len(poll.spells) == 1  # the spell it ended says how long the next one should last
-    module._push_messages()  # the reply went out: the next spell begins, polled from the floor
+    assert module._pull_and_store_message() == 7  # a message (its run id) arrived ...
+    assert not poll.spells  # ... after the node's start-up, which says nothing of the next spell
+    module._push_messages()  # the reply went out: a spell begins, polled from the floor
     assert poll.current == pytest.approx(0.01) and poll.cap == 0.5
     module.time.sleep(0.5)  # waiting for the ClientApp's reply: an in-process look-up every 20 ms
     assert sleeps[-1] == pytest.approx(supernode.REPLY_CHECK)
+    module.time.sleep(3)
+    assert module._pull_and_store_message() == 7  # the next message: the spell it ended is recorded
+    assert len(poll.spells) == 1
     module.pull_objects(["id"])
     assert module.calls == [{"initial_backoff": OBJECT_RETRY[0], "backoff_cap": OBJECT_RETRY[1]}]
 
