@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # Passed to `fedsubspace run` (python -m launch.cli run), e.g. make run ARGS="method=hlora dataset=mrpc"
 ARGS ?=
 
-.PHONY: run test test-all lint docs data clean venv bench cluster sweep report
+.PHONY: run test lint docs data clean venv bench cluster sweep report
 
 venv: $(STAMP)
 
@@ -45,10 +45,6 @@ report: $(STAMP)
 # Lint and type-check first (seconds to a minute), build the docs strictly, then the tests.
 test: lint docs
 	$(PY) -m pytest -q --durations=20 tests
-
-# ... plus the exhaustive real-process runs (every rule end to end; ~3.5 min more on 2 cores).
-test-all: lint
-	FEDSUBSPACE_EXHAUSTIVE=1 $(PY) -m pytest -q tests
 
 # The documentation site (mkdocs.yml, docs/) into site/; --strict fails on any warning (a broken link).
 docs: $(STAMP)

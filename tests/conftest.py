@@ -22,17 +22,6 @@ import strategies  # noqa: F401  (registers every rule's config schema, as the a
 from experiment_schema import ExperimentConfig, compose_config
 from finetune.hub import default_hub_mirror
 
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """``exhaustive`` tests run only with FEDSUBSPACE_EXHAUSTIVE=1 (``make test-all``)."""
-    if os.environ.get("FEDSUBSPACE_EXHAUSTIVE") == "1":
-        return
-    skip = pytest.mark.skip(reason="exhaustive: set FEDSUBSPACE_EXHAUSTIVE=1 (make test-all)")
-    for item in items:
-        if "exhaustive" in item.keywords:
-            item.add_marker(skip)
-
-
 TINY_OVERRIDES = [
     "partition.num_clients=2",
     "dataset.max_train_examples=200",

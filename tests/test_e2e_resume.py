@@ -104,12 +104,9 @@ def _new_nodes(log):
     return {node for line in learnt for node in re.findall(r"(\d+):", line)}
 
 
-# private client state on the nodes' disks, server state with per-client ranks; a merged base
-# (FLoRA) with `make test-all` (its resync is covered in process by test_resume.py, as is FedIT's
-# stateless resume)
-@pytest.mark.parametrize(
-    "method", ["fedsa_lora", pytest.param("flora", marks=pytest.mark.exhaustive), "hetlora"]
-)
+# private client state on the nodes' disks, server state with per-client ranks, a merged base
+# (FedIT's stateless resume is covered in process by test_resume.py)
+@pytest.mark.parametrize("method", ["fedsa_lora", "flora", "hetlora"])
 def test_a_killed_server_resumes_to_the_uninterrupted_result(
     superlink, simulation_state_dir, hub_mirror, tmp_path, method
 ):
