@@ -109,7 +109,7 @@ def fake_node_loop(pulls: list[int | None]) -> SimpleNamespace:
 def test_the_supernode_learns_when_its_next_message_is_due_from_its_reply_to_the_next_message(monkeypatch):
     sleeps = recorded_sleeps(monkeypatch)
     module = fake_node_loop([None, None, 7, 7])
-    poll = supernode.patch(module, cap=0.5)  # type: ignore[arg-type]
+    poll = supernode.patch(module, cap=0.5)
     for _ in range(2):  # nothing waiting: Flower's loop sleeps 3 s each time
         assert module._pull_and_store_message() is None
         module.time.sleep(3)
@@ -178,7 +178,8 @@ class FakeLogStream:
     """``flwr log --stream``: running until ``wait`` is called, then ended."""
 
     def __init__(self) -> None:
-        self.ended, self.waited = False, []
+        self.ended = False
+        self.waited: list[float] = []
 
     def poll(self):
         return 0 if self.ended else None
@@ -191,9 +192,9 @@ class FakeLogStream:
 def test_the_launcher_asks_for_the_status_when_the_log_stream_ends_not_on_a_timer(monkeypatch):
     sleeps = recorded_sleeps(monkeypatch)
     stream = FakeLogStream()
-    simulation.wait_for_run(stream, remaining=600.0)  # type: ignore[arg-type]
+    simulation.wait_for_run(stream, remaining=600.0)
     assert stream.waited == [simulation.STATUS_SAFETY_POLL_S] and sleeps == []  # woken by the stream's end
-    simulation.wait_for_run(stream, remaining=600.0)  # type: ignore[arg-type]  # ended: poll every 2 s
+    simulation.wait_for_run(stream, remaining=600.0)  # ended: poll every 2 s
     simulation.wait_for_run(None, remaining=1.0)  # no stream: poll, never past the time left
     assert sleeps == [simulation.STATUS_POLL_S, 1.0]
 
@@ -206,7 +207,7 @@ def test_the_superexec_wakes_when_its_worker_reports_instead_of_sleeping_out_its
     sleeps = recorded_sleeps(monkeypatch)
     executor = WarmExecutor(WorkerSettings(), Poll(0.01, 0.5, clock=Clock()))
     ours, theirs = multiprocessing.Pipe()
-    executor.worker = SimpleNamespace(busy=True, connection=ours)  # type: ignore[assignment]
+    executor.worker = SimpleNamespace(busy=True, connection=ours)
     theirs.send({"task_id": 1})  # the worker's report is already waiting
     start = time.monotonic()
     executor.idle(60.0)
