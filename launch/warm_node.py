@@ -99,7 +99,9 @@ def worker_main(connection: Connection, settings: WorkerSettings) -> None:
     """The worker: bind, import the heavy stack once, then run each task it is sent."""
     die_with_parent()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)-7s %(name)s: %(message)s")
+    # force: importing launch.polling gave the root a NullHandler (server_app quiets third-party logs),
+    # which would make a plain basicConfig do nothing
+    logging.basicConfig(level=logging.INFO, format="%(levelname)-7s %(name)s: %(message)s", force=True)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         bind(settings)
@@ -384,7 +386,7 @@ def parse_own_arguments(argv: list[str]) -> tuple[WorkerSettings, list[str]]:
 
 def main(argv: list[str] | None = None) -> None:
     """``flower-superexec`` with the warm executor (same arguments, plus ours)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)-7s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)-7s %(name)s: %(message)s", force=True)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per Runtime API poll otherwise
     settings, rest = parse_own_arguments(list(sys.argv[1:] if argv is None else argv))
     os.environ.setdefault(TASK_POLL_ENV, str(TASK_POLL_CAP))

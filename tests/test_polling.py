@@ -140,6 +140,8 @@ def test_the_server_grid_asks_for_missing_reply_objects_within_milliseconds():
     from flwr.superlink.grid import http_grid
 
     flower_pull = http_grid.pull_objects
+    if isinstance(flower_pull, functools.partial):  # a ServerApp in this process already did it
+        flower_pull = http_grid.pull_objects = flower_pull.func
     try:
         retry_missing_objects_sooner()
         retry_missing_objects_sooner()  # once per process, however often it is called
