@@ -27,10 +27,11 @@ import psutil
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 WAYS = ("term", "int", "parent", "kill")
+# 150 local steps: a round of several seconds, so that a stop (~1.3 s) lands inside round 2
 TINY = [
     "model=tiny_bert", "partition.num_clients=2", "dataset.max_train_examples=200",
     "dataset.max_eval_examples=64", "federation.num_rounds=6", "federation.fraction_train=1.0",
-    "train.local_steps=30", "train.batch_size=8",
+    "train.local_steps=150", "train.batch_size=8",
 ]  # fmt: skip
 #: A parent that starts the launcher and waits: SIGKILLing it is "the launcher's parent died".
 PARENT = "import subprocess, sys; subprocess.Popen(sys.argv[1:]).wait()"
