@@ -70,8 +70,6 @@ class LocalCluster:
     #: torch threads per node (0: the machine's cores shared out between the nodes)
     threads_per_node: int = 0
     worker_options: list[str] = field(default_factory=list)  # more launch/warm_node.py options
-    #: The warm nodes' longest idle poll (fedsubspace-supernode --idle-poll); None: its default.
-    idle_poll: float | None = None
     nodes: list[SuperNode] = field(default_factory=list)
     strays: list[SuperNode] = field(default_factory=list)  # nodes started beside the cluster's own
     superlink: LocalSuperLink | None = None
@@ -130,9 +128,7 @@ class LocalCluster:
             supernode, "--superlink", address,
             "--port", str(node.runtime_port), "--node-config", node.node_config, "--max-retries", "0",
         ]  # fmt: skip
-        if self.warm:
-            command += ["--isolation", "process"]
-            command += ["--idle-poll", f"{self.idle_poll:g}"] if self.idle_poll else []
+        command += ["--isolation", "process"] if self.warm else []
         command += (
             ["--insecure"]
             if self.superlink.tls is None

@@ -7,7 +7,8 @@ evaluates, so a node usually finds nothing and sleeps: each node then starts the
 3 s late, at a different moment from the others, and the round waits for the latest. This entry
 point runs Flower's own SuperNode unchanged except for those waits: the idle poll waits at most
 ``--idle-poll`` seconds (default 0.5) at a time, and from the moment the next message is due — as
-long after its reply as the last one came — polls from 10 ms up (``server_app/waits.py``); the reply
+long after its reply as the shortest of the last ones came — polls often (``server_app/waits.py``;
+with no history, from 10 ms up); the reply
 check runs every 20 ms (an in-process look-up), and a missing object is asked for again after
 10–50 ms. The cost while idle is about one small request to the SuperLink per node every
 ``--idle-poll`` seconds.

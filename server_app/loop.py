@@ -32,9 +32,9 @@ class CommunicationBudgetExhausted(Exception):
 
 Evaluate = Callable[[int, ArrayRecord], dict[str, float]]  # (server round, global arrays)
 # Grid.send_and_receive polls every 3 s, which would idle whole rounds. Here at most every
-# POLL_SECONDS, and from FIRST_POLL_SECONDS up (POLL_GROWTH per empty poll) once the last reply is due
-# — as long after the push as the last exchange of that message type took (server_app/waits.py) —
-# and again after each reply, since the rest of a round's replies often follow at once.
+# POLL_SECONDS, and often once the last reply is due — as long after the push as the shortest of the
+# last exchanges of that message type took (server_app/waits.py); with no history, and after each
+# reply, from FIRST_POLL_SECONDS up by POLL_GROWTH per empty poll.
 FIRST_POLL_SECONDS, POLL_GROWTH, POLL_SECONDS = 0.01, 1.5, 0.2
 REPLY_POLLS: dict[str, Poll] = {}  # message type -> its exchanges' poll
 
