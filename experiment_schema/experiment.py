@@ -7,7 +7,9 @@ clients can never disagree about the experiment.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
 import re
 import shlex
@@ -207,8 +209,7 @@ class ExperimentConfig:
         method = data.get("method") or {}
         name = method.get("name", MethodConfig.name) if isinstance(method, dict) else MethodConfig.name
         try:
-            schema = OmegaConf.structured(cls(method=method_config_type(str(name))()))
-            merged = OmegaConf.merge(schema, data)
+            merged = OmegaConf.merge(structured_schema(cls, method_config_type(str(name))), data)
             config = OmegaConf.to_object(merged)
         except OmegaConfBaseException as error:
             raise ConfigError(f"invalid experiment config: {error}") from error
@@ -218,6 +219,12 @@ class ExperimentConfig:
     @classmethod
     def from_json(cls, text: str) -> ExperimentConfig:
         return cls.from_dict(json.loads(text))
+
+
+@functools.cache
+def structured_schema(experiment: type[ExperimentConfig], method: type[MethodConfig]) -> Any:
+    """The experiment's OmegaConf schema with ``method``'s config (``OmegaConf.merge`` copies it)."""
+    return OmegaConf.structured(experiment(method=method()))
 
 
 FLOWERTUNE_BUDGET_MB = 200_000
@@ -291,10 +298,18 @@ def register_schema() -> None:
     composes, any key can be overridden, and a group file only lists what differs."""
     from hydra.core.config_store import ConfigStore
 
+    configs = registered_method_configs()
+    if configs == _STORED_SCHEMAS:  # storing converts every dataclass again: a tenth of a second
+        return
     store = ConfigStore.instance()
     store.store(name=SCHEMA_NAME, node=ExperimentConfig)
-    for name, config in registered_method_configs().items():
+    for name, config in configs.items():
         store.store(group="method", name=method_schema_name(name), node=config)
+    _STORED_SCHEMAS.clear()
+    _STORED_SCHEMAS.update(configs)
+
+
+_STORED_SCHEMAS: dict[str, type[MethodConfig]] = {}  # what register_schema last stored
 
 
 def explain_override_error(message: str, overrides: list[str]) -> str:
@@ -352,14 +367,33 @@ def compose_config(
     hydra_overrides += override_list
 
     register_schema()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
-            composed = compose(config_name="config", overrides=hydra_overrides)
-    except HydraException as error:
-        raise ConfigError(explain_override_error(str(error), hydra_overrides)) from error
-    finally:
+    key = (
+        str(conf_dir),
+        tuple(hydra_overrides),
+        conf_files_state(Path(conf_dir)),
+        tuple(_STORED_SCHEMAS.items()),
+    )
+    if key not in _COMPOSED:
         GlobalHydra.instance().clear()
-    data = OmegaConf.to_container(composed, resolve=True)
-    assert isinstance(data, dict)
-    return ExperimentConfig.from_dict({str(k): v for k, v in data.items()})
+        try:
+            with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
+                composed = compose(config_name="config", overrides=hydra_overrides)
+        except HydraException as error:
+            raise ConfigError(explain_override_error(str(error), hydra_overrides)) from error
+        finally:
+            GlobalHydra.instance().clear()
+        data = OmegaConf.to_container(composed, resolve=True)
+        assert isinstance(data, dict)
+        _COMPOSED[key] = {str(k): v for k, v in data.items()}
+    return ExperimentConfig.from_dict(copy.deepcopy(_COMPOSED[key]))
+
+
+#: Hydra's compositions by everything they depend on (a quarter of a second each; tests, sweeps
+#: and the CLI compose the same experiment many times in a process). Validation still runs on each.
+_COMPOSED: dict[tuple[object, ...], dict[str, Any]] = {}
+
+
+def conf_files_state(conf_dir: Path) -> tuple[tuple[str, int, int], ...]:
+    """Each YAML file under ``conf_dir`` with its modification time and size."""
+    files = sorted(conf_dir.rglob("*.yaml"))
+    return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)

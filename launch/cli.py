@@ -32,6 +32,7 @@ from pathlib import Path
 from experiment_schema import CONFIG_GROUPS, ConfigError, ExperimentConfig, available_choices
 from finetune.hub import default_hub_mirror
 from launch.netns import add_host_options
+from launch.supernode import add_heartbeat_option
 
 log = logging.getLogger(__name__)
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -267,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument(
         "--cold", action="store_true", help="Flower's own SuperExec: a fresh ClientApp process per message"
     )
+    add_heartbeat_option(cluster)
     add_host_options(cluster)
     experiment_command("validate", "compose and check the experiment, print it, start nothing")
     resume = commands.add_parser(
@@ -361,6 +363,7 @@ def launch(args: argparse.Namespace, experiment: Experiment, nodes: int) -> int:
         cluster = LocalCluster(
             Path(args.flwr_home), nodes, tls=args.tls or args.auth, auth=args.auth, hub_mirror=mirror,
             warm=not getattr(args, "cold", False),
+            heartbeat_interval=getattr(args, "heartbeat_interval", 0.0),
         )  # fmt: skip
         with contextlib.ExitStack() as stack:
             enter_cluster(stack, cluster, args)

@@ -39,6 +39,7 @@ from launch.simulation import (
     RunOutcome,
     TLSFiles,
 )
+from launch.supernode import add_heartbeat_option, heartbeat_problem
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +71,21 @@ class LocalCluster:
     #: torch threads per node (0: the machine's cores shared out between the nodes)
     threads_per_node: int = 0
     worker_options: list[str] = field(default_factory=list)  # more launch/warm_node.py options
+    #: the heartbeat period the warm nodes declare (launch/supernode.py; 0: Flower's 30 s): the
+    #: SuperLink gives up on a silent node after twice this
+    heartbeat_interval: float = 0.0
     nodes: list[SuperNode] = field(default_factory=list)
     strays: list[SuperNode] = field(default_factory=list)  # nodes started beside the cluster's own
     superlink: LocalSuperLink | None = None
     #: Separate hosts (launch.netns): the SuperLink in the hub namespace, node i in its own,
     #: reaching the SuperLink over its shaped link. None: everything on loopback.
     hosts: Hosts | None = None
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval and (problem := heartbeat_problem(self.heartbeat_interval)):
+            raise ValueError(problem)
+        if self.heartbeat_interval and not self.warm:
+            raise ValueError("--heartbeat-interval needs the warm runtime's SuperNode (not --cold)")
 
     def start(self) -> None:
         self.flwr_home = self.flwr_home.resolve()
@@ -129,6 +139,7 @@ class LocalCluster:
             "--port", str(node.runtime_port), "--node-config", node.node_config, "--max-retries", "0",
         ]  # fmt: skip
         command += ["--isolation", "process"] if self.warm else []
+        command += ["--heartbeat-interval", f"{self.heartbeat_interval:g}"] if self.heartbeat_interval else []
         command += (
             ["--insecure"]
             if self.superlink.tls is None
@@ -237,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--cold", action="store_true", help="Flower's SuperExec: a process per message")
     parser.add_argument("--app", type=Path, default=PROJECT_DIR, help="another Flower app (a benchmark's)")
+    add_heartbeat_option(parser)
     add_host_options(parser)
     args = parser.parse_args(argv)
     own_children()  # SIGTERM, Ctrl-C or our parent's death stop the run, then every process
@@ -253,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         auth=args.auth,
         hub_mirror=args.hub_mirror,
         warm=not args.cold,
+        heartbeat_interval=args.heartbeat_interval,
     )
     with contextlib.ExitStack() as stack:
         enter_cluster(stack, cluster, args)

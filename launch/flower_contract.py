@@ -81,6 +81,10 @@ EXPECTED = (
     Expected("flwr.superlink.grid.http_grid", "pull_objects", ("initial_backoff", "backoff_cap"),
              "a reply's missing objects retried sooner"),
     Expected("flwr.supernode.cli.flower_supernode", "flower_supernode", (), "fedsubspace-supernode runs it"),
+    Expected("flwr.supernode.fleet_http_connection", "HEARTBEAT_DEFAULT_INTERVAL", (),
+             "the interval the node declares to the SuperLink (--heartbeat-interval)"),
+    Expected("flwr.supercore.heartbeat", "HEARTBEAT_DEFAULT_INTERVAL", (),
+             "the node's heartbeats follow it (--heartbeat-interval)"),
 )  # fmt: skip
 
 

@@ -93,15 +93,20 @@ def end_processes(
         with contextlib.suppress(psutil.Error):
             if sig is not None:
                 child.send_signal(sig)
-    deadline = time.monotonic() + grace
-    while (alive := [p for p in processes if _running(p)]) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    alive = wait_ended(processes, grace)
     for child in alive:
         with contextlib.suppress(psutil.Error):
             child.kill()
-    deadline = time.monotonic() + 2.0
-    while any(_running(p) for p in alive) and time.monotonic() < deadline:
+    wait_ended(alive, 2.0)
+
+
+def wait_ended(processes: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Those of ``processes`` still running after at most ``timeout`` seconds; a zombie counts as
+    ended (``psutil.wait_procs`` would wait out its timeout on a zombie its parent has yet to reap)."""
+    deadline = time.monotonic() + timeout
+    while (alive := [p for p in processes if _running(p)]) and time.monotonic() < deadline:
         time.sleep(0.02)
+    return alive
 
 
 def _running(process: psutil.Process) -> bool:

@@ -289,7 +289,8 @@ class LocalSuperLink:
         try:
             status = "not asked yet"
             while not status.startswith("finished") and time.monotonic() - start < timeout:
-                wait_for_run(logger, max(timeout - (time.monotonic() - start), 0.1))
+                poll = IN_PROCESS_STATUS_POLL_S if self.on_host is None else STATUS_POLL_S
+                wait_for_run(logger, max(timeout - (time.monotonic() - start), 0.1), poll)
                 status = self.run_status(run_id)
             if not status.startswith("finished"):
                 self.flwr("stop", str(run_id), CONNECTION)
@@ -311,17 +312,21 @@ class LocalSuperLink:
 # status is asked when it ends, and otherwise only as a safety net.
 STATUS_SAFETY_POLL_S = 60.0
 STATUS_POLL_S = 2.0  # without a log stream, or once it has ended
+IN_PROCESS_STATUS_POLL_S = 0.2  # the same, asked from this process (milliseconds, no new process)
 
 
-def wait_for_run(logger: subprocess.Popen[bytes] | None, remaining: float) -> None:
-    """Until ``logger`` (``flwr log --stream``) ends or a status poll is due, at most ``remaining``."""
+def wait_for_run(
+    logger: subprocess.Popen[bytes] | None, remaining: float, poll: float = STATUS_POLL_S
+) -> None:
+    """Until ``logger`` (``flwr log --stream``) ends or a status poll is due (every ``poll``
+    seconds without a stream), at most ``remaining``."""
     if logger is not None and logger.poll() is None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             logger.wait(timeout=min(STATUS_SAFETY_POLL_S, remaining))
         if logger.poll() is not None:
             return  # the stream ended: ask for the status now
     else:
-        time.sleep(min(STATUS_POLL_S, remaining))
+        time.sleep(min(poll, remaining))
 
 
 #: Lines of a run's log stream that are third-party noise, not the run's progress: warnings (and

@@ -16,6 +16,7 @@ from conftest import TINY_OVERRIDES, contents, node_state_of
 from safetensors.numpy import load_file
 
 from client_app.durable import STATE_DIR_ENV
+from launch.processes import end_processes
 from launch.simulation import COMPLETED, CONNECTION, PROJECT_DIR, LocalSuperLink
 from server_app.checkpoint import round_folders
 
@@ -71,10 +72,7 @@ def _kill_after_checkpoint(superlink, output, round_, timeout=300):
     while time.monotonic() < deadline:
         folders = list(output.iterdir()) if output.exists() else []
         if folders and any(int(p.name[6:]) >= round_ for p in round_folders(folders[0])):
-            processes = _simulation_processes(superlink)
-            for process in processes:
-                process.send_signal(signal.SIGKILL)
-            psutil.wait_procs(processes, timeout=30)
+            end_processes(_simulation_processes(superlink), signal.SIGKILL, grace=30)
             return folders[0]
         time.sleep(0.2)
     raise AssertionError(f"no checkpoint of round {round_} within {timeout} s")

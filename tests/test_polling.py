@@ -7,6 +7,7 @@ ends, not on a timer."""
 
 import functools
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +15,7 @@ from fakes import FakeGrid
 from flwr.app import Message, RecordDict
 
 from launch import simulation, supernode
+from launch.cluster import LocalCluster
 from launch.polling import PollingTime
 from server_app import loop
 from server_app.waits import OBJECT_RETRY, Poll, retry_missing_objects_sooner
@@ -134,6 +136,28 @@ def test_the_idle_poll_option_sets_the_cap_and_refuses_nonsense():
     assert supernode.idle_poll([]) == (supernode.DEFAULT_IDLE_POLL, [])
     with pytest.raises(SystemExit, match="must be > 0"):
         supernode.idle_poll(["--idle-poll", "0"])
+
+
+def test_the_heartbeat_option_sets_what_the_node_declares_and_refuses_what_the_superlink_would(monkeypatch):
+    import flwr.supercore.heartbeat as heartbeat
+    import flwr.supernode.fleet_http_connection as connection
+    from flwr.common.constant import HEARTBEAT_MAX_INTERVAL, HEARTBEAT_MIN_INTERVAL
+
+    assert supernode.HEARTBEAT_RANGE == (HEARTBEAT_MIN_INTERVAL, HEARTBEAT_MAX_INTERVAL)
+    assert supernode.heartbeat_interval(["--insecure", "--heartbeat-interval=12"]) == (12.0, ["--insecure"])
+    assert supernode.heartbeat_interval(["--insecure"]) == (None, ["--insecure"])
+    with pytest.raises(SystemExit, match=r"within \[10, 1800\] seconds, got 5"):
+        supernode.heartbeat_interval(["--heartbeat-interval", "5"])
+    with pytest.raises(SystemExit, match="takes seconds"):
+        supernode.heartbeat_interval(["--heartbeat-interval", "soon"])
+    with pytest.raises(ValueError, match="within"):
+        LocalCluster(Path("unused"), 2, heartbeat_interval=3)
+    with pytest.raises(ValueError, match="warm runtime"):
+        LocalCluster(Path("unused"), 2, heartbeat_interval=10, warm=False)
+    monkeypatch.setattr(connection, "HEARTBEAT_DEFAULT_INTERVAL", connection.HEARTBEAT_DEFAULT_INTERVAL)
+    monkeypatch.setattr(heartbeat, "HEARTBEAT_DEFAULT_INTERVAL", heartbeat.HEARTBEAT_DEFAULT_INTERVAL)
+    supernode.set_heartbeat_interval(10.0)
+    assert connection.HEARTBEAT_DEFAULT_INTERVAL == heartbeat.HEARTBEAT_DEFAULT_INTERVAL == 10.0
 
 
 def test_the_server_grid_asks_for_missing_reply_objects_within_milliseconds():

@@ -13,6 +13,7 @@ import pytest
 from conftest import TINY_OVERRIDES
 
 from launch.cluster import LocalCluster
+from launch.processes import wait_ended
 from launch.simulation import COMPLETED, PROJECT_DIR, LocalSuperLink
 
 pytestmark = pytest.mark.e2e
@@ -118,5 +119,5 @@ def test_a_sigterm_to_the_cluster_launcher_stops_everything_it_started(tmp_path,
     assert "fedsubspace-supernode" in names and "launch.warm_node" in names and "flower-superlink" in names
     launcher.send_signal(signal.SIGTERM)
     assert launcher.wait(timeout=120) == 128 + signal.SIGTERM
-    _, alive = psutil.wait_procs(started, timeout=30)
-    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], [p.cmdline() for p in alive]
+    alive = wait_ended(started, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
