@@ -122,7 +122,12 @@ def end_mid_run(launcher: str, way: str, folder: Path, hub_mirror: str, timeout:
 
 
 def _quiet(command: list[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=PROJECT_DIR)
+    """``command`` as a terminal starts it: SIGINT does what Ctrl-C does even where this process
+    ignores it (a shell's background job does, and its children inherit that)."""
+    return subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=PROJECT_DIR,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
 
 
 def _process(pid: int) -> psutil.Process | None:

@@ -3,10 +3,12 @@
 The warm node runtime (``launch/warm_node.py``) replaces functions of Flower's ClientApp task
 module, wraps its SuperExec's executor factory and replaces the SuperExec loop's ``time``; the
 SuperNode entry point (``launch/supernode.py``) replaces the ``time`` module and three functions of
-Flower's SuperNode loop. None of these is Flower's public API, so an upgrade may move or rename
-them. :func:`broken` names every expectation the installed Flower no longer meets; the test suite
-calls it, and so does the warm runtime before it patches anything, so a breaking upgrade fails in
-seconds with the symbol's name instead of deep inside a run.
+Flower's SuperNode loop; the launchers (``launch/simulation.py``, ``launch/fab.py``) build the app
+bundle, start runs and read their status as the ``flwr`` CLI does, from their own process. None of
+these is Flower's public API, so an upgrade may move or rename them. :func:`broken` names every
+expectation the installed Flower no longer meets; the test suite calls it, and so does the warm
+runtime before it patches anything, so a breaking upgrade fails in seconds with the symbol's name
+instead of deep inside a run.
 """
 
 from __future__ import annotations
@@ -85,6 +87,22 @@ EXPECTED = (
              "the interval the node declares to the SuperLink (--heartbeat-interval)"),
     Expected("flwr.supercore.heartbeat", "HEARTBEAT_DEFAULT_INTERVAL", (),
              "the node's heartbeats follow it (--heartbeat-interval)"),
+    # the launchers start runs and ask their status through the Control API from their own process
+    Expected("flwr.supercore.control", "ControlHttpClient", (), "the flwr CLI's Control API client"),
+    Expected("flwr.cli.cli_client_interceptor", "CliClientHttpInterceptor", (), "the CLI's auth headers"),
+    Expected("flwr.supercore.interceptors", "RuntimeVersionHttpInterceptor", ("component_name",),
+             "the CLI's version header"),
+    Expected("flwr.cli.build", "build_fab_from_files", (), "builds the FAB as flwr run does (launch/fab.py)"),
+    Expected("flwr.cli.utils", "collect_files", (), "what launch/fab.py's walk stands in for"),
+    Expected("flwr.cli.utils", "load_gitignore_patterns", (), "the folders launch/fab.py skips"),
+    Expected("flwr.cli.utils", "build_pathspec", (), "the folders launch/fab.py skips"),
+    Expected("flwr.supercore.constant", "APP_PUBLISH_EXCLUDE_PATTERNS", (), "what launch/fab.py skips"),
+    Expected("flwr.cli.config_utils", "load_and_validate", (), "checks the app's pyproject.toml"),
+    Expected("flwr.common.config", "parse_config_args", (), "parses run and federation config"),
+    Expected("flwr.common.serde", "user_config_to_proto", (), "the run config override"),
+    Expected("flwr.common.serde", "fab_to_proto", (), "the FAB in StartRun"),
+    Expected("flwr.supercore.fab", "Fab", (), "the FAB in StartRun"),
+    Expected("flwr.supercore.utils", "simulation_config_from_json", (), "the federation config override"),
 )  # fmt: skip
 
 

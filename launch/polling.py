@@ -9,7 +9,10 @@ from typing import Any
 
 from server_app.waits import OBJECT_RETRY, Poll
 
-__all__ = ["OBJECT_RETRY", "Poll", "PollingTime"]
+__all__ = ["OBJECT_RETRY", "SUPEREXEC_TASK_POLL_ENV", "Poll", "PollingTime"]
+
+#: Flower's SuperExec looks for tasks every this many seconds (its default: 1 s)
+SUPEREXEC_TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 
 
 class PollingTime:

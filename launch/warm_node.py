@@ -41,13 +41,12 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from launch.polling import OBJECT_RETRY, Poll, PollingTime
+from launch.polling import OBJECT_RETRY, SUPEREXEC_TASK_POLL_ENV, Poll, PollingTime
 
 log = logging.getLogger("launch.warm_node")  # named: run as __main__ (and __mp_main__ in the worker)
 READY = "ready"
 WORKER_START_TIMEOUT_S = 300.0
-TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
-# Flower polls its SuperNode's Runtime API for tasks every 1 s (the variable above sets it); here at
+# Flower polls its SuperNode's Runtime API for tasks every 1 s (SUPEREXEC_TASK_POLL_ENV sets it); here at
 # most every TASK_POLL_CAP s (or the variable's value), and often once the next task is due — as
 # long after the last task ended as that one came (server_app/waits.py). Each poll costs the
 # SuperNode a request (at 10 a second the two processes spent ~8 % of a core idling: an ad-hoc
@@ -390,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)-7s %(name)s: %(message)s", force=True)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per Runtime API poll otherwise
     settings, rest = parse_own_arguments(list(sys.argv[1:] if argv is None else argv))
-    os.environ.setdefault(TASK_POLL_ENV, str(TASK_POLL_CAP))
+    os.environ.setdefault(SUPEREXEC_TASK_POLL_ENV, str(TASK_POLL_CAP))
     from launch.flower_contract import require
 
     require()
