@@ -95,6 +95,7 @@ class LocalCluster:
         self.superlink = LocalSuperLink(
             self.flwr_home, simulation=False, tls=tls, node_auth=self.auth,
             bind="0.0.0.0" if self.hosts else "127.0.0.1", on_host=self.hosts.on_hub if self.hosts else None,
+            warm_server=self.warm,
         )  # fmt: skip
         self.superlink.start()
         for index in range(self.num_nodes):

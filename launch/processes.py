@@ -129,8 +129,10 @@ def server_apps(root: int) -> list[psutil.Process]:
 
 
 def is_server_app(process: psutil.Process) -> bool:
+    """Started as one of :data:`SERVERAPP_SCRIPTS`, or forked and named as one (launch/warm_server.py)."""
     try:
-        return any(Path(part).name in SERVERAPP_SCRIPTS for part in process.cmdline()[:2])
+        started_as = any(Path(part).name in SERVERAPP_SCRIPTS for part in process.cmdline()[:2])
+        return started_as or process.name() in SERVERAPP_SCRIPTS
     except psutil.Error:
         return False
 

@@ -108,17 +108,20 @@ class LocalSuperLink:
         ray_address: str = "",
         bind: str = "127.0.0.1",
         on_host: Callable[[list[str]], list[str]] | None = None,
+        warm_server: bool = True,
     ) -> None:
         """``bind``: the address it listens on (``0.0.0.0``: every interface of its host);
         ``on_host``: wraps every command that must run on its host (``launch.netns``: in its
-        network namespace): the SuperLink itself, its health check and the flwr CLI."""
+        network namespace): the SuperLink itself, its health check and the flwr CLI;
+        ``warm_server``: its SuperExec forks each run's ServerApp from a process that has imported
+        the heavy stack once (``launch/warm_server.py``); False: Flower's, a fresh process per run."""
         if node_auth and tls is None:
             raise ValueError("SuperNode authentication needs TLS")
         self.flwr_home = flwr_home.resolve()
         self.port = port or free_port()
         self.simulation, self.tls, self.node_auth = simulation, tls, node_auth
         self.ray_address = ray_address  # a running Ray cluster the simulation joins (RAY_ADDRESS)
-        self.bind, self.on_host = bind, on_host
+        self.bind, self.on_host, self.warm_server = bind, on_host, warm_server
         self.process: subprocess.Popen[bytes] | None = None
         self.active_run: int | None = None  # submitted and not yet seen to finish
 
@@ -174,6 +177,8 @@ class LocalSuperLink:
         # Its own process group: stop() ends its children too. Its SuperExec looks for a submitted
         # run every 0.2 s, not every 1 s (the nodes' own SuperExecs keep their setting).
         env = {**self.env(), SUPEREXEC_TASK_POLL_ENV: str(SERVERAPP_TASK_POLL_S)}
+        if self.warm_server:  # the SuperLink starts its SuperExec by name: ours comes first on PATH
+            env["PATH"] = os.pathsep.join([str(self.warm_superexec_shim()), env["PATH"]])
         self.process = start_process(self.hosted(command), env, self.flwr_home)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -184,6 +189,20 @@ class LocalSuperLink:
             time.sleep(0.3)
         self.stop()
         raise RuntimeError(f"flower-superlink did not become healthy in {timeout:.0f} s; see {log_file}")
+
+    def warm_superexec_shim(self) -> Path:
+        """A folder whose ``flower-superexec`` runs ``launch/warm_server.py`` with its arguments
+        (its log, and its runs' output, in ``$FLWR_HOME/warm-superexec.log``)."""
+        folder = self.flwr_home / "warm-superexec"
+        folder.mkdir(parents=True, exist_ok=True)
+        shim = folder / "flower-superexec"
+        log_file = self.flwr_home / "warm-superexec.log"
+        shim.write_text(
+            f'#!/bin/sh\nPYTHONPATH="{PROJECT_DIR}" exec "{sys.executable}" -m launch.warm_server "$@" '
+            f'2>>"{log_file}"\n'
+        )
+        shim.chmod(0o755)
+        return folder
 
     def hosted(self, command: list[str]) -> list[str]:
         return self.on_host(command) if self.on_host is not None else command

@@ -10,13 +10,12 @@ import signal
 import time
 
 import numpy as np
-import psutil
 import pytest
 from conftest import TINY_OVERRIDES, contents, node_state_of
 from safetensors.numpy import load_file
 
 from client_app.durable import STATE_DIR_ENV
-from launch.processes import end_processes
+from launch.processes import end_processes, server_apps
 from launch.simulation import COMPLETED, CONNECTION, PROJECT_DIR, LocalSuperLink
 from server_app.checkpoint import round_folders
 
@@ -55,15 +54,10 @@ def _submit(superlink, hub_mirror, output, method):
 
 
 def _simulation_processes(superlink):
-    """The ServerApp processes the SuperLink started, with everything under them (Ray)."""
-
-    def is_serverapp(process):
-        try:
-            return "flwr-simulation" in " ".join(process.cmdline())
-        except psutil.Error:
-            return False
-
-    runs = [p for p in psutil.Process(superlink.process.pid).children(recursive=True) if is_serverapp(p)]
+    """The ServerApp processes (``flwr-simulation``) the SuperLink started, with everything under
+    them (Ray)."""
+    runs = server_apps(superlink.process.pid)
+    assert runs and all(p.name() == "flwr-simulation" for p in runs), runs
     return [tree for p in runs for tree in (p, *p.children(recursive=True))]
 
 
