@@ -1,8 +1,8 @@
 """Real processes, a tiny BERT, 2 clients, 2 rounds: `flwr run` on the simulation runtime (the
-default experiment's path, seeded repeats, images, causal LMs, 4-bit bases), and every rule and
-server optimizer on one warm loopback deployment shared by the module (one SuperLink and two warm
-SuperNodes, each run a fresh ServerApp; what the simulation would add per run is Ray and two fresh
-actors).
+default experiment's path, a failing config, seeded repeats), and every rule, server optimizer and
+modality (images, causal LMs, 4-bit bases) on one warm loopback deployment shared by the module (one
+SuperLink and two warm SuperNodes, each run its own ServerApp process; what the simulation would add
+per run is Ray and two fresh actors, about 10 s).
 
 The run's outcome is read from its recorded status (``flwr run`` exits 0 even on failure).
 """
@@ -204,8 +204,8 @@ def test_every_server_optimizer_runs_two_rounds(cluster, hub_mirror, tmp_path, o
     ],
     ids=["vit-cifar10-feature-shift", "llama-gsm8k-clusters"],
 )
-def test_image_and_causal_lm_runs_complete(superlink, hub_mirror, tmp_path, groups, extra, metric):
-    outcome = _run(superlink, hub_mirror, tmp_path, " ".join([*TINY_OVERRIDES, *extra]), **groups)
+def test_image_and_causal_lm_runs_complete(cluster, hub_mirror, tmp_path, groups, extra, metric):
+    outcome = _deployed(cluster, hub_mirror, tmp_path, " ".join([*TINY_OVERRIDES, *extra]), **groups)
     assert outcome.status == COMPLETED, outcome
     (run_dir,) = tmp_path.iterdir()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -217,7 +217,7 @@ def test_image_and_causal_lm_runs_complete(superlink, hub_mirror, tmp_path, grou
 
 
 @pytest.mark.parametrize("method", ["fedit", "flora"])
-def test_a_4bit_llama_trains_in_bf16_with_checkpointing(superlink, hub_mirror, tmp_path, method):
+def test_a_4bit_llama_trains_in_bf16_with_checkpointing(cluster, hub_mirror, tmp_path, method):
     """QLoRA as users run it: an nf4 base, bf16 autocast, activation checkpointing, 2 micro-batches."""
     qlora = [
         "model.quantization=nf4", "model.quant_compute_dtype=bfloat16", "train.precision=bf16",
@@ -228,7 +228,7 @@ def test_a_4bit_llama_trains_in_bf16_with_checkpointing(superlink, hub_mirror, t
     ]  # fmt: skip
     groups = {"model": "tiny_llama", "dataset": "gsm8k", "partition": "iid"}
     overrides = " ".join([*TINY_OVERRIDES, *qlora])
-    outcome = _run(superlink, hub_mirror, tmp_path, overrides, method=method, **groups)
+    outcome = _deployed(cluster, hub_mirror, tmp_path, overrides, method=method, **groups)
     assert outcome.status == COMPLETED, outcome
     (run_dir,) = tmp_path.iterdir()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
