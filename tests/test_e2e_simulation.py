@@ -69,6 +69,9 @@ def _deployed(cluster, hub_mirror, output, overrides, method="fedit", **groups):
 def test_fedit_run_completes_and_records_everything(superlink, hub_mirror, tmp_path):
     outcome = _run(superlink, hub_mirror, tmp_path, " ".join(TINY_OVERRIDES))
     assert outcome.status == COMPLETED, outcome
+    # its simulation process was forked from the SuperLink's warm SuperExec (launch/warm_server.py)
+    superexec_log = (superlink.flwr_home / "warm-superexec.log").read_text()
+    assert "flwr-simulation forked from the zygote" in superexec_log
 
     (run_dir,) = tmp_path.iterdir()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -184,6 +187,7 @@ def test_every_server_optimizer_runs_two_rounds(cluster, hub_mirror, tmp_path, o
     overrides = [*TINY_OVERRIDES, f"method.server_optimizer={optimizer}", "method.server_lr=0.1"]
     outcome = _deployed(cluster, hub_mirror, tmp_path, " ".join(overrides))
     assert outcome.status == COMPLETED, outcome
+    assert "flwr-serverapp forked from the zygote" in (cluster.flwr_home / "warm-superexec.log").read_text()
     (run_dir,) = tmp_path.iterdir()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["round"] for row in rows] == [0, 1, 2]
