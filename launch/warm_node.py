@@ -394,26 +394,15 @@ def main(argv: list[str] | None = None) -> None:
 
     require()
     import flwr.supercore.superexec.run_superexec as superexec
-    from flwr.supercore.cli.flower_superexec import flower_superexec
+
+    from launch.superexec import run_flower_superexec
 
     cap = superexec._get_task_poll_interval()  # Flower's validation of the variable
     task_poll = Poll(min(FIRST_TASK_POLL, cap), cap)
     executor = WarmExecutor(settings, task_poll)
     superexec.time = SuperExecTime(executor)  # type: ignore[assignment]
 
-    flower_get_executor = superexec.get_executor
-
-    def get_executor(executor_type: Any, *args: Any, **kwargs: Any) -> Any:
-        from flwr.supercore.constant import ExecutorType
-
-        logging.getLogger("httpx").setLevel(logging.WARNING)  # after Flower's logging set-up
-        if executor_type == ExecutorType.SUBPROCESS:
-            return executor
-        return flower_get_executor(executor_type, *args, **kwargs)
-
-    superexec.get_executor = get_executor
-    sys.argv = [sys.argv[0], *rest]
-    flower_superexec()
+    run_flower_superexec(executor, rest)
 
 
 if __name__ == "__main__":

@@ -206,26 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     from launch.flower_contract import require
 
     require()
-    import flwr.supercore.superexec.run_superexec as superexec
-    from flwr.supercore.cli.flower_superexec import flower_superexec
+    from launch.superexec import run_flower_superexec
 
-    executor = ForkingExecutor()
-    flower_get_executor = superexec.get_executor
-
-    def get_executor(executor_type: Any, *args: Any, **kwargs: Any) -> Any:
-        from flwr.supercore.constant import ExecutorType
-
-        logging.getLogger("httpx").setLevel(logging.WARNING)  # after Flower's logging set-up
-        if executor_type == ExecutorType.SUBPROCESS:
-            return executor
-        return flower_get_executor(executor_type, *args, **kwargs)
-
-    superexec.get_executor = get_executor
-    sys.argv = [sys.argv[0], *arguments]
-    try:
-        flower_superexec()
-    finally:
-        executor.close()
+    run_flower_superexec(ForkingExecutor(), arguments)
 
 
 if __name__ == "__main__":
