@@ -22,6 +22,7 @@ import importlib
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -109,10 +110,12 @@ class Zygote:
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.ready = False
 
-    def wait_ready(self) -> bool:
+    def wait_ready(self, timeout: float = ZYGOTE_START_TIMEOUT_S) -> bool:
+        """Whether the zygote has imported the stack (waiting for it at most ``timeout`` seconds)."""
         if not self.ready:
             assert self.process.stdout is not None
-            self.ready = self.process.stdout.readline().strip() == READY
+            answered, _, _ = select.select([self.process.stdout], [], [], timeout)
+            self.ready = bool(answered) and self.process.stdout.readline().strip() == READY
         return self.ready
 
     def fork(self, argv: list[str]) -> int:
@@ -157,7 +160,9 @@ class ForkingExecutor:
             return self.cold.launch(spec)
         try:
             if not self.zygote.wait_ready():
-                raise RuntimeError(f"exited with {self.zygote.process.poll()}")
+                raise RuntimeError(
+                    f"not ready within {ZYGOTE_START_TIMEOUT_S:.0f} s ({self.zygote.process.poll()})"
+                )
             pid = self.zygote.fork(flower_arguments(command, spec))
         except Exception as error:  # the zygote is broken: every run goes cold from now on
             log.error("the ServerApp zygote failed (%s): runs start as fresh processes", error)
