@@ -89,3 +89,19 @@ def node_state_of(root: Path, run_folder: Path) -> dict[int, dict[int, dict[str,
 def contents(kept_round: dict[str, object]) -> dict[str, object]:
     """A kept round of :func:`node_state_of` without its mtime."""
     return {k: v for k, v in kept_round.items() if k != "mtime_ns"}
+
+
+#: The modules that start real Flower processes (and the longest in-process ones), longest first
+#: (their seconds in a serial run, commit b968792): `make test`'s two workers take whole modules in
+#: collection order, so these start first and the quick modules fill in around them, instead of a
+#: long module starting last while the other worker idles.
+LONGEST_FIRST = (
+    "test_e2e_simulation.py", "test_e2e_resume.py", "test_deployment.py", "test_warm_node.py",
+    "test_shutdown.py", "test_sweep_runner.py", "test_modalities.py", "test_sweep.py", "test_compose.py",
+    "test_harness.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module's order kept
