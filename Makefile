@@ -43,9 +43,11 @@ report: $(STAMP)
 	$(PY) -m benchmarks.report --preset $(subst _,-,$(PRESET))
 
 # Lint and type-check first (seconds to a minute), build the docs strictly, then the tests: two
-# workers, each taking whole test files (a module's shared SuperLink or cluster stays in one worker).
+# workers, each taking whole test files (a module's shared SuperLink or cluster stays in one worker),
+# in collection order (tests/conftest.py puts the longest first; xdist would order files by their
+# number of tests).
 test: lint docs
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=20 tests
 
 # The documentation site (mkdocs.yml, docs/) into site/; --strict fails on any warning (a broken link).
 docs: $(STAMP)

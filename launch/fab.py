@@ -3,7 +3,7 @@ leaves out.
 
 Flower's build first lists every file under the app (``collect_files``), then drops what .gitignore
 and its publish rules exclude. With the project's virtual environment inside the app folder that is
-over 100,000 files and about 7 CPU-seconds for every run started. :func:`app_files` does not enter
+over 100,000 files and 6–8 s for every run started. :func:`app_files` does not enter
 the folders that .gitignore or those rules exclude whole, and hands the files it finds to Flower's
 own ``build_fab_from_files``, so the FAB is the same bytes. A .gitignore that re-includes files
 (``!pattern``) gets Flower's full walk. :func:`app_fab` keeps the last FAB per app until one of its

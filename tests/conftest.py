@@ -93,8 +93,8 @@ def contents(kept_round: dict[str, object]) -> dict[str, object]:
 
 #: The modules that start real Flower processes (and the longest in-process ones), longest first
 #: (their seconds in a serial run, commit b968792): `make test`'s two workers take whole modules in
-#: collection order, so these start first and the quick modules fill in around them, instead of a
-#: long module starting last while the other worker idles.
+#: collection order (``--no-loadscope-reorder``), alternately at first, so these start first and the
+#: quick modules fill in around them, instead of a long module starting last while the other idles.
 LONGEST_FIRST = (
     "test_e2e_simulation.py", "test_e2e_resume.py", "test_deployment.py", "test_warm_node.py",
     "test_shutdown.py", "test_sweep_runner.py", "test_modalities.py", "test_sweep.py", "test_compose.py",
