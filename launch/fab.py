@@ -55,9 +55,8 @@ def app_fab(root: Path) -> bytes:
 
     root = root.expanduser().resolve()
     files = app_files(root)
-    state = tuple(
-        (name, path.stat().st_size, path.stat().st_mtime_ns) for name, path in sorted(files.items())
-    )
+    stats = {name: path.stat() for name, path in sorted(files.items())}
+    state = tuple((name, stat.st_size, stat.st_mtime_ns) for name, stat in stats.items())
     built = _BUILT.get(root)
     if built is None or built[0] != state:
         built = _BUILT[root] = (state, build_fab_from_files(files)[0])
