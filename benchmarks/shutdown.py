@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,12 +68,15 @@ def descendants(pid: int) -> dict[tuple[int, float], psutil.Process]:
     return keyed
 
 
-def end_mid_run(launcher: str, way: str, folder: Path, hub_mirror: str, timeout: float = 300) -> Ending:
-    """Start ``launcher``, wait until round 2 runs, end it ``way``; what happened."""
+def end_mid_run(
+    launcher: str, way: str, folder: Path, hub_mirror: str, timeout: float = 300, extra: Sequence[str] = ()
+) -> Ending:
+    """Start ``launcher`` (with ``extra`` arguments), wait until round 2 runs, end it ``way``; what
+    happened."""
     output = folder / "out"
     command = [
         sys.executable, "-m", "launch.cli", launcher, "--output-dir", str(output), "--hub-mirror", hub_mirror,
-        "--flwr-home", str(folder / "flwr"), *TINY,
+        "--flwr-home", str(folder / "flwr"), *extra, *TINY,
     ]  # fmt: skip
     if launcher == "cluster":
         command += ["--num-nodes", "2"]

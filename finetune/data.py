@@ -12,7 +12,7 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-from flwr_datasets.partitioner import (
+from flwr_datasets.partitioner import (  # its plotting is deferred (finetune/__init__.py)
     DirichletPartitioner,
     IidPartitioner,
     NaturalIdPartitioner,

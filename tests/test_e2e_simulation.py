@@ -25,7 +25,9 @@ from launch.simulation import COMPLETED, CONNECTION, PROJECT_DIR, LocalSuperLink
 from strategies import RULES, Family
 
 pytestmark = pytest.mark.e2e
-FEDERATION = "num-supernodes=2 client-resources-num-cpus=1 client-resources-num-gpus=0.0"
+# 2 CPUs a client on this 2-core machine: one Ray actor for both nodes (each actor imports the client
+# stack, ~16 CPU-seconds a run for a second one)
+FEDERATION = "num-supernodes=2 client-resources-num-cpus=2 client-resources-num-gpus=0.0"
 
 
 @pytest.fixture(scope="module")

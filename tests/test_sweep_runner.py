@@ -206,7 +206,8 @@ def test_a_job_gives_the_same_metrics_alone_and_inside_a_sweep(tmp_path):
     )
 
     def run(folder, methods):
-        arguments = [*_arguments(folder, methods, "0"), "model=tiny_bert", overrides]
+        # one Ray actor for the two nodes (each actor imports the client stack)
+        arguments = [*_arguments(folder, methods, "0"), "model=tiny_bert", "cpus_per_client=2", overrides]
         assert sweep.run_sweep("cpu_paired", arguments, None, True, GRID, flwr_home=folder / "flwr") == 0
         return {r["job"]: r for r in read_records(folder / "runs.jsonl")}
 
