@@ -9,6 +9,7 @@ import importlib.machinery
 import importlib.util
 import sys
 import types
+from pathlib import Path
 from typing import Any
 
 FLWR_DATASETS_PLOTS = "flwr_datasets.visualization"
@@ -26,6 +27,9 @@ def defer_submodule(name: str) -> None:
         return
     stand_in = types.ModuleType(name)
     stand_in.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    folder = Path(spec.submodule_search_locations[0]) / name.rpartition(".")[2]
+    if folder.is_dir():  # its own submodules import as usual (without its __init__ until used)
+        stand_in.__path__ = [str(folder)]
 
     def load(attribute: str) -> Any:
         if attribute.startswith("__"):  # what a scan of sys.modules asks (inspect.getmodule)

@@ -17,6 +17,9 @@ def probe_package(tmp_path, monkeypatch):
     folder.mkdir()
     (folder / "__init__.py").write_text("from . import heavy\n")
     (folder / "heavy.py").write_text("import builtins\nbuiltins.deferral_probe_loads += 1\nVALUE = 42\n")
+    (folder / "plots").mkdir()  # a subpackage, as flwr_datasets.visualization is
+    (folder / "plots" / "__init__.py").write_text("import builtins\nbuiltins.deferral_probe_loads += 1\n")
+    (folder / "plots" / "bars.py").write_text("WIDTH = 3\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr("builtins.deferral_probe_loads", 0, raising=False)
     yield
@@ -43,3 +46,13 @@ def test_without_the_deferral_the_package_loads_it(probe_package):
 
     __import__(PACKAGE)
     assert builtins.deferral_probe_loads == 1  # the control: the probe does load it eagerly
+
+
+def test_a_deferred_subpackage_still_imports_its_own_submodules(probe_package):
+    import builtins
+
+    defer_submodule(f"{PACKAGE}.plots")
+    __import__(PACKAGE)
+    from deferral_probe.plots.bars import WIDTH
+
+    assert WIDTH == 3 and builtins.deferral_probe_loads == 1  # heavy ran; the plots' __init__ did not
