@@ -31,6 +31,10 @@ TINY_OVERRIDES = [
     "train.local_steps=2",
     "train.batch_size=8",
 ]
+#: A 2-node simulation with 2 CPUs a client: on this 2-core machine one Ray actor serves both nodes;
+#: each actor imports the client stack (a resume test: 114 CPU-seconds with two actors, 64 with one,
+#: `python -m benchmarks.cpu_busy --interval 1 -- pytest tests/test_e2e_resume.py -k flora`)
+ONE_ACTOR_FEDERATION = "num-supernodes=2 client-resources-num-cpus=2 client-resources-num-gpus=0.0"
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import TINY_OVERRIDES, contents, node_state_of
+from conftest import ONE_ACTOR_FEDERATION, TINY_OVERRIDES, contents, node_state_of
 from safetensors.numpy import load_file
 
 from client_app.durable import STATE_DIR_ENV
@@ -20,9 +20,7 @@ from launch.simulation import COMPLETED, CONNECTION, PROJECT_DIR, LocalSuperLink
 from server_app.checkpoint import round_folders
 
 pytestmark = pytest.mark.e2e
-# 2 CPUs a client on this 2-core machine: one Ray actor for both nodes (each actor imports the client
-# stack, ~16 CPU-seconds a run for a second one)
-FEDERATION = "num-supernodes=2 client-resources-num-cpus=2 client-resources-num-gpus=0.0"
+FEDERATION = ONE_ACTOR_FEDERATION
 ROUNDS = 4
 EXTRA = {"hetlora": ["method.prune_gamma=0.5", "method.prune_lambda=1.0"]}  # it prunes in the run
 

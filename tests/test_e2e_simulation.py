@@ -12,7 +12,7 @@ import json
 import numpy as np
 import psutil
 import pytest
-from conftest import TINY_OVERRIDES
+from conftest import ONE_ACTOR_FEDERATION, TINY_OVERRIDES
 from peft import PeftModel
 from safetensors.numpy import load_file
 
@@ -25,9 +25,7 @@ from launch.simulation import COMPLETED, CONNECTION, PROJECT_DIR, LocalSuperLink
 from strategies import RULES, Family
 
 pytestmark = pytest.mark.e2e
-# 2 CPUs a client on this 2-core machine: one Ray actor for both nodes (each actor imports the client
-# stack, ~16 CPU-seconds a run for a second one)
-FEDERATION = "num-supernodes=2 client-resources-num-cpus=2 client-resources-num-gpus=0.0"
+FEDERATION = ONE_ACTOR_FEDERATION
 
 
 @pytest.fixture(scope="module")

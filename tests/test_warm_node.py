@@ -10,7 +10,7 @@ import time
 
 import psutil
 import pytest
-from conftest import TINY_OVERRIDES
+from conftest import ONE_ACTOR_FEDERATION, TINY_OVERRIDES
 
 from launch.cluster import LocalCluster
 from launch.processes import wait_ended
@@ -59,7 +59,7 @@ def test_the_model_loads_once_per_node_and_the_metrics_equal_the_simulation(tmp_
         run_id = superlink.submit(
             PROJECT_DIR,
             _run_config(tmp_path / "simulated", hub_mirror),
-            "num-supernodes=2 client-resources-num-cpus=2",  # one Ray actor: each imports the client stack
+            ONE_ACTOR_FEDERATION,
         )
         assert superlink.follow(run_id, timeout=600, stream=False).status == COMPLETED
     deployed, simulated = _rows(tmp_path / "deployed"), _rows(tmp_path / "simulated")
