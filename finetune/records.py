@@ -28,5 +28,6 @@ def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     state = {}
     for key, array in record.items():
         value = array.numpy()
-        state[key] = value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value
+        floating = np.issubdtype(value.dtype, np.floating)
+        state[key] = value.astype(np.float32, copy=False) if floating else value  # np.load's: owned
     return state

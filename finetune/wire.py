@@ -16,6 +16,7 @@ from collections.abc import Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
+from flwr.common.constant import SType
 
 from experiment_schema import ConfigError
 from finetune.records import from_record, to_record
@@ -39,10 +40,13 @@ def manifest(record: ArrayRecord) -> bytes:
 
 
 def pack(record: ArrayRecord) -> ArrayRecord:
-    """``record`` as one Array: an 8-byte manifest length, the manifest, every Array's bytes."""
+    """``record`` as one Array: an 8-byte manifest length, the manifest, every Array's bytes —
+    serialized as ``Array(np.frombuffer(those bytes, uint8))`` would be, in one copy."""
     head = manifest(record)
-    buffer = b"".join([_LENGTH.pack(len(head)), head, *(a.data for a in record.values())])
-    return ArrayRecord({PACKED_KEY: Array(np.frombuffer(buffer, dtype=np.uint8))})
+    parts = [_LENGTH.pack(len(head)), head, *(a.data for a in record.values())]
+    total = sum(len(part) for part in parts)
+    data = b"".join([npy_header(total), *parts])
+    return ArrayRecord({PACKED_KEY: Array(dtype="uint8", shape=(total,), stype=SType.NUMPY, data=data)})
 
 
 def unpack(record: ArrayRecord) -> ArrayRecord:
@@ -54,7 +58,7 @@ def unpack(record: ArrayRecord) -> ArrayRecord:
             f"the peer sent arrays in wire format {theirs}; this side speaks wire format {WIRE_FORMAT}: "
             "run the same FedSubspace version on the server and the nodes"
         )
-    buffer = record[PACKED_KEY].numpy().data
+    buffer = packed_buffer(record[PACKED_KEY])
     (length,) = _LENGTH.unpack_from(buffer)
     head = json.loads(bytes(buffer[_LENGTH.size : _LENGTH.size + length]))
     offset, out = _LENGTH.size + length, ArrayRecord()
@@ -64,13 +68,30 @@ def unpack(record: ArrayRecord) -> ArrayRecord:
     return out
 
 
+def npy_header(nbytes: int) -> bytes:
+    """The ``.npy`` header of a 1-D uint8 array of ``nbytes`` (what ``np.save`` writes first)."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (nbytes,)})
+    return header.getvalue()
+
+
+def packed_buffer(array: Array) -> memoryview:
+    """The packed bytes of ``array`` (a 1-D uint8 ``.npy``), without copying them."""
+    data = memoryview(array.data)
+    if array.dtype != "uint8" or len(array.shape) != 1 or bytes(data[:6]) != b"\x93NUMPY":
+        return array.numpy().data.cast("B")  # not as pack() writes it: let numpy read it
+    major = data[6]
+    size_format = "<H" if major == 1 else "<I"
+    (header_length,) = struct.unpack_from(size_format, data, 8)
+    start = 8 + struct.calcsize(size_format) + header_length
+    return data[start : start + array.shape[0]]
+
+
 def packed_bytes(record: ArrayRecord) -> int:
     """``pack(record).count_bytes()``, from the record's sizes alone (no copy): what the record
     occupies on the wire."""
     total = _LENGTH.size + len(manifest(record)) + sum(len(a.data) for a in record.values())
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (total,)})
-    return len(PACKED_KEY) + len(header.getvalue()) + total
+    return len(PACKED_KEY) + len(npy_header(total)) + total
 
 
 def to_wire(state: Mapping[str, np.ndarray], wire_dtype: str = "float32") -> ArrayRecord:

@@ -95,7 +95,7 @@ class LocalCluster:
         self.superlink = LocalSuperLink(
             self.flwr_home, simulation=False, tls=tls, node_auth=self.auth,
             bind="0.0.0.0" if self.hosts else "127.0.0.1", on_host=self.hosts.on_hub if self.hosts else None,
-            warm_server=self.warm,
+            warm_server=self.warm, long_poll=self.warm,
         )  # fmt: skip
         self.superlink.start()
         for index in range(self.num_nodes):
@@ -129,8 +129,8 @@ class LocalCluster:
 
     def node_command(self, node: SuperNode) -> list[str]:
         assert self.superlink is not None
-        # the warm runtime's SuperNode also polls sooner when idle (launch/supernode.py); --cold is
-        # stock Flower throughout
+        # the warm runtime's SuperNode also polls sooner when idle and holds its SuperExec's task polls
+        # (launch/supernode.py), as its SuperLink holds the nodes' pulls; --cold is stock Flower throughout
         supernode = console_script("fedsubspace-supernode" if self.warm else "flower-supernode")
         address = self.superlink.address
         if self.hosts is not None:  # across its link, from its own host

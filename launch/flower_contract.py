@@ -3,12 +3,13 @@
 The warm node runtime (``launch/warm_node.py``) replaces functions of Flower's ClientApp task
 module, wraps its SuperExec's executor factory and replaces the SuperExec loop's ``time``; the
 SuperNode entry point (``launch/supernode.py``) replaces the ``time`` module and three functions of
-Flower's SuperNode loop; the launchers (``launch/simulation.py``, ``launch/fab.py``) build the app
-bundle, start runs and read their status as the ``flwr`` CLI does, from their own process. None of
-these is Flower's public API, so an upgrade may move or rename them. :func:`broken` names every
-expectation the installed Flower no longer meets; the test suite calls it, and so does the warm
-runtime before it patches anything, so a breaking upgrade fails in seconds with the symbol's name
-instead of deep inside a run.
+Flower's SuperNode loop and holds its Runtime API's task polls; the SuperLink entry point
+(``launch/superlink.py``) holds its Fleet API's empty pulls; the launchers
+(``launch/simulation.py``, ``launch/fab.py``) build the app bundle, start runs and read their
+status as the ``flwr`` CLI does, from their own process. None of these is Flower's public API, so
+an upgrade may move or rename them. :func:`broken` names every expectation the installed Flower no
+longer meets; the test suite calls it, and so does the warm runtime before it patches anything, so
+a breaking upgrade fails in seconds with the symbol's name instead of deep inside a run.
 """
 
 from __future__ import annotations
@@ -83,6 +84,22 @@ EXPECTED = (
     Expected("flwr.superlink.grid.http_grid", "pull_objects", ("initial_backoff", "backoff_cap"),
              "a reply's missing objects retried sooner"),
     Expected("flwr.supernode.cli.flower_supernode", "flower_supernode", (), "fedsubspace-supernode runs it"),
+    # long polls (launch/long_poll.py): the SuperLink holds a node's empty pull, the node its SuperExec's
+    Expected("flwr.superlink.servicer.fleet.fleet_handlers", "pull_messages", ("request", "state", "store"),
+             "held while no message waits for the node (fedsubspace-superlink)"),
+    Expected("flwr.superlink.servicer.runtime.runtime_handlers", "push_messages", (),
+             "the ServerApp's push ends the held pulls"),
+    Expected("flwr.superlink.servicer.runtime.runtime_handlers", "pull_messages", (),
+             "a ServerApp's pull for replies, held while none waits"),
+    Expected("flwr.superlink.servicer.fleet.fleet_handlers", "push_messages", (),
+             "a node's reply ends the ServerApp's held pull"),
+    Expected("flwr.superlink.servicer.runtime.runtime_handlers", "acquire_task", (),
+             "the SuperExec's ask for a run, held while none waits"),
+    Expected("flwr.superlink.servicer.control.control_handlers", "start_run", (), "a started run ends it"),
+    Expected("flwr.superlink.servicer.control.control_handlers", "stop_run", (), "so does a stopped one"),
+    Expected("flwr.superlink.cli.flower_superlink", "flower_superlink", (), "fedsubspace-superlink runs it"),
+    Expected("flwr.supernode.servicer.runtime.runtime_handlers", "acquire_task", ("request", "state"),
+             "held while no task waits (fedsubspace-supernode)"),
     Expected("flwr.supernode.fleet_http_connection", "HEARTBEAT_DEFAULT_INTERVAL", (),
              "the interval the node declares to the SuperLink (--heartbeat-interval)"),
     Expected("flwr.supercore.heartbeat", "HEARTBEAT_DEFAULT_INTERVAL", (),

@@ -109,19 +109,21 @@ class LocalSuperLink:
         bind: str = "127.0.0.1",
         on_host: Callable[[list[str]], list[str]] | None = None,
         warm_server: bool = True,
+        long_poll: bool = False,
     ) -> None:
         """``bind``: the address it listens on (``0.0.0.0``: every interface of its host);
         ``on_host``: wraps every command that must run on its host (``launch.netns``: in its
         network namespace): the SuperLink itself, its health check and the flwr CLI;
         ``warm_server``: its SuperExec forks each run's ServerApp from a process that has imported
-        the heavy stack once (``launch/warm_server.py``); False: Flower's, a fresh process per run."""
+        the heavy stack once (``launch/warm_server.py``); False: Flower's, a fresh process per run;
+        ``long_poll``: it holds a SuperNode's empty pull until a message arrives (``launch/superlink.py``)."""
         if node_auth and tls is None:
             raise ValueError("SuperNode authentication needs TLS")
         self.flwr_home = flwr_home.resolve()
         self.port = port or free_port()
         self.simulation, self.tls, self.node_auth = simulation, tls, node_auth
         self.ray_address = ray_address  # a running Ray cluster the simulation joins (RAY_ADDRESS)
-        self.bind, self.on_host, self.warm_server = bind, on_host, warm_server
+        self.bind, self.on_host, self.warm_server, self.long_poll = bind, on_host, warm_server, long_poll
         self.process: subprocess.Popen[bytes] | None = None
         self.active_run: int | None = None  # submitted and not yet seen to finish
 
@@ -161,7 +163,8 @@ class LocalSuperLink:
         self.write_connection()
         log_file = self.flwr_home / "superlink.log"
         command = [
-            console_script("flower-superlink"), "--isolation", "subprocess",
+            console_script("fedsubspace-superlink" if self.long_poll else "flower-superlink"),
+            "--isolation", "subprocess",
             "--host", self.bind, "--port", str(self.port),
             "--disable-runtime-dependency-installation", "--log-file", str(log_file),
         ]  # fmt: skip

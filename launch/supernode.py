@@ -11,13 +11,18 @@ long after its reply as the shortest of the last ones came — polls often (``se
 with no history, from 10 ms up); the reply
 check runs every 20 ms (an in-process look-up), and a missing object is asked for again after
 10–50 ms. The cost while idle is about one small request to the SuperLink per node every
-``--idle-poll`` seconds.
+``--idle-poll`` seconds. Against a SuperLink that holds an empty pull (``fedsubspace-superlink``,
+``launch/long_poll.py``) the node asks again at once after each held pull instead.
+
+The node's Runtime API likewise holds its SuperExec's empty ask for a task for up to ``--hold``
+seconds (default 1; 0: Flower's behaviour), until a pulled message's task is stored.
 
 ``--heartbeat-interval S`` (10–1800 s; Flower's is 30) is the heartbeat period the node declares:
 the SuperLink declares a silent node unavailable after twice that, so a round stops waiting for a
 dead node after 20 s instead of a minute, at one more small request every few seconds.
 
-    fedsubspace-supernode --idle-poll 0.5 --heartbeat-interval 10 --superlink ... # + flower-supernode flags
+    fedsubspace-supernode --idle-poll 0.5 --hold 1 --heartbeat-interval 10 --superlink ...
+    # + flower-supernode flags
 """
 
 from __future__ import annotations
@@ -25,15 +30,16 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from collections.abc import Callable
+import threading
 from types import ModuleType
-from typing import Any
 
+from launch.long_poll import Bell, after, held, hold_option
 from launch.polling import OBJECT_RETRY, Poll, PollingTime
 
 DEFAULT_IDLE_POLL = 0.5
 FIRST_IDLE_POLL = 0.01  # from the moment the next message is due (or right after a reply: no history)
 REPLY_CHECK = 0.02  # seconds between checks for the ClientApp's reply (in the SuperNode's memory)
+HELD_TASK_POLLS = 4  # the node's SuperExec asks for tasks one at a time
 
 
 #: what Flower's SuperLink accepts (flwr.common.constant's HEARTBEAT_MIN/MAX_INTERVAL)
@@ -111,27 +117,21 @@ def set_heartbeat_interval(seconds: float) -> None:
     heartbeat.HEARTBEAT_DEFAULT_INTERVAL = seconds  # type: ignore[assignment]
 
 
-def after(function: Callable[..., Any], then: Callable[[Any], None]) -> Callable[..., Any]:
-    """``function``, then ``then(its result)``."""
-
-    @functools.wraps(function)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        result = function(*args, **kwargs)
-        then(result)
-        return result
-
-    return wrapper
-
-
-def patch(module: ModuleType, cap: float) -> Poll:
+def patch(module: ModuleType, cap: float, tasks: Bell | None = None) -> Poll:
     """Flower's SuperNode loop (``module``) with the waits above; returns the idle poll. A pulled
-    message (``_pull_and_store_message`` returns its run id) is an arrival; once the reply is pushed
-    (``_push_messages`` returns) the next quiet spell begins."""
+    message (``_pull_and_store_message`` returns its run id) is an arrival, and rings ``tasks``
+    (its task is stored); once the reply is pushed (``_push_messages`` returns) the next quiet
+    spell begins."""
     poll = Poll(min(FIRST_IDLE_POLL, cap), cap)
     module.time = PollingTime(poll, idle_above=1.0, short=REPLY_CHECK)  # type: ignore[attr-defined]
-    module._pull_and_store_message = after(  # type: ignore[attr-defined]
-        module._pull_and_store_message, lambda run_id: poll.arrived() if run_id is not None else None
-    )
+
+    def pulled(run_id: int | None) -> None:
+        if run_id is not None:
+            poll.arrived()
+            if tasks is not None:
+                tasks.ring()
+
+    module._pull_and_store_message = after(module._pull_and_store_message, pulled)  # type: ignore[attr-defined]
     module._push_messages = after(module._push_messages, lambda _: poll.start())  # type: ignore[attr-defined]
     first, longest = OBJECT_RETRY
     module.pull_objects = functools.partial(  # type: ignore[attr-defined]
@@ -140,16 +140,36 @@ def patch(module: ModuleType, cap: float) -> Poll:
     return poll
 
 
+def hold_task_polls(runtime: ModuleType, hold: float) -> Bell:
+    """The node's Runtime API (Flower's handlers, ``runtime``) holds its SuperExec's empty ask for
+    a task up to ``hold`` seconds, until the bell returned rings (a message's task was stored).
+    Only an ask that can take a ClientApp task is held: a SuperExec whose worker is busy asks
+    without that kind, and must stay free to ask again the moment its worker is done."""
+    from flwr.supercore.constant import TaskType
+
+    bell = Bell()
+    if hold > 0:
+        runtime.acquire_task = held(  # type: ignore[attr-defined]
+            runtime.acquire_task, bell, hold, lambda response: not response.HasField("task"),
+            threading.BoundedSemaphore(HELD_TASK_POLLS),
+            may_hold=lambda request, *_: TaskType.CLIENT_APP in request.supported_task_types,
+        )  # fmt: skip
+    return bell
+
+
 def main() -> None:
     cap, rest = idle_poll(sys.argv[1:])
-    interval, sys.argv[1:] = heartbeat_interval(rest)
+    interval, rest = heartbeat_interval(rest)
+    value, sys.argv[1:] = take_option(rest, "--hold")
+    hold = hold_option(value)
     from launch.flower_contract import require
 
     require()
+    import flwr.supernode.servicer.runtime.runtime_handlers as runtime
     import flwr.supernode.start_client_internal as supernode_loop
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    patch(supernode_loop, cap)
+    patch(supernode_loop, cap, hold_task_polls(runtime, hold))
     if interval is not None:
         set_heartbeat_interval(interval)
     flower_supernode()

@@ -286,6 +286,7 @@ class WarmExecutor:
             self.task_poll.arrived()
         if spec.task_type != TaskType.CLIENT_APP:
             return self.cold.launch(spec)
+        self.reconcile()  # the loop's last look may be a held poll old: the worker may have died since
         worker = self.ready_worker(spec.fab_hash)
         if worker is None:
             log.warning("task %d: no warm worker, running it in a fresh flwr-clientapp process", spec.task_id)
@@ -363,7 +364,8 @@ class WarmExecutor:
 
 class SuperExecTime(PollingTime):
     """The ``time`` of Flower's SuperExec loop: its one sleep (between polls for a task) waits for
-    the task poll's next wait or the worker's report, whichever comes first."""
+    the task poll's next wait or the worker's report, whichever comes first — or not at all after
+    a poll its SuperNode held (``launch/long_poll.py``)."""
 
     def __init__(self, executor: WarmExecutor) -> None:
         assert executor.task_poll is not None
@@ -371,7 +373,9 @@ class SuperExecTime(PollingTime):
         self.executor = executor
 
     def sleep(self, seconds: float) -> None:
-        self.executor.idle(self.poll.next_wait())
+        if not self.was_held():  # a held ask for a task: ask again at once
+            self.executor.idle(self.poll.next_wait())
+        self.awake_since = time.monotonic()
 
 
 def parse_own_arguments(argv: list[str]) -> tuple[WorkerSettings, list[str]]:

@@ -18,7 +18,7 @@ from finetune.schedule import round_lr
 from finetune.wire import WireFormatError, unpack
 from server_app.checkpoint import Checkpoint, write_checkpoint
 from server_app.results import RoundRecord, RunRecorder
-from server_app.waits import Poll
+from server_app.waits import HELD_ABOVE, Poll
 from strategies import protocol
 from strategies.engine import Engine
 from strategies.protocol import Instruction
@@ -34,7 +34,8 @@ Evaluate = Callable[[int, ArrayRecord], dict[str, float]]  # (server round, glob
 # Grid.send_and_receive polls every 3 s, which would idle whole rounds. Here at most every
 # POLL_SECONDS, and often once the last reply is due — as long after the push as the shortest of the
 # last exchanges of that message type took (server_app/waits.py); with no history, and after each
-# reply, from FIRST_POLL_SECONDS up by POLL_GROWTH per empty poll.
+# reply, from FIRST_POLL_SECONDS up by POLL_GROWTH per empty poll. A SuperLink that holds an empty
+# pull (launch/superlink.py) is asked again at once.
 FIRST_POLL_SECONDS, POLL_GROWTH, POLL_SECONDS = 0.01, 1.5, 0.2
 REPLY_POLLS: dict[str, Poll] = {}  # message type -> its exchanges' poll
 
@@ -65,7 +66,9 @@ def exchange(
     deadline = start + timeout
     replies: list[Message] = []
     while pending:
+        asked = time.monotonic()
         arrived = list(grid.pull_messages(pending))
+        held = time.monotonic() - asked >= HELD_ABOVE  # the SuperLink held the pull: ask again at once
         received += len(arrived)
         if arrived:
             poll.sooner()
@@ -84,7 +87,8 @@ def exchange(
             break
         if time.monotonic() >= deadline:
             break
-        time.sleep(poll.next_wait())
+        if not held:
+            time.sleep(poll.next_wait())
     return replies
 
 

@@ -32,6 +32,9 @@ from collections.abc import Callable
 # arrived): the first and the longest wait before asking again. Flower waits 1 s, 2 s, ... up to
 # 10 s; each retry here is one small request to a process on the same host or link.
 OBJECT_RETRY = (0.01, 0.05)
+#: a poll that took at least this long was held by its server (a long poll, ``launch/long_poll.py``):
+#: the poller asks again at once instead of waiting
+HELD_ABOVE = 0.5
 LATE_FRACTION = 0.2  # past the due time, a poll waits at most this fraction of the lateness so far
 SPELLS_REMEMBERED = 3
 

@@ -116,7 +116,8 @@ def test_a_sigterm_to_the_cluster_launcher_stops_everything_it_started(tmp_path,
         time.sleep(0.5)
     started = psutil.Process(launcher.pid).children(recursive=True) or started
     names = " ".join(" ".join(p.cmdline()) for p in started if p.is_running())
-    assert "fedsubspace-supernode" in names and "launch.warm_node" in names and "flower-superlink" in names
+    for name in ("fedsubspace-supernode", "launch.warm_node", "fedsubspace-superlink"):
+        assert name in names
     launcher.send_signal(signal.SIGTERM)
     assert launcher.wait(timeout=120) == 128 + signal.SIGTERM
     alive = wait_ended(started, timeout=30)

@@ -31,6 +31,23 @@ def test_a_record_travels_as_one_array_and_comes_back_bit_for_bit(wire_dtype):
     assert all(np.array_equal(returned[key], value) for key, value in plain.items())
 
 
+def test_the_packed_array_is_what_numpy_would_serialize_and_either_form_unpacks():
+    """pack() writes the one Array in a single copy; its bytes are np.save's, so a peer reading
+    it with Array.numpy() (as before this shortcut) gets the same bytes, and unpack() reads an
+    Array that numpy serialized (another writer) as well as its own."""
+    from flwr.app import Array
+
+    record = to_record(state(), "float16")
+    packed = pack(record)[PACKED_KEY]
+    by_numpy = Array(packed.numpy())
+    assert (packed.dtype, packed.shape, packed.stype, packed.data) == (
+        by_numpy.dtype, by_numpy.shape, by_numpy.stype, by_numpy.data,
+    )  # fmt: skip
+    for form in (packed, by_numpy):
+        back = unpack(ArrayRecord({PACKED_KEY: form}))
+        assert all(back[key].data == array.data for key, array in record.items())
+
+
 def test_the_packed_size_is_known_without_packing():
     record = to_record(state())
     assert packed_bytes(record) == pack(record).count_bytes()

@@ -1,0 +1,82 @@
+"""``flower-superlink`` that holds an empty pull for messages or replies (``fedsubspace-superlink``).
+
+Flower's SuperLink answers a SuperNode's ask for messages at once, message or not; the node then
+waits before asking again (Flower's: 3 s; ``fedsubspace-supernode``'s: a learned wait), so a round
+starts on each node at its next ask. Here a pull that finds nothing is held for up to ``--hold``
+seconds (default 1; 0: Flower's behaviour) and answered the moment the ServerApp pushes messages
+(``launch/long_poll.py``): every node gets its message milliseconds after the ServerApp sent it.
+Likewise a ServerApp's pull for replies that finds none is held until a node pushes one, and the
+SuperExec's ask for a run to start until one is started. Everything else is Flower's SuperLink
+unchanged.
+
+    fedsubspace-superlink --hold 1 --insecure ...   # + flower-superlink flags
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from types import ModuleType
+from typing import Any
+
+from google.protobuf.message import Message
+
+from launch.long_poll import Bell, after, held, hold_option
+from launch.supernode import take_option
+
+#: empty pulls held at once (the SuperLink's request threads: 40); more nodes poll as in Flower
+HELD_PULLS = 16
+HELD_OTHERS = 4  # a ServerApp's pulls for its replies, the SuperExec's asks for a run to start
+
+
+def patch(fleet: ModuleType, runtime: ModuleType, control: ModuleType, hold: float) -> None:
+    """Hold an empty pull until what it waits for arrives: a node's pull (Flower's Fleet handlers,
+    ``fleet``) until a ServerApp pushes messages, a ServerApp's pull for replies (the Runtime API's
+    handlers, ``runtime``) until a node pushes one, the SuperExec's ask for a task until a run is
+    started or stopped (the Control API's handlers, ``control``)."""
+    if hold <= 0:
+        return
+    messages, replies, runs = Bell(), Bell(), Bell()
+    hold_until_rung((fleet, "pull_messages"), messages, hold, "messages_list", HELD_PULLS)
+    ring_after((runtime, "push_messages"), messages)
+    hold_until_rung((runtime, "pull_messages"), replies, hold, "messages_list", HELD_OTHERS)
+    ring_after((fleet, "push_messages"), replies)
+    hold_until_rung((runtime, "acquire_task"), runs, hold, "task", HELD_OTHERS)
+    ring_after((control, "start_run"), runs)
+    ring_after((control, "stop_run"), runs)
+
+
+def hold_until_rung(handler: tuple[ModuleType, str], bell: Bell, hold: float, field: str, slots: int) -> None:
+    """``module.name`` holds an answer whose ``field`` is empty until ``bell`` rings."""
+    module, name = handler
+
+    def is_empty(response: Any) -> bool:
+        value = getattr(response, field)
+        return not (response.HasField(field) if isinstance(value, Message) else value)
+
+    holding = held(getattr(module, name), bell, hold, is_empty, threading.BoundedSemaphore(slots))
+    setattr(module, name, holding)
+
+
+def ring_after(handler: tuple[ModuleType, str], bell: Bell) -> None:
+    module, name = handler
+    setattr(module, name, after(getattr(module, name), lambda _: bell.ring()))
+
+
+def main() -> None:
+    value, sys.argv[1:] = take_option(sys.argv[1:], "--hold")
+    hold = hold_option(value)
+    from launch.flower_contract import require
+
+    require()
+    import flwr.superlink.servicer.control.control_handlers as control
+    import flwr.superlink.servicer.fleet.fleet_handlers as fleet
+    import flwr.superlink.servicer.runtime.runtime_handlers as runtime
+    from flwr.superlink.cli.flower_superlink import flower_superlink
+
+    patch(fleet, runtime, control, hold)
+    flower_superlink()
+
+
+if __name__ == "__main__":
+    main()
