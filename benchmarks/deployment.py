@@ -5,11 +5,14 @@ client's round goes before training (process start, model set-up, data preparati
 non-training time of a round: its training phase less the slowest client's handler.
 
     python -m benchmarks.deployment [--rounds 4] [--modes warm,cold,simulation] [--sittings 3]
-        [--out FILE] [overrides ...]
+        [--transport-mb 50] [--out FILE] [overrides ...]
 
 Each mode is one ``fedsubspace`` run (real processes); ``--sittings`` runs the modes in turn that many
-times (the machine's speed drifts; each sitting's ratio compares runs made minutes apart). Prints
-figures; asserts nothing.
+times (the machine's speed drifts; each sitting's ratio compares runs made minutes apart).
+``--transport-mb`` then also echoes a payload of LLM shape (128 arrays, that many MB each way)
+SuperLink -> SuperNode -> ClientApp and back on the loopback cluster, against the same bytes over a
+plain socket (``benchmarks/transport.py``), so that the issue's three targets come from one run; its
+record is the last sitting's entry ``{"mode": "transport", ...}``. Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--modes", default="simulation,warm,cold")
     parser.add_argument("--sittings", type=int, default=1, help="the modes in turn, this many times")
+    parser.add_argument("--transport-mb", type=float, default=0.0, help="also the LLM-shaped echo (MB)")
     parser.add_argument("--out", default="", help="also write the records here (JSON)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
@@ -109,9 +113,20 @@ def main(argv: list[str] | None = None) -> None:
         print("\n" + table(sittings[-1], args.rounds) + "\n", flush=True)
     if len(sittings) > 1:
         print(summary(sittings))
-    records = [
+    records: list[list[dict[str, Any]]] = [
         [{"mode": r.mode, "rows": r.rows, "wall_seconds": r.wall_seconds} for r in s] for s in sittings
     ]
+    if args.transport_mb:
+        from benchmarks.transport import probe
+
+        echo = probe(args.transport_mb, 128, 6, True, None, "loopback")
+        print(
+            f"transport, loopback: {echo['payload_mb']:.0f} MB each way in 128 arrays, "
+            f"{echo['round_seconds']:.2f} s a round (median of rounds 2+); a plain socket "
+            f"{echo['socket_seconds']:.3f} s: "
+            f"{echo['round_seconds'] / echo['socket_seconds']:.1f}x"
+        )
+        records[-1].append({"mode": "transport", **echo})
     if args.out:
         Path(args.out).write_text(json.dumps(records, indent=1) + "\n")
     print(json.dumps(records))
