@@ -84,6 +84,10 @@ def packed_buffer(array: Array) -> memoryview:
     size_format = "<H" if major == 1 else "<I"
     (header_length,) = struct.unpack_from(size_format, data, 8)
     start = 8 + struct.calcsize(size_format) + header_length
+    if len(data) < start + array.shape[0]:
+        raise WireFormatError(
+            f"the packed arrays are cut short: {len(data) - start} of {array.shape[0]} bytes arrived"
+        )
     return data[start : start + array.shape[0]]
 
 

@@ -96,7 +96,6 @@ EXPECTED = (
     Expected("flwr.superlink.servicer.runtime.runtime_handlers", "acquire_task", (),
              "the SuperExec's ask for a run, held while none waits"),
     Expected("flwr.superlink.servicer.control.control_handlers", "start_run", (), "a started run ends it"),
-    Expected("flwr.superlink.servicer.control.control_handlers", "stop_run", (), "so does a stopped one"),
     Expected("flwr.superlink.cli.flower_superlink", "flower_superlink", (), "fedsubspace-superlink runs it"),
     Expected("flwr.supernode.servicer.runtime.runtime_handlers", "acquire_task", ("request", "state"),
              "held while no task waits (fedsubspace-supernode)"),

@@ -97,9 +97,16 @@ def after(function: Callable[..., Response], then: Callable[[Response], None]) -
     return wrapper
 
 
+#: the longest hold: well inside Flower's 30 s request timeout (a poller that gave up on a held
+#: request would lose what it was answered with), and what a server's shutdown may wait for
+LONGEST_HOLD = 5.0
+
+
 def hold_option(value: float | None) -> float:
-    """``--hold S``'s value (None: :data:`DEFAULT_HOLD`; 0: do not hold)."""
+    """``--hold S``'s value (None: :data:`DEFAULT_HOLD`; 0: do not hold). A shorter hold than
+    :data:`HELD_ABOVE` would not be recognised as one by the pollers."""
     hold = DEFAULT_HOLD if value is None else value
-    if not 0 <= hold <= 30:
-        raise SystemExit(f"--hold must be within [0, 30] seconds, got {hold:g}")
+    if hold != 0 and not HELD_ABOVE <= hold <= LONGEST_HOLD:
+        bounds = f"[{HELD_ABOVE:g}, {LONGEST_HOLD:g}]"
+        raise SystemExit(f"--hold must be 0 or within {bounds} seconds, got {hold:g}")
     return hold

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -33,7 +34,8 @@ def patch(fleet: ModuleType, runtime: ModuleType, control: ModuleType, hold: flo
     """Hold an empty pull until what it waits for arrives: a node's pull (Flower's Fleet handlers,
     ``fleet``) until a ServerApp pushes messages, a ServerApp's pull for replies (the Runtime API's
     handlers, ``runtime``) until a node pushes one, the SuperExec's ask for a task until a run is
-    started or stopped (the Control API's handlers, ``control``)."""
+    started (the Control API's handlers, ``control``). A task created otherwise (an automation, a
+    task's child task) waits for the hold's end, then the SuperExec's own poll."""
     if hold <= 0:
         return
     messages, replies, runs = Bell(), Bell(), Bell()
@@ -41,12 +43,20 @@ def patch(fleet: ModuleType, runtime: ModuleType, control: ModuleType, hold: flo
     ring_after((runtime, "push_messages"), messages)
     hold_until_rung((runtime, "pull_messages"), replies, hold, "messages_list", HELD_OTHERS)
     ring_after((fleet, "push_messages"), replies)
-    hold_until_rung((runtime, "acquire_task"), runs, hold, "task", HELD_OTHERS)
+    hold_until_rung((runtime, "acquire_task"), runs, hold, "task", HELD_OTHERS, may_hold=can_take_a_task)
     ring_after((control, "start_run"), runs)
-    ring_after((control, "stop_run"), runs)
 
 
-def hold_until_rung(handler: tuple[ModuleType, str], bell: Bell, hold: float, field: str, slots: int) -> None:
+def can_take_a_task(request: Any, *_: Any) -> bool:
+    """A SuperExec at capacity asks for no kind of task: its ask is answered at once, as in Flower,
+    so that its loop notices freed capacity without waiting out a hold."""
+    return bool(request.supported_task_types or request.agentapp_fab_hashes)
+
+
+def hold_until_rung(
+    handler: tuple[ModuleType, str], bell: Bell, hold: float, field: str, slots: int,
+    may_hold: Callable[..., bool] = lambda *_, **__: True,
+) -> None:  # fmt: skip
     """``module.name`` holds an answer whose ``field`` is empty until ``bell`` rings."""
     module, name = handler
 
@@ -54,8 +64,8 @@ def hold_until_rung(handler: tuple[ModuleType, str], bell: Bell, hold: float, fi
         value = getattr(response, field)
         return not (response.HasField(field) if isinstance(value, Message) else value)
 
-    holding = held(getattr(module, name), bell, hold, is_empty, threading.BoundedSemaphore(slots))
-    setattr(module, name, holding)
+    semaphore = threading.BoundedSemaphore(slots)
+    setattr(module, name, held(getattr(module, name), bell, hold, is_empty, semaphore, may_hold))
 
 
 def ring_after(handler: tuple[ModuleType, str], bell: Bell) -> None:

@@ -20,6 +20,7 @@ from server_app import loop
 from server_app.waits import Poll
 
 LONG = 60.0  # a hold no passing test waits out
+READY = SimpleNamespace(supported_task_types=["flwr-serverapp"], agentapp_fab_hashes=[])  # a SuperExec's ask
 
 
 def in_thread(call):
@@ -98,10 +99,11 @@ def test_a_full_server_and_a_request_it_may_not_hold_answer_at_once():
     assert time.monotonic() - start < LONG / 2 and queue.calls == 2
 
 
-def test_the_hold_option_defaults_and_refuses_nonsense():
-    assert hold_option(None) == 1.0 and hold_option(0.0) == 0.0
-    with pytest.raises(SystemExit, match=r"within \[0, 30\]"):
-        hold_option(-1.0)
+def test_the_hold_option_defaults_and_refuses_holds_pollers_would_not_see_or_would_time_out_on():
+    assert hold_option(None) == 1.0 and hold_option(0.0) == 0.0 and hold_option(5.0) == 5.0
+    for nonsense in (-1.0, 0.2, 30.0):  # negative; shorter than a poller sees as held; past a timeout
+        with pytest.raises(SystemExit, match=r"0 or within \[0.5, 5\]"):
+            hold_option(nonsense)
 
 
 class Answer(SimpleNamespace):
@@ -131,7 +133,7 @@ def fake_superlink() -> tuple[SimpleNamespace, SimpleNamespace, SimpleNamespace,
     [
         (lambda f, r, c: f.pull_messages(request=None), lambda f, r, c: r.push_messages(None)),
         (lambda f, r, c: r.pull_messages(None), lambda f, r, c: f.push_messages(request=None)),
-        (lambda f, r, c: r.acquire_task(None), lambda f, r, c: c.start_run(None)),
+        (lambda f, r, c: r.acquire_task(READY), lambda f, r, c: c.start_run(None)),
     ],
     ids=["a node's pull until the ServerApp pushes", "the ServerApp's pull until a node replies",
          "the SuperExec's ask until a run starts"],
@@ -150,10 +152,20 @@ def test_the_superlink_holds_each_empty_pull_until_what_it_waits_for_is_pushed(p
 
 
 def test_a_superlink_told_not_to_hold_is_flowers():
+    modules = fake_superlink()[:3]
+    before = [dict(vars(module)) for module in modules]
+    superlink.patch(*modules, hold=0.0)
+    assert [dict(vars(module)) for module in modules] == before  # not one handler replaced
+
+
+def test_the_superlink_answers_a_superexec_at_capacity_at_once():
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+
     fleet, runtime, control, _ = fake_superlink()
-    pull = fleet.pull_messages
-    superlink.patch(fleet, runtime, control, hold=0.0)
-    assert fleet.pull_messages is pull
+    superlink.patch(fleet, runtime, control, hold=LONG)
+    start = time.monotonic()
+    assert not runtime.acquire_task(AcquireTaskRequest()).HasField("task")  # asks for no kind of task
+    assert time.monotonic() - start < LONG / 2
 
 
 def test_the_node_holds_a_ready_superexecs_ask_for_a_task_until_one_is_stored_but_not_a_busy_ones():

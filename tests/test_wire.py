@@ -48,6 +48,23 @@ def test_the_packed_array_is_what_numpy_would_serialize_and_either_form_unpacks(
         assert all(back[key].data == array.data for key, array in record.items())
 
 
+def test_unpacking_reads_other_npy_header_versions_and_refuses_cut_short_arrays():
+    import io
+
+    from flwr.app import Array
+
+    record = to_record(state(3))
+    packed = pack(record)[PACKED_KEY]
+    payload = packed.numpy()
+    version_2 = io.BytesIO()
+    np.lib.format.write_array(version_2, payload, version=(2, 0))  # what another writer may send
+    back = unpack(ArrayRecord({PACKED_KEY: Array("uint8", packed.shape, packed.stype, version_2.getvalue())}))
+    assert all(back[key].data == array.data for key, array in record.items())
+    cut = Array("uint8", packed.shape, packed.stype, packed.data[:-10])
+    with pytest.raises(WireFormatError, match=r"cut short: \d+ of \d+ bytes arrived"):
+        unpack(ArrayRecord({PACKED_KEY: cut}))
+
+
 def test_the_packed_size_is_known_without_packing():
     record = to_record(state())
     assert packed_bytes(record) == pack(record).count_bytes()
