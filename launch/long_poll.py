@@ -20,11 +20,16 @@ import functools
 import threading
 import time
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any, TypeVar
+
+from google.protobuf.message import Message
 
 from server_app.waits import HELD_ABOVE
 
-__all__ = ["DEFAULT_HOLD", "HELD_ABOVE", "Bell", "after", "held", "hold_option"]
+__all__ = [
+    "DEFAULT_HOLD", "HELD_ABOVE", "Bell", "after", "held", "hold_option", "hold_until_rung", "ring_after",
+]  # fmt: skip
 
 #: how long a server holds an empty poll (the launchers' default; ``--hold`` sets it)
 DEFAULT_HOLD = 1.0
@@ -95,6 +100,28 @@ def after(function: Callable[..., Response], then: Callable[[Response], None]) -
         return result
 
     return wrapper
+
+
+def hold_until_rung(
+    handler: tuple[ModuleType, str], bell: Bell, hold: float, field: str, slots: int,
+    may_hold: Callable[..., bool] = lambda *_, **__: True,
+) -> None:  # fmt: skip
+    """``module.name`` (a handler answering a protobuf message) holds an answer whose ``field`` is
+    empty until ``bell`` rings; at most ``slots`` at once, only requests ``may_hold`` accepts."""
+    module, name = handler
+
+    def is_empty(response: Any) -> bool:
+        value = getattr(response, field)
+        return not (response.HasField(field) if isinstance(value, Message) else value)
+
+    semaphore = threading.BoundedSemaphore(slots)
+    setattr(module, name, held(getattr(module, name), bell, hold, is_empty, semaphore, may_hold))
+
+
+def ring_after(handler: tuple[ModuleType, str], bell: Bell) -> None:
+    """``module.name`` rings ``bell`` after each call."""
+    module, name = handler
+    setattr(module, name, after(getattr(module, name), lambda _: bell.ring()))
 
 
 #: the longest hold: well inside Flower's 30 s request timeout (a poller that gave up on a held

@@ -15,14 +15,10 @@ unchanged.
 from __future__ import annotations
 
 import sys
-import threading
-from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from google.protobuf.message import Message
-
-from launch.long_poll import Bell, after, held, hold_option
+from launch.long_poll import Bell, hold_option, hold_until_rung, ring_after
 from launch.supernode import take_option
 
 #: empty pulls held at once (the SuperLink's request threads: 40); more nodes poll as in Flower
@@ -51,26 +47,6 @@ def can_take_a_task(request: Any, *_: Any) -> bool:
     """A SuperExec at capacity asks for no kind of task: its ask is answered at once, as in Flower,
     so that its loop notices freed capacity without waiting out a hold."""
     return bool(request.supported_task_types or request.agentapp_fab_hashes)
-
-
-def hold_until_rung(
-    handler: tuple[ModuleType, str], bell: Bell, hold: float, field: str, slots: int,
-    may_hold: Callable[..., bool] = lambda *_, **__: True,
-) -> None:  # fmt: skip
-    """``module.name`` holds an answer whose ``field`` is empty until ``bell`` rings."""
-    module, name = handler
-
-    def is_empty(response: Any) -> bool:
-        value = getattr(response, field)
-        return not (response.HasField(field) if isinstance(value, Message) else value)
-
-    semaphore = threading.BoundedSemaphore(slots)
-    setattr(module, name, held(getattr(module, name), bell, hold, is_empty, semaphore, may_hold))
-
-
-def ring_after(handler: tuple[ModuleType, str], bell: Bell) -> None:
-    module, name = handler
-    setattr(module, name, after(getattr(module, name), lambda _: bell.ring()))
 
 
 def main() -> None:

@@ -30,10 +30,9 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-import threading
 from types import ModuleType
 
-from launch.long_poll import Bell, after, held, hold_option
+from launch.long_poll import Bell, after, hold_option, hold_until_rung
 from launch.polling import OBJECT_RETRY, Poll, PollingTime
 
 DEFAULT_IDLE_POLL = 0.5
@@ -149,9 +148,8 @@ def hold_task_polls(runtime: ModuleType, hold: float) -> Bell:
 
     bell = Bell()
     if hold > 0:
-        runtime.acquire_task = held(  # type: ignore[attr-defined]
-            runtime.acquire_task, bell, hold, lambda response: not response.HasField("task"),
-            threading.BoundedSemaphore(HELD_TASK_POLLS),
+        hold_until_rung(
+            (runtime, "acquire_task"), bell, hold, "task", HELD_TASK_POLLS,
             may_hold=lambda request, *_: TaskType.CLIENT_APP in request.supported_task_types,
         )  # fmt: skip
     return bell
